@@ -1,0 +1,113 @@
+"""Collective agreement: every rank learns whether any rank rejected its inputs.
+
+Before data moves, each rank contributes a fixed-length int64 header: its
+local verdict, a signature of the call (operation, sizes, dtypes, handle) and
+its send counts. One ``all_gather`` then gives every rank the same view, so
+all ranks raise the same :class:`EpcommInputError` or all proceed, and the
+counts double as the notify step that sizes every receive buffer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ._comm import GroupComm
+from .errors import EpcommInputError
+
+__all__ = ["SIGNATURE_FIELDS", "agree"]
+
+# Call properties every rank must share (-1 = not applicable to this call).
+SIGNATURE_FIELDS = (
+    "operation",
+    "handle",
+    "num_experts",
+    "hidden",
+    "x_kind",
+    "num_topk",
+    "has_topk_weights",
+    "num_nvl_ranks",
+    "max_nodes_per_token",
+    "algorithm",
+)
+_MESSAGE_BYTES = 480
+
+OPERATION_NAMES = {1: "dispatch", 2: "cached dispatch", 3: "combine"}
+X_KIND_NAMES = {1: "bfloat16", 2: "float16", 3: "float32", 4: "FP8 tuple (float8_e4m3fn, float32 scales)"}
+ALGORITHM_NAMES = {0: "flat", 1: "two_hop"}
+_DESCRIBE = {
+    "operation": ("the operation", OPERATION_NAMES),
+    "handle": ("the handle (dispatch call number)", {}),
+    "x_kind": ("x's dtype", X_KIND_NAMES),
+    "algorithm": ("the algorithm", ALGORITHM_NAMES),
+}
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
+
+
+def _disagreements(headers: list[list[int]]) -> dict[int, str]:
+    problems: dict[int, str] = {}
+    for i, name in enumerate(SIGNATURE_FIELDS):
+        values = [h[i] for h in headers]
+        if len(set(values)) == 1:
+            continue
+        majority, _ = Counter(values).most_common(1)[0]
+        what, names = _DESCRIBE.get(name, (name, {}))
+        majority_ranks = [r for r, v in enumerate(values) if v == majority]
+        for rank, value in enumerate(values):
+            if value != majority:
+                problems.setdefault(rank, "")
+                problems[rank] += (
+                    ("; " if problems[rank] else "")
+                    + f"ranks disagree on {what}: this rank has {names.get(value, value)}, "
+                    f"{_ranks_text(majority_ranks)} have {names.get(majority, majority)}"
+                )
+    return problems
+
+
+def agree(
+    comm: GroupComm,
+    op: str,
+    problem: str | None,
+    signature: dict[str, int],
+    counts: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Agree on the call across ranks and exchange per-rank counts.
+
+    Args:
+        problem: this rank's validation failure, or None.
+        signature: values of :data:`SIGNATURE_FIELDS` for this call.
+        counts: ``[C]`` int64 counts to share (``C`` is the same on every rank), or None.
+    Returns:
+        ``[world_size, C]`` int64: every rank's counts.
+    Raises:
+        EpcommInputError: on every rank, if any rank had a problem or the ranks disagree.
+    """
+    world = comm.topo.world_size
+    num_counts = 2 * world  # fixed length, so a disagreement cannot break the gather itself
+    header = torch.zeros(1 + len(SIGNATURE_FIELDS) + num_counts, dtype=torch.int64)
+    header[0] = 0 if problem is None else 1
+    header[1 : 1 + len(SIGNATURE_FIELDS)] = torch.tensor([int(signature.get(f, -1)) for f in SIGNATURE_FIELDS])
+    if counts is not None and problem is None:
+        header[1 + len(SIGNATURE_FIELDS) : 1 + len(SIGNATURE_FIELDS) + counts.numel()] = counts
+    gathered = comm.all_gather(op, "agree", header.to(device)).cpu()
+
+    failed = gathered[:, 0].nonzero().flatten().tolist()
+    problems: dict[int, str] = {}
+    if failed:
+        text = (problem or "").encode("utf-8")[:_MESSAGE_BYTES]
+        message = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+        message[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else message[:0]
+        messages = comm.all_gather(op, "report errors", message.to(device)).cpu()
+        for r in failed:
+            problems[r] = bytes(messages[r].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+    else:
+        headers = gathered[:, 1 : 1 + len(SIGNATURE_FIELDS)].tolist()
+        problems = _disagreements(headers)
+    if problems:
+        raise EpcommInputError(op, problems, world)
+    return gathered[:, 1 + len(SIGNATURE_FIELDS) :]
