@@ -19,6 +19,9 @@ from .traffic import TrafficStats
 
 __all__ = ["GroupComm"]
 
+# torch 2.14 renamed all_gather_into_tensor; keep older releases working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class GroupComm:
     """The collectives epcomm needs, on one process group."""
@@ -58,7 +61,7 @@ class GroupComm:
         flat = tensor.contiguous().flatten()
         out = torch.empty(self.topo.world_size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
         self.traffic.control_bytes += flat.numel() * flat.element_size() * (self.topo.world_size - 1)
-        self._run(op, stage, lambda: dist.all_gather_into_tensor(out, flat, group=self.group, async_op=True))
+        self._run(op, stage, lambda: _all_gather_single(out, flat, group=self.group, async_op=True))
         return out.view(self.topo.world_size, *tensor.shape)
 
     def all_to_all_rows(

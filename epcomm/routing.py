@@ -271,7 +271,8 @@ def node_limited_gate(
     topk_weights = chosen / denom
     if scale != 1.0:
         topk_weights = topk_weights * scale
-    return GateOutput(topk_idx=topk_idx, topk_weights=topk_weights, affinities=affinities)
+    # contiguous: dispatch requires it, as DeepEP does
+    return GateOutput(topk_idx.contiguous(), topk_weights.contiguous(), affinities)
 
 
 def update_bias(bias: Tensor, tokens_per_expert: Tensor, update_rate: float) -> Tensor:

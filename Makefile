@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.epcomm-installed
+RANKS ?= 8
+
+.PHONY: demo test test-python venv clean
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+venv: $(STAMP)
+
+## demo: 8 CPU ranks emulating 4 nodes x 2 GPUs, DeepSeek-V3-shaped dispatch+combine, verified and timed
+demo: $(STAMP)
+	$(VENV)/bin/mpiexec -n $(RANKS) $(PY) examples/dispatch_combine_demo.py --nvl-ranks 2
+
+## test: the whole test suite
+test: $(STAMP) test-python
+
+test-python: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

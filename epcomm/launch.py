@@ -1,0 +1,52 @@
+"""Start torch.distributed from whatever launched this process: mpiexec or torchrun.
+
+Benchmarks and examples call :func:`init_distributed` so the same script runs
+under ``mpiexec -n 8 python ...`` (mpi4py bootstraps the rendezvous) and under
+``torchrun --nproc-per-node 8 ...``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_distributed"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialise the default process group; returns ``(rank, world_size)``.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
+        timeout_s: the process group's own timeout (epcomm buffers have their own, shorter one).
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        init_method = "env://"
+    else:
+        try:
+            from mpi4py import MPI
+        except ImportError as err:
+            raise RuntimeError("launch with torchrun, or with mpiexec after `pip install mpi4py mpich`") from err
+        comm = MPI.COMM_WORLD
+        rank, world = comm.Get_rank(), comm.Get_size()
+        address = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+        init_method = f"tcp://{address[0]}:{address[1]}"
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", rank)))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    return rank, world
