@@ -58,7 +58,10 @@ class RowFormat:
         """The ``[N, width]`` tensor of field ``name`` from packed rows ``buf``."""
         lo, hi = self.offsets[name]
         f = next(f for f in self.fields if f.name == name)
-        return buf[:, lo:hi].contiguous().view(f.dtype)
+        # a fresh tensor: a column slice (even an empty one) keeps a storage offset
+        # that need not be aligned for f.dtype
+        out = torch.empty((buf.size(0), hi - lo), dtype=torch.uint8, device=buf.device)
+        return out.copy_(buf[:, lo:hi]).view(f.dtype)
 
     def has(self, name: str) -> bool:
         return name in self.offsets

@@ -1,6 +1,14 @@
+import os
+
 import pytest
+from hypothesis import settings
 
 from rankpool import RankPool
+
+# CI replays a fixed set of examples (no unrelated red builds); local runs explore.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _pools: dict[int, RankPool] = {}
 

@@ -61,3 +61,11 @@ def test_repeated_rounds_are_deterministic(pools):
     reports = pools(4).run(check_case, case, "two_hop", rounds=3)
     for r in reports:
         assert len(set(r.digest)) == 1
+
+
+def test_nothing_to_send_anywhere(pools):
+    """Every rank with zero tokens (the hypothesis-found empty-slice alignment bug)."""
+    for kind in ("fp8", "bf16"):
+        case = Case(num_nodes=4, nvl=1, tokens=(0, 0, 0, 0), hidden=128, num_experts=4, topk=1, kind=kind)
+        for algorithm in ("flat", "two_hop"):
+            pools(4).run(check_case, case, algorithm)
