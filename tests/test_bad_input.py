@@ -204,3 +204,33 @@ def test_missing_rank_times_out_naming_the_stage(pools):
         assert kind == "EpcommTimeoutError", outcome
         assert f"stage 'agree' on rank {rank}" in message and "1.5 s" in message, message
         assert waited < 10, f"rank {rank} waited {waited:.1f} s for a 1.5 s timeout"
+
+
+def nvl_ranks_disagree(rank, world):
+    buf = epcomm.Buffer(None, num_nvl_ranks=1 if rank == 0 else 2)
+    inp = make_input(CASE, rank)
+    try:
+        buf.dispatch(inp.x, **_layout_args(buf, inp, CASE.num_experts))
+    except epcomm.EpcommInputError as err:
+        return str(err)
+    return None
+
+
+def test_ranks_per_node_disagreement(pools):
+    for message in pools(4).run(nvl_ranks_disagree):
+        assert message is not None and "rank 0: ranks disagree on num_nvl_ranks" in message, message
+
+
+def unavailable_backend(rank, world, name):
+    try:
+        epcomm.Buffer(None, backend=name)
+    except (epcomm.EpcommBackendUnavailable, ValueError) as err:
+        return type(err).__name__, str(err)
+    return None
+
+
+def test_unavailable_backends_say_so(pools):
+    name, message = pools(2).run(unavailable_backend, "cuda")[0]
+    assert name == "EpcommBackendUnavailable" and "backend='torch'" in message
+    name, message = pools(2).run(unavailable_backend, "nccl-magic")[0]
+    assert name == "ValueError" and "unknown backend" in message

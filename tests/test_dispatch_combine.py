@@ -69,3 +69,31 @@ def test_nothing_to_send_anywhere(pools):
         case = Case(num_nodes=4, nvl=1, tokens=(0, 0, 0, 0), hidden=128, num_experts=4, topk=1, kind=kind)
         for algorithm in ("flat", "two_hop"):
             pools(4).run(check_case, case, algorithm)
+
+
+def dispatch_without_topk(rank, world, nvl):
+    """Routing given only by is_token_in_rank: rows move, no expert outputs."""
+    import torch
+
+    import epcomm
+    from cases import make_input
+    from epcomm.reference import reference_combine, reference_dispatch
+
+    case = Case(num_nodes=world // nvl, nvl=nvl, tokens=(7, 3, 0, 12), seed=8)
+    inputs = [make_input(case, r) for r in range(world)]
+    buf = epcomm.Buffer(None, num_nvl_ranks=nvl)
+    per_rank, per_rdma, _, in_rank, _ = buf.get_dispatch_layout(inputs[rank].topk_idx, case.num_experts)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        inputs[rank].x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank
+    )
+    ref = reference_dispatch(inputs, case.num_experts, rank)
+    assert torch.equal(recv_x, ref.recv_x) and recv_idx is None and recv_w is None and counts == []
+    outputs = [reference_dispatch(inputs, case.num_experts, d) for d in range(world)]
+    combined, weights, _ = buf.combine(recv_x, handle)
+    want = reference_combine([o.sources for o in outputs], [o.recv_x for o in outputs], case.tokens[rank], rank, nvl)
+    assert torch.equal(combined, want) and weights is None
+
+
+@pytest.mark.parametrize("nvl", [2, 4])
+def test_dispatch_with_is_token_in_rank_only(pools, nvl):
+    pools(4).run(dispatch_without_topk, nvl)
