@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ._progress import ProgressBoard
 from .errors import EpcommPeerError, EpcommTimeoutError
 from .topology import Topology
 from .traffic import TrafficStats
@@ -32,6 +33,7 @@ class GroupComm:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.traffic = traffic
         self.broken: str | None = None  # set after a failed collective: the group is unusable
+        self.board = ProgressBoard(group, topo.rank, topo.world_size)
 
     def _run(self, op: str, stage: str, start: Callable[[], dist.Work | None]) -> None:
         if self.broken is not None:
@@ -39,22 +41,23 @@ class GroupComm:
                 f"epcomm {op}: rank {self.topo.rank}: this buffer's process group failed earlier "
                 f"({self.broken}); create a new process group and Buffer"
             )
+        self.board.enter(op, stage)
         try:
             work = start()
             if work is not None:
                 work.wait(timeout=self.timeout)
         except RuntimeError as err:
-            text = str(err)
+            text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             where = f"epcomm {op}: stage '{stage}' on rank {self.topo.rank}"
             self.broken = f"{op}/{stage}"
-            if "timed out" in text.lower() or "timeout" in text.lower():
+            timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+            peers = self.board.diagnose(grace_s=min(1.0, self.timeout.total_seconds() / 4))
+            if timed_out:
                 raise EpcommTimeoutError(
                     f"{where}: a peer did not arrive within {self.timeout.total_seconds():g} s "
-                    f"(Buffer(timeout_s=...) sets this limit). Backend said: {text.splitlines()[0][:300]}"
+                    f"(Buffer(timeout_s=...) sets this limit); {peers}. Backend said: {text}"
                 ) from err
-            raise EpcommPeerError(
-                f"{where}: a peer failed or closed its connection. Backend said: {text.splitlines()[0][:300]}"
-            ) from err
+            raise EpcommPeerError(f"{where}: a peer failed; {peers}. Backend said: {text}") from err
 
     def all_gather(self, op: str, stage: str, tensor: torch.Tensor) -> torch.Tensor:
         """``[world_size, *tensor.shape]``: every rank's ``tensor``."""

@@ -79,7 +79,11 @@ class RankPool:
             if not conn.poll(timeout):
                 self.close()
                 raise RankFailure(f"rank {rank} did not finish {fn.__name__} within {timeout} s (hang?)")
-            outcomes.append(conn.recv())
+            try:
+                outcomes.append(conn.recv())
+            except EOFError:  # the rank's process died (tests kill ranks on purpose)
+                self.broken = True
+                outcomes.append(Outcome(rank, error_type="died", error=f"rank {rank} exited during {fn.__name__}"))
         return outcomes
 
     def run(self, fn: Callable, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:

@@ -203,6 +203,7 @@ def test_missing_rank_times_out_naming_the_stage(pools):
         kind, message, waited = outcome
         assert kind == "EpcommTimeoutError", outcome
         assert f"stage 'agree' on rank {rank}" in message and "1.5 s" in message, message
+        assert "live peer(s) that have not arrived: rank 3 (last seen at creating its Buffer" in message, message
         assert waited < 10, f"rank {rank} waited {waited:.1f} s for a 1.5 s timeout"
 
 

@@ -1,0 +1,136 @@
+"""Where each rank is, and whether it is alive: a small board in the group's store.
+
+Every collective stage a rank enters is posted as ``step|operation|stage``,
+and one background thread per process beats a counter for every live board.
+When a stage fails or times out, the rank compares two readings of the
+heartbeats taken ``grace_s`` apart: a peer whose heartbeat stopped is dead (or
+its process is frozen); a live peer that has not reached this step is late.
+This turns "Connection reset by peer" into "rank 3 is dead; it was last seen
+at dispatch, stage 'network hop'".
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import weakref
+
+import torch.distributed as dist
+
+__all__ = ["ProgressBoard", "HEARTBEAT_INTERVAL_S"]
+
+HEARTBEAT_INTERVAL_S = 0.25
+_board_ids = itertools.count()
+
+
+def _group_store(group: dist.ProcessGroup) -> dist.Store | None:
+    """The store behind ``group`` (private torch API: degrade to None if it moves)."""
+    try:
+        world = dist.distributed_c10d._world
+        if group in world.pg_map:
+            return world.pg_map[group][1]
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+class _Heartbeat:
+    """One daemon thread per process that beats for every live board."""
+
+    def __init__(self) -> None:
+        self.boards: weakref.WeakSet[ProgressBoard] = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, board: "ProgressBoard") -> None:
+        with self.lock:
+            self.boards.add(board)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="epcomm-heartbeat", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                boards = list(self.boards)
+                if not boards:
+                    self.thread = None
+                    return
+            for board in boards:
+                board.beat()
+            del boards
+            time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+class ProgressBoard:
+    """Posts this rank's progress and heartbeat; names dead and late peers after a failure."""
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.step = 0
+        self._beats = 0
+        store = _group_store(group)
+        # Buffers are created collectively, in the same order on every rank.
+        self.store = None if store is None else dist.PrefixStore(f"epcomm/board{next(_board_ids)}/", store)
+        self._post("progress", "0|created|-")
+        self.beat()
+        if self.store is not None:
+            _HEARTBEAT.add(self)
+
+    def _post(self, kind: str, value: str) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.set(f"{kind}/{self.rank}", value)
+        except Exception:
+            self.store = None  # the store is gone (its host rank died): stop posting
+
+    def beat(self) -> None:
+        self._beats += 1
+        self._post("beat", str(self._beats))
+
+    def enter(self, op: str, stage: str) -> None:
+        """Called before each collective stage."""
+        self.step += 1
+        self._post("progress", f"{self.step}|{op}|{stage}")
+
+    def _read_all(self, kind: str) -> list[str | None]:
+        keys = [f"{kind}/{r}" for r in range(self.world_size)]
+        return [self.store.get(k).decode() if self.store.check([k]) else None for k in keys]
+
+    def diagnose(self, grace_s: float) -> str:
+        """After a failure at the current step: which peers are dead or late, as a sentence."""
+        if self.store is None:
+            return "peer status is unavailable (no store)"
+        try:
+            before = self._read_all("beat")
+            time.sleep(max(grace_s, 3 * HEARTBEAT_INTERVAL_S))
+            after = self._read_all("beat")
+            progress = self._read_all("progress")
+        except Exception as err:  # the store lives in one rank's process; it may be the dead one
+            return f"peer status is unavailable ({type(err).__name__}: {err})"
+        dead, late = [], []
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            step, where = 0, "before creating its Buffer"
+            if progress[r] is not None:
+                s, op, stage = progress[r].split("|")
+                step = int(s)
+                where = "creating its Buffer" if op == "created" else f"{op}, stage '{stage}'"
+            seen = f"rank {r} (last seen at {where}, step {step}; this rank failed at step {self.step})"
+            if before[r] is None or before[r] == after[r]:
+                dead.append(seen)
+            elif step < self.step:
+                late.append(seen)
+        parts = []
+        if dead:
+            parts.append("dead or frozen peer(s), no heartbeat: " + "; ".join(dead))
+        if late:
+            parts.append("live peer(s) that have not arrived: " + "; ".join(late))
+        return ", ".join(parts) if parts else "every peer is alive and arrived; see the backend's message"
