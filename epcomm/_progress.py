@@ -66,6 +66,15 @@ class _Heartbeat:
 _HEARTBEAT = _Heartbeat()
 
 
+def _remove_keys(store: dist.Store, rank: int) -> None:
+    """Drop a board's keys when its Buffer goes away, so long runs do not grow the store."""
+    for kind in ("progress", "beat"):
+        try:
+            store.delete_key(f"{kind}/{rank}")
+        except Exception:
+            pass
+
+
 class ProgressBoard:
     """Posts this rank's progress and heartbeat; names dead and late peers after a failure."""
 
@@ -81,6 +90,7 @@ class ProgressBoard:
         self.beat()
         if self.store is not None:
             _HEARTBEAT.add(self)
+            weakref.finalize(self, _remove_keys, self.store, rank)
 
     def _post(self, kind: str, value: str) -> None:
         if self.store is None:

@@ -7,6 +7,7 @@ communicating.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -86,42 +87,50 @@ def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 
     """Dispatch, cached dispatch and combine on this rank; assert each output equals the reference."""
     buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=case.nvl, algorithm=algorithm,
                         max_nodes_per_token=case.max_nodes, timeout_s=60)
+    report = RankReport()
+    for _ in range(rounds):
+        digest, report.traffic = check_round(buf, case, rank, world)
+        report.digest.append(digest)
+    return report
+
+
+def check_round(buf: "epcomm.Buffer", case: Case, rank: int, world: int) -> tuple[str, dict]:
+    """One dispatch + cached dispatch + combine, checked; returns (digest of outputs, traffic)."""
     inputs = [make_input(case, r) for r in range(world)]
     mine = inputs[rank]
     refs = [reference_dispatch(inputs, case.num_experts, d) for d in range(world)]
     ref = refs[rank]
-    report = RankReport()
-    for _ in range(rounds):
-        buf.reset_traffic()
-        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(mine.topk_idx, case.num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
-            mine.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights,
-            expert_alignment=case.alignment,
-        )
-        event.current_stream_wait()
-        assert same_bits(recv_x, ref.recv_x), f"rank {rank}: recv_x differs from the reference"
-        assert torch.equal(recv_idx, ref.recv_topk_idx), f"rank {rank}: recv_topk_idx differs"
-        assert same_bits(recv_w, ref.recv_topk_weights), f"rank {rank}: recv_topk_weights differs"
-        aligned = [-(-c // case.alignment) * case.alignment for c in ref.num_recv_tokens_per_expert]
-        assert counts == aligned, f"rank {rank}: per-expert counts {counts} != {aligned}"
-        assert handle.num_recv_tokens == len(ref.sources)
+    buf.reset_traffic()
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(mine.topk_idx, case.num_experts)
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        mine.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights,
+        expert_alignment=case.alignment,
+    )
+    event.current_stream_wait()
+    assert same_bits(recv_x, ref.recv_x), f"rank {rank}: recv_x differs from the reference"
+    assert torch.equal(recv_idx, ref.recv_topk_idx), f"rank {rank}: recv_topk_idx differs"
+    assert same_bits(recv_w, ref.recv_topk_weights), f"rank {rank}: recv_topk_weights differs"
+    aligned = [-(-c // case.alignment) * case.alignment for c in ref.num_recv_tokens_per_expert]
+    assert counts == aligned, f"rank {rank}: per-expert counts {counts} != {aligned}"
+    assert handle.num_recv_tokens == len(ref.sources)
 
-        cached = buf.dispatch(mine.x, handle=handle)
-        assert same_bits(cached[0], ref.recv_x), f"rank {rank}: cached dispatch differs"
-        assert all(v is None for v in cached[1:5])
+    cached = buf.dispatch(mine.x, handle=handle)
+    assert same_bits(cached[0], ref.recv_x), f"rank {rank}: cached dispatch differs"
+    assert all(v is None for v in cached[1:5])
 
-        outputs = [expert_output(r.recv_x, d) for d, r in enumerate(refs)]
-        combined, combined_w, _ = buf.combine(outputs[rank], handle, topk_weights=recv_w)
-        sources = [r.sources for r in refs]
-        want = reference_combine(sources, outputs, case.tokens[rank], rank, case.nvl)
-        assert same_bits(combined, want), f"rank {rank}: combined_x differs from the reference"
-        if case.with_weights:
-            want_w = reference_combine(sources, [r.recv_topk_weights for r in refs], case.tokens[rank], rank, case.nvl)
-            assert same_bits(combined_w, want_w), f"rank {rank}: combined_topk_weights differs"
-        report.traffic = buf.traffic.as_dict()
-        report.digest.append(hash(combined.float().sum().item()))
-    return report
+    outputs = [expert_output(r.recv_x, d) for d, r in enumerate(refs)]
+    combined, combined_w, _ = buf.combine(outputs[rank], handle, topk_weights=recv_w)
+    sources = [r.sources for r in refs]
+    want = reference_combine(sources, outputs, case.tokens[rank], rank, case.nvl)
+    assert same_bits(combined, want), f"rank {rank}: combined_x differs from the reference"
+    if case.with_weights:
+        want_w = reference_combine(sources, [r.recv_topk_weights for r in refs], case.tokens[rank], rank, case.nvl)
+        assert same_bits(combined_w, want_w), f"rank {rank}: combined_topk_weights differs"
+    digest = hashlib.sha256()
+    for t in (recv_x if isinstance(recv_x, tuple) else (recv_x,)) + (combined, combined_w if combined_w is not None else combined):
+        digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest(), buf.traffic.as_dict()
 
 
 def expected_pairs(case: Case) -> tuple[int, int]:
