@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ._progress import ProgressBoard
+from ._progress import ProgressBoard, agree_board_id
 from .errors import EpcommPeerError, EpcommTimeoutError
 from .topology import Topology
 from .traffic import TrafficStats
@@ -33,7 +33,22 @@ class GroupComm:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.traffic = traffic
         self.broken: str | None = None  # set after a failed collective: the group is unusable
-        self.board = ProgressBoard(group, topo.rank, topo.world_size)
+        board_id = agree_board_id(self._max_over_ranks)
+        self.board = ProgressBoard(group, topo.rank, topo.world_size, board_id)
+
+    def _max_over_ranks(self, value: int) -> int:
+        """Collective max of one int, before the progress board exists (Buffer construction)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        try:
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            work.wait(timeout=self.timeout)
+        except RuntimeError as err:
+            self.broken = "Buffer construction"
+            raise EpcommTimeoutError(
+                f"epcomm Buffer construction on rank {self.topo.rank}: not every rank of the group created its "
+                f"Buffer within {self.timeout.total_seconds():g} s (Buffer() is collective). Backend said: {err}"
+            ) from err
+        return int(t.item())
 
     def _run(self, op: str, stage: str, start: Callable[[], dist.Work | None]) -> None:
         if self.broken is not None:

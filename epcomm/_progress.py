@@ -11,7 +11,7 @@ at dispatch, stage 'network hop'".
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable
 import threading
 import time
 import weakref
@@ -21,7 +21,24 @@ import torch.distributed as dist
 __all__ = ["ProgressBoard", "HEARTBEAT_INTERVAL_S"]
 
 HEARTBEAT_INTERVAL_S = 0.25
-_board_ids = itertools.count()
+# The heartbeat thread and the caller share one store client; some clients
+# (FileStore) keep unsynchronised read caches, so every access takes this lock.
+_STORE_LOCK = threading.Lock()
+_next_board_id = 0
+
+
+def agree_board_id(propose: "Callable[[int], int]") -> int:
+    """A board id every rank of the group shares.
+
+    Processes may have created different numbers of buffers (on other groups,
+    or ones whose construction failed), so a local counter is not enough: each
+    rank proposes its next id and all take the largest (``propose`` is that
+    collective max).
+    """
+    global _next_board_id
+    board_id = propose(_next_board_id)
+    _next_board_id = board_id + 1
+    return board_id
 
 
 def _group_store(group: dist.ProcessGroup) -> dist.Store | None:
@@ -66,11 +83,17 @@ class _Heartbeat:
 _HEARTBEAT = _Heartbeat()
 
 
-def _remove_keys(store: dist.Store, rank: int) -> None:
-    """Drop a board's keys when its Buffer goes away, so long runs do not grow the store."""
+def _remove_keys(store: dist.Store, rank: int, failed: list[bool]) -> None:
+    """Drop a board's keys when its Buffer goes away, so long runs do not grow the store.
+
+    After a failure the keys stay: peers still diagnosing read them.
+    """
+    if failed[0]:
+        return
     for kind in ("progress", "beat"):
         try:
-            store.delete_key(f"{kind}/{rank}")
+            with _STORE_LOCK:
+                store.delete_key(f"{kind}/{rank}")
         except Exception:
             pass
 
@@ -78,25 +101,26 @@ def _remove_keys(store: dist.Store, rank: int) -> None:
 class ProgressBoard:
     """Posts this rank's progress and heartbeat; names dead and late peers after a failure."""
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, world_size: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, rank: int, world_size: int, board_id: int) -> None:
         self.rank = rank
         self.world_size = world_size
         self.step = 0
         self._beats = 0
+        self._failed = [False]  # shared with the finalizer
         store = _group_store(group)
-        # Buffers are created collectively, in the same order on every rank.
-        self.store = None if store is None else dist.PrefixStore(f"epcomm/board{next(_board_ids)}/", store)
+        self.store = None if store is None else dist.PrefixStore(f"epcomm/board{board_id}/", store)
         self._post("progress", "0|created|-")
         self.beat()
         if self.store is not None:
             _HEARTBEAT.add(self)
-            weakref.finalize(self, _remove_keys, self.store, rank)
+            weakref.finalize(self, _remove_keys, self.store, rank, self._failed)
 
     def _post(self, kind: str, value: str) -> None:
         if self.store is None:
             return
         try:
-            self.store.set(f"{kind}/{self.rank}", value)
+            with _STORE_LOCK:
+                self.store.set(f"{kind}/{self.rank}", value)
         except Exception:
             self.store = None  # the store is gone (its host rank died): stop posting
 
@@ -111,10 +135,12 @@ class ProgressBoard:
 
     def _read_all(self, kind: str) -> list[str | None]:
         keys = [f"{kind}/{r}" for r in range(self.world_size)]
-        return [self.store.get(k).decode() if self.store.check([k]) else None for k in keys]
+        with _STORE_LOCK:
+            return [self.store.get(k).decode() if self.store.check([k]) else None for k in keys]
 
     def diagnose(self, grace_s: float) -> str:
         """After a failure at the current step: which peers are dead or late, as a sentence."""
+        self._failed[0] = True
         if self.store is None:
             return "peer status is unavailable (no store)"
         try:
@@ -134,6 +160,8 @@ class ProgressBoard:
                 step = int(s)
                 where = "creating its Buffer" if op == "created" else f"{op}, stage '{stage}'"
             seen = f"rank {r} (last seen at {where}, step {step}; this rank failed at step {self.step})"
+            if before[r] is not None and after[r] is None:
+                continue  # it destroyed its Buffer meanwhile: alive, and done with this step
             if before[r] is None or before[r] == after[r]:
                 dead.append(seen)
             elif step < self.step:
