@@ -38,7 +38,8 @@ class GroupComm:
 
     def _max_over_ranks(self, value: int) -> int:
         """Collective max of one int, before the progress board exists (Buffer construction)."""
-        t = torch.tensor([value], dtype=torch.int64)
+        on_gpu = dist.get_backend(self.group) == "nccl"  # NCCL only moves CUDA tensors
+        t = torch.tensor([value], dtype=torch.int64, device="cuda" if on_gpu else "cpu")
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             work.wait(timeout=self.timeout)
