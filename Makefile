@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.epcomm-installed
 RANKS ?= 8
 
-.PHONY: demo test test-python venv clean
+.PHONY: demo test test-python test-csrc venv clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mpiexec -n $(RANKS) $(PY) examples/dispatch_combine_demo.py --nvl-ranks 2
 
-## test: the whole test suite
-test: $(STAMP) test-python
+## test: the whole test suite: kernel-layer checks (nvcc, g++, TSAN, ASan, planted bugs, lint), then Python
+test: $(STAMP) test-csrc test-python
+
+test-csrc:
+	$(MAKE) -C csrc check
 
 test-python: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis csrc/tests/build

@@ -144,15 +144,14 @@ class FiberContext {
   // Called from another context once this fiber will never run again.
   void destroy() {
     if (owns_tsan_fiber_) sanitizer::tsan_destroy_fiber(tsan_fiber_);
-    tsan_fiber_ = nullptr;
-    owns_tsan_fiber_ = false;
   }
 
   // Runs `to` until something switches back to `from`. `from_is_leaving`:
-  // `from` will never be resumed (its ASan fake stack can go).
+  // `from` will never be resumed (its ASan fake stack can go, and for TSAN
+  // everything it did happens-before what `to` does next).
   static void switch_to(FiberContext& from, FiberContext& to, bool from_is_leaving) {
     sanitizer::asan_start_switch(from_is_leaving ? nullptr : &from.asan_fake_stack_, to.stack_low_, to.stack_bytes_);
-    sanitizer::tsan_switch_to_fiber(to.tsan_fiber_);
+    sanitizer::tsan_switch_to_fiber(to.tsan_fiber_, from_is_leaving);
     detail::MachineContext::swap(from.machine_, to.machine_);
     sanitizer::asan_finish_switch(from.asan_fake_stack_);
   }

@@ -1,8 +1,8 @@
 #pragma once
 // Fiber hooks for ThreadSanitizer and AddressSanitizer; no-ops otherwise.
 //
-// TSAN: every fiber gets its own TSAN context, and switches use
-// `no_sync` so a switch never creates a happens-before edge: only the
+// TSAN: every fiber gets its own TSAN context, and switches between fibers
+// use `no_sync`, so a switch never creates a happens-before edge: only the
 // barriers, __syncwarp and the memory helpers do, exactly as on a GPU.
 // ASan: it must be told which stack is live, or it reports false
 // stack-buffer overflows and mis-handles fake stacks.
@@ -70,11 +70,13 @@ inline void tsan_destroy_fiber(void* fiber) {
 #endif
 }
 
-inline void tsan_switch_to_fiber(void* fiber) {
+// `synchronize`: the switch is a happens-before edge (used only when a fiber
+// leaves for good, so its last accesses are ordered before the teardown).
+inline void tsan_switch_to_fiber(void* fiber, bool synchronize) {
 #if defined(EPCOMM_SIMT_TSAN)
-  __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync);
+  __tsan_switch_to_fiber(fiber, synchronize ? 0 : __tsan_switch_to_fiber_no_sync);
 #else
-  (void)fiber;
+  (void)fiber, (void)synchronize;
 #endif
 }
 
