@@ -6,6 +6,7 @@ tuples, cached mode via handles) and ``combine``.
 """
 
 from . import fp8, routing
+from . import moe, ops  # differentiable custom ops ("epcomm::*") and MoE layer helpers
 from .buffer import Buffer, FP8Tensor
 from .config import Config
 from .errors import (
@@ -36,6 +37,8 @@ __all__ = [
     "Topology",
     "TrafficStats",
     "fp8",
+    "moe",
+    "ops",
     "routing",
 ]
 __version__ = "0.1.0"

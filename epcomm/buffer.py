@@ -109,6 +109,11 @@ class Buffer:
 
     # ------------------------------------------------------------ properties
     @property
+    def id(self) -> int:
+        """Unique per process; names this buffer in ``epcomm.ops`` and in its handles."""
+        return self._id
+
+    @property
     def rank(self) -> int:
         return self.topology.rank
 
