@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.epcomm-installed
 RANKS ?= 8
 
-.PHONY: demo test test-python test-csrc venv clean
+.PHONY: demo test test-python test-csrc bench venv clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-csrc:
 
 test-python: $(STAMP)
 	$(PY) -m pytest -q
+
+## bench: bandwidth suite at full size (8 CPU ranks = 4 nodes x 2), JSON + plot in bench/results/
+bench: $(STAMP)
+	MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=262144 MALLOC_TRIM_THRESHOLD_=262144 $(VENV)/bin/mpiexec -n $(RANKS) $(PY) bench/bandwidth.py --backend torch --nvl-ranks 2 --tokens 4096 --hidden 7168 --topk 8 --experts 256 --routing gate --reps 3 --sweep 1024,2048 --sweep-reps 1 --json bench/results/gate_4096.json --plot bench/results/gate_4096.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis csrc/tests/build

@@ -1,0 +1,97 @@
+"""The benchmark's stdout table, PASS/MISS lines and plot."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _fmt(v, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:{width}{spec}}"
+
+
+def print_report(result: dict, file=sys.stdout) -> None:
+    cfg, env, main = result["config"], result["environment"], result["main"]
+    print(f"epcomm {env['epcomm']} bandwidth: backend {cfg['backend']}, {env['world_size']} ranks = "
+          f"{env['num_nodes']} nodes x {env['nvl_ranks']}, {env['process_group']} on {env['device']} "
+          f"({env['cpu_count']} CPUs), torch {env['torch']}", file=file)
+    print(f"{main['tokens']} tokens/rank, hidden {cfg['hidden']}, top-{cfg['topk']} of {cfg['experts']} experts, "
+          f"<= {cfg['max_nodes']} nodes/token, routing {cfg['routing']}, {'FP8' if cfg['fp8'] else 'BF16'} dispatch, "
+          f"BF16 combine; {main['reps']} reps after {main['warmup']} warm-up; timer: {env['timer']}", file=file)
+    p = main["pairs"]
+    tok = env["world_size"] * main["tokens"]
+    print(f"routing: per token {p['token_rank_pairs'] / tok:.2f} ranks, {p['token_node_pairs'] / tok:.2f} nodes "
+          f"({p['token_remote_node_pairs'] / tok:.2f} remote), {p['token_expert_pairs'] / tok:.2f} experts; "
+          f"received rows per rank {main['recv_rows_per_rank']['min']}..{main['recv_rows_per_rank']['max']}; "
+          f"row bytes dispatch {main['row_bytes']['dispatch']}, combine {main['row_bytes']['combine']}", file=file)
+    print(file=file)
+    hdr = (f"{'operation':<26} {'median ms':>10} {'p10':>8} {'p90':>8} {'net MB':>8} {'nvl MB':>8} {'self MB':>8} "
+           f"{'meta MB':>8} {'RDMA GB/s':>9} {'NVL GB/s':>9} {'x ceil':>7} {'bytes':>5}")
+    print(hdr, file=file)
+    print("-" * len(hdr), file=file)
+    for name, e in main["ops"].items():
+        t = e.get("traffic")
+        mb = (lambda link: t[link]["payload_bytes"] / 1e6) if t else (lambda link: None)
+        meta = sum(t[link].get("meta_bytes", 0) for link in t) / 1e6 if t else None
+        match = {True: "ok", False: "DIFF", None: ""}[e.get("bytes_match")]
+        print(f"{name:<26} {e['median_s'] * 1e3:10.1f} {e['p10_s'] * 1e3:8.1f} {e['p90_s'] * 1e3:8.1f} "
+              f"{_fmt(mb('rdma'), '.1f', 8)} {_fmt(mb('nvl'), '.1f', 8)} {_fmt(mb('self'), '.1f', 8)} "
+              f"{_fmt(meta, '.1f', 8)} {_fmt(e.get('deepep_rdma_GBps'), '.3f', 9)} "
+              f"{_fmt(e.get('deepep_nvl_GBps'), '.3f', 9)} {_fmt(e.get('x_ceiling'), '.2f', 7)} {match:>5}", file=file)
+    print("MB: payload bytes sent, summed over ranks (meta: routing metadata, all links); GB/s: DeepEP accounting "
+          "per rank (RDMA = (token, node) pairs incl. own node, NVL = received rows) x row bytes / median; "
+          "x ceil: median / bare all_to_all_single of the same rows", file=file)
+    if main.get("verified"):
+        print(f"verified bit-exact: {', '.join(k for k, v in main['verified'].items() if v) or 'none'}", file=file)
+    if result.get("sweep"):
+        print("\nsweep (DeepEP NVL-accounting GB/s per rank):", file=file)
+        names = [n for n in result["sweep"][0]["ops"] if n != "layout"]
+        short = {n: n.replace("dispatch", "disp").replace("combine", "comb").replace("ceiling", "ceil")
+                 .replace("per_expert", "per-exp").replace("two_hop", "2hop") for n in names}
+        print(f"{'tokens':>7} " + " ".join(f"{short[n]:>12}" for n in names), file=file)
+        for case in result["sweep"]:
+            print(f"{case['tokens']:>7} " + " ".join(
+                _fmt((case["ops"].get(n) or {}).get("deepep_nvl_GBps"), ".3f", 12) for n in names), file=file)
+    if result.get("gpu"):
+        print(f"\nNVLink ceiling (measured once): {result['gpu']}", file=file)
+    print(file=file)
+    for t in result["targets"]:
+        v = t["value"]
+        vs = f"{v:.3f}" if isinstance(v, float) else str(v)
+        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['name']}: {vs} ({t['detail']})", file=file)
+
+
+def write_plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result["sweep"]
+    if not sweep:
+        return
+    names = [n for n in sweep[0]["ops"] if n != "layout" and "cached" not in n]
+    multi_node = result["environment"]["num_nodes"] > 1
+    fig, axes = plt.subplots(1, 2 if multi_node else 1, figsize=(13 if multi_node else 7, 4.8), squeeze=False)
+    panels = [("deepep_nvl_GBps", "NVLink accounting: received rows x row bytes / time")]
+    if multi_node:
+        panels.append(("deepep_rdma_GBps", "network accounting: (token, node) pairs x row bytes / time"))
+    for ax, (key, title) in zip(axes[0], panels):
+        for n in names:
+            xs = [c["tokens"] for c in sweep if n in c["ops"] and c["ops"][n].get(key)]
+            ys = [c["ops"][n][key] for c in sweep if n in c["ops"] and c["ops"][n].get(key)]
+            if xs:
+                style = "--" if n.startswith("ceiling") else (":" if n.startswith("per_expert") else "-")
+                ax.plot(xs, ys, style, marker="o", label=n)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per rank")
+        ax.set_ylabel("GB/s per rank")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    env, cfg = result["environment"], result["config"]
+    fig.suptitle(f"epcomm {cfg['backend']} backend, {env['world_size']} ranks = {env['num_nodes']}x{env['nvl_ranks']}, "
+                 f"hidden {cfg['hidden']}, top-{cfg['topk']}/{cfg['experts']}, routing {cfg['routing']}, "
+                 f"{'FP8' if cfg['fp8'] else 'BF16'} dispatch ({env['device']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

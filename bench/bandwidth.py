@@ -1,0 +1,500 @@
+"""epcomm dispatch/combine bandwidth, with honest byte accounting and baselines measured in the same run.
+
+    mpiexec -n 8 python bench/bandwidth.py --backend torch --nvl-ranks 2 --tokens 4096 --hidden 7168 \
+        --topk 8 --experts 256 --routing gate --json out.json --plot out.png
+    torchrun --nproc-per-node 8 bench/bandwidth.py ...                  # same script
+
+For each operation (layout, dispatch, cached dispatch, combine) of epcomm's
+flat and two-hop algorithms, and for the baselines on the same routing and
+data -- the transport ceiling (bare ``all_to_all_single`` of the same rows)
+and the per-expert dispatcher (a token sent once per selected expert, as
+Megatron-LM's alltoall dispatcher does) -- it reports:
+
+* median, p10 and p90 time over warm repetitions; each repetition starts from
+  a barrier and counts the slowest rank's time;
+* bytes per link class (network / NVLink / local), summed over ranks, from
+  ``buffer.traffic`` (the baselines count theirs the same way), checked
+  against the exact bytes the routing implies (``bench/cluster_model.py``);
+* bandwidth with DeepEP's accounting, per rank: network = (token, destination
+  node) pairs including the own node x row bytes / time; NVLink = received
+  rows x row bytes / time; and the fraction of the transport ceiling reached.
+
+Targets are printed as PASS/MISS lines (never asserted). Output: a table on
+stdout, ``--json`` with every figure and the configuration, ``--plot`` a PNG of
+bandwidth vs tokens per rank (sweeps ``--sweep`` token counts). On CPU "network"
+and "NVLink" are the same loopback: the bytes are what a cluster would move,
+the times are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import socket
+import sys
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import epcomm  # noqa: E402
+from epcomm.backends import resolve_backend  # noqa: E402
+from epcomm.errors import EpcommBackendUnavailable, EpcommError  # noqa: E402
+from epcomm.fp8 import per_token_cast_to_fp8  # noqa: E402
+from epcomm.launch import init_distributed  # noqa: E402
+from epcomm.topology import Topology  # noqa: E402
+
+from _baselines import BareAllToAll, PerExpertDispatcher  # noqa: E402
+from _report import print_report, write_plot  # noqa: E402
+from _routing import add_routing_args, global_topk_idx, routing_params  # noqa: E402
+from _timing import kernel_only_seconds, make_timer, nvlink_ceiling  # noqa: E402
+from cluster_model import LINKS, expected_traffic, fp8_row_bytes, traffic_matrices  # noqa: E402
+
+TARGET_RATIO = 1.3  # epcomm op time / transport ceiling time
+SWEEP_OPS = ("flat dispatch", "flat combine", "two_hop dispatch", "two_hop combine",
+             "ceiling dispatch", "ceiling combine", "per_expert dispatch", "per_expert combine")
+
+
+# ----------------------------------------------------------------------------- helpers
+def launcher_rank() -> int:
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def filled(nbytes: int, x: torch.Tensor) -> torch.Tensor:
+    """``uint8 [nbytes]`` holding repeated bytes of ``x`` (real data, one memcpy pass)."""
+    src = x.reshape(-1).view(torch.uint8)
+    if nbytes <= src.numel():
+        return src[:nbytes].clone()
+    reps = -(-nbytes // src.numel())
+    return src.repeat(reps)[:nbytes]
+
+
+def rows_like(x: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[num_rows, H]`` rows of ``x`` repeated (valid values, x's dtype)."""
+    if x.size(0) == 0:
+        return x.new_zeros((num_rows, x.size(1)))
+    return x.index_select(0, torch.arange(num_rows, device=x.device) % x.size(0))
+
+
+class Op:
+    """A timed operation: ``fn(prepared)``; ``prepare()`` runs outside the timed region."""
+
+    def __init__(self, name, algorithm, op, fn, prepare=None, traffic=None, row_kind="dispatch"):
+        self.name, self.algorithm, self.op = name, algorithm, op
+        self.fn, self.prepare, self.traffic = fn, prepare, traffic
+        self.row_kind = row_kind  # which row bytes DeepEP's accounting uses: "dispatch" or "combine"
+
+
+def epcomm_traffic(buf: epcomm.Buffer, op: str) -> dict:
+    return {link: {"rows": (t := buf.traffic.get(op, link)).rows, "payload_bytes": t.payload_bytes,
+                   "meta_bytes": t.meta_bytes} for link in LINKS}
+
+
+def sum_over_ranks(records: list[dict | None], device) -> list[dict | None]:
+    """All-reduce SUM of per-rank traffic records (same structure on every rank)."""
+    fields = ("rows", "payload_bytes", "meta_bytes")
+    vals = torch.zeros(len(records), len(LINKS), len(fields), dtype=torch.int64)
+    for i, rec in enumerate(records):
+        for j, link in enumerate(LINKS):
+            for k, f in enumerate(fields):
+                vals[i, j, k] = (rec or {}).get(link, {}).get(f, 0)
+    vals = vals.to(device)
+    dist.all_reduce(vals)
+    vals = vals.cpu()
+    return [None if rec is None else {link: {f: int(vals[i, j, k]) for k, f in enumerate(fields)}
+                                       for j, link in enumerate(LINKS)} for i, rec in enumerate(records)]
+
+
+def quantiles(times: list[float]) -> dict:
+    t = torch.tensor(times, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    return {"p10_s": q[0], "median_s": q[1], "p90_s": q[2], "times_s": times}
+
+
+# ----------------------------------------------------------------------------- one configuration
+def run_case(args, rank: int, world: int, device: torch.device, tokens: int, reps: int, warmup: int,
+             only: tuple[str, ...] | None, timer) -> dict:
+    nvl, H, E, K = args.nvl_ranks, args.hidden, args.experts, args.topk
+    topo = Topology(world, rank, nvl)
+    topk_all = global_topk_idx(args.routing, world=world, nvl=nvl, tokens=tokens, experts=E, topk=K,
+                               **routing_params(args))
+    tm = traffic_matrices(topk_all, E, nvl)
+    expected = expected_traffic(tm, H, args.fp8, combine_partial_bytes=4)  # torch backend: fp32 node partials
+    topk_idx = topk_all[rank].contiguous().to(device)
+    del topk_all
+    g = torch.Generator().manual_seed(10_000 + rank)
+    x = torch.randn(tokens, H, generator=g).to(torch.bfloat16).to(device)
+    weights = torch.rand(tokens, K, generator=g).to(device)
+    x_in = per_token_cast_to_fp8(x) if args.fp8 else x
+    rb_dispatch = fp8_row_bytes(H) if args.fp8 else 2 * H
+    rb_combine = 2 * H
+    want = lambda name: only is None or name in only  # noqa: E731
+
+    ops: list[Op] = []
+    state: dict = {}
+    buffers = {}
+    for algo in args.algorithms:
+        buf = epcomm.Buffer(None, backend=args.backend, num_nvl_ranks=nvl, max_nodes_per_token=args.max_nodes,
+                            algorithm=algo, timeout_s=args.timeout)
+        buffers[algo] = buf
+        layout = buf.get_dispatch_layout(topk_idx, E)
+        kwargs = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
+                      num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=weights)
+        if algo == args.algorithms[0] and want("layout"):
+            ops.append(Op("layout", "epcomm", "layout", lambda _, b=buf: b.get_dispatch_layout(topk_idx, E)))
+        num_recv = int(tm.count[:, rank].sum())
+        ops.append(Op(f"{algo} dispatch", algo, "dispatch", lambda _, b=buf, kw=kwargs: b.dispatch(x_in, **kw),
+                      traffic=lambda b=buf: epcomm_traffic(b, "dispatch")))
+        if want(f"{algo} cached dispatch"):
+            ops.append(Op(f"{algo} cached dispatch", algo, "cached dispatch",
+                          lambda _, b=buf, a=algo: b.dispatch(x_in, handle=state[a]),
+                          traffic=lambda b=buf: epcomm_traffic(b, "cached dispatch")))
+        ops.append(Op(f"{algo} combine", algo, "combine", lambda y, b=buf, a=algo: b.combine(y, state[a]),
+                      prepare=lambda n=num_recv: rows_like(x, n),
+                      traffic=lambda b=buf: epcomm_traffic(b, "combine"), row_kind="combine"))
+
+    # transport ceilings: the same rows, bare all_to_all_single from a pre-filled buffer
+    count = tm.count
+    flat_fwd = (count[rank].tolist(), count[:, rank].tolist())
+    ceilings = {
+        "ceiling dispatch": ("ceiling", "dispatch", [(*flat_fwd, rb_dispatch)]),
+        "ceiling combine": ("ceiling", "combine", [(flat_fwd[1], flat_fwd[0], rb_combine)]),
+    }
+    if "two_hop" in args.algorithms:
+        h1 = (tm.hop1[rank].tolist(), tm.hop1[:, rank].tolist())
+        h2 = (tm.hop2[rank].tolist(), tm.hop2[:, rank].tolist())
+        ceilings["ceiling two_hop dispatch"] = ("ceiling_two_hop", "dispatch", [(*h1, rb_dispatch), (*h2, rb_dispatch)])
+        ceilings["ceiling two_hop combine"] = ("ceiling_two_hop", "combine",
+                                               [(h2[1], h2[0], rb_combine), (h1[1], h1[0], 4 * H)])
+    for name, (algo, op, steps) in ceilings.items():
+        if not want(name):
+            continue
+        a2a = BareAllToAll(topo, steps)
+        ops.append(Op(name, algo, op, lambda scratch, a=a2a: a.run(scratch),
+                      prepare=lambda n=a2a.scratch_bytes: filled(n, x),
+                      traffic=lambda a=a2a: a.record, row_kind=op))
+
+    # the per-expert dispatcher (Megatron-style)
+    if not args.no_baselines:
+        pe = PerExpertDispatcher(topo, E)
+        num_pairs = int(tm.expert_count[:, rank].sum())
+        ops.append(Op("per_expert dispatch", "per_expert", "dispatch", lambda _: pe.dispatch(x_in, topk_idx),
+                      traffic=lambda: pe.record["dispatch"]))
+        ops.append(Op("per_expert combine", "per_expert", "combine", lambda y: pe.combine(y, state["per_expert"]),
+                      prepare=lambda: rows_like(x, num_pairs), traffic=lambda: pe.record["combine"],
+                      row_kind="combine"))
+
+    ops = [o for o in ops if want(o.name)]
+
+    # ---- pass 1 (also the first warm-up): bytes of one call of each op, and a correctness check
+    verified = {}
+    records: list[dict | None] = []
+    for o in ops:
+        for b in buffers.values():
+            b.reset_traffic()
+        if o.algorithm == "per_expert":
+            pe.reset_record()
+        if o.op == "dispatch" and o.algorithm in buffers:
+            out = buffers[o.algorithm].dispatch(x_in, **_kwargs_of(buffers[o.algorithm], topk_idx, E, weights))
+            state[o.algorithm] = out[4]
+            records.append(o.traffic())
+            if not args.fp8:  # combine touches only the "combine" counters, reset before its own pass
+                comb = buffers[o.algorithm].combine(out[0], out[4])[0]
+                ranks_per_token = tm_ranks_per_token(topk_idx, E, world)
+                verified[o.algorithm] = bool(torch.equal(comb, (x.float() * ranks_per_token).to(x.dtype)))
+                del comb
+            del out
+            gc.collect()
+            continue
+        elif o.name == "per_expert dispatch":
+            recv, st = pe.dispatch(x_in, topk_idx)
+            state["per_expert"] = st
+            records.append({k: dict(v) for k, v in pe.record["dispatch"].items()})
+            if not args.fp8:
+                comb = pe.combine(recv, st)
+                experts_per_token = (topk_idx >= 0).sum(1, keepdim=True).float()
+                verified["per_expert"] = bool(torch.equal(comb, (x.float() * experts_per_token).to(x.dtype)))
+                del comb
+            del recv
+            gc.collect()
+            continue
+        else:
+            o.fn(o.prepare() if o.prepare else None)
+        records.append(o.traffic() if o.traffic else None)
+        gc.collect()
+    records = sum_over_ranks(records, device)
+
+    bf16_dispatch_payload = None
+    if args.fp8:  # the same routing in bf16, once, for the FP8 byte ratio
+        algo = args.algorithms[-1]
+        buffers[algo].reset_traffic()
+        buffers[algo].dispatch(x, **_kwargs_of(buffers[algo], topk_idx, E, weights))
+        bf = sum_over_ranks([epcomm_traffic(buffers[algo], "dispatch")], device)[0]
+        bf16_dispatch_payload = (algo, sum(bf[link]["payload_bytes"] for link in LINKS))
+        gc.collect()
+
+    # ---- warm-up, then timed repetitions (ops interleaved within a repetition)
+    def timed(o: Op) -> float:
+        arg = o.prepare() if o.prepare else None
+        t = timer(lambda: o.fn(arg))
+        del arg
+        return t
+
+    for _ in range(max(0, warmup - 1)):
+        for o in ops:
+            timed(o)
+    times = torch.zeros(len(ops), reps, dtype=torch.float64)
+    for i in range(reps):
+        for j, o in enumerate(ops):
+            times[j, i] = timed(o)
+    times = times.to(device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # slowest rank per repetition
+    times = times.cpu()
+
+    kernel_only = {}
+    if device.type == "cuda" and args.kernel_times:
+        for o in ops:
+            arg = o.prepare() if o.prepare else None
+            kernel_only[o.name] = kernel_only_seconds(lambda: o.fn(arg), reps, device)
+
+    # ---- figures
+    pairs = tm.pairs()
+    result_ops = {}
+    for j, o in enumerate(ops):
+        q = quantiles(times[j].tolist())
+        rb = rb_combine if o.row_kind == "combine" else rb_dispatch
+        entry = {"algorithm": o.algorithm, "op": o.op, **q, "row_bytes": rb}
+        rec = records[j]
+        if rec is not None:
+            entry["traffic"] = rec
+            exp = _expected_for(expected, o)
+            if exp is not None:
+                entry["expected"] = exp
+                entry["bytes_match"] = all(rec[link]["rows"] == exp[link]["rows"]
+                                           and rec[link]["payload_bytes"] == exp[link]["payload_bytes"] for link in LINKS)
+            wire = sum(rec[link]["payload_bytes"] + rec[link].get("meta_bytes", 0) for link in ("rdma", "nvl"))
+            entry["wire_GBps_per_rank"] = wire / world / q["median_s"] / 1e9
+        if o.op != "layout":
+            entry["deepep_rdma_GBps"] = (pairs["token_node_pairs"] * rb / world / q["median_s"] / 1e9
+                                         if tm.nodes > 1 else None)
+            entry["deepep_nvl_GBps"] = pairs["token_rank_pairs"] * rb / world / q["median_s"] / 1e9
+        if o.name in kernel_only:
+            entry["kernel_only_s"] = kernel_only[o.name]
+        result_ops[o.name] = entry
+    for name, entry in result_ops.items():
+        op = "combine" if entry["op"] == "combine" else "dispatch"
+        ceil = result_ops.get(f"ceiling {op}")
+        if ceil is not None and not name.startswith("ceiling") and entry["op"] != "layout":
+            entry["x_ceiling"] = entry["median_s"] / ceil["median_s"]
+            entry["fraction_of_ceiling"] = ceil["median_s"] / entry["median_s"]
+        ceil2 = result_ops.get(f"ceiling two_hop {op}")
+        if ceil2 is not None and entry["algorithm"] == "two_hop":
+            entry["x_ceiling_two_hop"] = entry["median_s"] / ceil2["median_s"]
+
+    for b in buffers.values():
+        del b
+    buffers.clear()
+    state.clear()
+    gc.collect()
+    return {
+        "tokens": tokens, "reps": reps, "warmup": warmup, "ops": result_ops, "pairs": pairs,
+        "verified": verified, "bf16_dispatch_payload": bf16_dispatch_payload,
+        "row_bytes": {"dispatch": rb_dispatch, "combine": rb_combine},
+        "recv_rows_per_rank": {"min": int(tm.count.sum(0).min()), "max": int(tm.count.sum(0).max())},
+    }
+
+
+def _kwargs_of(buf, topk_idx, E, weights):
+    layout = buf.get_dispatch_layout(topk_idx, E)
+    return dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
+                num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=weights)
+
+
+def tm_ranks_per_token(topk_idx: torch.Tensor, E: int, world: int) -> torch.Tensor:
+    from epcomm.layout import token_rank_mask
+    return token_rank_mask(topk_idx, E, world).sum(1, keepdim=True).float()
+
+
+def _expected_for(expected: dict, o: Op) -> dict | None:
+    """The routing's exact counts for ``o`` (a ceiling moves the rows of the algorithm it mirrors)."""
+    algo = {"ceiling": "flat", "ceiling_two_hop": "two_hop"}.get(o.algorithm, o.algorithm)
+    return expected.get(algo, {}).get(o.op)
+
+
+# ----------------------------------------------------------------------------- targets
+def targets(args, main: dict) -> list[dict]:
+    ops, H = main["ops"], args.hidden
+    out = []
+
+    def line(name, ok, value, detail):
+        out.append({"name": name, "pass": bool(ok), "value": value, "detail": detail})
+
+    for algo in args.algorithms:
+        for op in ("dispatch", "combine"):
+            e = ops.get(f"{algo} {op}")
+            if e and "x_ceiling" in e:
+                what = "same bytes" if algo == "flat" else "flat rows; two-hop moves more"
+                line(f"{algo} {op} within {TARGET_RATIO}x of bare all_to_all_single ({what})",
+                     e["x_ceiling"] <= TARGET_RATIO, e["x_ceiling"],
+                     f"{e['median_s'] * 1e3:.1f} ms vs {ops[f'ceiling {op}']['median_s'] * 1e3:.1f} ms")
+            if e and "x_ceiling_two_hop" in e:
+                line(f"two_hop {op} within {TARGET_RATIO}x of bare two-step all_to_all (hop1 + hop2, same bytes)",
+                     e["x_ceiling_two_hop"] <= TARGET_RATIO, e["x_ceiling_two_hop"],
+                     f"{e['median_s'] * 1e3:.1f} ms vs {ops[f'ceiling two_hop {op}']['median_s'] * 1e3:.1f} ms")
+    p = main["pairs"]
+    rb = main["row_bytes"]["dispatch"]
+    th = ops.get("two_hop dispatch")
+    if th and "traffic" in th:
+        got = th["traffic"]["rdma"]["payload_bytes"]
+        want = p["token_remote_node_pairs"] * rb
+        line("two-hop network bytes == (token, remote node) pairs x row bytes", got == want, got,
+             f"{got} B measured, {p['token_remote_node_pairs']} pairs x {rb} B = {want} B")
+        pe = ops.get("per_expert dispatch")
+        if pe and "traffic" in pe and got:
+            measured = Fraction(pe["traffic"]["rdma"]["payload_bytes"], got)
+            implied = Fraction(p["token_expert_remote_node_pairs"], p["token_remote_node_pairs"])
+            line("two-hop network bytes below per-expert baseline by the routing's factor",
+                 measured == implied and measured > 1, float(measured),
+                 f"per-expert/two-hop = {float(measured):.4f} measured, (token,expert)/(token,node) remote pairs "
+                 f"= {float(implied):.4f} implied")
+    if args.fp8 and main["bf16_dispatch_payload"]:
+        algo, bf = main["bf16_dispatch_payload"]
+        e = ops[f"{algo} dispatch"]["traffic"]
+        fp8 = sum(e[link]["payload_bytes"] for link in LINKS)
+        ratio = Fraction(fp8, bf) if bf else Fraction(0)
+        want = Fraction(H + 4 * H // 128, 2 * H)
+        line("FP8 dispatch bytes == (H + 4H/128)/(2H) of BF16", ratio == want, float(ratio),
+             f"{fp8} / {bf} B = {ratio} (want {want} = {float(want):.6f})")
+    checked = {name: e["bytes_match"] for name, e in ops.items() if "bytes_match" in e}
+    line("every op's rows and payload bytes per link == the routing's exact counts", all(checked.values()),
+         sum(checked.values()), ", ".join(n for n, ok in checked.items() if not ok) or f"{len(checked)} ops match")
+    if main["verified"]:
+        line("results verified (combine(dispatch(x)) == x x copies, bit-exact)", all(main["verified"].values()),
+             sum(main["verified"].values()), json.dumps(main["verified"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="torch", choices=("torch", "sim", "cuda", "auto"))
+    p.add_argument("--nvl-ranks", type=int, default=8, help="ranks per (emulated) node")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--fp8", action="store_true", help="FP8 dispatch (combine stays BF16)")
+    add_routing_args(p)
+    p.add_argument("--algorithms", default="flat,two_hop", help="epcomm algorithms to run")
+    p.add_argument("--no-baselines", action="store_true", help="skip the per-expert dispatcher")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up repetitions (the first also counts bytes)")
+    p.add_argument("--sweep", default=None, help="comma-separated tokens per rank for the plot "
+                   "(default with --plot: tokens/4, tokens/2 and tokens)")
+    p.add_argument("--sweep-reps", type=int, default=2)
+    p.add_argument("--json", help="write every figure and the configuration here (rank 0)")
+    p.add_argument("--plot", help="PNG of bandwidth vs tokens per rank (rank 0)")
+    p.add_argument("--timeout", type=float, default=900.0, help="epcomm Buffer timeout_s")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
+    p.add_argument("--kernel-times", action="store_true", help="GPU: also profile kernel-only times (CUPTI)")
+    p.add_argument("--fail-on-miss", action="store_true", help="exit 1 if a target line says MISS")
+    args = p.parse_args(argv)
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
+    for a in args.algorithms:
+        if a not in ("flat", "two_hop"):
+            p.error(f"--algorithms: unknown algorithm {a!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:  # before anything starts: every rank gives up alike, without a process group to hang on
+        resolve_backend(args.backend)
+    except EpcommBackendUnavailable as err:
+        if launcher_rank() == 0:
+            print(f"bench: {err}", file=sys.stderr)
+        return 2
+    if torch.cuda.is_available():
+        device = None  # set after init (LOCAL_RANK)
+    else:
+        torch.set_num_threads(args.threads)
+    rank, world = init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    problem = None
+    if world % args.nvl_ranks:
+        problem = f"--nvl-ranks {args.nvl_ranks} must divide the number of ranks {world}"
+    elif args.experts % world:
+        problem = f"--experts {args.experts} must be a multiple of the number of ranks {world}"
+    if problem:
+        if rank == 0:
+            print(f"bench: {problem}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
+    timer = make_timer(device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        main_case = run_case(args, rank, world, device, args.tokens, args.reps, args.warmup, None, timer)
+        sweep = []
+        if args.plot or args.sweep:
+            counts = ([int(t) for t in args.sweep.split(",")] if args.sweep
+                      else [max(1, args.tokens // 4), max(1, args.tokens // 2)])
+            for t in counts:
+                if t == args.tokens:
+                    continue
+                sweep.append(run_case(args, rank, world, device, t, args.sweep_reps, 1, SWEEP_OPS, timer))
+            sweep.append(main_case)
+            sweep.sort(key=lambda c: c["tokens"])
+        gpu = nvlink_ceiling(args.nvl_ranks, device) if device.type == "cuda" else None
+    except EpcommError as err:
+        if rank == 0:
+            print(f"bench: {type(err).__name__}: {err}", file=sys.stderr)
+        return 3
+    lines = targets(args, main_case)
+    result = {
+        "config": {k: v for k, v in vars(args).items()},
+        "environment": {
+            "epcomm": epcomm.__version__, "torch": torch.__version__, "world_size": world,
+            "num_nodes": world // args.nvl_ranks, "nvl_ranks": args.nvl_ranks,
+            "process_group": dist.get_backend(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count(), "host": socket.gethostname(), "timer": timer.kind,
+            "started_utc": started.isoformat(), "argv": sys.argv,
+        },
+        "accounting": {
+            "deepep_rdma_GBps": "(token, destination node) pairs incl. own node x row bytes / ranks / median time",
+            "deepep_nvl_GBps": "received rows (token, destination rank pairs) x row bytes / ranks / median time",
+            "wire_GBps_per_rank": "bytes this op put on NVLink + network (payload + metadata) / ranks / median time",
+            "traffic": "rows and bytes sent per link class, summed over ranks",
+            "x_ceiling": "median time / median time of the bare all_to_all_single of epcomm's flat rows",
+        },
+        "main": main_case, "targets": lines, "sweep": [
+            {"tokens": c["tokens"], "reps": c["reps"],
+             "ops": {n: {k: e.get(k) for k in ("median_s", "p10_s", "p90_s", "deepep_nvl_GBps", "deepep_rdma_GBps")}
+                     for n, e in c["ops"].items()}} for c in sweep],
+        "gpu": gpu,
+    }
+    if rank == 0:
+        print_report(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+            print(f"\nwrote {args.json}")
+        if args.plot:
+            write_plot(result, args.plot)
+            print(f"wrote {args.plot}")
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 1 if args.fail_on_miss and not all(t["pass"] for t in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

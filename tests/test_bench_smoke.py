@@ -1,0 +1,148 @@
+"""Smoke test of the benchmark suite: tiny sizes under mpiexec, JSON keys and byte identities.
+
+Timings are never asserted (they are noise at these sizes); bytes are exact
+and stable, so the identities are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpi4py mpich)")
+
+H, TOKENS, EXPERTS, TOPK, RANKS, NVL = 256, 64, 32, 8, 4, 2
+LINKS = ("self", "nvl", "rdma")
+
+
+def _run(tmp_path: Path, *extra: str, ranks: int = RANKS) -> subprocess.CompletedProcess:
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, str(BENCH / "bandwidth.py"), "--backend", "torch",
+           "--nvl-ranks", str(NVL), "--tokens", str(TOKENS), "--hidden", str(H), "--topk", str(TOPK),
+           "--experts", str(EXPERTS), "--reps", "2", *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bf16_result(tmp_path_factory):
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found")
+    tmp = tmp_path_factory.mktemp("bench")
+    out = _run(tmp, "--routing", "gate", "--json", str(tmp / "out.json"), "--plot", str(tmp / "out.png"),
+               "--sweep", "32,64", "--sweep-reps", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads((tmp / "out.json").read_text()), out.stdout, tmp
+
+
+@needs_mpi
+def test_json_has_every_figure(bf16_result):
+    result, stdout, tmp = bf16_result
+    assert {"config", "environment", "accounting", "main", "targets", "sweep", "gpu"} <= set(result)
+    assert result["config"]["tokens"] == TOKENS and result["environment"]["world_size"] == RANKS
+    ops = result["main"]["ops"]
+    expected_ops = {"layout"} | {f"{a} {o}" for a in ("flat", "two_hop") for o in ("dispatch", "cached dispatch", "combine")} \
+        | {"ceiling dispatch", "ceiling combine", "ceiling two_hop dispatch", "ceiling two_hop combine",
+           "per_expert dispatch", "per_expert combine"}
+    assert set(ops) == expected_ops
+    for name, e in ops.items():
+        assert {"median_s", "p10_s", "p90_s", "times_s"} <= set(e), name
+        assert len(e["times_s"]) == 2 and e["p10_s"] <= e["median_s"] <= e["p90_s"]
+        if name != "layout":
+            assert {"traffic", "expected", "bytes_match", "deepep_rdma_GBps", "deepep_nvl_GBps"} <= set(e), name
+    for name in ("flat dispatch", "flat combine", "two_hop dispatch", "per_expert combine"):
+        assert "x_ceiling" in ops[name] and "fraction_of_ceiling" in ops[name]
+    assert [c["tokens"] for c in result["sweep"]] == [32, 64]
+    assert (tmp / "out.png").stat().st_size > 0
+    assert "PASS" in stdout or "MISS" in stdout
+
+
+@needs_mpi
+def test_byte_identities(bf16_result):
+    result, _, _ = bf16_result
+    main = result["main"]
+    ops, pairs, rb = main["ops"], main["pairs"], main["row_bytes"]["dispatch"]
+    assert rb == 2 * H
+    # every op moved exactly what the routing implies, per link class
+    for name, e in ops.items():
+        if "bytes_match" in e:
+            assert e["bytes_match"], (name, e["traffic"], e["expected"])
+    # two-hop: one network row per (token, remote node) pair
+    assert ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"] == pairs["token_remote_node_pairs"] * rb
+    # flat: one row per (token, rank) pair; the ceiling moves the same rows
+    flat = ops["flat dispatch"]["traffic"]
+    assert sum(flat[link]["rows"] for link in LINKS) == pairs["token_rank_pairs"]
+    ceiling = ops["ceiling dispatch"]["traffic"]
+    for link in LINKS:
+        assert (ceiling[link]["rows"], ceiling[link]["payload_bytes"]) == (flat[link]["rows"], flat[link]["payload_bytes"])
+    # per-expert baseline: one row per (token, expert); network factor as the routing implies
+    pe = ops["per_expert dispatch"]["traffic"]
+    assert sum(pe[link]["rows"] for link in LINKS) == pairs["token_expert_pairs"] == RANKS * TOKENS * TOPK
+    assert Fraction(pe["rdma"]["payload_bytes"], ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"]) == \
+        Fraction(pairs["token_expert_remote_node_pairs"], pairs["token_remote_node_pairs"])
+    # two-hop combine sends fp32 node partials across nodes
+    assert ops["two_hop combine"]["traffic"]["rdma"]["payload_bytes"] == pairs["token_remote_node_pairs"] * 4 * H
+    assert all(main["verified"].values()) and set(main["verified"]) == {"flat", "two_hop", "per_expert"}
+    byte_targets = [t for t in result["targets"] if "within" not in t["name"]]  # timing lines are never asserted
+    assert byte_targets and all(t["pass"] for t in byte_targets), byte_targets
+
+
+@needs_mpi
+def test_fp8_bytes_and_stability(tmp_path):
+    out = _run(tmp_path, "--fp8", "--routing", "zipf", "--json", "a.json", "--no-baselines", "--algorithms", "two_hop")
+    assert out.returncode == 0, out.stdout + out.stderr
+    again = _run(tmp_path, "--fp8", "--routing", "zipf", "--json", "b.json", "--no-baselines", "--algorithms", "two_hop")
+    assert again.returncode == 0, again.stdout + again.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    fp8 = [t for t in a["targets"] if t["name"].startswith("FP8")]
+    assert fp8 and fp8[0]["pass"], fp8
+    assert a["main"]["row_bytes"]["dispatch"] == H + 4 * H // 128
+    for name, e in a["main"]["ops"].items():  # bytes are stable run to run
+        if "traffic" in e:
+            assert e["traffic"] == b["main"]["ops"][name]["traffic"], name
+
+
+@needs_mpi
+def test_unavailable_backend_exits_nonzero(tmp_path):
+    out = _run(tmp_path, "--backend", "sim", ranks=2)
+    assert out.returncode != 0
+    assert "unavailable" in out.stderr
+
+
+def test_cluster_model_traffic_matches_closed_forms():
+    """Single process: the model's matrices agree with direct per-token counting."""
+    import torch
+    from _routing import global_topk_idx
+    from cluster_model import expected_traffic, predict, traffic_matrices
+
+    world, nvl, tokens, experts = 8, 2, 32, 32
+    topk_all = global_topk_idx("uniform", world=world, nvl=nvl, tokens=tokens, experts=experts, topk=4)
+    tm = traffic_matrices(topk_all, experts, nvl)
+    per_rank = experts // world
+    node_pairs = remote = 0
+    for s in range(world):
+        for t in range(tokens):
+            ranks = {int(e) // per_rank for e in topk_all[s, t] if e >= 0}
+            nodes = {r // nvl for r in ranks}
+            node_pairs += len(nodes)
+            remote += len(nodes - {s // nvl})
+            for d in ranks:
+                assert tm.count[s, d] > 0
+    assert tm.pairs()["token_node_pairs"] == node_pairs
+    exp = expected_traffic(tm, 256, fp8=False)
+    assert exp["two_hop"]["dispatch"]["rdma"]["rows"] == remote
+    # hop 2 delivers every (token, rank) row exactly once
+    assert int(tm.hop2.sum()) == int(tm.count.sum())
+    pred = predict(tm, hidden=256, tokens=tokens, fp8_dispatch=False, combine_partial_bytes=2, nvl_GBps=160, net_GBps=50)
+    assert pred["two_hop"]["dispatch"]["t_us"] > 0
