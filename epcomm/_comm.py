@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ._progress import ProgressBoard, agree_board_id
 from .errors import EpcommPeerError, EpcommTimeoutError
 from .topology import Topology
+from ._wire import RowFormat
 from .traffic import TrafficStats
 
 __all__ = ["GroupComm"]
@@ -51,7 +52,7 @@ class GroupComm:
             ) from err
         return int(t.item())
 
-    def _run(self, op: str, stage: str, start: Callable[[], dist.Work | None]) -> None:
+    def _run(self, op: str, stage: str, start: Callable[[], dist.Work | list[dist.Work] | None]) -> None:
         if self.broken is not None:
             raise EpcommPeerError(
                 f"epcomm {op}: rank {self.topo.rank}: this buffer's process group failed earlier "
@@ -59,9 +60,10 @@ class GroupComm:
             )
         self.board.enter(op, stage)
         try:
-            work = start()
-            if work is not None:
-                work.wait(timeout=self.timeout)
+            works = start()
+            for work in works if isinstance(works, list) else [works]:
+                if work is not None:
+                    work.wait(timeout=self.timeout)
         except RuntimeError as err:
             text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             where = f"epcomm {op}: stage '{stage}' on rank {self.topo.rank}"
@@ -83,40 +85,57 @@ class GroupComm:
         self._run(op, stage, lambda: _all_gather_single(out, flat, group=self.group, async_op=True))
         return out.view(self.topo.world_size, *tensor.shape)
 
-    def all_to_all_rows(
+    def exchange_rows(
         self,
         op: str,
         stage: str,
-        send: torch.Tensor,
+        fmt: RowFormat,
+        send: dict[str, torch.Tensor],
         send_counts: list[int],
         recv_counts: list[int],
-        payload_bytes_per_row: int,
-    ) -> torch.Tensor:
-        """Exchange rows: ``send_counts[r]`` consecutive rows of ``send`` go to rank ``r``.
+        bulk_out: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Exchange rows: ``send_counts[r]`` consecutive rows go to rank ``r``.
 
         Args:
-            send: ``[sum(send_counts), row_bytes]`` uint8, grouped by destination rank ascending.
+            fmt: the row's fields; ``send[name]`` is ``[sum(send_counts), width]``, grouped by
+                destination rank ascending.
             send_counts / recv_counts: rows to / from each rank (``world_size`` entries).
-            payload_bytes_per_row: the part of each row that is token data (for accounting).
+            bulk_out: optional ``[sum(recv_counts), width]`` tensor receiving the bulk field.
         Returns:
-            ``[sum(recv_counts), row_bytes]`` uint8, grouped by source rank ascending.
+            per field, ``[sum(recv_counts), width]``, grouped by source rank ascending.
         """
-        row_bytes = send.size(1)
-        out = torch.empty((sum(recv_counts), row_bytes), dtype=send.dtype, device=send.device)
+        num_recv = sum(recv_counts)
+        bulk = fmt.bulk
+        send_bulk = send[bulk.name].reshape(-1, bulk.width)
+        if bulk_out is None:
+            bulk_out = torch.empty((num_recv, bulk.width), dtype=bulk.dtype, device=send_bulk.device)
+        side_send = fmt.pack_side(send)
+        side_out = None
+        if side_send is not None:
+            side_out = torch.empty((num_recv, fmt.side_bytes), dtype=torch.uint8, device=send_bulk.device)
         for peer, rows in enumerate(send_counts):
             if rows:
-                self.traffic.record(
-                    op,
-                    self.topo.link_to(peer),
-                    rows,
-                    rows * payload_bytes_per_row,
-                    rows * (row_bytes - payload_bytes_per_row),
+                self.traffic.record(op, self.topo.link_to(peer), rows, rows * fmt.payload_bytes, rows * fmt.meta_bytes)
+
+        def start() -> list[dist.Work]:
+            works = [
+                dist.all_to_all_single(
+                    bulk_out.view(torch.uint8), send_bulk.contiguous().view(torch.uint8),
+                    output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group, async_op=True,
                 )
-        self._run(
-            op,
-            stage,
-            lambda: dist.all_to_all_single(
-                out, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group, async_op=True
-            ),
-        )
-        return out
+            ]
+            if side_send is not None:
+                works.append(
+                    dist.all_to_all_single(
+                        side_out, side_send, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                        group=self.group, async_op=True,
+                    )
+                )
+            return works
+
+        self._run(op, stage, start)
+        received = {bulk.name: bulk_out}
+        if side_out is not None:
+            received.update(fmt.unpack_side(side_out))
+        return received

@@ -12,6 +12,7 @@ at dispatch, stage 'network hop'".
 from __future__ import annotations
 
 from collections.abc import Callable
+import atexit
 import threading
 import time
 import weakref
@@ -59,8 +60,20 @@ class _Heartbeat:
         self.boards: weakref.WeakSet[ProgressBoard] = weakref.WeakSet()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        # Stop before interpreter shutdown: a daemon thread still inside a store
+        # call while C++ objects are torn down aborts the process at exit.
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
 
     def add(self, board: "ProgressBoard") -> None:
+        if self.stopping.is_set():
+            return
         with self.lock:
             self.boards.add(board)
             if self.thread is None or not self.thread.is_alive():
@@ -77,7 +90,8 @@ class _Heartbeat:
             for board in boards:
                 board.beat()
             del boards
-            time.sleep(HEARTBEAT_INTERVAL_S)
+            if self.stopping.wait(HEARTBEAT_INTERVAL_S):
+                return
 
 
 _HEARTBEAT = _Heartbeat()
@@ -88,8 +102,8 @@ def _remove_keys(store: dist.Store, rank: int, failed: list[bool]) -> None:
 
     After a failure the keys stay: peers still diagnosing read them.
     """
-    if failed[0]:
-        return
+    if failed[0] or _HEARTBEAT.stopping.is_set():
+        return  # at exit the store's host process may already be gone
     for kind in ("progress", "beat"):
         try:
             with _STORE_LOCK:

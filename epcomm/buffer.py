@@ -242,13 +242,13 @@ class Buffer:
             tensors, fmt, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes]
         )
         self._layout_seq += 1
-        recv_x = self._unpack_x(recv, fmt)
+        recv_x = self._unpack_x(recv)
         recv_topk_idx = recv_topk_weights = None
         num_recv_per_expert: list[int] = []
         if fmt.has("topk_idx"):
             recv_topk_idx, recv_topk_weights, num_recv_per_expert = self._localize_experts(
-                fmt.unpack(recv, "topk_idx"),
-                fmt.unpack(recv, "topk_weights") if fmt.has("topk_weights") else None,
+                recv["topk_idx"],
+                recv.get("topk_weights"),
                 prepared["num_experts"],
                 expert_alignment,
             )
@@ -256,13 +256,13 @@ class Buffer:
             is_token_in_rank=prepared["is_token_in_rank"],
             num_recv_tokens_per_rank=gathered[:, self.rank].clone(),
             num_tokens=prepared["num_tokens"],
-            num_recv_tokens=recv.size(0),
+            num_recv_tokens=recv["x"].size(0),
             hidden=prepared["hidden"],
             layout_seq=self._layout_seq,
             buffer_id=self._id,
             plan=plan,
         )
-        event = EventOverlap.capture(recv.device)
+        event = EventOverlap.capture(recv["x"].device)
         return recv_x, recv_topk_idx, recv_topk_weights, num_recv_per_expert, new_handle, event
 
     def _prepare_dispatch(
@@ -346,7 +346,7 @@ class Buffer:
         agree(self._comm, op, problem, signature, None, self._device_of(x))
         fmt = RowFormat(fields)
         recv = self._impl.dispatch_cached(tensors, fmt, handle.plan)
-        return self._unpack_x(recv, fmt), None, None, None, None, EventOverlap.capture(recv.device)
+        return self._unpack_x(recv), None, None, None, None, EventOverlap.capture(recv["x"].device)
 
     # --------------------------------------------------------------- combine
     def combine(
@@ -400,8 +400,9 @@ class Buffer:
                          has_topk_weights=int(topk_weights is not None), **self._common_signature())
         agree(self._comm, op, problem, signature, None, self._device_of(x))
         sums = self._impl.combine(tensors, RowFormat(fields), handle.plan)
-        combined_x = sums["x"].to(x.dtype)
-        combined_weights = sums.get("topk_weights")
+        # copy=True: the sums live in the backend's scratch, reused by the next call
+        combined_x = sums["x"].to(x.dtype, copy=True)
+        combined_weights = sums["topk_weights"].clone() if "topk_weights" in sums else None
         return combined_x, combined_weights, EventOverlap.capture(combined_x.device)
 
     # --------------------------------------------------------------- helpers
@@ -458,10 +459,10 @@ class Buffer:
         return {"x": x}, [Field("x", x.dtype, hidden, payload=True)], num_tokens, hidden, _X_KINDS[x.dtype]
 
     @staticmethod
-    def _unpack_x(recv: torch.Tensor, fmt: RowFormat) -> XTensor:
-        if fmt.has("scales"):
-            return fmt.unpack(recv, "x"), fmt.unpack(recv, "scales")
-        return fmt.unpack(recv, "x")
+    def _unpack_x(recv: dict[str, torch.Tensor]) -> XTensor:
+        if "scales" in recv:
+            return recv["x"], recv["scales"]
+        return recv["x"]
 
     def _localize_experts(self, topk_idx, topk_weights, num_experts, expert_alignment):
         experts_per_rank = num_experts // self.group_size

@@ -13,6 +13,11 @@ Combine arithmetic is fixed so both algorithms agree bit for bit: for each
 token, ``acc = 0``; for each node ``n`` ascending, ``partial = 0``, then
 ``partial += float32(row_d)`` for each rank ``d`` of ``n`` ascending that
 holds a row of the token, then ``acc += partial``; finally one cast.
+
+Speed: the token data moves without packing copies (see ``_wire``), and the
+large temporaries (send rows, float32 partials and accumulators) live in a
+per-buffer scratch that is reused across calls instead of being allocated,
+page-faulted and zeroed afresh each time.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..topology import Topology
 __all__ = ["TorchBackend", "FlatPlan", "TwoHopPlan"]
 
 NVL_MASK = "nvl_mask"
+_CHUNK_ROWS = 512  # rows converted to float32 at a time when summing
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +49,24 @@ def _segments(counts: list[int]) -> list[tuple[int, int]]:
     return bounds
 
 
-def _scatter_rows(rows: torch.Tensor, positions: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``out[positions[i]] = rows[i]``: put rows back where a gather took them from."""
-    out = rows.new_empty((num_rows, *rows.shape[1:]))
-    out[positions] = rows
-    return out
+class Scratch:
+    """Named temporaries reused across calls (grown when too small)."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self._tensors.get(name)
+        if t is None or t.dtype != dtype or t.device != device or t.numel() < rows * width:
+            t = self._tensors[name] = torch.empty(max(rows * width, 1), dtype=dtype, device=device)
+        return t[: rows * width].view(rows, width)
+
+    def release(self) -> None:
+        self._tensors.clear()
+
+
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.index_select(src.reshape(src.size(0), out.size(1)), 0, idx, out=out)
 
 
 @dataclass
@@ -93,6 +112,31 @@ class TorchBackend:
         self.comm = comm
         self.topo = topo
         self.algorithm = algorithm
+        self.scratch = Scratch()
+
+    # ----------------------------------------------------------------- helpers
+    def _gather(self, name: str, tensors: dict[str, torch.Tensor], fmt: RowFormat, idx: torch.Tensor):
+        """The rows ``idx`` of every field; the bulk field lands in scratch ``name``."""
+        bulk = tensors[fmt.bulk.name]
+        out = {fmt.bulk.name: _gather_rows(bulk, idx, self.scratch.get(name, idx.numel(), fmt.bulk.width,
+                                                                      bulk.dtype, bulk.device))}
+        for f in fmt.side:
+            if f.name in tensors:
+                out[f.name] = tensors[f.name].index_select(0, idx)
+        return out
+
+    def _sum_rows_into(self, acc: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``acc[slots[i]] += float32(rows[i])``, converting a chunk at a time (slots are distinct)."""
+        if rows.dtype == torch.float32:
+            acc.index_add_(0, slots, rows)
+            return
+        for lo in range(0, rows.size(0), _CHUNK_ROWS):
+            hi = min(lo + _CHUNK_ROWS, rows.size(0))
+            chunk = self.scratch.get("convert", hi - lo, rows.size(1), torch.float32, rows.device)
+            acc.index_add_(0, slots[lo:hi], chunk.copy_(rows[lo:hi]))
+
+    def _zeros(self, name: str, rows: int, width: int, device: torch.device) -> torch.Tensor:
+        return self.scratch.get(name, rows, width, torch.float32, device).zero_()
 
     # ----------------------------------------------------------------- dispatch
     def dispatch(
@@ -102,7 +146,7 @@ class TorchBackend:
         is_token_in_rank: torch.Tensor,
         counts: torch.Tensor,
         node_counts: torch.Tensor,
-    ) -> tuple[torch.Tensor, FlatPlan | TwoHopPlan]:
+    ) -> tuple[dict[str, torch.Tensor], FlatPlan | TwoHopPlan]:
         """Send each token's row to every rank in ``is_token_in_rank``.
 
         Args:
@@ -111,7 +155,7 @@ class TorchBackend:
             counts: ``[world_size, world_size]`` int64, ``counts[s, d]`` tokens rank s sends rank d.
             node_counts: ``[world_size, num_nodes]`` int64, tokens rank s sends to node n.
         Returns:
-            ``uint8 [num_recv, fmt.row_bytes]`` rows ordered by source rank, then token,
+            per field, ``[num_recv, width]`` rows ordered by source rank, then token,
             and the plan that cached dispatch and combine reuse.
         """
         if self.algorithm == "flat":
@@ -121,18 +165,16 @@ class TorchBackend:
     def dispatch_cached(
         self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan,
         op: str = "cached dispatch",
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         """Dispatch along an earlier dispatch's routing (no count exchange)."""
         if isinstance(plan, FlatPlan):
-            send = fmt.pack(tensors, rows=plan.send_token_idx)
-            return self.comm.all_to_all_rows(op, "rows", send, plan.send_counts, plan.recv_counts, fmt.payload_bytes)
-        send = fmt.pack(tensors, rows=plan.hop1_token_idx)
-        hop1 = self.comm.all_to_all_rows(
-            op, "network hop", send, plan.hop1_send_counts, plan.hop1_recv_counts, fmt.payload_bytes
-        )
-        return self._forward(op, hop1.index_select(0, plan.fwd_row_idx), fmt, plan)
+            send = self._gather("send", tensors, fmt, plan.send_token_idx)
+            return self.comm.exchange_rows(op, "rows", fmt, send, plan.send_counts, plan.recv_counts)
+        send = self._gather("send", tensors, fmt, plan.hop1_token_idx)
+        hop1 = self._hop1(op, fmt, send, plan)
+        return self._forward(op, hop1, fmt, plan)
 
-    def _dispatch_flat(self, tensors, fmt, is_token_in_rank, counts) -> tuple[torch.Tensor, FlatPlan]:
+    def _dispatch_flat(self, tensors, fmt, is_token_in_rank, counts):
         me = self.topo.rank
         dest_token = is_token_in_rank.t().nonzero()  # (rank, token), rank-major
         plan = FlatPlan(
@@ -143,6 +185,13 @@ class TorchBackend:
         )
         return self.dispatch_cached(tensors, fmt, plan, op="dispatch"), plan
 
+    def _hop1(self, op, fmt, send, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
+        bulk = send[fmt.bulk.name]
+        out = self.scratch.get("hop1", plan.num_hop1_recv, fmt.bulk.width, bulk.dtype, bulk.device)
+        return self.comm.exchange_rows(
+            op, "network hop", fmt, send, plan.hop1_send_counts, plan.hop1_recv_counts, bulk_out=out
+        )
+
     def _dispatch_two_hop(self, tensors, fmt, is_token_in_rank, counts, node_counts):
         topo, me = self.topo, self.topo.rank
         num_tokens, nvl = is_token_in_rank.size(0), topo.num_nvl_ranks
@@ -150,31 +199,13 @@ class TorchBackend:
         # Hop 1: one row per (token, destination node), to this rank's rail peer there.
         node_token = token_node_mask(is_token_in_rank, topo).t().nonzero()  # (node, token), node-major
         hop1_token_idx, hop1_node = node_token[:, 1].contiguous(), node_token[:, 0]
-        nvl_mask = is_token_in_rank.view(num_tokens, topo.num_nodes, nvl)[hop1_token_idx, hop1_node]
-        hop1_fmt = RowFormat(fmt.fields + [Field(NVL_MASK, torch.uint8, nvl)])
-        hop1_tensors = {f.name: tensors[f.name].index_select(0, hop1_token_idx) for f in fmt.fields}
-        hop1_tensors[NVL_MASK] = nvl_mask.to(torch.uint8)
         rail = set(topo.rail_ranks(topo.local_rank))
-        hop1_send_counts = [int(node_counts[me, topo.node_of(r)]) if r in rail else 0 for r in range(topo.world_size)]
-        hop1_recv_counts = [int(node_counts[s, topo.node]) if s in rail else 0 for s in range(topo.world_size)]
-        hop1 = self.comm.all_to_all_rows(
-            "dispatch", "network hop", hop1_fmt.pack(hop1_tensors), hop1_send_counts, hop1_recv_counts,
-            fmt.payload_bytes,
-        )
-
-        # Hop 2: the forwarder sends each arrived row to the ranks of its node that need it.
-        dest_row = hop1_fmt.unpack(hop1, NVL_MASK).t().nonzero()  # (local dest, hop-1 row)
-        fwd_row_idx = dest_row[:, 1].contiguous()
-        per_local_dest = torch.bincount(dest_row[:, 0], minlength=nvl).tolist()
-        node_ranks = topo.node_ranks(topo.node)
-        hop2_send_counts = [0] * topo.world_size
-        hop2_recv_counts = [0] * topo.world_size
         # rows reaching me from source (m, l) arrive via forwarder (my node, l), node m ascending
         from_source = counts[:, me].view(topo.num_nodes, nvl)  # [source node, source local]
+        node_ranks = topo.node_ranks(topo.node)
+        hop2_recv_counts = [0] * topo.world_size
         for local in range(nvl):
-            hop2_send_counts[node_ranks[local]] = per_local_dest[local]
             hop2_recv_counts[node_ranks[local]] = int(from_source[:, local].sum())
-
         # Arrival order is (forwarder local l, source node m); final order is source rank m*L + l.
         chunk_start = _exclusive_cumsum(from_source.sum(0))  # [L]
         block_start = chunk_start.unsqueeze(0) + _exclusive_cumsum(from_source)  # [M, L]
@@ -184,21 +215,34 @@ class TorchBackend:
         plan = TwoHopPlan(
             num_tokens=num_tokens,
             hop1_token_idx=hop1_token_idx,
-            hop1_send_counts=hop1_send_counts,
-            hop1_recv_counts=hop1_recv_counts,
-            fwd_row_idx=fwd_row_idx,
-            hop2_send_counts=hop2_send_counts,
+            hop1_send_counts=[int(node_counts[me, topo.node_of(r)]) if r in rail else 0 for r in range(topo.world_size)],
+            hop1_recv_counts=[int(node_counts[s, topo.node]) if s in rail else 0 for s in range(topo.world_size)],
+            fwd_row_idx=torch.empty(0, dtype=torch.int64),  # known once hop 1 has arrived
+            hop2_send_counts=[0] * topo.world_size,
             hop2_recv_counts=hop2_recv_counts,
             recv_order=(starts + within).to(is_token_in_rank.device),
         )
-        return self._forward("dispatch", hop1.index_select(0, fwd_row_idx)[:, : fmt.row_bytes], fmt, plan), plan
+        hop1_fmt = fmt.with_field(Field(NVL_MASK, torch.uint8, nvl))
+        send = self._gather("send", tensors, fmt, hop1_token_idx)
+        send[NVL_MASK] = is_token_in_rank.view(num_tokens, topo.num_nodes, nvl)[hop1_token_idx, hop1_node].to(torch.uint8)
+        hop1 = self._hop1("dispatch", hop1_fmt, send, plan)
 
-    def _forward(self, op: str, send: torch.Tensor, fmt: RowFormat, plan: TwoHopPlan) -> torch.Tensor:
-        hop2 = self.comm.all_to_all_rows(
-            op, "nvlink hop", send.contiguous(), plan.hop2_send_counts, plan.hop2_recv_counts,
-            fmt.payload_bytes,
+        # Hop 2: the forwarder sends each arrived row to the ranks of its node that need it.
+        dest_row = hop1.pop(NVL_MASK).t().nonzero()  # (local dest, hop-1 row)
+        plan.fwd_row_idx = dest_row[:, 1].contiguous()
+        per_local_dest = torch.bincount(dest_row[:, 0], minlength=nvl).tolist()
+        for local in range(nvl):
+            plan.hop2_send_counts[node_ranks[local]] = per_local_dest[local]
+        return self._forward("dispatch", hop1, fmt, plan), plan
+
+    def _forward(self, op: str, hop1: dict[str, torch.Tensor], fmt: RowFormat, plan: TwoHopPlan):
+        send = self._gather("send2", hop1, fmt, plan.fwd_row_idx)
+        bulk = send[fmt.bulk.name]
+        arrived = self.scratch.get("hop2", plan.num_recv, fmt.bulk.width, bulk.dtype, bulk.device)
+        hop2 = self.comm.exchange_rows(
+            op, "nvlink hop", fmt, send, plan.hop2_send_counts, plan.hop2_recv_counts, bulk_out=arrived
         )
-        return hop2.index_select(0, plan.recv_order)
+        return {name: t.index_select(0, plan.recv_order) for name, t in hop2.items()}
 
     # ------------------------------------------------------------------ combine
     def combine(
@@ -210,7 +254,8 @@ class TorchBackend:
             tensors: ``[num_recv, width]`` tensors, rows in dispatch's receive order.
             fmt: their row format; every field is summed.
         Returns:
-            per field, ``float32 [num_tokens, width]`` sums (not yet cast).
+            per field, ``float32 [num_tokens, width]`` sums (not yet cast; scratch memory,
+            valid until the next call).
         """
         if isinstance(plan, FlatPlan):
             return self._combine_flat(tensors, fmt, plan)
@@ -218,12 +263,13 @@ class TorchBackend:
 
     def _combine_flat(self, tensors, fmt, plan: FlatPlan) -> dict[str, torch.Tensor]:
         topo = self.topo
-        back = self.comm.all_to_all_rows(
-            "combine", "rows", fmt.pack(tensors), plan.recv_counts, plan.send_counts, fmt.payload_bytes
+        x = tensors[fmt.bulk.name]
+        back = self.comm.exchange_rows(
+            "combine", "rows", fmt, tensors, plan.recv_counts, plan.send_counts,
+            bulk_out=self.scratch.get("back", sum(plan.send_counts), fmt.bulk.width, x.dtype, x.device),
         )
-        rows = {f.name: fmt.unpack(back, f.name) for f in fmt.fields}
         segments = _segments(plan.send_counts)
-        acc = {f.name: rows[f.name].new_zeros((plan.num_tokens, f.width), dtype=torch.float32) for f in fmt.fields}
+        acc = {f.name: self._zeros(f"acc:{f.name}", plan.num_tokens, f.width, x.device) for f in fmt.fields}
         for node in range(topo.num_nodes):
             node_segments = [segments[r] for r in topo.node_ranks(node) if segments[r][1] > segments[r][0]]
             if not node_segments:
@@ -232,38 +278,42 @@ class TorchBackend:
             slot = torch.full((plan.num_tokens,), -1, dtype=torch.int64, device=tokens.device)
             slot[tokens] = torch.arange(tokens.numel(), device=tokens.device)
             for f in fmt.fields:
-                partial = acc[f.name].new_zeros((tokens.numel(), f.width))
+                partial = self._zeros(f"partial:{f.name}", tokens.numel(), f.width, x.device)
                 for lo, hi in node_segments:
-                    partial.index_add_(0, slot[plan.send_token_idx[lo:hi]], rows[f.name][lo:hi].float())
+                    self._sum_rows_into(partial, slot[plan.send_token_idx[lo:hi]], back[f.name][lo:hi])
                 acc[f.name].index_add_(0, tokens, partial)
         return acc
 
     def _combine_two_hop(self, tensors, fmt, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
+        x = tensors[fmt.bulk.name]
         # Back over NVLink to the forwarders, in the order hop 2 delivered the rows.
-        arrival = {name: _scatter_rows(t, plan.recv_order, plan.num_recv) for name, t in tensors.items()}
-        back2 = self.comm.all_to_all_rows(
-            "combine", "nvlink hop", fmt.pack(arrival), plan.hop2_recv_counts, plan.hop2_send_counts,
-            fmt.payload_bytes,
+        arrival = {}
+        for f in fmt.fields:
+            t = tensors[f.name]
+            out = self.scratch.get(f"arrival:{f.name}", plan.num_recv, f.width, t.dtype, t.device)
+            out[plan.recv_order] = t.reshape(-1, f.width)
+            arrival[f.name] = out
+        back2 = self.comm.exchange_rows(
+            "combine", "nvlink hop", fmt, arrival, plan.hop2_recv_counts, plan.hop2_send_counts,
+            bulk_out=self.scratch.get("back2", sum(plan.hop2_send_counts), fmt.bulk.width, x.dtype, x.device),
         )
         # The forwarder's node-local partial sum, in fp32, destination ranks ascending.
         partial_fmt = RowFormat([Field(f.name, torch.float32, f.width, f.payload) for f in fmt.fields])
         partial = {}
         for f in fmt.fields:
-            rows = fmt.unpack(back2, f.name)
-            acc = rows.new_zeros((plan.num_hop1_recv, f.width), dtype=torch.float32)
+            acc = self._zeros(f"partial:{f.name}", plan.num_hop1_recv, f.width, x.device)
             for lo, hi in _segments([c for c in plan.hop2_send_counts if c]):
-                acc.index_add_(0, plan.fwd_row_idx[lo:hi], rows[lo:hi].float())
+                self._sum_rows_into(acc, plan.fwd_row_idx[lo:hi], back2[f.name][lo:hi])
             partial[f.name] = acc
-        back1 = self.comm.all_to_all_rows(
-            "combine", "network hop", partial_fmt.pack(partial), plan.hop1_recv_counts, plan.hop1_send_counts,
-            partial_fmt.payload_bytes,
+        back1 = self.comm.exchange_rows(
+            "combine", "network hop", partial_fmt, partial, plan.hop1_recv_counts, plan.hop1_send_counts,
+            bulk_out=self.scratch.get("back1", sum(plan.hop1_send_counts), fmt.bulk.width, torch.float32, x.device),
         )
         # Across nodes at the source: node partials ascending.
         out = {}
         for f in fmt.fields:
-            rows = partial_fmt.unpack(back1, f.name)
-            acc = rows.new_zeros((plan.num_tokens, f.width))
+            acc = self._zeros(f"acc:{f.name}", plan.num_tokens, f.width, x.device)
             for lo, hi in _segments([c for c in plan.hop1_send_counts if c]):
-                acc.index_add_(0, plan.hop1_token_idx[lo:hi], rows[lo:hi])
+                acc.index_add_(0, plan.hop1_token_idx[lo:hi], back1[f.name][lo:hi])
             out[f.name] = acc
         return out
