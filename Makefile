@@ -7,7 +7,9 @@ RANKS ?= 8
 
 .PHONY: demo test test-python test-csrc bench venv clean
 
-$(STAMP): requirements-dev.txt pyproject.toml setup.py
+EXT_SOURCES := $(shell find csrc/runtime csrc/bindings csrc/kernels csrc/simt csrc/common -type f 2>/dev/null)
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -34,4 +36,4 @@ bench: $(STAMP)
 	MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=262144 MALLOC_TRIM_THRESHOLD_=262144 $(VENV)/bin/mpiexec -n $(RANKS) $(PY) bench/bandwidth.py --backend torch --nvl-ranks 2 --tokens 4096 --hidden 7168 --topk 8 --experts 256 --routing gate --reps 3 --sweep 1024,2048 --sweep-reps 1 --json bench/results/gate_4096.json --plot bench/results/gate_4096.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis csrc/tests/build
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis csrc/tests/build epcomm/*.so

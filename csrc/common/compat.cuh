@@ -11,6 +11,8 @@
 //
 //   EPCOMM_HOST_DEVICE / EPCOMM_DEVICE / EPCOMM_GLOBAL   function qualifiers
 //   EPCOMM_LAUNCH_BOUNDS(n)                              __launch_bounds__ (CUDA only)
+//   EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(n, b)                __launch_bounds__(n, b): without b, ptxas aims at
+//                                                        two 1024-thread blocks per SM (32 registers) and spills
 //   EPCOMM_DYNAMIC_SMEM(T, name)                         `T* name` = the block's dynamic shared memory
 //   EPCOMM_SYNC_SITE_PARAM / EPCOMM_SYNC_SITE_ONLY_PARAM defaulted call-site parameter of host helpers
 //   __shared__                                           static shared memory; on SIMT a thread_local
@@ -25,6 +27,7 @@
 #define EPCOMM_DEVICE __device__ __forceinline__
 #define EPCOMM_GLOBAL __global__
 #define EPCOMM_LAUNCH_BOUNDS(max_threads) __launch_bounds__(max_threads)
+#define EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(max_threads, min_blocks) __launch_bounds__(max_threads, min_blocks)
 #define EPCOMM_DYNAMIC_SMEM(T, name)                                         \
   extern __shared__ __align__(1024) unsigned char epcomm_dynamic_smem_bytes[]; \
   T* name = reinterpret_cast<T*>(epcomm_dynamic_smem_bytes)
@@ -43,6 +46,7 @@
 #define EPCOMM_DEVICE inline
 #define EPCOMM_GLOBAL inline
 #define EPCOMM_LAUNCH_BOUNDS(max_threads)
+#define EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(max_threads, min_blocks)
 #define EPCOMM_DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(::epcomm::simt::dynamic_shared_memory())
 #define EPCOMM_SYNC_SITE_PARAM , ::epcomm::simt::SyncSite site = ::epcomm::simt::SyncSite::current()
 #define EPCOMM_SYNC_SITE_ONLY_PARAM ::epcomm::simt::SyncSite site = ::epcomm::simt::SyncSite::current()

@@ -1,0 +1,194 @@
+// Python bindings of the device runtime (csrc/runtime/device_runtime.hpp), compiled into both
+// extension modules: epcomm._C (EPCOMM_WITH_CPU_RUNTIME: the cpu runtime, kernels on the SIMT layer)
+// and epcomm._C_cuda (EPCOMM_WITH_CUDA_RUNTIME: the cuda runtime).
+//
+// Only pybind11 (shipped with torch) is included: torch/extension.h would add ~20 s of compile time
+// per module and nothing here needs tensors; Python passes tensors to kernels as data_ptr() ints.
+// Errors become epcomm's own exceptions (epcomm.errors): kTimeout -> EpcommTimeoutError,
+// kNoDevice -> EpcommBackendUnavailable, kInvalidArgument -> ValueError, others -> EpcommError.
+// Calls that can wait on peers release the GIL.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+
+#include "../runtime/device_runtime.hpp"
+
+#ifndef TORCH_EXTENSION_NAME
+#error "build through setup.py (torch.utils.cpp_extension sets TORCH_EXTENSION_NAME)"
+#endif
+
+namespace py = pybind11;
+using namespace epcomm::runtime;
+
+namespace {
+
+#if defined(EPCOMM_WITH_CPU_RUNTIME)
+constexpr char const* kKind = "cpu";
+std::unique_ptr<DeviceRuntime> make_runtime(RuntimeOptions const& options) { return make_cpu_runtime(options); }
+#elif defined(EPCOMM_WITH_CUDA_RUNTIME)
+constexpr char const* kKind = "cuda";
+std::unique_ptr<DeviceRuntime> make_runtime(RuntimeOptions const& options) { return make_cuda_runtime(options); }
+#else
+#error "define EPCOMM_WITH_CPU_RUNTIME or EPCOMM_WITH_CUDA_RUNTIME"
+#endif
+
+void raise_epcomm_error(RuntimeError const& error) {
+  char const* type_name = "EpcommError";
+  switch (error.code()) {
+    case ErrorCode::kTimeout: type_name = "EpcommTimeoutError"; break;
+    case ErrorCode::kNoDevice: type_name = "EpcommBackendUnavailable"; break;
+    case ErrorCode::kInvalidArgument: PyErr_SetString(PyExc_ValueError, error.what()); return;
+    default: break;
+  }
+  py::object type = py::module_::import("epcomm.errors").attr(type_name);
+  PyErr_SetString(type.ptr(), error.what());
+}
+
+IpcHandle handle_from_bytes(py::bytes const& data) {
+  std::string const text = data;
+  if (text.size() != kHandleBytes)
+    throw RuntimeError(ErrorCode::kInvalidArgument,
+                       "a handle is " + std::to_string(kHandleBytes) + " bytes, got " + std::to_string(text.size()));
+  IpcHandle handle{};
+  std::memcpy(handle.data(), text.data(), kHandleBytes);
+  return handle;
+}
+
+// A runtime with its default stream, as Python sees it.
+class PyRuntime {
+ public:
+  PyRuntime(int rank, int num_ranks, std::string run_token, int device)
+      : runtime_(make_runtime(RuntimeOptions{rank, num_ranks, std::move(run_token), device})) {}
+
+  DeviceRuntime& get() {
+    if (!runtime_) throw RuntimeError(ErrorCode::kInvalidArgument, "this runtime was closed");
+    return *runtime_;
+  }
+  void close() {
+    if (runtime_) runtime_->close();
+  }
+
+ private:
+  std::unique_ptr<DeviceRuntime> runtime_;
+};
+
+#if defined(EPCOMM_WITH_CPU_RUNTIME)
+// Two processes ping-pong `rounds` messages through shared mappings: a 64-byte payload written with
+// plain stores, then a flag published with a release store; the receiver acquire-polls the flag
+// and checks the payload. Returns the number of payload mismatches (0 on a correct memory model).
+// `send_area` is in the peer's buffer, `recv_area` in ours; both are [flag u64 | payload 8 x u64].
+int64_t shm_handshake(uintptr_t send_area, uintptr_t recv_area, int64_t rounds, bool initiator, double timeout_s) {
+  auto* send = reinterpret_cast<uint64_t*>(send_area);
+  auto* recv = reinterpret_cast<uint64_t*>(recv_area);
+  auto const deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  int64_t mismatches = 0;
+  auto send_message = [&](uint64_t round) {
+    for (int i = 0; i < 8; ++i) send[1 + i] = round * 1000003u + uint64_t(i) * 7919u + (initiator ? 1u : 2u);
+    std::atomic_ref<uint64_t>(send[0]).store(round, std::memory_order_release);
+  };
+  auto receive_message = [&](uint64_t round) {
+    while (std::atomic_ref<uint64_t>(recv[0]).load(std::memory_order_acquire) < round) {
+      if (std::chrono::steady_clock::now() > deadline)
+        throw RuntimeError(ErrorCode::kTimeout, "shm_handshake: the peer did not answer round " + std::to_string(round));
+    }
+    for (int i = 0; i < 8; ++i)
+      mismatches += recv[1 + i] != round * 1000003u + uint64_t(i) * 7919u + (initiator ? 2u : 1u);
+  };
+  for (uint64_t round = 1; round <= uint64_t(rounds); ++round) {
+    if (initiator) {
+      send_message(round);
+      receive_message(round);
+    } else {
+      receive_message(round);
+      send_message(round);
+    }
+  }
+  return mismatches;
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "epcomm device runtime (see csrc/runtime/device_runtime.hpp)";
+  py::register_exception_translator([](std::exception_ptr pointer) {
+    try {
+      if (pointer) std::rethrow_exception(pointer);
+    } catch (RuntimeError const& error) {
+      raise_epcomm_error(error);
+    }
+  });
+  m.attr("KIND") = kKind;
+  m.attr("HANDLE_BYTES") = kHandleBytes;
+  m.attr("CONTROL_BYTES") = kControlBytes;
+  m.attr("MAX_RANKS") = kMaxRanks;
+  using Release = py::call_guard<py::gil_scoped_release>;
+
+  py::class_<PyRuntime>(m, "DeviceRuntime",
+                        "One rank's device runtime: its peer-visible buffer, the peers' mappings, kernels.")
+      .def(py::init<int, int, std::string, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("run_token"),
+           py::arg("device") = -1)
+      .def_property_readonly("kind", [](PyRuntime& self) { return std::string(self.get().kind()); })
+      .def_property_readonly("rank", [](PyRuntime& self) { return self.get().rank(); })
+      .def_property_readonly("num_ranks", [](PyRuntime& self) { return self.get().num_ranks(); })
+      .def_property_readonly("num_bytes", [](PyRuntime& self) { return self.get().num_bytes(); })
+      .def("allocate", [](PyRuntime& self, size_t num_bytes) { self.get().allocate(num_bytes); }, py::arg("num_bytes"),
+           "Allocate this rank's buffer: num_bytes of data after a control region, zeroed.")
+      .def("export_handle",
+           [](PyRuntime& self) {
+             IpcHandle const handle = self.get().export_handle();
+             return py::bytes(reinterpret_cast<char const*>(handle.data()), handle.size());
+           })
+      .def("open_peers",
+           [](PyRuntime& self, std::vector<py::bytes> const& handles) {
+             std::vector<IpcHandle> parsed;
+             for (py::bytes const& handle : handles) parsed.push_back(handle_from_bytes(handle));
+             py::gil_scoped_release release;
+             self.get().open_peers(parsed);
+           },
+           py::arg("handles"))
+      .def("release_names", [](PyRuntime& self) { self.get().release_names(); })
+      .def("close", &PyRuntime::close, "Unmap and free everything; idempotent.")
+      .def_property_readonly("peer_ptrs",
+                             [](PyRuntime& self) {
+                               std::vector<uintptr_t> pointers;
+                               for (int r = 0; r < self.get().num_ranks(); ++r)
+                                 pointers.push_back(reinterpret_cast<uintptr_t>(self.get().peer_data(r)));
+                               return pointers;
+                             })
+      .def_property_readonly("local_ptr", [](PyRuntime& self) { return reinterpret_cast<uintptr_t>(self.get().local_data()); })
+      .def_property_readonly("peer_table_ptr",
+                             [](PyRuntime& self) { return reinterpret_cast<uintptr_t>(self.get().device_peer_data_table()); })
+      .def("zero",
+           [](PyRuntime& self, size_t offset, int64_t num_bytes) {
+             DeviceRuntime& runtime = self.get();
+             size_t const count = num_bytes < 0 ? runtime.num_bytes() - std::min(offset, runtime.num_bytes()) : size_t(num_bytes);
+             runtime.zero(runtime.default_stream(), offset, count);
+           },
+           py::arg("offset") = 0, py::arg("num_bytes") = -1)
+      .def("synchronize", [](PyRuntime& self) { self.get().default_stream().synchronize(); }, Release())
+      .def("barrier", [](PyRuntime& self, double timeout_s) { self.get().barrier(self.get().default_stream(), timeout_s); },
+           py::arg("timeout_s"), Release())
+      .def("run_kernel",
+           [](PyRuntime& self, std::string const& name, std::vector<int64_t> const& args, double timeout_s) {
+             self.get().run_kernel(name, self.get().default_stream(), args, timeout_s);
+           },
+           py::arg("name"), py::arg("args"), py::arg("timeout_s"), Release())
+      .def_property_readonly("clock_ticks_per_second", [](PyRuntime& self) { return self.get().clock_ticks_per_second(); });
+
+  m.def("registered_kernels", [] { return registered_kernels(kKind); });
+
+#if defined(EPCOMM_WITH_CPU_RUNTIME)
+  m.def("segment_name", &cpu_segment_name, py::arg("run_token"), py::arg("rank"));
+  m.def("unlink_segments", &cpu_unlink_segments, py::arg("run_token"), py::arg("num_ranks"),
+        "shm_unlink every rank's segment of a run (failure cleanup); returns how many existed.");
+  py::module_ testing = m.def_submodule("testing", "hooks for tests/test_runtime.py");
+  testing.def("shm_handshake", &shm_handshake, py::arg("send_area"), py::arg("recv_area"), py::arg("rounds"),
+              py::arg("initiator"), py::arg("timeout_s"), Release());
+#endif
+}

@@ -1,0 +1,88 @@
+#pragma once
+// Warp-level pieces of a ring channel shared by dispatch and combine.
+// A ring (channel, source) lives in the receiver's NVL buffer (NvlWorkspace):
+//   sender:    wait head >= sent + chunk - ring (acquire) -> write rows -> tail = sent (release, every chunk)
+//   receiver:  wait tail >= needed (acquire) -> read rows -> head = consumed (release)
+// Head and tail count rows since the last notify, which resets them to 0.
+//
+// Planted bug (build flag) that the checks must catch:
+//   EPCOMM_PLANT_RING_RELAXED_TAIL  senders publish the tail with a relaxed store (TSAN reports a race)
+
+#include "../common/compat.cuh"
+#include "../common/ptx.cuh"
+#include "intranode.hpp"
+
+namespace epcomm::kernels {
+
+inline constexpr uint32_t kFullWarpMask = 0xffffffffu;
+
+// One warp copies `num_words` 4-byte words.
+EPCOMM_DEVICE void warp_copy_words(int32_t* dst, int32_t const* src, int num_words, int lane) {
+  for (int i = lane; i < num_words; i += 32) dst[i] = src[i];
+}
+
+EPCOMM_DEVICE WaitContext comm_wait_context(CommArgs const& comm, KernelId kernel, Role role, int channel,
+                                            int peer) {
+  return WaitContext{comm.error, comm.peer_buffers, comm.workspace.abort_flag_offset, comm.num_ranks, comm.rank,
+                     kernel,     role,              channel,                          peer,           comm.timeout_cycles};
+}
+
+// Lane 0 waits for `*counter >= expected`; every lane gets the outcome and the value seen.
+// The trailing syncwarp orders lane 0's acquire before the whole warp's next accesses.
+EPCOMM_DEVICE bool warp_wait_at_least(WaitContext const& context, int32_t const* counter, int64_t expected,
+                                      int lane, int* observed) {
+  int64_t value = 0;
+  int ok = 1;
+  if (lane == 0)
+    ok = wait_at_least(context, expected, [&] { return ptx::ld_acquire_sys_global(counter); }, &value) ? 1 : 0;
+  ok = ptx::shfl_sync(kFullWarpMask, ok, 0);
+  *observed = ptx::shfl_sync(kFullWarpMask, int(value), 0);
+  ptx::syncwarp();
+  return ok != 0;
+}
+
+// The sending warp's side of one ring. All members are warp-uniform.
+struct RingSender {
+  int32_t const* head;  // in the receiver's buffer
+  int32_t* tail;        // in the receiver's buffer
+  int ring_tokens, chunk_tokens;
+  int sent = 0, published = 0, slot_limit = 0;  // rows [0, slot_limit) may be written
+
+  EPCOMM_DEVICE RingSender(int32_t const* head_, int32_t* tail_, KernelConfig const& config)
+      : head(head_), tail(tail_), ring_tokens(config.nvl_ring_tokens), chunk_tokens(config.nvl_chunk_send_tokens),
+        slot_limit(config.nvl_ring_tokens) {}
+
+  // Lane 0 publishes the rows written so far (after the warp's writes, ordered by the syncwarp).
+  EPCOMM_DEVICE void publish(int lane) {
+    if (published == sent) return;
+    ptx::syncwarp();
+    if (lane == 0) {
+#if defined(EPCOMM_PLANT_RING_RELAXED_TAIL)
+      ptx::st_relaxed_sys_global(tail, int32_t(sent));
+#else
+      ptx::st_release_sys_global(tail, int32_t(sent));
+#endif
+    }
+    published = sent;
+  }
+
+  // Makes sure row `sent` has a free slot; false when the wait failed (reported).
+  EPCOMM_DEVICE bool reserve(WaitContext const& context, int lane) {
+    if (sent < slot_limit) return true;
+    // Publish what is written so the receiver can free it, then wait for a chunk of free slots
+    publish(lane);
+    int head_value = 0;
+    if (!warp_wait_at_least(context, head, int64_t(sent) + chunk_tokens - ring_tokens, lane, &head_value))
+      return false;
+    slot_limit = head_value + ring_tokens;
+    return true;
+  }
+
+  // After the warp wrote row `sent`: move the tail every chunk.
+  EPCOMM_DEVICE void commit(int lane) {
+    ++sent;
+    if (sent - published >= chunk_tokens) publish(lane);
+  }
+};
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,126 @@
+#pragma once
+// intranode_combine: the reverse of dispatch. Channel c is blocks (2c, 2c + 1).
+//   even block (sender), warp w: the rows this rank received from rank w on
+//     channel c (rows [prefix[w][c], prefix[w][c + 1]) of x) go back, in order,
+//     through ring (c, this rank) in rank w's buffer;
+//   odd block (receiver): for the tokens of channel c, in batches, warp 0's lane d
+//     works out which row of ring (c, d) holds each token and waits until the
+//     tail covers them; then every thread reduces: per token and element,
+//     partial = 0; partial += float(row_d) for d ascending; out = bf16(0 + partial)
+//     (the torch backend's order for one node); then lane d frees the rows.
+// A batch holds at most ring - chunk + 1 tokens: the receiver never needs a row
+// the sender cannot write before the receiver frees slots (no deadlock).
+
+#include "../common/compat.cuh"
+#include "../common/ptx.cuh"
+#include "bf16.cuh"
+#include "channel.cuh"
+#include "intranode.hpp"
+
+namespace epcomm::kernels {
+
+// Sends this rank's rows that came from `dst` on `channel` back to `dst`.
+EPCOMM_DEVICE void combine_sender(IntranodeCombineArgs const& args, int channel, int dst) {
+  CommArgs const& comm = args.comm;
+  NvlWorkspace const& ws = comm.workspace;
+  int const lane = int(ptx::get_lane_id());
+  void* const dst_buffer = comm.peer_buffers[dst];
+  WaitContext const context = comm_wait_context(comm, KernelId::kCombine, Role::kCombineSender, channel, dst);
+  RingSender ring(ws.ring_head(dst_buffer, channel, comm.rank), ws.ring_tail(dst_buffer, channel, comm.rank),
+                  comm.config);
+
+  int32_t const* prefix = args.recv_channel_prefix_matrix + int64_t(dst) * (comm.config.num_channels + 1);
+  int const row_words = args.hidden / 2;
+  for (int64_t row = prefix[channel]; row < prefix[channel + 1]; ++row) {
+    if (!ring.reserve(context, lane)) return;
+    char* slot = ws.slot(dst_buffer, channel, comm.rank, ring.sent);
+    warp_copy_words(reinterpret_cast<int32_t*>(slot), reinterpret_cast<int32_t const*>(args.x) + row * row_words,
+                    row_words, lane);
+    if (args.topk_weights != nullptr)
+      for (int k = lane; k < args.num_topk; k += 32)
+        ws.slot_topk_weights(slot)[k] = args.topk_weights[row * args.num_topk + k];
+    ring.commit(lane);
+  }
+  ring.publish(lane);
+}
+
+// Reduces the channel's tokens in batches; every thread of the block takes part.
+EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channel) {
+  // ring row holding batch token i's row from rank d, or -1 when rank d has no row of it
+  __shared__ int ring_rows[kMaxCombineBatchTokens][kMaxNvlRanks];
+  __shared__ int failed;
+  CommArgs const& comm = args.comm;
+  NvlWorkspace const& ws = comm.workspace;
+  int const num_ranks = comm.num_ranks;
+  void* const own_buffer = comm.peer_buffers[comm.rank];
+  int const thread = int(threadIdx.x), num_threads = int(blockDim.x);
+  bool const is_ring_lane = thread < num_ranks;  // warp 0, lane d: ring (channel, d)
+  int const ring_src = thread;
+  int consumed = 0;  // ring lane: rows of its ring consumed so far
+  if (thread == 0) failed = 0;
+
+  TokenRange const range = channel_token_range(args.num_tokens, comm.config.num_channels, channel);
+  int const batch_tokens = combine_batch_tokens(comm.config);
+  for (int batch_begin = range.begin; batch_begin < range.end; batch_begin += batch_tokens) {
+    int const num_batch_tokens = min_int(batch_tokens, range.end - batch_begin);
+    int needed = consumed;
+    if (is_ring_lane) {
+      // Place the batch's rows from `ring_src`, then wait until its tail covers them
+      for (int i = 0; i < num_batch_tokens; ++i) {
+        bool const in_rank = args.is_token_in_rank[int64_t(batch_begin + i) * num_ranks + ring_src];
+        ring_rows[i][ring_src] = in_rank ? needed++ : -1;
+      }
+      if (needed > consumed) {
+        WaitContext const context =
+            comm_wait_context(comm, KernelId::kCombine, Role::kCombineReceiver, channel, ring_src);
+        int32_t const* tail = ws.ring_tail(own_buffer, channel, ring_src);
+        if (!wait_at_least(context, needed, [&] { return ptx::ld_acquire_sys_global(tail); }, nullptr))
+          atomicOr(&failed, 1);
+      }
+    }
+    __syncthreads();
+    if (failed != 0) return;
+
+    // Reduce: ascending source rank, fp32, starting from +0.0
+    for (int i = 0; i < num_batch_tokens; ++i) {
+      int64_t const token = batch_begin + i;
+      for (int j = thread; j < args.hidden; j += num_threads) {
+        float partial = 0.0f;
+        for (int d = 0; d < num_ranks; ++d) {
+          int const row = ring_rows[i][d];
+          if (row >= 0)
+            partial += bf16_bits_to_float(reinterpret_cast<uint16_t const*>(ws.slot(own_buffer, channel, d, row))[j]);
+        }
+        args.combined_x[token * args.hidden + j] = float_to_bf16_bits(0.0f + partial);
+      }
+      if (args.combined_topk_weights == nullptr) continue;
+      for (int k = thread; k < args.num_topk; k += num_threads) {
+        float partial = 0.0f;
+        for (int d = 0; d < num_ranks; ++d) {
+          int const row = ring_rows[i][d];
+          if (row >= 0) partial += ws.slot_topk_weights(ws.slot(own_buffer, channel, d, row))[k];
+        }
+        args.combined_topk_weights[token * args.num_topk + k] = 0.0f + partial;
+      }
+    }
+    __syncthreads();
+
+    // Free the batch's rows
+    if (is_ring_lane && needed > consumed) {
+      ptx::st_release_sys_global(ws.ring_head(own_buffer, channel, ring_src), int32_t(needed));
+      consumed = needed;
+    }
+  }
+}
+
+EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxNvlRanks, 1) intranode_combine_kernel(IntranodeCombineArgs args) {
+  int const channel = int(blockIdx.x) / 2;
+  if (blockIdx.x % 2 == 0) {
+    int const peer = int(threadIdx.x) / 32;
+    if (peer < args.comm.num_ranks) combine_sender(args, channel, peer);
+  } else {
+    combine_receiver(args, channel);
+  }
+}
+
+}  // namespace epcomm::kernels

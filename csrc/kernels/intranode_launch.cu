@@ -1,0 +1,40 @@
+// CUDA-target launchers of the intranode kernels: the only place they are
+// launched with <<<>>>. The CPU twins are in intranode_launch_simt.cpp.
+#include "../common/compat.cuh"
+#include "intranode.hpp"
+#include "intranode_combine.cuh"
+#include "intranode_dispatch.cuh"
+#include "intranode_validate.hpp"
+#include "layout.cuh"
+#include "notify.cuh"
+
+namespace epcomm::kernels {
+
+int cuda_launch_get_dispatch_layout(LayoutArgs const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  get_dispatch_layout_kernel<<<layout_num_blocks(args.num_experts, args.num_ranks), kLayoutThreads, 0,
+                               static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+int cuda_launch_notify(NotifyArgs const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  notify_kernel<<<1, kNotifyThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+int cuda_launch_intranode_dispatch(IntranodeDispatchArgs const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  intranode_dispatch_kernel<<<comm_num_blocks(args.comm.config), comm_block_threads(args.comm.num_ranks), 0,
+                              static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  intranode_combine_kernel<<<comm_num_blocks(args.comm.config), comm_block_threads(args.comm.num_ranks), 0,
+                             static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,104 @@
+#pragma once
+// notify: one block per rank.
+//   1. reset this rank's ring counters (no peer uses them: every peer finished
+//      the previous kernel towards us, and none starts the next one before step 3)
+//   2. (exchange_counts) write this rank's per-(peer, channel) token counts and
+//      per-expert counts into each peer's buffer
+//   3. barrier: publish `epoch` in every peer's barrier_signal[rank] (release),
+//      wait for barrier_signal[s] >= epoch for every source s (acquire)
+//   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix and
+//      num_recv_tokens_per_expert from the counts the peers wrote.
+// Counts are double-buffered by epoch parity: a peer can be at most one barrier ahead.
+
+#include "../common/compat.cuh"
+#include "../common/ptx.cuh"
+#include "intranode.hpp"
+
+namespace epcomm::kernels {
+
+EPCOMM_DEVICE void notify_send_counts(NotifyArgs const& args, int parity) {
+  CommArgs const& comm = args.comm;
+  int const num_channels = comm.config.num_channels;
+  // Per (destination, channel): tokens of the channel's range that go to the destination
+  for (int pair = int(threadIdx.x); pair < comm.num_ranks * num_channels; pair += int(blockDim.x)) {
+    int const dst = pair / num_channels, channel = pair % num_channels;
+    TokenRange const range = channel_token_range(args.num_tokens, num_channels, channel);
+    int count = 0;
+    for (int t = range.begin; t < range.end; ++t) count += args.is_token_in_rank[int64_t(t) * comm.num_ranks + dst];
+    comm.workspace.channel_counts(comm.peer_buffers[dst], parity, comm.rank)[channel] = count;
+  }
+  // Per (destination, local expert): tokens of this rank that chose the expert
+  int const num_local_experts = comm.workspace.num_local_experts;
+  if (args.num_tokens_per_expert == nullptr) return;
+  for (int pair = int(threadIdx.x); pair < comm.num_ranks * num_local_experts; pair += int(blockDim.x)) {
+    int const dst = pair / num_local_experts, local_expert = pair % num_local_experts;
+    comm.workspace.expert_counts(comm.peer_buffers[dst], parity, comm.rank)[local_expert] =
+        args.num_tokens_per_expert[pair];
+  }
+}
+
+// Returns false (in every thread) when a peer never arrived.
+EPCOMM_DEVICE bool notify_barrier(NotifyArgs const& args) {
+  __shared__ int failed;
+  CommArgs const& comm = args.comm;
+  if (threadIdx.x == 0) failed = 0;
+  // Publish: everything this block wrote (counters reset, counts) happens-before the signal
+  __syncthreads();
+  int const peer = int(threadIdx.x);
+  if (peer < comm.num_ranks) {
+    ptx::st_release_sys_global(comm.workspace.barrier_signal(comm.peer_buffers[peer], comm.rank), args.epoch);
+    // Wait for the peer's signal to this rank
+    WaitContext const context{comm.error, comm.peer_buffers, comm.workspace.abort_flag_offset, comm.num_ranks,
+                              comm.rank, KernelId::kNotify, Role::kNotifyBarrier, -1, peer, comm.timeout_cycles};
+    int64_t const* signal = comm.workspace.barrier_signal(comm.peer_buffers[comm.rank], peer);
+    if (!wait_at_least(context, args.epoch, [&] { return ptx::ld_acquire_sys_global(signal); }, nullptr))
+      atomicOr(&failed, 1);
+  }
+  __syncthreads();
+  return failed == 0;
+}
+
+EPCOMM_DEVICE void notify_build_prefixes(NotifyArgs const& args, int parity) {
+  CommArgs const& comm = args.comm;
+  void* const own_buffer = comm.peer_buffers[comm.rank];
+  int const num_channels = comm.config.num_channels;
+  if (threadIdx.x == 0) {
+    int row = 0;
+    for (int src = 0; src < comm.num_ranks; ++src) {
+      int32_t const* counts = comm.workspace.channel_counts(own_buffer, parity, src);
+      args.recv_rank_prefix[src] = row;
+      int32_t* prefix = args.recv_channel_prefix_matrix + int64_t(src) * (num_channels + 1);
+      for (int channel = 0; channel < num_channels; ++channel) {
+        prefix[channel] = row;
+        row += counts[channel];
+      }
+      prefix[num_channels] = row;
+    }
+    args.recv_rank_prefix[comm.num_ranks] = row;
+  }
+  if (args.num_recv_tokens_per_expert == nullptr) return;
+  for (int local_expert = int(threadIdx.x); local_expert < comm.workspace.num_local_experts;
+       local_expert += int(blockDim.x)) {
+    int total = 0;
+    for (int src = 0; src < comm.num_ranks; ++src)
+      total += comm.workspace.expert_counts(own_buffer, parity, src)[local_expert];
+    args.num_recv_tokens_per_expert[local_expert] =
+        (total + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
+  }
+}
+
+EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS(kNotifyThreads) notify_kernel(NotifyArgs args) {
+  CommArgs const& comm = args.comm;
+  int const parity = int(args.epoch & 1);
+  void* const own_buffer = comm.peer_buffers[comm.rank];
+  // Reset this rank's ring counters
+  for (int i = int(threadIdx.x); i < comm.workspace.num_ring_counters(); i += int(blockDim.x)) {
+    comm.workspace.ring_head(own_buffer, 0, 0)[i] = 0;
+    comm.workspace.ring_tail(own_buffer, 0, 0)[i] = 0;
+  }
+  if (args.exchange_counts) notify_send_counts(args, parity);
+  if (!notify_barrier(args)) return;
+  if (args.exchange_counts) notify_build_prefixes(args, parity);
+}
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,246 @@
+// The cuda DeviceRuntime (device_runtime.hpp): cudaMalloc'ed buffers shared through CUDA IPC
+// handles, cudaStream_t / cudaEvent_t, kernels launched with <<<>>>. Compiled by nvcc; no torch
+// headers here (they would multiply the compile time).
+//
+// Without a usable GPU every entry point fails with RuntimeError(kNoDevice): the process has no
+// CUDA driver (cudaErrorInsufficientDriver, 35) or no device (cudaErrorNoDevice, 100).
+
+#include <cuda_runtime.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <memory>
+
+#include "device_runtime.hpp"
+#include "peer_barrier.cuh"
+
+namespace epcomm::runtime {
+
+namespace {
+
+constexpr uint32_t kCudaHandleMagic = 0x4d534443;  // "CDSM"
+constexpr uint32_t kCudaHandleVersion = 1;
+
+// The wire form of a cuda IpcHandle.
+struct CudaHandle {
+  uint32_t magic;
+  uint32_t version;
+  uint64_t total_bytes;
+  int32_t rank;
+  int32_t pid;
+  cudaIpcMemHandle_t ipc;  // 64 bytes
+};
+static_assert(sizeof(CudaHandle) <= kHandleBytes, "CudaHandle must fit an IpcHandle");
+
+bool is_no_device(cudaError_t error) {
+  return error == cudaErrorInsufficientDriver || error == cudaErrorNoDevice || error == cudaErrorDevicesUnavailable;
+}
+
+void check_cuda(cudaError_t error, char const* what) {
+  if (error == cudaSuccess) return;
+  std::string const detail = std::string(cudaGetErrorName(error)) + " (" + std::to_string(int(error)) + "): " +
+                             cudaGetErrorString(error);
+  if (is_no_device(error))
+    throw RuntimeError(ErrorCode::kNoDevice,
+                       "no CUDA GPU/driver on this machine: use backend='sim' or 'torch' (" + std::string(what) +
+                           " failed with " + detail + ")");
+  throw RuntimeError(ErrorCode::kSystem, std::string(what) + " failed with " + detail);
+}
+
+class CudaStream final : public Stream {
+ public:
+  CudaStream() { check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags"); }
+  ~CudaStream() override { cudaStreamDestroy(stream_); }
+  void synchronize() override { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+  void* native() const override { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
+cudaStream_t native_stream(Stream& stream) { return static_cast<cudaStream_t>(stream.native()); }
+
+class CudaEvent final : public Event {
+ public:
+  CudaEvent() { check_cuda(cudaEventCreate(&event_), "cudaEventCreate"); }
+  ~CudaEvent() override { cudaEventDestroy(event_); }
+  void record(Stream& stream) override { check_cuda(cudaEventRecord(event_, native_stream(stream)), "cudaEventRecord"); }
+  void synchronize() override { check_cuda(cudaEventSynchronize(event_), "cudaEventSynchronize"); }
+  bool query() override {
+    cudaError_t const error = cudaEventQuery(event_);
+    if (error == cudaErrorNotReady) return false;
+    check_cuda(error, "cudaEventQuery");
+    return true;
+  }
+  double elapsed_ms_since(Event const& start) const override {
+    auto const* other = dynamic_cast<CudaEvent const*>(&start);
+    if (other == nullptr) throw RuntimeError(ErrorCode::kInvalidArgument, "elapsed_ms_since: start is not a cuda event");
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, other->event_, event_), "cudaEventElapsedTime");
+    return ms;
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+class CudaRuntime final : public DeviceRuntime {
+ public:
+  explicit CudaRuntime(RuntimeOptions const& options) : DeviceRuntime(options) {
+    int count = 0;
+    check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    if (count == 0) check_cuda(cudaErrorNoDevice, "cudaGetDeviceCount");
+    if (options_.device >= 0) check_cuda(cudaSetDevice(options_.device), "cudaSetDevice");
+    check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
+    int clock_khz = 0;
+    check_cuda(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_), "cudaDeviceGetAttribute(clock rate)");
+    ticks_per_second_ = double(clock_khz) * 1e3;
+    default_stream_ = std::make_unique<CudaStream>();
+    check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&status_), sizeof(PeerBarrierStatus), cudaHostAllocMapped),
+               "cudaHostAlloc(barrier status)");
+    check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_status_), status_, 0),
+               "cudaHostGetDevicePointer");
+  }
+  ~CudaRuntime() override {
+    close();
+    if (status_ != nullptr) cudaFreeHost(status_);
+  }
+
+  char const* kind() const override { return "cuda"; }
+
+  void allocate(size_t num_bytes) override {
+    if (allocated_ || closed_) throw RuntimeError(ErrorCode::kInvalidArgument, "allocate: already called (once per runtime)");
+    total_bytes_ = kControlBytes + num_bytes;
+    check_cuda(cudaMalloc(&local_base_, total_bytes_), "cudaMalloc(NVL buffer)");
+    check_cuda(cudaMemset(local_base_, 0, total_bytes_), "cudaMemset(NVL buffer)");
+    num_bytes_ = num_bytes;
+    bases_.assign(size_t(num_ranks()), nullptr);
+    bases_[size_t(rank())] = local_base_;
+    peer_data_.assign(size_t(num_ranks()), nullptr);
+    peer_data_[size_t(rank())] = static_cast<char*>(local_base_) + kControlBytes;
+    allocated_ = true;
+  }
+
+  IpcHandle export_handle() const override {
+    check_state("export_handle", true, false);
+    CudaHandle handle{};
+    handle.magic = kCudaHandleMagic;
+    handle.version = kCudaHandleVersion;
+    handle.total_bytes = total_bytes_;
+    handle.rank = rank();
+    handle.pid = int32_t(getpid());
+    check_cuda(cudaIpcGetMemHandle(&handle.ipc, local_base_), "cudaIpcGetMemHandle");
+    IpcHandle bytes{};
+    std::memcpy(bytes.data(), &handle, sizeof(handle));
+    return bytes;
+  }
+
+  void open_peers(std::vector<IpcHandle> const& handles) override {
+    check_state("open_peers", true, false);
+    if (peers_open_) throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: already called");
+    if (handles.size() != size_t(num_ranks()))
+      throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: expected " + std::to_string(num_ranks()) +
+                                                          " handles (one per rank), got " + std::to_string(handles.size()));
+    for (int peer = 0; peer < num_ranks(); ++peer) {
+      CudaHandle handle;
+      std::memcpy(&handle, handles[size_t(peer)].data(), sizeof(handle));
+      std::string const where = "open_peers: rank " + std::to_string(peer) + "'s handle";
+      if (handle.magic != kCudaHandleMagic || handle.version != kCudaHandleVersion)
+        throw RuntimeError(ErrorCode::kInvalidArgument, where + " is not a cuda runtime handle");
+      if (handle.rank != peer || handle.total_bytes != total_bytes_)
+        throw RuntimeError(ErrorCode::kInvalidArgument, where + " has rank " + std::to_string(handle.rank) + " and " +
+                                                            std::to_string(handle.total_bytes) + " bytes, expected rank " +
+                                                            std::to_string(peer) + " and " + std::to_string(total_bytes_));
+      if (peer == rank()) continue;
+      void* base = nullptr;
+      check_cuda(cudaIpcOpenMemHandle(&base, handle.ipc, cudaIpcMemLazyEnablePeerAccess),
+                 ("cudaIpcOpenMemHandle(rank " + std::to_string(peer) + ")").c_str());
+      bases_[size_t(peer)] = base;
+      peer_data_[size_t(peer)] = static_cast<char*>(base) + kControlBytes;
+    }
+    // Device-side pointer tables for kernels
+    std::vector<uint64_t*> flags(static_cast<size_t>(num_ranks()));
+    for (int peer = 0; peer < num_ranks(); ++peer) flags[size_t(peer)] = static_cast<uint64_t*>(bases_[size_t(peer)]);
+    size_t const table_bytes = sizeof(void*) * size_t(num_ranks());
+    check_cuda(cudaMalloc(&device_data_table_, table_bytes), "cudaMalloc(peer table)");
+    check_cuda(cudaMalloc(&device_flag_table_, table_bytes), "cudaMalloc(flag table)");
+    check_cuda(cudaMemcpy(device_data_table_, peer_data_.data(), table_bytes, cudaMemcpyHostToDevice), "cudaMemcpy(peer table)");
+    check_cuda(cudaMemcpy(device_flag_table_, flags.data(), table_bytes, cudaMemcpyHostToDevice), "cudaMemcpy(flag table)");
+    peers_open_ = true;
+  }
+
+  void release_names() override {}  // IPC handles need no cleanup: the allocation owns them
+
+  void close() override {
+    if (closed_) return;
+    closed_ = true;
+    for (int peer = 0; peer < int(bases_.size()); ++peer)
+      if (peer != rank() && bases_[size_t(peer)] != nullptr) cudaIpcCloseMemHandle(bases_[size_t(peer)]);
+    if (device_data_table_ != nullptr) cudaFree(device_data_table_);
+    if (device_flag_table_ != nullptr) cudaFree(device_flag_table_);
+    if (local_base_ != nullptr) cudaFree(local_base_);
+    device_data_table_ = device_flag_table_ = local_base_ = nullptr;
+    bases_.clear();
+    peer_data_.clear();
+    allocated_ = peers_open_ = false;
+  }
+
+  void* const* device_peer_data_table() const override {
+    check_state("device_peer_data_table", true, true);
+    return static_cast<void* const*>(device_data_table_);
+  }
+  uint64_t* const* device_peer_flag_table() const override {
+    check_state("device_peer_flag_table", true, true);
+    return static_cast<uint64_t* const*>(device_flag_table_);
+  }
+
+  void zero(Stream& stream, size_t offset, size_t num_bytes) override {
+    check_state("zero", true, false);
+    if (offset > num_bytes_ || num_bytes > num_bytes_ - offset)
+      throw RuntimeError(ErrorCode::kInvalidArgument, "zero: range outside the " + std::to_string(num_bytes_) + "-byte buffer");
+    check_cuda(cudaMemsetAsync(static_cast<char*>(local_data()) + offset, 0, num_bytes, native_stream(stream)),
+               "cudaMemsetAsync");
+  }
+
+  std::unique_ptr<Stream> create_stream() override { return std::make_unique<CudaStream>(); }
+  std::unique_ptr<Event> create_event() override { return std::make_unique<CudaEvent>(); }
+  double clock_ticks_per_second() const override { return ticks_per_second_; }
+
+ protected:
+  bool launch_peer_barrier(Stream& stream, uint64_t epoch, double timeout_s) override {
+    status_->timed_out = 0;
+    PeerBarrierArgs args{static_cast<uint64_t* const*>(device_flag_table_), static_cast<uint64_t*>(local_base_),
+                         device_status_, rank(), num_ranks(), epoch, (long long)(timeout_s * ticks_per_second_)};
+    peer_barrier_kernel<<<1, kPeerBarrierThreads, 0, native_stream(stream)>>>(args);
+    check_cuda(cudaGetLastError(), "peer_barrier launch");
+    stream.synchronize();
+    return status_->timed_out != 0;
+  }
+
+  std::vector<uint64_t> read_own_flags() override {
+    std::vector<uint64_t> flags(static_cast<size_t>(num_ranks()));
+    check_cuda(cudaMemcpy(flags.data(), local_base_, flags.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+               "cudaMemcpy(barrier flags)");
+    return flags;
+  }
+
+ private:
+  int device_ = 0;
+  double ticks_per_second_ = 1e9;
+  bool closed_ = false;
+  size_t total_bytes_ = 0;
+  void* local_base_ = nullptr;
+  std::vector<void*> bases_;  // every rank's whole buffer (control + data)
+  void* device_data_table_ = nullptr;
+  void* device_flag_table_ = nullptr;
+  PeerBarrierStatus* status_ = nullptr;         // host view (mapped, pinned)
+  PeerBarrierStatus* device_status_ = nullptr;  // device view
+};
+
+}  // namespace
+
+std::unique_ptr<DeviceRuntime> make_cuda_runtime(RuntimeOptions const& options) {
+  return std::make_unique<CudaRuntime>(options);
+}
+
+}  // namespace epcomm::runtime

@@ -1,0 +1,194 @@
+#pragma once
+// The device runtime: one interface, two implementations.
+//
+//   cpu   (cpu_runtime.cpp, g++):  one process per rank; POSIX shared memory stands in for
+//                                  peer-visible GPU memory; kernels run through the SIMT layer.
+//   cuda  (cuda_runtime.cu, nvcc): cudaMalloc + CUDA IPC handles; streams, events, <<<>>>.
+//
+// Life of a runtime (every rank of one NVLink domain does the same, collectively):
+//
+//   auto runtime = make_cpu_runtime({rank, num_ranks, run_token});
+//   runtime->allocate(num_bytes);                  // this rank's buffer, zeroed
+//   IpcHandle mine = runtime->export_handle();     // opaque bytes; exchange over the process group
+//   runtime->open_peers(all_handles);              // handles[r] from rank r (own entry ignored)
+//   ... every rank opened every peer (a collective) ...
+//   runtime->release_names();                      // cpu: shm_unlink, nothing can leak from here on
+//   runtime->barrier(stream, timeout_s);           // a kernel: release/acquire flags in peer memory
+//   runtime->run_kernel("name", stream, args, timeout_s);
+//
+// Buffer layout per rank: [control region: kControlBytes | data region: num_bytes]. The control
+// region belongs to the runtime (the peer barrier's flags); kernels get the data regions through
+// peer_data(r) / device_peer_data_table().
+//
+// Errors are thrown as RuntimeError with an ErrorCode; the Python bindings turn kTimeout into
+// EpcommTimeoutError and kNoDevice into EpcommBackendUnavailable.
+//
+// This header is host-only and free of CUDA and torch headers: g++ (bindings, CPU runtime) and
+// nvcc (CUDA runtime) both include it.
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace epcomm::runtime {
+
+inline constexpr size_t kHandleBytes = 128;      // every IpcHandle, whatever the implementation
+inline constexpr int kMaxRanks = 1024;           // ranks of one NVLink domain (barrier flag slots)
+inline constexpr size_t kControlBytes = 16384;   // control region before the data region; 4 KiB multiple
+static_assert(kMaxRanks * sizeof(uint64_t) <= kControlBytes, "barrier flags must fit the control region");
+
+using IpcHandle = std::array<uint8_t, kHandleBytes>;
+
+/// Errors
+
+enum class ErrorCode {
+  kInvalidArgument,  // bad call: wrong sizes, wrong order of calls, unknown kernel
+  kNoDevice,         // this implementation cannot run here (no GPU, no driver)
+  kSystem,           // an OS or CUDA call failed
+  kTimeout,          // a peer did not arrive in time (barrier, kernel timeout, SIMT watchdog)
+  kKernelFailed,     // a kernel trapped, raised, or broke a SIMT rule
+};
+
+char const* error_code_name(ErrorCode code);
+
+class RuntimeError : public std::runtime_error {
+ public:
+  RuntimeError(ErrorCode code, std::string const& message) : std::runtime_error(message), code_(code) {}
+  ErrorCode code() const noexcept { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+/// Streams and events
+
+// An in-order queue of device work. cpu: work runs synchronously on the calling thread, in order
+// (the queue is always empty when a call returns). cuda: a non-blocking cudaStream_t.
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual void synchronize() = 0;
+  virtual void* native() const = 0;  // cudaStream_t on cuda; nullptr on cpu
+};
+
+// A point in a stream. cpu: the time the work before it finished; cuda: a cudaEvent_t.
+class Event {
+ public:
+  virtual ~Event() = default;
+  virtual void record(Stream& stream) = 0;
+  virtual void synchronize() = 0;
+  virtual bool query() = 0;                                  // true once the recorded work finished
+  virtual double elapsed_ms_since(Event const& start) const = 0;  // both recorded and finished
+};
+
+/// The runtime
+
+struct RuntimeOptions {
+  int rank = 0;
+  int num_ranks = 1;
+  std::string run_token;  // the same on every rank of one run: names the cpu segments (hex, <= 32 chars)
+  int device = -1;        // cuda: the device to use (-1: the current one); ignored by cpu
+};
+
+class DeviceRuntime;
+
+// What a registered kernel entry gets: the runtime (peer tables, rank), the stream to launch on,
+// the caller's integer arguments (pointers as integers), and the time limit for peer waits.
+struct KernelCall {
+  DeviceRuntime& runtime;
+  Stream& stream;
+  std::vector<int64_t> const& args;
+  double timeout_s;
+};
+using KernelEntry = std::function<void(KernelCall const&)>;
+
+class DeviceRuntime {
+ public:
+  virtual ~DeviceRuntime() = default;
+  DeviceRuntime(DeviceRuntime const&) = delete;
+  DeviceRuntime& operator=(DeviceRuntime const&) = delete;
+
+  virtual char const* kind() const = 0;  // "cpu" or "cuda"
+  int rank() const { return options_.rank; }
+  int num_ranks() const { return options_.num_ranks; }
+
+  // Allocates this rank's peer-visible buffer: control region + num_bytes of data, zeroed. Once.
+  virtual void allocate(size_t num_bytes) = 0;
+  // This rank's buffer as kHandleBytes opaque bytes, for the peers' open_peers.
+  virtual IpcHandle export_handle() const = 0;
+  // Maps every peer's buffer; handles[r] came from rank r's export_handle (own entry only checked).
+  virtual void open_peers(std::vector<IpcHandle> const& handles) = 0;
+  // Call once every rank has opened every peer: drops the names peers opened the buffer by
+  // (cpu: shm_unlink), so nothing outlives the processes. Mappings stay valid.
+  virtual void release_names() = 0;
+  // Unmaps and frees everything (also done by the destructor). Idempotent.
+  virtual void close() = 0;
+
+  size_t num_bytes() const { return num_bytes_; }
+  bool peers_open() const { return peers_open_; }
+  // The data region of rank r's buffer as mapped in this process (device pointers on cuda).
+  void* peer_data(int rank) const;
+  void* local_data() const { return peer_data(rank()); }
+  // Device-accessible arrays of num_ranks pointers: every rank's data region / control region.
+  virtual void* const* device_peer_data_table() const = 0;
+  virtual uint64_t* const* device_peer_flag_table() const = 0;
+
+  // Zeroes num_bytes of this rank's data region from offset, in stream order.
+  virtual void zero(Stream& stream, size_t offset, size_t num_bytes) = 0;
+
+  virtual std::unique_ptr<Stream> create_stream() = 0;
+  virtual std::unique_ptr<Event> create_event() = 0;
+  Stream& default_stream() { return *default_stream_; }
+
+  // clock64() ticks per second inside kernels (cpu: 1e9, the SIMT clock is in ns; cuda: SM clock).
+  virtual double clock_ticks_per_second() const = 0;
+
+  // All ranks meet: a kernel (peer_barrier.cuh) release-stores this barrier's epoch into every
+  // peer's control region and acquire-polls its own. Throws RuntimeError(kTimeout) naming the
+  // peers that did not arrive within timeout_s. Synchronous: returns after the kernel finished.
+  void barrier(Stream& stream, double timeout_s);
+
+  // Runs the kernel registered under `name` for this runtime's kind (see register_kernel).
+  void run_kernel(std::string const& name, Stream& stream, std::vector<int64_t> const& args, double timeout_s);
+
+ protected:
+  explicit DeviceRuntime(RuntimeOptions options);
+  // Launches the peer barrier kernel for `epoch` and waits for it; returns whether it timed out.
+  virtual bool launch_peer_barrier(Stream& stream, uint64_t epoch, double timeout_s) = 0;
+  // This rank's barrier flags (control region), read back after a timeout to name the missing peers.
+  virtual std::vector<uint64_t> read_own_flags() = 0;
+  void check_state(char const* call, bool need_allocated, bool need_peers) const;
+
+  RuntimeOptions options_;
+  size_t num_bytes_ = 0;
+  bool allocated_ = false;
+  bool peers_open_ = false;
+  std::vector<void*> peer_data_;  // num_ranks entries once peers are open (own entry from allocate)
+  std::unique_ptr<Stream> default_stream_;
+  uint64_t barrier_epoch_ = 0;
+};
+
+// The implementations. make_cuda_runtime throws RuntimeError(kNoDevice) without a usable GPU.
+std::unique_ptr<DeviceRuntime> make_cpu_runtime(RuntimeOptions const& options);
+std::unique_ptr<DeviceRuntime> make_cuda_runtime(RuntimeOptions const& options);
+
+// POSIX shared-memory segment name of `rank` in run `run_token` ("/epcomm-<token>-<rank>").
+std::string cpu_segment_name(std::string const& run_token, int rank);
+// Failure cleanup: shm_unlinks every rank's segment of a run (missing ones are fine); returns how
+// many were removed. Any rank can do it for all, because names follow from the token.
+int cpu_unlink_segments(std::string const& run_token, int num_ranks);
+
+/// Kernel registry
+
+// Makes `name` runnable by run_kernel on runtimes of kind `kind` ("cpu" / "cuda"). The kernels'
+// launchers register themselves here (cpu: through simt::launch, see cpu_launch.hpp; cuda:
+// <<<>>> in a .cu launcher). Registering a name twice replaces the entry.
+void register_kernel(std::string const& kind, std::string const& name, KernelEntry entry);
+std::vector<std::string> registered_kernels(std::string const& kind);
+
+}  // namespace epcomm::runtime

@@ -1,0 +1,272 @@
+"""The device runtime (csrc/runtime) and the sim backend's set-up, on forked gloo ranks.
+
+Handles are exchanged and peers mapped; plain stores before the peer barrier are visible to every
+peer after it; release/acquire handshakes work across processes through the shared mappings; a
+rank that skips the barrier is named by the others; nothing is left in /dev/shm after a normal
+exit or after a rank is SIGKILLed (during set-up or after it); the cuda runtime fails clearly
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import epcomm
+from epcomm._comm import GroupComm
+from epcomm._ext import load_extension
+from epcomm.backends.sim_backend import SimBackend
+from epcomm.topology import Topology
+from epcomm.traffic import TrafficStats
+
+NVL_BYTES = 1 << 16
+_kept_alive = []  # runtimes a test leaves open on purpose until the process exits
+
+
+def _backend(rank, world, timeout_s=10.0, num_nvl_ranks=None, kind=SimBackend):
+    topo = Topology(world, rank, num_nvl_ranks or world)
+    comm = GroupComm(dist.group.WORLD, topo, timeout_s, TrafficStats())
+    return kind(comm, topo, NVL_BYTES)
+
+
+def _leftover_segments(token):
+    return sorted(glob.glob(f"/dev/shm/epcomm-{token}-*"))
+
+
+# ---------------------------------------------------------------- handles, peer memory, barrier
+def exchange_write_read(rank, world, rounds):
+    sim = _backend(rank, world)
+    try:
+        sim.barrier()  # every rank has unlinked its segment name by now
+        leftover = _leftover_segments(sim.run_token)
+        pointers = sim.peer_pointers
+        mine = sim.peer_view(rank, torch.int64, count=1024)
+        wrong = 0
+        latencies = []
+        for round_idx in range(rounds):
+            mine.copy_(torch.arange(1024) + rank * 100_000 + round_idx)  # plain stores ...
+            start = time.perf_counter()
+            sim.barrier()  # ... published by the barrier's release/acquire
+            latencies.append(time.perf_counter() - start)
+            for peer in range(world):
+                expected = torch.arange(1024) + peer * 100_000 + round_idx
+                wrong += int((sim.peer_view(peer, torch.int64, count=1024) != expected).sum())
+            sim.barrier()  # nobody overwrites before everyone read
+        return dict(token=sim.run_token, leftover=leftover, pointers=pointers, wrong=wrong,
+                    median_ms=sorted(latencies)[len(latencies) // 2] * 1e3, kernels=sim.registered_kernels())
+    finally:
+        sim.close()
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_handles_peer_memory_and_barrier(pools, world):
+    results = pools(world).run(exchange_write_read, 10)
+    tokens = {r["token"] for r in results}
+    assert len(tokens) == 1, f"ranks disagree on the run token: {tokens}"
+    for rank, r in enumerate(results):
+        assert r["leftover"] == [], f"rank {rank}: segments still named after set-up: {r['leftover']}"
+        assert len(set(r["pointers"])) == world, r["pointers"]
+        assert r["wrong"] == 0, f"rank {rank} read {r['wrong']} stale values from peers after the barrier"
+        assert "peer_barrier" in r["kernels"]
+    assert _leftover_segments(tokens.pop()) == []
+    print(f"\npeer_barrier median latency on {world} ranks: " +
+          ", ".join(f"{r['median_ms']:.2f} ms" for r in results))
+
+
+def handshake(rank, world, rounds):
+    sim = _backend(rank, world)
+    try:
+        peer = 1 - rank
+        start = time.perf_counter()
+        mismatches = sim._ext.testing.shm_handshake(
+            sim.peer_pointers[peer], sim.local_pointer, rounds, rank == 0, 10.0)
+        elapsed = time.perf_counter() - start
+        sim.barrier()
+        return mismatches, elapsed
+    finally:
+        sim.close()
+
+
+def test_cross_process_acquire_release(pools):
+    rounds = 20_000
+    results = pools(2).run(handshake, rounds)
+    for rank, (mismatches, _) in enumerate(results):
+        assert mismatches == 0, f"rank {rank} saw {mismatches} payload words not yet written after acquiring the flag"
+    print(f"\nshm round trip: {results[0][1] / rounds * 1e6:.2f} us")
+
+
+# ---------------------------------------------------------------- barrier timeout
+def barrier_with_one_absent(rank, world, absent, timeout_s):
+    sim = _backend(rank, world)
+    try:
+        if rank == absent:
+            return None
+        start = time.perf_counter()
+        try:
+            sim.barrier(timeout_s=timeout_s)
+        except epcomm.EpcommTimeoutError as err:
+            return str(err), time.perf_counter() - start
+        return "no error", time.perf_counter() - start
+    finally:
+        sim.close()
+
+
+def test_barrier_timeout_names_the_missing_peer(pools):
+    world, absent, timeout_s = 4, 2, 1.0
+    results = pools(world).run(barrier_with_one_absent, absent, timeout_s)
+    for rank, result in enumerate(results):
+        if rank == absent:
+            continue
+        message, waited = result
+        assert message.startswith(f"epcomm peer_barrier on rank {rank}: peer rank {absent} (at barrier 0) "
+                                  f"did not arrive at barrier 1 within 1 s"), message
+        assert "1 of 4 ranks missing" in message, message
+        assert timeout_s <= waited < timeout_s + 3, f"rank {rank} waited {waited:.2f} s"
+
+
+# ---------------------------------------------------------------- /dev/shm leaks
+def set_up_and_exit(rank, world):
+    sim = _backend(rank, world)
+    sim.barrier()
+    _kept_alive.append(sim)  # still mapped when the process exits: no close()
+    return sim.run_token
+
+
+def test_no_segments_left_after_exit(pools):
+    pool = pools(4)
+    tokens = set(pool.run(set_up_and_exit))
+    pool.close()  # the ranks exit with their runtimes open
+    assert len(tokens) == 1
+    assert _leftover_segments(tokens.pop()) == []
+
+
+VICTIM = 3
+
+
+def killed_during(rank, world, stage):
+    """Rank VICTIM SIGKILLs itself on entering `stage` of the set-up ("after set-up": once it is done)."""
+    if rank == VICTIM and stage != "after set-up":
+        original = GroupComm._run
+
+        def run_or_die(self, op, stage_, start):
+            if stage_ == stage:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, op, stage_, start)
+
+        GroupComm._run = run_or_die
+    observed = {}
+    original_gather = SimBackend._gather_bytes
+
+    def remember_token(self, stage_, payload, size):  # the token, even if set-up fails later
+        rows = original_gather(self, stage_, payload, size)
+        observed.setdefault("token", rows[0].hex() if stage_ == "agree run token" else None)
+        return rows
+
+    SimBackend._gather_bytes = remember_token
+    try:
+        sim = _backend(rank, world, timeout_s=2.0)
+    except epcomm.EpcommError as err:
+        return observed.get("token"), type(err).__name__, str(err)
+    finally:
+        SimBackend._gather_bytes = original_gather
+    if rank == VICTIM:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        sim.barrier(timeout_s=2.0)
+    except epcomm.EpcommError as err:
+        return sim.run_token, type(err).__name__, str(err)
+    finally:
+        sim.close()
+    return sim.run_token, "no error", None
+
+
+@pytest.mark.parametrize("stage", ["exchange handles", "open peers", "after set-up"])
+def test_no_segments_left_after_sigkill(pools, stage):
+    pool = pools(4)
+    try:
+        outcomes = pool.run_outcomes(killed_during, stage, timeout=60)
+    finally:
+        pool.close()
+    assert outcomes[VICTIM].error_type == "died"
+    survivors = [o.value for o in outcomes if o.rank != VICTIM]
+    tokens = {token for token, _, _ in survivors}
+    assert len(tokens) == 1 and None not in tokens, survivors
+    for token, kind, message in survivors:
+        assert kind in ("EpcommPeerError", "EpcommTimeoutError"), (kind, message)
+        if stage == "after set-up":
+            assert f"peer rank {VICTIM} " in message, message
+        else:
+            assert f"stage '{stage}'" in message and f"no heartbeat: rank {VICTIM} " in message, message
+    assert _leftover_segments(tokens.pop()) == [], "a killed rank's shared memory segment leaked"
+
+
+# ---------------------------------------------------------------- unavailable configurations
+def multi_node(rank, world):
+    try:
+        _backend(rank, world, num_nvl_ranks=2)
+    except epcomm.EpcommBackendUnavailable as err:
+        return str(err)
+    return "no error"
+
+
+def test_sim_backend_is_intranode_only(pools):
+    for message in pools(4).run(multi_node):
+        assert message.startswith("sim backend is intranode-only for now: this group has 2 nodes"), message
+
+
+def cuda_without_gpu(rank, world):
+    from epcomm.backends.cuda_backend import CudaBackend
+
+    if torch.cuda.is_available():
+        return "has a GPU"
+    try:
+        _backend(rank, world, kind=CudaBackend)
+    except epcomm.EpcommBackendUnavailable as err:
+        return str(err)
+    return "no error"
+
+
+def test_cuda_runtime_without_gpu_is_a_clear_error(pools):
+    try:
+        load_extension("cuda")
+    except epcomm.EpcommBackendUnavailable as err:
+        pytest.skip(f"the cuda extension is not built here: {err}")
+    results = pools(2).run(cuda_without_gpu)
+    if "has a GPU" in results:
+        pytest.skip("this machine has a GPU")
+    for message in results:
+        assert "no CUDA GPU/driver on this machine: use backend='sim' or 'torch'" in message, message
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    def no_module(name, *args, **kwargs):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", no_module)
+    with pytest.raises(epcomm.EpcommBackendUnavailable, match=r"epcomm\._C cannot be loaded.*pip install --no-build-isolation -e \."):
+        load_extension("cpu")
+
+
+def test_runtime_rejects_misuse():
+    ext = load_extension("cpu")
+    runtime = ext.DeviceRuntime(0, 1, os.urandom(4).hex())
+    with pytest.raises(ValueError, match="call allocate"):
+        runtime.barrier(1.0)
+    runtime.allocate(4096)
+    with pytest.raises(ValueError, match="a handle is 128 bytes, got 3"):
+        runtime.open_peers([b"abc"])
+    runtime.open_peers([runtime.export_handle()])
+    runtime.release_names()
+    with pytest.raises(ValueError, match="no kernel 'dispatch' for the cpu runtime; registered: peer_barrier"):
+        runtime.run_kernel("dispatch", [], 1.0)
+    runtime.barrier(1.0)
+    runtime.close()
+    with pytest.raises(ValueError, match="DeviceRuntime|num_ranks"):
+        ext.DeviceRuntime(0, 0, "ab")
