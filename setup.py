@@ -64,7 +64,10 @@ def _extensions() -> tuple[list, dict]:
     extensions = [
         CppExtension(
             "epcomm._C",
-            sources=["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cpu_runtime.cpp"],
+            sources=[
+                "csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cpu_runtime.cpp",
+                f"{runtime}/cpu_intranode.cpp", "csrc/kernels/intranode_launch_simt.cpp",
+            ],
             include_dirs=[str(CSRC)],
             extra_compile_args=[*common, "-pthread", "-DEPCOMM_WITH_CPU_RUNTIME=1"],
             extra_link_args=["-pthread", "-lrt"],

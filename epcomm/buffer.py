@@ -13,6 +13,7 @@ from ._comm import GroupComm
 from ._validate import Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, is_fp8_pair
 from ._wire import Field, RowFormat
 from .backends import resolve_backend
+from .backends.sim_backend import SimDispatchBackend
 from .backends.torch_backend import TorchBackend
 from .config import Config
 from .errors import EpcommInputError
@@ -54,7 +55,8 @@ class Buffer:
             :meth:`Config.get_nvl_buffer_size_hint`); unused by ``"torch"``.
         num_rdma_bytes: network buffer bytes for the kernel backends; unused by ``"torch"``.
         backend: ``"torch"``, ``"sim"``, ``"cuda"`` or ``"auto"`` (best available;
-            read the choice from :attr:`backend`).
+            read the choice from :attr:`backend`). ``"sim"`` runs epcomm's intranode kernels on
+            the CPU (one node only; CPU tensors; combine takes bfloat16 x), bit-identical to ``"torch"``.
         num_nvl_ranks: ranks per node (one NVLink domain); default ``min(world_size, 8)``;
             must divide the world size.
         max_nodes_per_token: a token may go to at most this many nodes (DeepSeek-V3 uses 4).
@@ -103,7 +105,12 @@ class Buffer:
         self.backend = resolve_backend(backend)
         self.traffic = TrafficStats()
         self._comm = GroupComm(self.group, self.topology, timeout_s, self.traffic)
-        self._impl = TorchBackend(self._comm, self.topology, algorithm)
+        if self.backend == "sim":
+            # one node only (EpcommBackendUnavailable otherwise); the NVL buffer is sized from the
+            # kernels' workspace at the first call when num_nvl_bytes is 0
+            self._impl = SimDispatchBackend(self._comm, self.topology, num_nvl_bytes, timeout_s=timeout_s)
+        else:
+            self._impl = TorchBackend(self._comm, self.topology, algorithm)
         self._id = next(_buffer_ids)
         self._layout_seq = 0
 
@@ -239,7 +246,8 @@ class Buffer:
         world, nodes = self.group_size, self.num_nodes
         fmt, tensors = prepared["format"], prepared["tensors"]
         recv, plan = self._impl.dispatch(
-            tensors, fmt, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes]
+            tensors, fmt, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
+            num_experts=prepared["num_experts"],
         )
         self._layout_seq += 1
         recv_x = self._unpack_x(recv)
@@ -315,6 +323,7 @@ class Buffer:
         node_counts = torch.zeros(topo.world_size, dtype=torch.int64)
         node_counts[: topo.num_nodes] = token_node_mask(is_token_in_rank, topo).sum(0).cpu()
         counts = torch.cat([num_tokens_per_rank.to(torch.int64).cpu(), node_counts])
+        self._impl.check_dispatch(tensors, num_topk)
         return {
             "tensors": tensors,
             "format": RowFormat(fields),
@@ -338,6 +347,7 @@ class Buffer:
             tensors, fields, num_tokens, hidden, x_kind = self._prepare_x(x)
             if num_tokens != handle.num_tokens:
                 raise Invalid(f"x has {num_tokens} tokens but the handle was made for {handle.num_tokens}")
+            self._impl.check_dispatch(tensors, 0, handle.plan)
         except Exception as err:
             problem = _problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
@@ -393,6 +403,7 @@ class Buffer:
                              shape=(handle.num_recv_tokens, None), device=x.device)
                 tensors["topk_weights"] = topk_weights
                 fields.append(Field("topk_weights", torch.float32, topk_weights.size(1)))
+            self._impl.check_combine(tensors, handle.plan)
         except Exception as err:
             problem = _problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1

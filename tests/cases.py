@@ -81,16 +81,20 @@ def same_bits(a, b) -> bool:
 class RankReport:
     traffic: dict = field(default_factory=dict)
     digest: list = field(default_factory=list)
+    backend: str = ""  # the implementation that ran (Buffer._impl.name)
+    kernel_epochs: int = 0  # sim: notify calls made (0 for torch)
 
 
-def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 1) -> RankReport:
+def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 1, backend: str = "torch",
+               num_nvl_bytes: int = 0) -> RankReport:
     """Dispatch, cached dispatch and combine on this rank; assert each output equals the reference."""
-    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=case.nvl, algorithm=algorithm,
+    buf = epcomm.Buffer(None, num_nvl_bytes, backend=backend, num_nvl_ranks=case.nvl, algorithm=algorithm,
                         max_nodes_per_token=case.max_nodes, timeout_s=60)
-    report = RankReport()
+    report = RankReport(backend=buf._impl.name)
     for _ in range(rounds):
         digest, report.traffic = check_round(buf, case, rank, world)
         report.digest.append(digest)
+    report.kernel_epochs = getattr(buf._impl, "_epoch", 0)
     return report
 
 

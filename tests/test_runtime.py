@@ -264,8 +264,13 @@ def test_runtime_rejects_misuse():
         runtime.open_peers([b"abc"])
     runtime.open_peers([runtime.export_handle()])
     runtime.release_names()
-    with pytest.raises(ValueError, match="no kernel 'dispatch' for the cpu runtime; registered: peer_barrier"):
+    with pytest.raises(ValueError, match="no kernel 'dispatch' for the cpu runtime; registered: intranode_combine, "
+                                         "intranode_dispatch, intranode_notify, peer_barrier"):
         runtime.run_kernel("dispatch", [], 1.0)
+    with pytest.raises(ValueError, match="intranode_notify takes 15 arguments, got 0"):
+        runtime.run_kernel("intranode_notify", [], 1.0)
+    with pytest.raises(ValueError, match="intranode kernels need a .*-byte NVL buffer, this one has 4096 bytes"):
+        runtime.run_kernel("intranode_notify", [2, 6, 32, 0, 8, 1 << 20, 1, 0, 0, 0, 0, 1, 0, 0, 0], 1.0)
     runtime.barrier(1.0)
     runtime.close()
     with pytest.raises(ValueError, match="DeviceRuntime|num_ranks"):

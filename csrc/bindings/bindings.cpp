@@ -78,6 +78,13 @@ class PyRuntime {
 };
 
 #if defined(EPCOMM_WITH_CPU_RUNTIME)
+}  // namespace
+namespace epcomm::runtime {
+// csrc/runtime/cpu_intranode.cpp: NvlWorkspace(shape, config).required_bytes()
+size_t intranode_workspace_bytes(int num_ranks, int num_local_experts, int num_topk, int max_row_bytes,
+                                 int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
+}  // namespace epcomm::runtime
+namespace {
 // Two processes ping-pong `rounds` messages through shared mappings: a 64-byte payload written with
 // plain stores, then a flag published with a release store; the receiver acquire-polls the flag
 // and checks the payload. Returns the number of payload mismatches (0 on a correct memory model).
@@ -184,6 +191,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("registered_kernels", [] { return registered_kernels(kKind); });
 
 #if defined(EPCOMM_WITH_CPU_RUNTIME)
+  m.def("intranode_workspace_bytes", &intranode_workspace_bytes, py::arg("num_ranks"), py::arg("num_local_experts"),
+        py::arg("num_topk"), py::arg("max_row_bytes"), py::arg("num_channels"), py::arg("nvl_chunk_send_tokens"),
+        py::arg("nvl_ring_tokens"),
+        "Bytes each rank's NVL buffer needs for the intranode kernels (NvlWorkspace::required_bytes).");
   m.def("segment_name", &cpu_segment_name, py::arg("run_token"), py::arg("rank"));
   m.def("unlink_segments", &cpu_unlink_segments, py::arg("run_token"), py::arg("num_ranks"),
         "shm_unlink every rank's segment of a run (failure cleanup); returns how many existed.");

@@ -1,8 +1,10 @@
 """Backend registry: which implementations exist and which devices they run on.
 
 * ``torch``: torch.distributed collectives; any process group (gloo on CPU, NCCL on GPU).
-* ``sim`` / ``cuda``: epcomm's own kernels on the CPU SIMT layer / on GPUs. Not part
-  of this build yet; selecting them raises :class:`EpcommBackendUnavailable`.
+* ``sim``: epcomm's own intranode kernels on the CPU SIMT layer (one node; ``Buffer`` raises
+  :class:`EpcommBackendUnavailable` for several nodes). Never chosen by ``"auto"``.
+* ``cuda``: the kernels on GPUs. Not part of this build yet; selecting it raises
+  :class:`EpcommBackendUnavailable`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ __all__ = ["BACKENDS", "resolve_backend"]
 # name -> (devices it runs on, why it is unavailable or None)
 BACKENDS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "torch": (("cpu", "cuda"), None),
-    "sim": (("cpu",), "the CPU-executed kernel backend is not built yet (planned: issue 'kernels that run on GPUs and on this CPU')"),
+    "sim": (("cpu",), None),
     "cuda": (("cuda",), "the CUDA kernel backend is not built yet (planned: issue 'kernels that run on GPUs and on this CPU')"),
 }
-_AUTO_ORDER = ("cuda", "sim", "torch")
+# "sim" (CPU-simulated kernels, one node only) is never picked by "auto": it is a correctness tool, far slower.
+_AUTO_ORDER = ("cuda", "torch")
 
 
 def resolve_backend(name: str) -> str:

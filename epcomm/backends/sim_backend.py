@@ -14,9 +14,10 @@ the buffer's timeout makes every other rank raise :class:`~epcomm.EpcommTimeoutE
 stage. A rank that fails locally (say ``/dev/shm`` is full) makes every rank raise
 :class:`~epcomm.EpcommError` with that rank's message.
 
-Kernels run through :meth:`SimBackend.run_kernel`; today one is registered, ``"peer_barrier"``
-(:meth:`SimBackend.barrier`); dispatch and combine are wired in later. Not in the backend
-registry yet (``epcomm.backends.BACKENDS``): construct it directly.
+Kernels run through :meth:`SimBackend.run_kernel`: ``"peer_barrier"`` (:meth:`SimBackend.barrier`)
+and the intranode kernels ``"intranode_notify"``, ``"intranode_dispatch"``, ``"intranode_combine"``
+(csrc/runtime/cpu_intranode.cpp). :class:`SimDispatchBackend` builds dispatch and combine on them
+with TorchBackend's interface; ``Buffer(backend="sim")`` uses it (one node only).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import torch.distributed as dist
 
 from .._comm import GroupComm
 from .._ext import load_extension
+from .._validate import Invalid
 from ..errors import EpcommBackendUnavailable, EpcommError
 from ..topology import Topology
 
-__all__ = ["SimBackend"]
+__all__ = ["SimBackend", "SimDispatchBackend", "SimPlan", "SIM_KERNEL_CONFIG"]
 
 _TOKEN_BYTES = 12  # 24 hex digits in segment names
 _MESSAGE_BYTES = 240  # per-rank failure message carried by the setup exchanges
@@ -205,3 +207,253 @@ class SimBackend:
         if self._runtime is not None:
             self._runtime.close()
             self._runtime = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch / combine on the intranode kernels (csrc/kernels/intranode.hpp through
+# csrc/runtime/cpu_intranode.cpp), with the same interface as TorchBackend.
+
+# KernelConfig of the sim backend: (num_channels, nvl_chunk_send_tokens, nvl_ring_tokens). Fixed per
+# Buffer (the NVL layout must be the same on every rank); small, because every rank simulates
+# 2 * num_channels blocks of 32 * world_size threads on the host's cores.
+SIM_KERNEL_CONFIG = (2, 6, 32)
+
+_Key = tuple  # (num_local_experts, num_topk, max_row_bytes): the NvlWorkspace shape beyond num_ranks
+
+
+class SimPlan:
+    """Routing of one sim dispatch (kept in the handle)."""
+
+    def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor,
+                 recv_channel_prefix: torch.Tensor, key: _Key) -> None:
+        self.num_tokens = num_tokens
+        self.num_recv = num_recv
+        self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous, cpu
+        self.recv_channel_prefix = recv_channel_prefix  # [R, C + 1] int32 from notify
+        self.key = key
+
+
+def _row_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    x = tensors["x"]
+    scales = tensors.get("scales")
+    hidden_bytes = x.size(1) * x.element_size()
+    scale_bytes = scales.size(1) * scales.element_size() if scales is not None else 0
+    return hidden_bytes, scale_bytes
+
+
+def _max_key(a: _Key, b: _Key) -> _Key:
+    return tuple(max(x, y) for x, y in zip(a, b))
+
+
+class SimDispatchBackend:
+    """Dispatch/combine through epcomm's intranode kernels on the CPU (one node only).
+
+    Same methods and return conventions as :class:`~epcomm.backends.torch_backend.TorchBackend`,
+    bit-identical results. The NVL buffer is allocated at construction when ``num_nvl_bytes`` is
+    given (a call that needs more is rejected before anything moves), else at the first call and
+    grown (collectively) when a later call needs more.
+    """
+
+    name = "sim"
+
+    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, *,
+                 timeout_s: float | None = None) -> None:
+        if topo.num_nodes != 1:
+            raise EpcommBackendUnavailable(
+                f"backend 'sim' is intranode-only for now: this group has {topo.num_nodes} nodes "
+                f"({topo.world_size} ranks, {topo.num_nvl_ranks} per node); pass num_nvl_ranks=world_size "
+                f"for one node. Use backend='torch' for several nodes."
+            )
+        self.comm = comm
+        self.topo = topo
+        self.timeout_s = comm.timeout.total_seconds() if timeout_s is None else float(timeout_s)
+        self._ext = load_extension("cpu")
+        self.kernel_config = SIM_KERNEL_CONFIG
+        self.explicit_nvl_bytes = num_nvl_bytes
+        self._sim: SimBackend | None = None
+        self._epoch = 0
+        self._last_key: _Key | None = None
+        if num_nvl_bytes > 0:
+            self._sim = SimBackend(comm, topo, num_nvl_bytes, timeout_s=self.timeout_s)
+
+    # ------------------------------------------------------------ sizing and checks
+    def required_bytes(self, key: _Key) -> int:
+        """NVL bytes per rank a call of workspace shape ``key`` needs (NvlWorkspace.required_bytes)."""
+        return int(self._ext.intranode_workspace_bytes(self.topo.world_size, *key, *self.kernel_config))
+
+    def _check_size(self, key: _Key, what: str) -> None:
+        need = self.required_bytes(key)
+        if self.explicit_nvl_bytes and need > self.explicit_nvl_bytes:
+            raise Invalid(
+                f"the sim backend needs a {need}-byte NVL buffer for this {what} (row bytes {key[2]}, "
+                f"num_topk {key[1]}) but Buffer(num_nvl_bytes={self.explicit_nvl_bytes}) was given: raise "
+                f"num_nvl_bytes to at least {need}, or pass num_nvl_bytes=0 to size it automatically"
+            )
+
+    @staticmethod
+    def _check_cpu(tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if t.device.type != "cpu":
+                raise Invalid(f"the sim backend runs on the CPU: {name} is on {t.device}; move it to the CPU "
+                              f"or use backend='torch'")
+
+    def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None) -> None:
+        """Raise Invalid for inputs the kernels cannot take (called before the ranks agree)."""
+        self._check_cpu(tensors)
+        hidden_bytes, scale_bytes = _row_bytes(tensors)
+        if hidden_bytes % 4:
+            raise Invalid(f"the sim backend moves rows in 4-byte words: x rows are {hidden_bytes} bytes "
+                          f"(hidden={tensors['x'].size(1)}, {tensors['x'].dtype}); use an even hidden size")
+        key = (0, max(num_topk, 0), max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)))
+        if isinstance(plan, SimPlan):
+            key = _max_key(plan.key, key)
+        self._check_size(key, "dispatch")
+
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object) -> None:
+        self._check_cpu(tensors)
+        x = tensors["x"]
+        if x.dtype != torch.bfloat16:
+            raise Invalid(f"the sim backend's combine kernel sums bfloat16 rows; x is {x.dtype}: cast the expert "
+                          f"outputs to bfloat16 or use backend='torch'")
+        if x.size(1) % 2:
+            raise Invalid(f"the sim backend's combine needs an even hidden size, got {x.size(1)}")
+        weights = tensors.get("topk_weights")
+        if isinstance(plan, SimPlan):
+            # the NVL layout depends on the weights' width, which the ranks do not agree on: pin it to
+            # the dispatch's num_topk (agreed), so every rank lays out the buffer alike
+            if weights is not None and weights.size(1) != plan.key[1]:
+                raise Invalid(f"the sim backend's combine takes topk_weights with the dispatch's num_topk="
+                              f"{plan.key[1]} columns, got {weights.size(1)}")
+            self._check_size(_max_key(plan.key, (0, 0, 2 * x.size(1))), "combine")
+
+    # ------------------------------------------------------------ kernels
+    def _ensure(self, key: _Key) -> SimBackend:
+        """The NVL buffer, big enough for ``key``; collective (every rank calls it with the same key)."""
+        need = self.required_bytes(key)
+        if self._sim is None or self._sim.num_nvl_bytes < need:
+            if self.explicit_nvl_bytes:
+                raise EpcommError(f"epcomm sim backend: the NVL buffer has {self.explicit_nvl_bytes} bytes, "
+                                  f"this call needs {need}; raise Buffer(num_nvl_bytes=...) to at least {need}")
+            if self._sim is not None:
+                self._sim.barrier()  # nobody still uses the old buffer
+                self._sim.close()
+                self._sim = None
+            self._sim = SimBackend(self.comm, self.topo, need, timeout_s=self.timeout_s)
+            self._epoch = 0
+            self._last_key = None
+        elif self._last_key is not None and key != self._last_key:
+            # The regions move with the shape: make sure no rank still works in the old layout.
+            self._sim.barrier()
+        self._last_key = key
+        return self._sim
+
+    def _comm_args(self, key: _Key, notify: bool = False) -> list[int]:
+        """The kernels' leading arguments; a notify takes the next epoch (one per notify, same on every rank)."""
+        if notify:
+            self._epoch += 1
+        return [*self.kernel_config, *key, self._epoch if notify else 0]
+
+    def _barrier(self, sim: SimBackend, key: _Key) -> None:
+        """notify without counts: all ranks meet and reset their ring counters."""
+        sim.run_kernel("intranode_notify", *self._comm_args(key, notify=True), 0, 0, 0, 0, 1, 0, 0, 0)
+
+    @staticmethod
+    def _ptr(t: torch.Tensor | None) -> int:
+        return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+    def dispatch(self, tensors, fmt, is_token_in_rank, counts, node_counts, num_experts: int = -1):
+        """See TorchBackend.dispatch; rows ordered by source rank, then token.
+
+        ``num_experts`` (needed with ``topk_idx``): the kernel turns expert ids into this rank's
+        local ids; they are turned back into global ids here, as the torch backend returns them.
+        """
+        world, me = self.topo.world_size, self.topo.rank
+        num_topk = tensors["topk_idx"].size(1) if "topk_idx" in tensors else 0
+        hidden_bytes, scale_bytes = _row_bytes(tensors)
+        key = (0, num_topk, max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)))
+        sim = self._ensure(key)
+        in_rank = is_token_in_rank.contiguous()
+        num_tokens = in_rank.size(0)
+        channels = self.kernel_config[0]
+        rank_prefix = torch.zeros(world + 1, dtype=torch.int32)
+        channel_prefix = torch.zeros(world, channels + 1, dtype=torch.int32)
+        sim.run_kernel("intranode_notify", *self._comm_args(key, notify=True), 1, self._ptr(in_rank), 0, num_tokens, 1,
+                       rank_prefix, channel_prefix, 0)
+        num_recv = int(rank_prefix[world])
+        expected = int(counts[:, me].sum())
+        if num_recv != expected:
+            raise EpcommError(f"epcomm sim dispatch on rank {me}: notify counted {num_recv} rows to receive, "
+                              f"the agreed counts say {expected}")
+        plan = SimPlan(num_tokens, num_recv, in_rank, channel_prefix, key)
+        recv = self._dispatch_rows(sim, tensors, plan, num_topk, num_experts)
+        if num_topk:
+            experts_per_rank = num_experts // world
+            local = recv["topk_idx"]
+            recv["topk_idx"] = torch.where(local >= 0, local + me * experts_per_rank, local)
+        return recv, plan
+
+    def _dispatch_rows(self, sim: SimBackend, tensors, plan: SimPlan, num_topk: int,
+                       num_experts: int = 0) -> dict[str, torch.Tensor]:
+        x = tensors["x"].contiguous()
+        scales = tensors.get("scales")
+        scales = scales.contiguous() if scales is not None else None
+        topk_idx = tensors["topk_idx"].contiguous() if num_topk else None
+        weights = tensors.get("topk_weights") if num_topk else None
+        weights = weights.contiguous() if weights is not None else None
+        hidden_bytes, scale_bytes = _row_bytes(tensors)
+        m = plan.num_recv
+        recv_x = torch.empty(m, x.size(1), dtype=x.dtype)
+        recv_scales = torch.empty(m, scales.size(1), dtype=scales.dtype) if scales is not None else None
+        recv_idx = torch.empty(m, num_topk, dtype=torch.int64) if num_topk else None
+        recv_w = torch.empty(m, num_topk, dtype=torch.float32) if weights is not None else None
+        src_idx = torch.empty(m, dtype=torch.int32)
+        sim.run_kernel(
+            "intranode_dispatch", *self._comm_args(plan.key),
+            self._ptr(x), hidden_bytes, self._ptr(scales), scale_bytes, self._ptr(topk_idx), self._ptr(weights),
+            num_topk, num_experts if num_topk else 0, plan.num_tokens, self._ptr(plan.is_token_in_rank),
+            plan.recv_channel_prefix, self._ptr(recv_x), self._ptr(recv_scales), self._ptr(recv_idx),
+            self._ptr(recv_w), self._ptr(src_idx),
+        )
+        out = {"x": recv_x}
+        if recv_scales is not None:
+            out["scales"] = recv_scales
+        if recv_idx is not None:
+            out["topk_idx"] = recv_idx
+        if recv_w is not None:
+            out["topk_weights"] = recv_w
+        return out
+
+    def dispatch_cached(self, tensors, fmt, plan: SimPlan, op: str = "cached dispatch"):
+        """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
+        hidden_bytes, scale_bytes = _row_bytes(tensors)
+        key = _max_key(plan.key, (0, 0, max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1))))
+        sim = self._ensure(key)
+        self._barrier(sim, key)
+        cached = SimPlan(plan.num_tokens, plan.num_recv, plan.is_token_in_rank, plan.recv_channel_prefix, key)
+        return self._dispatch_rows(sim, {k: v for k, v in tensors.items() if k in ("x", "scales")}, cached, 0)
+
+    def combine(self, tensors, fmt, plan: SimPlan) -> dict[str, torch.Tensor]:
+        """Per field, float32 [num_tokens, width] sums (exactly the bf16 kernel output, widened)."""
+        x = tensors["x"].contiguous()
+        weights = tensors.get("topk_weights")
+        weights = weights.contiguous() if weights is not None else None
+        num_topk = weights.size(1) if weights is not None else 0
+        key = _max_key(plan.key, (0, 0, 2 * x.size(1)))  # num_topk == plan.key[1] (check_combine)
+        sim = self._ensure(key)
+        self._barrier(sim, key)
+        combined = torch.empty(plan.num_tokens, x.size(1), dtype=torch.bfloat16)
+        combined_w = torch.empty(plan.num_tokens, num_topk, dtype=torch.float32) if weights is not None else None
+        sim.run_kernel(
+            "intranode_combine", *self._comm_args(key),
+            self._ptr(x), self._ptr(weights), x.size(1), num_topk, plan.num_tokens,
+            self._ptr(plan.is_token_in_rank), plan.recv_channel_prefix, self._ptr(combined), self._ptr(combined_w),
+        )
+        out = {"x": combined.float()}
+        if combined_w is not None:
+            out["topk_weights"] = combined_w
+        return out
+
+    def close(self) -> None:
+        if self._sim is not None:
+            self._sim.close()
+            self._sim = None

@@ -138,6 +138,13 @@ class TorchBackend:
     def _zeros(self, name: str, rows: int, width: int, device: torch.device) -> torch.Tensor:
         return self.scratch.get(name, rows, width, torch.float32, device).zero_()
 
+    # ----------------------------------------------------------------- checks
+    def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None) -> None:
+        """Backend-specific input limits (raise ``Invalid``); the torch backend takes anything Buffer accepts."""
+
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object) -> None:
+        """Backend-specific input limits of combine (raise ``Invalid``); none here."""
+
     # ----------------------------------------------------------------- dispatch
     def dispatch(
         self,
@@ -146,6 +153,7 @@ class TorchBackend:
         is_token_in_rank: torch.Tensor,
         counts: torch.Tensor,
         node_counts: torch.Tensor,
+        num_experts: int = -1,
     ) -> tuple[dict[str, torch.Tensor], FlatPlan | TwoHopPlan]:
         """Send each token's row to every rank in ``is_token_in_rank``.
 
@@ -154,6 +162,7 @@ class TorchBackend:
             is_token_in_rank: ``[N, world_size]`` bool.
             counts: ``[world_size, world_size]`` int64, ``counts[s, d]`` tokens rank s sends rank d.
             node_counts: ``[world_size, num_nodes]`` int64, tokens rank s sends to node n.
+            num_experts: unused here (the kernel backends need it to localize expert ids).
         Returns:
             per field, ``[num_recv, width]`` rows ordered by source rank, then token,
             and the plan that cached dispatch and combine reuse.
