@@ -16,8 +16,12 @@ holds a row of the token, then ``acc += partial``; finally one cast.
 
 Speed: the token data moves without packing copies (see ``_wire``), and the
 large temporaries (send rows, float32 partials and accumulators) live in a
-per-buffer scratch that is reused across calls instead of being allocated,
-page-faulted and zeroed afresh each time.
+process-wide scratch of a few slots, reused across calls instead of being
+allocated and page-faulted afresh each time. Slot use per step:
+dispatch ``a`` send rows, ``b`` hop-1 arrivals, ``c`` hop-2 arrivals (hop-2 send
+rows reuse ``a``); combine ``a`` rows going back (then the float32 partials
+arriving), ``b`` rows arriving at the forwarder (flat: node partials), ``c``
+forwarder partials, ``acc:*`` per-token sums.
 """
 
 from __future__ import annotations
@@ -50,19 +54,29 @@ def _segments(counts: list[int]) -> list[tuple[int, int]]:
 
 
 class Scratch:
-    """Named temporaries reused across calls (grown when too small)."""
+    """Temporaries reused across calls: a few raw byte slots, each viewed as the dtype a step needs.
+
+    Steps that are never live at the same time share a slot, so the memory kept is a few
+    row-buffers, not one per step. One scratch serves every torch-backend Buffer of the
+    process (their operations run one at a time, in stream order); results handed to the
+    caller never live in it.
+    """
 
     def __init__(self) -> None:
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._slots: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    def get(self, name: str, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        t = self._tensors.get(name)
-        if t is None or t.dtype != dtype or t.device != device or t.numel() < rows * width:
-            t = self._tensors[name] = torch.empty(max(rows * width, 1), dtype=dtype, device=device)
-        return t[: rows * width].view(rows, width)
+    def get(self, slot: str, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        nbytes = max(rows * width * dtype.itemsize, 1)
+        raw = self._slots.get((slot, device))
+        if raw is None or raw.numel() < nbytes:
+            raw = self._slots[(slot, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return raw[: rows * width * dtype.itemsize].view(dtype).view(rows, width)
 
     def release(self) -> None:
-        self._tensors.clear()
+        self._slots.clear()
+
+
+_SCRATCH = Scratch()
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -112,7 +126,7 @@ class TorchBackend:
         self.comm = comm
         self.topo = topo
         self.algorithm = algorithm
-        self.scratch = Scratch()
+        self.scratch = _SCRATCH
 
     # ----------------------------------------------------------------- helpers
     def _gather(self, name: str, tensors: dict[str, torch.Tensor], fmt: RowFormat, idx: torch.Tensor):
@@ -177,9 +191,9 @@ class TorchBackend:
     ) -> dict[str, torch.Tensor]:
         """Dispatch along an earlier dispatch's routing (no count exchange)."""
         if isinstance(plan, FlatPlan):
-            send = self._gather("send", tensors, fmt, plan.send_token_idx)
+            send = self._gather("a", tensors, fmt, plan.send_token_idx)
             return self.comm.exchange_rows(op, "rows", fmt, send, plan.send_counts, plan.recv_counts)
-        send = self._gather("send", tensors, fmt, plan.hop1_token_idx)
+        send = self._gather("a", tensors, fmt, plan.hop1_token_idx)
         hop1 = self._hop1(op, fmt, send, plan)
         return self._forward(op, hop1, fmt, plan)
 
@@ -196,7 +210,7 @@ class TorchBackend:
 
     def _hop1(self, op, fmt, send, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
         bulk = send[fmt.bulk.name]
-        out = self.scratch.get("hop1", plan.num_hop1_recv, fmt.bulk.width, bulk.dtype, bulk.device)
+        out = self.scratch.get("b", plan.num_hop1_recv, fmt.bulk.width, bulk.dtype, bulk.device)
         return self.comm.exchange_rows(
             op, "network hop", fmt, send, plan.hop1_send_counts, plan.hop1_recv_counts, bulk_out=out
         )
@@ -232,7 +246,7 @@ class TorchBackend:
             recv_order=(starts + within).to(is_token_in_rank.device),
         )
         hop1_fmt = fmt.with_field(Field(NVL_MASK, torch.uint8, nvl))
-        send = self._gather("send", tensors, fmt, hop1_token_idx)
+        send = self._gather("a", tensors, fmt, hop1_token_idx)
         send[NVL_MASK] = is_token_in_rank.view(num_tokens, topo.num_nodes, nvl)[hop1_token_idx, hop1_node].to(torch.uint8)
         hop1 = self._hop1("dispatch", hop1_fmt, send, plan)
 
@@ -245,9 +259,9 @@ class TorchBackend:
         return self._forward("dispatch", hop1, fmt, plan), plan
 
     def _forward(self, op: str, hop1: dict[str, torch.Tensor], fmt: RowFormat, plan: TwoHopPlan):
-        send = self._gather("send2", hop1, fmt, plan.fwd_row_idx)
+        send = self._gather("a", hop1, fmt, plan.fwd_row_idx)  # hop-1 send rows are done
         bulk = send[fmt.bulk.name]
-        arrived = self.scratch.get("hop2", plan.num_recv, fmt.bulk.width, bulk.dtype, bulk.device)
+        arrived = self.scratch.get("c", plan.num_recv, fmt.bulk.width, bulk.dtype, bulk.device)
         hop2 = self.comm.exchange_rows(
             op, "nvlink hop", fmt, send, plan.hop2_send_counts, plan.hop2_recv_counts, bulk_out=arrived
         )
@@ -275,7 +289,7 @@ class TorchBackend:
         x = tensors[fmt.bulk.name]
         back = self.comm.exchange_rows(
             "combine", "rows", fmt, tensors, plan.recv_counts, plan.send_counts,
-            bulk_out=self.scratch.get("back", sum(plan.send_counts), fmt.bulk.width, x.dtype, x.device),
+            bulk_out=self.scratch.get("a", sum(plan.send_counts), fmt.bulk.width, x.dtype, x.device),
         )
         segments = _segments(plan.send_counts)
         acc = {f.name: self._zeros(f"acc:{f.name}", plan.num_tokens, f.width, x.device) for f in fmt.fields}
@@ -287,7 +301,7 @@ class TorchBackend:
             slot = torch.full((plan.num_tokens,), -1, dtype=torch.int64, device=tokens.device)
             slot[tokens] = torch.arange(tokens.numel(), device=tokens.device)
             for f in fmt.fields:
-                partial = self._zeros(f"partial:{f.name}", tokens.numel(), f.width, x.device)
+                partial = self._zeros(f"b:{f.name}", tokens.numel(), f.width, x.device)
                 for lo, hi in node_segments:
                     self._sum_rows_into(partial, slot[plan.send_token_idx[lo:hi]], back[f.name][lo:hi])
                 acc[f.name].index_add_(0, tokens, partial)
@@ -299,24 +313,25 @@ class TorchBackend:
         arrival = {}
         for f in fmt.fields:
             t = tensors[f.name]
-            out = self.scratch.get(f"arrival:{f.name}", plan.num_recv, f.width, t.dtype, t.device)
+            slot = "a" if f.name == fmt.bulk.name else f"a:{f.name}"
+            out = self.scratch.get(slot, plan.num_recv, f.width, t.dtype, t.device)
             out[plan.recv_order] = t.reshape(-1, f.width)
             arrival[f.name] = out
         back2 = self.comm.exchange_rows(
             "combine", "nvlink hop", fmt, arrival, plan.hop2_recv_counts, plan.hop2_send_counts,
-            bulk_out=self.scratch.get("back2", sum(plan.hop2_send_counts), fmt.bulk.width, x.dtype, x.device),
+            bulk_out=self.scratch.get("b", sum(plan.hop2_send_counts), fmt.bulk.width, x.dtype, x.device),
         )
         # The forwarder's node-local partial sum, in fp32, destination ranks ascending.
         partial_fmt = RowFormat([Field(f.name, torch.float32, f.width, f.payload) for f in fmt.fields])
         partial = {}
         for f in fmt.fields:
-            acc = self._zeros(f"partial:{f.name}", plan.num_hop1_recv, f.width, x.device)
+            acc = self._zeros("c" if f.name == fmt.bulk.name else f"c:{f.name}", plan.num_hop1_recv, f.width, x.device)
             for lo, hi in _segments([c for c in plan.hop2_send_counts if c]):
                 self._sum_rows_into(acc, plan.fwd_row_idx[lo:hi], back2[f.name][lo:hi])
             partial[f.name] = acc
         back1 = self.comm.exchange_rows(
             "combine", "network hop", partial_fmt, partial, plan.hop1_recv_counts, plan.hop1_send_counts,
-            bulk_out=self.scratch.get("back1", sum(plan.hop1_send_counts), fmt.bulk.width, torch.float32, x.device),
+            bulk_out=self.scratch.get("a", sum(plan.hop1_send_counts), fmt.bulk.width, torch.float32, x.device),  # arrival is sent
         )
         # Across nodes at the source: node partials ascending.
         out = {}
