@@ -99,12 +99,9 @@ def agree(
     failed = gathered[:, 0].nonzero().flatten().tolist()
     problems: dict[int, str] = {}
     if failed:
-        text = (problem or "").encode("utf-8")[:_MESSAGE_BYTES]
-        message = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-        message[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else message[:0]
-        messages = comm.all_gather(op, "report errors", message.to(device)).cpu()
+        messages = comm.all_gather_bytes(op, "report errors", (problem or "").encode("utf-8"), _MESSAGE_BYTES)
         for r in failed:
-            problems[r] = bytes(messages[r].tolist()).rstrip(b"\0").decode("utf-8", "replace")
+            problems[r] = messages[r].rstrip(b"\0").decode("utf-8", "replace")
     else:
         headers = gathered[:, 1 : 1 + len(SIGNATURE_FIELDS)].tolist()
         problems = _disagreements(headers)

@@ -37,10 +37,14 @@ class GroupComm:
         board_id = agree_board_id(self._max_over_ranks)
         self.board = ProgressBoard(group, topo.rank, topo.world_size, board_id)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives take tensors: NCCL only moves CUDA tensors."""
+        return torch.device("cuda" if dist.get_backend(self.group) == "nccl" else "cpu")
+
     def _max_over_ranks(self, value: int) -> int:
         """Collective max of one int, before the progress board exists (Buffer construction)."""
-        on_gpu = dist.get_backend(self.group) == "nccl"  # NCCL only moves CUDA tensors
-        t = torch.tensor([value], dtype=torch.int64, device="cuda" if on_gpu else "cpu")
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         try:
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             work.wait(timeout=self.timeout)
@@ -84,6 +88,15 @@ class GroupComm:
         self.traffic.control_bytes += flat.numel() * flat.element_size() * (self.topo.world_size - 1)
         self._run(op, stage, lambda: _all_gather_single(out, flat, group=self.group, async_op=True))
         return out.view(self.topo.world_size, *tensor.shape)
+
+    def all_gather_bytes(self, op: str, stage: str, payload: bytes, size: int) -> list[bytes]:
+        """Every rank's ``payload``, zero-padded (or cut) to ``size`` bytes."""
+        row = torch.zeros(size, dtype=torch.uint8)
+        payload = payload[:size]
+        if payload:
+            row[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        rows = self.all_gather(op, stage, row.to(self.device)).cpu()
+        return [bytes(rows[r].tolist()) for r in range(self.topo.world_size)]
 
     def exchange_rows(
         self,

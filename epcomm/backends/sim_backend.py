@@ -84,15 +84,9 @@ class SimBackend:
             raise
 
     # ------------------------------------------------------------ set-up
-    def _tensor_device(self) -> str:
-        return "cuda" if dist.get_backend(self.comm.group) == "nccl" else "cpu"
-
     def _gather_bytes(self, stage: str, payload: bytes, size: int) -> list[bytes]:
         """All-gather ``size`` bytes from every rank (through GroupComm: deadlines apply)."""
-        row = torch.zeros(size, dtype=torch.uint8)
-        row[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        rows = self.comm.all_gather(self._op, stage, row.to(self._tensor_device())).cpu()
-        return [bytes(rows[r].tolist()) for r in range(self.topo.world_size)]
+        return self.comm.all_gather_bytes(self._op, stage, payload, size)
 
     def _gather_status(self, stage: str, error: str | None, payload: bytes = b"", size: int = 0) -> list[bytes]:
         """All-gather (ok flag, failure message, payload); raise on every rank if any rank failed."""
