@@ -30,6 +30,9 @@ SIGNATURE_FIELDS = (
     "num_nvl_ranks",
     "max_nodes_per_token",
     "algorithm",
+    "config_num_sms",
+    "config_nvl_send_tokens",
+    "config_nvl_recv_tokens",
 )
 _MESSAGE_BYTES = 480
 
@@ -41,6 +44,9 @@ _DESCRIBE = {
     "handle": ("the handle (dispatch call number)", {}),
     "x_kind": ("x's dtype", X_KIND_NAMES),
     "algorithm": ("the algorithm", ALGORITHM_NAMES),
+    "config_num_sms": ("config.num_sms (-1: no config)", {}),
+    "config_nvl_send_tokens": ("config.num_max_nvl_chunked_send_tokens (-1: no config)", {}),
+    "config_nvl_recv_tokens": ("config.num_max_nvl_chunked_recv_tokens (-1: no config)", {}),
 }
 
 

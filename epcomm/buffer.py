@@ -237,7 +237,7 @@ class Buffer:
             )
         except Exception as err:  # any failure here must reach the peers, not strand them
             problem = _problem_text(err)
-        signature = dict(operation=_OPERATIONS[op], **self._common_signature())
+        signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config))
         counts = None
         if prepared is not None:
             signature.update(prepared["signature"])
@@ -247,7 +247,7 @@ class Buffer:
         fmt, tensors = prepared["format"], prepared["tensors"]
         recv, plan = self._impl.dispatch(
             tensors, fmt, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
-            num_experts=prepared["num_experts"],
+            num_experts=prepared["num_experts"], config=config,
         )
         self._layout_seq += 1
         recv_x = self._unpack_x(recv)
@@ -323,7 +323,7 @@ class Buffer:
         node_counts = torch.zeros(topo.world_size, dtype=torch.int64)
         node_counts[: topo.num_nodes] = token_node_mask(is_token_in_rank, topo).sum(0).cpu()
         counts = torch.cat([num_tokens_per_rank.to(torch.int64).cpu(), node_counts])
-        self._impl.check_dispatch(tensors, num_topk)
+        self._impl.check_dispatch(tensors, num_topk, config=config)
         return {
             "tensors": tensors,
             "format": RowFormat(fields),
@@ -347,15 +347,16 @@ class Buffer:
             tensors, fields, num_tokens, hidden, x_kind = self._prepare_x(x)
             if num_tokens != handle.num_tokens:
                 raise Invalid(f"x has {num_tokens} tokens but the handle was made for {handle.num_tokens}")
-            self._impl.check_dispatch(tensors, 0, handle.plan)
+            self._impl.check_dispatch(tensors, 0, handle.plan, config=config)
         except Exception as err:
             problem = _problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
         hidden = tensors["x"].size(1) if tensors is not None else -1
-        signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature())
+        signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
+                         **_config_signature(config))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
         fmt = RowFormat(fields)
-        recv = self._impl.dispatch_cached(tensors, fmt, handle.plan)
+        recv = self._impl.dispatch_cached(tensors, fmt, handle.plan, config=config)
         return self._unpack_x(recv), None, None, None, None, EventOverlap.capture(recv["x"].device)
 
     # --------------------------------------------------------------- combine
@@ -403,14 +404,15 @@ class Buffer:
                              shape=(handle.num_recv_tokens, None), device=x.device)
                 tensors["topk_weights"] = topk_weights
                 fields.append(Field("topk_weights", torch.float32, topk_weights.size(1)))
-            self._impl.check_combine(tensors, handle.plan)
+            self._impl.check_combine(tensors, handle.plan, config=config)
         except Exception as err:
             problem = _problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind,
-                         has_topk_weights=int(topk_weights is not None), **self._common_signature())
+                         has_topk_weights=int(topk_weights is not None), **self._common_signature(),
+                         **_config_signature(config))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
-        sums = self._impl.combine(tensors, RowFormat(fields), handle.plan)
+        sums = self._impl.combine(tensors, RowFormat(fields), handle.plan, config=config)
         # copy=True: the sums live in the backend's scratch, reused by the next call
         combined_x = sums["x"].to(x.dtype, copy=True)
         combined_weights = sums["topk_weights"].clone() if "topk_weights" in sums else None
@@ -501,6 +503,14 @@ class Buffer:
 def _check_config(config: object) -> None:
     if config is not None and not isinstance(config, Config):
         raise Invalid(f"config must be an epcomm.Config or None, got {describe(config)}")
+
+
+def _config_signature(config: object) -> dict[str, int]:
+    """The Config fields every rank must share (the kernels lay out peer memory from them)."""
+    if not isinstance(config, Config):
+        return {}  # None (the backend's default), or invalid: reported by _check_config
+    return dict(config_num_sms=config.num_sms, config_nvl_send_tokens=config.num_max_nvl_chunked_send_tokens,
+                config_nvl_recv_tokens=config.num_max_nvl_chunked_recv_tokens)
 
 
 def _check_layout_consistent(

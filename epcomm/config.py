@@ -52,18 +52,33 @@ class Config:
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_nvl_ranks: int, num_topk: int = 8) -> int:
-        """Bytes of NVLink buffer one rank needs: a ring per (channel, peer) plus counters.
+        """Exact bytes of NVLink buffer each rank needs for calls with this config.
+
+        ``Buffer(num_nvl_bytes=hint)`` takes every dispatch and combine whose rows fit in
+        ``hidden_bytes`` and whose top-k is at most ``num_topk``; one byte less is rejected on every
+        rank before anything moves, with the size to ask for. The kernel backends lay the buffer out
+        as: control words (abort flag, barrier signals, per-channel counts, ring heads and tails),
+        then one ring of ``num_max_nvl_chunked_recv_tokens`` slots per (channel, source rank), a slot
+        being one row plus its source index, top-k ids and weights (csrc/kernels/workspace.cuh).
 
         Args:
-            hidden_bytes: bytes of one token row (``hidden * 2`` for bf16, ``hidden + hidden // 32`` for FP8).
+            hidden_bytes: bytes of the largest row moved: ``2 * hidden`` for bf16 (this also covers an
+                FP8 dispatch, ``hidden + 4 * hidden // 128`` bytes, followed by a bf16 combine),
+                ``4 * hidden`` for float32.
             num_nvl_ranks: ranks per node.
             num_topk: top-k of the routing (metadata carried per token).
         """
-        token_bytes = hidden_bytes + _SOURCE_META_BYTES + num_topk * (8 + 4)
-        rings = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens * token_bytes
-        counters = self.num_channels * num_nvl_ranks * 4 * 8  # head, tail, start, end per ring
-        prefix = num_nvl_ranks * num_nvl_ranks * 4 * (self.num_channels + 1)
-        return _round_up(rings + counters + prefix, 128)
+        from ._ext import load_extension  # the layout lives with the kernels
+
+        if hidden_bytes < 1 or num_nvl_ranks < 1 or num_topk < 0:
+            raise ValueError(f"need hidden_bytes >= 1, num_nvl_ranks >= 1, num_topk >= 0; got {hidden_bytes}, "
+                             f"{num_nvl_ranks}, {num_topk}")
+        ext = load_extension("cpu")
+        kernel = (self.num_channels, self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens)
+        problem = ext.validate_kernel_config(num_nvl_ranks, *kernel)
+        if problem:
+            raise ValueError(f"{self} does not fit the intranode kernels with {num_nvl_ranks} ranks: {problem}")
+        return int(ext.intranode_workspace_bytes(num_nvl_ranks, 0, num_topk, hidden_bytes, *kernel))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8) -> int:
         """Bytes of network-registered buffer one rank needs (send and receive rings per node)."""

@@ -24,7 +24,7 @@ class Case:
     hidden: int = 256
     num_experts: int = 32
     topk: int = 4
-    kind: str = "bf16"  # bf16 | fp8 | fp32
+    kind: str = "bf16"  # bf16 | fp8 | fp16 | fp32
     drop_prob: float = 0.1
     max_nodes: int = 4
     alignment: int = 1
@@ -55,7 +55,7 @@ def make_input(case: Case, rank: int) -> RankInput:
         scales = torch.rand(n, case.hidden // 128, generator=g) + 0.5
         x = (data, scales)
     else:
-        dtype = torch.bfloat16 if case.kind == "bf16" else torch.float32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.kind]
         x = torch.randn(n, case.hidden, generator=g).to(dtype)
     return RankInput(x, topk_idx, weights)
 
@@ -83,6 +83,11 @@ class RankReport:
     digest: list = field(default_factory=list)
     backend: str = ""  # the implementation that ran (Buffer._impl.name)
     kernel_epochs: int = 0  # sim: notify calls made (0 for torch)
+
+
+def backends_for(num_nodes: int) -> list[str]:
+    """The backends that run a topology of ``num_nodes`` nodes ("sim" is intranode-only for now)."""
+    return ["torch", "sim"] if num_nodes == 1 else ["torch"]
 
 
 def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 1, backend: str = "torch",

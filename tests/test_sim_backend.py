@@ -37,29 +37,13 @@ def test_sim_without_weights_and_explicit_buffer(pools):
     pools(4).run(check_case, case, "flat", 1, "sim", 64 << 20)
 
 
-def fp32_round(rank, world):
-    case = Case(num_nodes=1, nvl=world, tokens=(6,) * world, kind="fp32", seed=9)
-    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=world, timeout_s=60)
-    mine = make_input(case, rank)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(mine.topk_idx, case.num_experts)
-    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-        mine.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-        topk_idx=mine.topk_idx, topk_weights=mine.topk_weights)
-    assert recv_x.dtype == torch.float32
-    try:
-        buf.combine(recv_x, handle)
-    except epcomm.EpcommInputError as err:
-        message = str(err)
-    else:
-        message = None
-    out, _, _ = buf.combine(recv_x.to(torch.bfloat16), handle)  # the buffer still works
-    return message, out.shape
-
-
-def test_sim_fp32_dispatch_and_combine_needs_bf16(pools):
-    for message, shape in pools(2).run(fp32_round):
-        assert message is not None and "sums bfloat16 rows" in message, message
-        assert shape == (6, 256)
+@pytest.mark.parametrize("kind", ["fp32", "fp16"])
+def test_sim_combines_fp32_and_fp16_rows(pools, kind):
+    """Rows of every combine dtype are summed in fp32 and rounded once, as the torch backend does."""
+    case = Case(num_nodes=1, nvl=4, tokens=(6, 0, 13, 9), kind=kind, hidden=130, seed=9)
+    reports = pools(4).run(check_case, case, "flat", 1, "sim")
+    torch_reports = pools(4).run(check_case, case, "flat", 1, "torch")
+    assert [r.digest for r in reports] == [r.digest for r in torch_reports]
 
 
 def too_small(rank, world):

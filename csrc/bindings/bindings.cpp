@@ -83,6 +83,8 @@ namespace epcomm::runtime {
 // csrc/runtime/cpu_intranode.cpp: NvlWorkspace(shape, config).required_bytes()
 size_t intranode_workspace_bytes(int num_ranks, int num_local_experts, int num_topk, int max_row_bytes,
                                  int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
+// kernels::validate_config: "" when the config fits, else the rule it breaks
+std::string intranode_config_problem(int num_ranks, int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
 }  // namespace epcomm::runtime
 namespace {
 // Two processes ping-pong `rounds` messages through shared mappings: a 64-byte payload written with
@@ -195,6 +197,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_topk"), py::arg("max_row_bytes"), py::arg("num_channels"), py::arg("nvl_chunk_send_tokens"),
         py::arg("nvl_ring_tokens"),
         "Bytes each rank's NVL buffer needs for the intranode kernels (NvlWorkspace::required_bytes).");
+  m.def("validate_kernel_config", &intranode_config_problem, py::arg("num_ranks"), py::arg("num_channels"),
+        py::arg("nvl_chunk_send_tokens"), py::arg("nvl_ring_tokens"),
+        "'' when the intranode kernels accept this KernelConfig with num_ranks peers, else the rule it breaks.");
   m.def("segment_name", &cpu_segment_name, py::arg("run_token"), py::arg("rank"));
   m.def("unlink_segments", &cpu_unlink_segments, py::arg("run_token"), py::arg("num_ranks"),
         "shm_unlink every rank's segment of a run (failure cleanup); returns how many existed.");

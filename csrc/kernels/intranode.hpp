@@ -17,6 +17,7 @@
 
 #include "../common/compat.cuh"
 #include "config.cuh"
+#include "elements.cuh"
 #include "error.cuh"
 #include "workspace.cuh"
 
@@ -84,16 +85,17 @@ struct IntranodeDispatchArgs {
   int32_t* recv_src_idx = nullptr;      // [M]: token index on the source rank
 };
 
-// intranode_combine: the reverse path; out[t] = bf16(0 + (0 + row_d0 + row_d1 + ...)) in fp32 over the
-// ranks d holding token t, ascending. Weights (optional) are summed the same way.
+// intranode_combine: the reverse path; out[t] = dtype(0 + (0 + row_d0 + row_d1 + ...)) in fp32 over the
+// ranks d holding token t, ascending, rounded once to the rows' dtype. Weights (optional) are summed the same way.
 struct IntranodeCombineArgs {
   CommArgs comm;
-  uint16_t const* x = nullptr;             // [M, hidden] bf16 bits, rows in this rank's dispatch order
+  void const* x = nullptr;                 // [M, hidden] of element_kind, rows in this rank's dispatch order
+  ElementKind element_kind = ElementKind::kBfloat16;
   float const* topk_weights = nullptr;     // [M, K]; travels when combined_topk_weights is set (on every rank)
   int hidden = 0, num_topk = 0, num_tokens = 0;
   bool const* is_token_in_rank = nullptr;               // [N, R] of the dispatch
   int32_t const* recv_channel_prefix_matrix = nullptr;  // [R, C + 1] of the dispatch
-  uint16_t* combined_x = nullptr;          // [N, hidden] bf16 bits out
+  void* combined_x = nullptr;              // [N, hidden] of element_kind, out
   float* combined_topk_weights = nullptr;  // [N, K] out, or null: no weights
 };
 

@@ -6,15 +6,16 @@
 //   odd block (receiver): for the tokens of channel c, in batches, warp 0's lane d
 //     works out which row of ring (c, d) holds each token and waits until the
 //     tail covers them; then every thread reduces: per token and element,
-//     partial = 0; partial += float(row_d) for d ascending; out = bf16(0 + partial)
+//     partial = 0; partial += float(row_d) for d ascending; out = dtype(0 + partial)
 //     (the torch backend's order for one node); then lane d frees the rows.
+// Rows are bf16, fp16 or fp32 (args.element_kind); sums are fp32, rounded once.
 // A batch holds at most ring - chunk + 1 tokens: the receiver never needs a row
 // the sender cannot write before the receiver frees slots (no deadlock).
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
-#include "bf16.cuh"
 #include "channel.cuh"
+#include "elements.cuh"
 #include "intranode.hpp"
 
 namespace epcomm::kernels {
@@ -30,7 +31,7 @@ EPCOMM_DEVICE void combine_sender(IntranodeCombineArgs const& args, int channel,
                   comm.config);
 
   int32_t const* prefix = args.recv_channel_prefix_matrix + int64_t(dst) * (comm.config.num_channels + 1);
-  int const row_words = args.hidden / 2;
+  int const row_words = args.hidden * element_bytes(args.element_kind) / 4;
   for (int64_t row = prefix[channel]; row < prefix[channel + 1]; ++row) {
     if (!ring.reserve(context, lane)) return;
     char* slot = ws.slot(dst_buffer, channel, comm.rank, ring.sent);
@@ -88,10 +89,9 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
         float partial = 0.0f;
         for (int d = 0; d < num_ranks; ++d) {
           int const row = ring_rows[i][d];
-          if (row >= 0)
-            partial += bf16_bits_to_float(reinterpret_cast<uint16_t const*>(ws.slot(own_buffer, channel, d, row))[j]);
+          if (row >= 0) partial += load_element(ws.slot(own_buffer, channel, d, row), j, args.element_kind);
         }
-        args.combined_x[token * args.hidden + j] = float_to_bf16_bits(0.0f + partial);
+        store_element(args.combined_x, token * args.hidden + j, 0.0f + partial, args.element_kind);
       }
       if (args.combined_topk_weights == nullptr) continue;
       for (int k = thread; k < args.num_topk; k += num_threads) {

@@ -71,8 +71,12 @@ inline char const* validate(IntranodeDispatchArgs const& args) {
 inline char const* validate(IntranodeCombineArgs const& args) {
   if (char const* problem = validate(args.comm)) return problem;
   NvlWorkspace const& ws = args.comm.workspace;
-  if (args.hidden <= 0 || args.hidden % 2 != 0) return "combine: hidden must be a positive even number";
-  if (size_t(args.hidden) * 2 > ws.row_bytes) return "combine: 2 * hidden exceeds the workspace's max_row_bytes";
+  if (!is_element_kind(int32_t(args.element_kind))) return "combine: element_kind must be bfloat16, float16 or float32";
+  int const element_size = element_bytes(args.element_kind);
+  if (args.hidden <= 0 || args.hidden * element_size % 4 != 0)
+    return "combine: hidden must be positive and its rows a multiple of 4 bytes (even hidden for 16-bit rows)";
+  if (size_t(args.hidden) * element_size > ws.row_bytes)
+    return "combine: hidden x element bytes exceed the workspace's max_row_bytes";
   if (args.num_tokens < 0) return "combine: num_tokens must be >= 0";
   if (args.num_tokens > 0 && (args.is_token_in_rank == nullptr || args.combined_x == nullptr))
     return "combine: is_token_in_rank / combined_x is null";

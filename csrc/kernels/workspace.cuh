@@ -34,7 +34,7 @@ struct NvlWorkspaceShape {
   int num_ranks = 1;
   int num_local_experts = 0;  // experts per rank; 0: notify does not exchange per-expert counts
   int num_topk = 0;
-  int max_row_bytes = 0;  // largest of: dispatch row (x bytes + scale bytes), combine row (2 * hidden)
+  int max_row_bytes = 0;  // largest of: dispatch row (x bytes + scale bytes), combine row (hidden x element bytes)
 };
 
 struct NvlWorkspace {

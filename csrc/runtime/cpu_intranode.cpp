@@ -12,8 +12,9 @@
 //   intranode_dispatch: comm..., x, hidden_bytes, x_scales, scale_bytes, topk_idx, topk_weights, num_topk,
 //                       num_experts, num_tokens, is_token_in_rank, recv_channel_prefix_matrix,
 //                       recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx
-//   intranode_combine:  comm..., x, topk_weights, hidden, num_topk, num_tokens, is_token_in_rank,
-//                       recv_channel_prefix_matrix, combined_x, combined_topk_weights
+//   intranode_combine:  comm..., x, element_kind (1 bf16, 2 fp16, 3 fp32), topk_weights, hidden, num_topk,
+//                       num_tokens, is_token_in_rank, recv_channel_prefix_matrix, combined_x,
+//                       combined_topk_weights
 // A failed kernel throws RuntimeError(kTimeout / kKernelFailed) with the ErrorSlot's description.
 
 #include <string>
@@ -122,20 +123,21 @@ void run_dispatch(KernelCall const& call) {
 }
 
 void run_combine(KernelCall const& call) {
-  check_count(call, "intranode_combine", kCommArgs + 9);
+  check_count(call, "intranode_combine", kCommArgs + 10);
   std::vector<int64_t> const& a = call.args;
   kernels::ErrorSlot slot{};
   kernels::IntranodeCombineArgs args;
   args.comm = make_comm(call, &slot);
   size_t i = kCommArgs;
-  args.x = ptr<uint16_t const>(a[i++]);
+  args.x = ptr<void const>(a[i++]);
+  args.element_kind = kernels::ElementKind(a[i++]);
   args.topk_weights = ptr<float const>(a[i++]);
   args.hidden = int(a[i++]);
   args.num_topk = int(a[i++]);
   args.num_tokens = int(a[i++]);
   args.is_token_in_rank = ptr<bool const>(a[i++]);
   args.recv_channel_prefix_matrix = ptr<int32_t const>(a[i++]);
-  args.combined_x = ptr<uint16_t>(a[i++]);
+  args.combined_x = ptr<void>(a[i++]);
   args.combined_topk_weights = ptr<float>(a[i++]);
   finish("intranode_combine", call, kernels::launch_intranode_combine(args, options("intranode_combine", call)), slot);
 }
@@ -156,6 +158,11 @@ size_t intranode_workspace_bytes(int num_ranks, int num_local_experts, int num_t
   if (char const* problem = kernels::validate_config(config, num_ranks))
     throw RuntimeError(ErrorCode::kInvalidArgument, problem);
   return kernels::NvlWorkspace({num_ranks, num_local_experts, num_topk, max_row_bytes}, config).required_bytes();
+}
+
+std::string intranode_config_problem(int num_ranks, int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens) {
+  char const* problem = kernels::validate_config({num_channels, nvl_chunk_send_tokens, nvl_ring_tokens}, num_ranks);
+  return problem != nullptr ? problem : "";
 }
 
 }  // namespace epcomm::runtime

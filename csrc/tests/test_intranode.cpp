@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstring>
 #include <memory>
@@ -509,6 +510,32 @@ EPCOMM_TEST(intranode_workspace_and_validation) {
   args.comm.num_ranks = 8;
   args.comm.workspace = ws;
   CHECK(std::string(kernels::validate(args)).find("peer_buffers") != std::string::npos);
+}
+
+}  // namespace
+
+namespace {
+
+// Every fp16 value survives fp16 -> fp32 -> fp16 (NaNs become the quiet 0x7e00 of their sign), and
+// fp32 -> fp16 rounds to nearest even at the subnormal, normal and overflow boundaries.
+EPCOMM_TEST(element_conversions) {
+  for (uint32_t bits = 0; bits < 0x10000u; ++bits) {
+    uint16_t const half = uint16_t(bits);
+    bool const is_nan = (half & 0x7c00u) == 0x7c00u && (half & 0x3ffu) != 0;
+    uint16_t const want = is_nan ? uint16_t((half & 0x8000u) | 0x7e00u) : half;
+    CHECK_EQ(kernels::float_to_fp16_bits(kernels::fp16_bits_to_float(half)), want);
+  }
+  CHECK_EQ(kernels::float_to_fp16_bits(65504.0f), uint16_t(0x7bff));
+  CHECK_EQ(kernels::float_to_fp16_bits(65519.99f), uint16_t(0x7bff));
+  CHECK_EQ(kernels::float_to_fp16_bits(65520.0f), uint16_t(0x7c00));          // halfway, rounds to even: inf
+  CHECK_EQ(kernels::float_to_fp16_bits(-1e9f), uint16_t(0xfc00));
+  CHECK_EQ(kernels::float_to_fp16_bits(0x1p-25f), uint16_t(0x0000));          // half the smallest subnormal: even
+  CHECK_EQ(kernels::float_to_fp16_bits(0x1.8p-24f), uint16_t(0x0002));        // 1.5 steps: to even (2)
+  CHECK_EQ(kernels::float_to_fp16_bits(1.0f + 0x1p-11f), uint16_t(0x3c00));   // halfway above 1: to even
+  CHECK_EQ(kernels::float_to_fp16_bits(1.0f + 0x1.8p-10f), uint16_t(0x3c02)); // 1.5 ulp: to even
+  CHECK_EQ(kernels::float_to_fp16_bits(0x1.ffcp-15f), uint16_t(0x0400));      // rounds up into the normals
+  CHECK_EQ(kernels::float_to_bf16_bits(1.0f + 0x1p-8f), uint16_t(0x3f80));    // bf16 halfway: to even
+  CHECK_EQ(kernels::load_element(std::array<float, 2>{1.5f, -2.0f}.data(), 1, kernels::ElementKind::kFloat32), -2.0f);
 }
 
 }  // namespace

@@ -153,10 +153,11 @@ class TorchBackend:
         return self.scratch.get(name, rows, width, torch.float32, device).zero_()
 
     # ----------------------------------------------------------------- checks
-    def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None) -> None:
+    def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
+                       config: object = None) -> None:
         """Backend-specific input limits (raise ``Invalid``); the torch backend takes anything Buffer accepts."""
 
-    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object) -> None:
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: object = None) -> None:
         """Backend-specific input limits of combine (raise ``Invalid``); none here."""
 
     # ----------------------------------------------------------------- dispatch
@@ -168,6 +169,7 @@ class TorchBackend:
         counts: torch.Tensor,
         node_counts: torch.Tensor,
         num_experts: int = -1,
+        config: object = None,
     ) -> tuple[dict[str, torch.Tensor], FlatPlan | TwoHopPlan]:
         """Send each token's row to every rank in ``is_token_in_rank``.
 
@@ -177,6 +179,7 @@ class TorchBackend:
             counts: ``[world_size, world_size]`` int64, ``counts[s, d]`` tokens rank s sends rank d.
             node_counts: ``[world_size, num_nodes]`` int64, tokens rank s sends to node n.
             num_experts: unused here (the kernel backends need it to localize expert ids).
+            config: unused here (the kernel backends' :class:`~epcomm.Config`).
         Returns:
             per field, ``[num_recv, width]`` rows ordered by source rank, then token,
             and the plan that cached dispatch and combine reuse.
@@ -187,7 +190,7 @@ class TorchBackend:
 
     def dispatch_cached(
         self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan,
-        op: str = "cached dispatch",
+        op: str = "cached dispatch", config: object = None,
     ) -> dict[str, torch.Tensor]:
         """Dispatch along an earlier dispatch's routing (no count exchange)."""
         if isinstance(plan, FlatPlan):
@@ -269,7 +272,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ combine
     def combine(
-        self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan
+        self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan, config: object = None
     ) -> dict[str, torch.Tensor]:
         """Return each received row to its source and sum per token (fp32, fixed order).
 

@@ -1,0 +1,83 @@
+#pragma once
+// The element types combine sums, on raw bits, identical on both targets (no
+// cuda_bf16.h / cuda_fp16.h): widening to fp32 is exact; narrowing rounds to
+// nearest even, as torch's Tensor.to() does on CPU (bf16 NaN -> 0x7fc0,
+// fp16 NaN -> 0x7e00, fp16 overflow -> inf).
+
+#include <cstdint>
+#include <cstring>
+
+#include "../common/compat.cuh"
+
+namespace epcomm::kernels {
+
+// Values match the Python side's codes (epcomm/backends/sim_backend.py).
+enum class ElementKind : int32_t { kBfloat16 = 1, kFloat16 = 2, kFloat32 = 3 };
+
+EPCOMM_HOST_DEVICE int element_bytes(ElementKind kind) { return kind == ElementKind::kFloat32 ? 4 : 2; }
+EPCOMM_HOST_DEVICE bool is_element_kind(int32_t code) { return code >= 1 && code <= 3; }
+
+EPCOMM_HOST_DEVICE float bits_to_float(uint32_t bits) {
+  float value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+EPCOMM_HOST_DEVICE uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+EPCOMM_HOST_DEVICE float bf16_bits_to_float(uint16_t bits) { return bits_to_float(uint32_t(bits) << 16); }
+
+EPCOMM_HOST_DEVICE uint16_t float_to_bf16_bits(float value) {
+  uint32_t const bits = float_to_bits(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  uint32_t const rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t((bits + rounding_bias) >> 16);
+}
+
+EPCOMM_HOST_DEVICE float fp16_bits_to_float(uint16_t half) {
+  uint32_t const sign = uint32_t(half & 0x8000u) << 16;
+  uint32_t const exponent = (half >> 10) & 0x1fu, mantissa = half & 0x3ffu;
+  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
+  if (exponent == 0) return bits_to_float(sign | float_to_bits(float(mantissa) * 0x1p-24f));  // zero, subnormal
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));  // rebias 15 -> 127
+}
+
+EPCOMM_HOST_DEVICE uint16_t float_to_fp16_bits(float value) {
+  uint32_t const bits = float_to_bits(value);
+  uint16_t const sign = uint16_t((bits >> 16) & 0x8000u);
+  uint32_t const magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return sign | 0x7e00u;    // NaN
+  if (magnitude >= 0x477ff000u) return sign | 0x7c00u;   // >= 65520 rounds to inf
+  if (magnitude < 0x38800000u) {                         // below 2^-14: subnormal half
+    // 0.5f has an ulp of 2^-24, the subnormal step: the float add rounds to nearest even for us
+    return sign | uint16_t(float_to_bits(bits_to_float(magnitude) + 0.5f) - 0x3f000000u);
+  }
+  uint32_t const rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+  return sign | uint16_t((rounded - 0x38000000u) >> 13);  // rebias 127 -> 15
+}
+
+// Element `index` of a row of `kind`, widened to fp32.
+EPCOMM_HOST_DEVICE float load_element(void const* row, int64_t index, ElementKind kind) {
+  switch (kind) {
+    case ElementKind::kBfloat16: return bf16_bits_to_float(static_cast<uint16_t const*>(row)[index]);
+    case ElementKind::kFloat16: return fp16_bits_to_float(static_cast<uint16_t const*>(row)[index]);
+    case ElementKind::kFloat32: break;
+  }
+  return static_cast<float const*>(row)[index];
+}
+
+// Stores `value` rounded to `kind` as element `index` of `row`.
+EPCOMM_HOST_DEVICE void store_element(void* row, int64_t index, float value, ElementKind kind) {
+  switch (kind) {
+    case ElementKind::kBfloat16: static_cast<uint16_t*>(row)[index] = float_to_bf16_bits(value); return;
+    case ElementKind::kFloat16: static_cast<uint16_t*>(row)[index] = float_to_fp16_bits(value); return;
+    case ElementKind::kFloat32: break;
+  }
+  static_cast<float*>(row)[index] = value;
+}
+
+}  // namespace epcomm::kernels
