@@ -11,6 +11,15 @@ import epcomm
 from cases import Case, check_case, make_input
 
 CASE = Case(num_nodes=2, nvl=2, tokens=(12, 9, 15, 6), kind="bf16", max_nodes=2, seed=21)
+# Each backend on a topology it runs: sim is intranode-only for now, so it gets one node of 4 ranks.
+CASES = {"torch": CASE, "sim": Case(num_nodes=1, nvl=4, tokens=(12, 9, 15, 6), kind="bf16", seed=21)}
+BACKENDS = list(CASES)
+
+
+def _buffer(backend: str, **kwargs) -> epcomm.Buffer:
+    case = CASES[backend]
+    kwargs.setdefault("num_nvl_ranks", case.nvl)
+    return epcomm.Buffer(None, backend=backend, max_nodes_per_token=case.max_nodes, **kwargs)
 
 
 def _layout_args(buf, inp, num_experts):
@@ -61,9 +70,9 @@ def _corrupt(mutation: str, buf, inp, args):
     return x
 
 
-def dispatch_with_bad_rank(rank, world, mutation, bad_rank):
-    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=CASE.nvl, max_nodes_per_token=CASE.max_nodes)
-    inp = make_input(CASE, rank)
+def dispatch_with_bad_rank(rank, world, mutation, bad_rank, backend="torch"):
+    buf = _buffer(backend)
+    inp = make_input(CASES[backend], rank)
     args = _layout_args(buf, inp, CASE.num_experts)
     x = _corrupt(mutation, buf, inp, args) if rank == bad_rank else inp.x
     try:
@@ -92,20 +101,22 @@ MUTATIONS = {
 }
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_one_bad_rank_fails_every_rank(pools, mutation):
+def test_one_bad_rank_fails_every_rank(pools, mutation, backend):
     bad_rank = 2
-    outcomes = pools(4).run(dispatch_with_bad_rank, mutation, bad_rank)
+    outcomes = pools(4).run(dispatch_with_bad_rank, mutation, bad_rank, backend)
     for rank, (kind, message, ranks) in enumerate(outcomes):
         assert kind == "input error", f"rank {rank} did not raise for {mutation!r}"
         assert ranks == [bad_rank], message
         assert f"rank {bad_rank}:" in message and MUTATIONS[mutation] in message, message
     # the group is still healthy: a correct round goes through afterwards
-    pools(4).run(check_case, CASE, "two_hop")
+    pools(4).run(check_case, CASES[backend], "auto", 1, backend)
 
 
-def test_num_experts_disagreement(pools):
-    outcomes = pools(4).run(dispatch_with_bad_rank, "experts disagree", 0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_experts_disagreement(pools, backend):
+    outcomes = pools(4).run(dispatch_with_bad_rank, "experts disagree", 0, backend)
     for kind, message, ranks in outcomes:
         assert kind == "input error" and ranks == [0] and "ranks disagree on num_experts" in message, message
 
@@ -129,10 +140,10 @@ def test_node_cap_is_enforced_on_every_rank(pools):
         assert message is not None and "rank 3:" in message and "max_nodes_per_token=2" in message, message
 
 
-def bad_handle(rank, world, kind):
-    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=2)
-    other = epcomm.Buffer(None, backend="torch", num_nvl_ranks=2)
-    inp = make_input(CASE, rank)
+def bad_handle(rank, world, kind, backend="torch"):
+    buf = _buffer(backend)
+    other = _buffer(backend)
+    inp = make_input(CASES[backend], rank)
     args = _layout_args(buf, inp, CASE.num_experts)
     _, _, w, _, handle, _ = buf.dispatch(inp.x, **args)
     _, _, _, _, handle2, _ = buf.dispatch(inp.x, **args)
@@ -149,6 +160,9 @@ def bad_handle(rank, world, kind):
             buf.combine((recv.to(torch.float8_e4m3fn), recv) if rank == 1 else recv, handle2)
         elif kind == "cached with layout":
             buf.dispatch(inp.x, handle=handle2, topk_idx=inp.topk_idx if rank == 1 else None)
+        elif kind == "config disagrees":
+            config = epcomm.Config(num_sms=4 if rank == 1 else 6)
+            buf.dispatch(inp.x, **args, config=config)
         elif kind == "operation mix":
             if rank == 1:
                 buf.dispatch(inp.x, handle=handle2)
@@ -166,15 +180,17 @@ def bad_handle(rank, world, kind):
     ("combine fp8", "combine takes no FP8 tuple"),
     ("cached with layout", "takes no layout tensors"),
     ("operation mix", "ranks disagree on the operation"),
+    ("config disagrees", "ranks disagree on config.num_sms (-1: no config): this rank has 4, ranks 0,2,3 have 6"),
 ])
-def test_handle_misuse(pools, kind, phrase):
-    for message in pools(4).run(bad_handle, kind):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_handle_misuse(pools, kind, phrase, backend):
+    for message in pools(4).run(bad_handle, kind, backend):
         assert message is not None and "rank 1:" in message and phrase in message, message
 
 
-def late_or_missing_rank(rank, world, delay_s, timeout_s):
-    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=2, timeout_s=timeout_s)
-    inp = make_input(CASE, rank)
+def late_or_missing_rank(rank, world, delay_s, timeout_s, backend="torch"):
+    buf = _buffer(backend, timeout_s=timeout_s)
+    inp = make_input(CASES[backend], rank)
     args = _layout_args(buf, inp, CASE.num_experts)
     if rank == 3:
         time.sleep(delay_s)
@@ -188,15 +204,17 @@ def late_or_missing_rank(rank, world, delay_s, timeout_s):
     return ("ok", None, time.monotonic() - start)
 
 
-def test_slow_rank_within_timeout_succeeds(pools):
-    outcomes = pools(4).run(late_or_missing_rank, 0.5, 10.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slow_rank_within_timeout_succeeds(pools, backend):
+    outcomes = pools(4).run(late_or_missing_rank, 0.5, 10.0, backend)
     assert all(o[0] == "ok" for o in outcomes), outcomes
 
 
-def test_missing_rank_times_out_naming_the_stage(pools):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_rank_times_out_naming_the_stage(pools, backend):
     pool = pools(4)
     try:
-        outcomes = pool.run(late_or_missing_rank, 4.0, 1.5, timeout=60)
+        outcomes = pool.run(late_or_missing_rank, 4.0, 1.5, backend, timeout=60)
     finally:
         pool.close()  # a timed-out gloo group is not reusable
     for rank, outcome in enumerate(outcomes[:3]):

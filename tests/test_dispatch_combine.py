@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cases import Case, check_case, expected_pairs
+from cases import Case, backends_for, check_case, expected_pairs
 
 TOPOLOGIES = [(1, 2), (1, 4), (2, 2), (4, 2), (8, 1)]  # (nodes, ranks per node)
+RUNS = [(m, l, b) for m, l in TOPOLOGIES for b in backends_for(m)]  # + the backends each topology runs on
 
 
 def uneven_tokens(world: int) -> tuple[int, ...]:
@@ -15,14 +16,15 @@ def uneven_tokens(world: int) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp8"])
-@pytest.mark.parametrize("nodes,nvl", TOPOLOGIES, ids=[f"{m}x{l}" for m, l in TOPOLOGIES])
-def test_matches_reference_both_algorithms(pools, nodes, nvl, kind):
+@pytest.mark.parametrize("nodes,nvl,backend", RUNS, ids=[f"{m}x{l}-{b}" for m, l, b in RUNS])
+def test_matches_reference_both_algorithms(pools, nodes, nvl, backend, kind):
     case = Case(num_nodes=nodes, nvl=nvl, tokens=uneven_tokens(nodes * nvl), kind=kind, alignment=4, seed=nodes + nvl)
     pool = pools(case.world)
     algorithms = ["flat", "two_hop"] if nodes > 1 else ["flat"]
     digests = {}
     for algorithm in algorithms:
-        reports = pool.run(check_case, case, algorithm)
+        reports = pool.run(check_case, case, algorithm, 1, backend)
+        assert all(r.backend == backend for r in reports)
         digests[algorithm] = [r.digest for r in reports]
         node_pairs, rank_pairs = expected_pairs(case)
         rows_over_network = sum(r.traffic.get("dispatch", {}).get("rdma", {}).get("rows", 0) for r in reports)
@@ -42,6 +44,13 @@ def test_fp32_without_weights_and_alignment(pools):
         pools(4).run(check_case, case, algorithm)
 
 
+@pytest.mark.parametrize("backend", backends_for(1))
+@pytest.mark.parametrize("kind", ["fp32", "fp16"])
+def test_one_node_fp32_fp16_without_weights(pools, backend, kind):
+    case = Case(num_nodes=1, nvl=4, tokens=(5, 17, 3, 11), kind=kind, with_weights=False, alignment=8, seed=3)
+    pools(4).run(check_case, case, "flat", 1, backend)
+
+
 def test_two_hop_network_bytes_are_exact(pools):
     """Network payload bytes = (token, destination node) pairs x row bytes, bf16 and FP8."""
     base = dict(num_nodes=4, nvl=2, tokens=(40,) * 8, hidden=256, seed=11)
@@ -56,22 +65,24 @@ def test_two_hop_network_bytes_are_exact(pools):
     assert measured["fp8"] * 2 * 256 == measured["bf16"] * (256 + 4 * 256 // 128)
 
 
-def test_repeated_rounds_are_deterministic(pools):
-    case = Case(num_nodes=2, nvl=2, tokens=(13, 0, 21, 8), seed=5)
-    reports = pools(4).run(check_case, case, "two_hop", rounds=3)
+@pytest.mark.parametrize("nodes,backend", [(2, "torch"), (1, "torch"), (1, "sim")])
+def test_repeated_rounds_are_deterministic(pools, nodes, backend):
+    case = Case(num_nodes=nodes, nvl=4 // nodes, tokens=(13, 0, 21, 8), seed=5)
+    reports = pools(4).run(check_case, case, "auto", 3, backend)
     for r in reports:
         assert len(set(r.digest)) == 1
 
 
-def test_nothing_to_send_anywhere(pools):
+@pytest.mark.parametrize("nodes,backend", [(4, "torch"), (1, "sim")])
+def test_nothing_to_send_anywhere(pools, nodes, backend):
     """Every rank with zero tokens (the hypothesis-found empty-slice alignment bug)."""
     for kind in ("fp8", "bf16"):
-        case = Case(num_nodes=4, nvl=1, tokens=(0, 0, 0, 0), hidden=128, num_experts=4, topk=1, kind=kind)
-        for algorithm in ("flat", "two_hop"):
-            pools(4).run(check_case, case, algorithm)
+        case = Case(num_nodes=nodes, nvl=4 // nodes, tokens=(0, 0, 0, 0), hidden=128, num_experts=4, topk=1, kind=kind)
+        for algorithm in (("flat", "two_hop") if nodes > 1 else ("flat",)):
+            pools(4).run(check_case, case, algorithm, 1, backend)
 
 
-def dispatch_without_topk(rank, world, nvl):
+def dispatch_without_topk(rank, world, nvl, backend):
     """Routing given only by is_token_in_rank: rows move, no expert outputs."""
     import torch
 
@@ -81,7 +92,7 @@ def dispatch_without_topk(rank, world, nvl):
 
     case = Case(num_nodes=world // nvl, nvl=nvl, tokens=(7, 3, 0, 12), seed=8)
     inputs = [make_input(case, r) for r in range(world)]
-    buf = epcomm.Buffer(None, num_nvl_ranks=nvl)
+    buf = epcomm.Buffer(None, num_nvl_ranks=nvl, backend=backend)
     per_rank, per_rdma, _, in_rank, _ = buf.get_dispatch_layout(inputs[rank].topk_idx, case.num_experts)
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
         inputs[rank].x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank
@@ -94,6 +105,6 @@ def dispatch_without_topk(rank, world, nvl):
     assert torch.equal(combined, want) and weights is None
 
 
-@pytest.mark.parametrize("nvl", [2, 4])
-def test_dispatch_with_is_token_in_rank_only(pools, nvl):
-    pools(4).run(dispatch_without_topk, nvl)
+@pytest.mark.parametrize("nvl,backend", [(2, "torch"), (4, "torch"), (4, "sim")])
+def test_dispatch_with_is_token_in_rank_only(pools, nvl, backend):
+    pools(4).run(dispatch_without_topk, nvl, backend)

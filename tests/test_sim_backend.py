@@ -121,3 +121,95 @@ def wrong_weight_width(rank, world):
 def test_sim_combine_weights_need_dispatch_topk(pools):
     for message in pools(2).run(wrong_weight_width):
         assert message is not None and "dispatch's num_topk=4 columns, got 2" in message, message
+
+
+def test_sim_counts_the_rows_and_bytes_its_kernels_move(pools):
+    """Per link class, sim moves the rows and payload bytes the torch backend sends (metadata differs:
+    a kernel slot carries the source index beside the top-k ids and weights)."""
+    case = Case(num_nodes=1, nvl=4, tokens=(11, 0, 7, 19), kind="fp8", seed=31)
+    sim = pools(4).run(check_case, case, "flat", 1, "sim")
+    ref = pools(4).run(check_case, case, "flat", 1, "torch")
+    num_topk = case.topk
+    for s, t in zip(sim, ref):
+        for op in ("dispatch", "cached dispatch", "combine"):
+            for link in ("self", "nvl"):
+                got, want = s.traffic.get(op, {}).get(link, {}), t.traffic.get(op, {}).get(link, {})
+                assert got.get("rows", 0) == want.get("rows", 0), (op, link, got, want)
+                assert got.get("payload_bytes", 0) == want.get("payload_bytes", 0), (op, link, got, want)
+        nvl = s.traffic.get("dispatch", {}).get("nvl", {"rows": 0, "meta_bytes": 0})
+        assert nvl["meta_bytes"] == nvl["rows"] * (4 + 12 * num_topk)
+        assert "rdma" not in s.traffic.get("dispatch", {})
+    assert sum(s.traffic["dispatch"]["nvl"]["rows"] for s in sim if "dispatch" in s.traffic) > 0
+
+
+def buffer_at_hint(rank, world, slack):
+    """A bf16 dispatch + combine of hidden 256, top-4, in a buffer of exactly the hint (+ slack) bytes."""
+    from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG
+
+    case = Case(num_nodes=1, nvl=world, tokens=(9,) * world, hidden=256, topk=4, seed=2)
+    hint = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, world, case.topk)
+    try:
+        check_case(rank, world, case, "flat", 1, "sim", hint + slack)
+    except Exception as err:  # RankFailure is raised by the pool; here the error itself
+        return hint, type(err).__name__, str(err)
+    return hint, None, None
+
+
+@pytest.mark.parametrize("config_kwargs", [dict(), dict(num_sms=8, num_max_nvl_chunked_recv_tokens=12)])
+def test_nvl_size_hint_is_exact(pools, config_kwargs):
+    """The hint is the kernels' own workspace size: enough for the call, and one byte less is refused."""
+    from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG
+
+    hint = (epcomm.Config(**config_kwargs) if config_kwargs else SIM_DEFAULT_CONFIG).get_nvl_buffer_size_hint(512, 4, 4)
+    assert hint > 0 and hint % 128 == 0
+    if config_kwargs:  # more channels and a shorter ring: the layout follows the config
+        assert hint != SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(512, 4, 4)
+        return
+    for (got_hint, error, _) in pools(4).run(buffer_at_hint, 0):
+        assert got_hint == hint and error is None
+    for (_, error, message) in pools(4).run(buffer_at_hint, -1):
+        assert error == "EpcommInputError", message
+        assert f"raise num_nvl_bytes to at least {hint}" in message and f"num_nvl_bytes={hint - 1}" in message, message
+
+
+def with_config(rank, world, config_kwargs):
+    from cases import check_round
+
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=world, timeout_s=60)
+    case = Case(num_nodes=1, nvl=world, tokens=(40, 3, 0, 27)[:world], kind="fp8", seed=12)
+    config = epcomm.Config(**config_kwargs)
+    inputs = make_input(case, rank)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(inputs.topk_idx, case.num_experts)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(
+        inputs.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=inputs.topk_idx, topk_weights=inputs.topk_weights, config=config)
+    channels = handle.plan.recv_channel_prefix.size(1) - 1
+    cached = buf.dispatch(inputs.x, handle=handle, config=config)[0]
+    out, _, _ = buf.combine(cached[0].float().to(torch.bfloat16), handle, config=config)
+    check_round(buf, case, rank, world)  # then a call with the default config, checked against the reference
+    return channels, out.shape
+
+
+def test_sim_runs_the_callers_config(pools):
+    """A Config picks the kernels' channels, chunk and ring (a 3-token ring wraps on every channel)."""
+    kwargs = dict(num_sms=6, num_max_nvl_chunked_send_tokens=2, num_max_nvl_chunked_recv_tokens=3)
+    for channels, shape in pools(4).run(with_config, kwargs):
+        assert channels == 3
+
+
+def bad_kernel_config(rank, world):
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=world, timeout_s=60)
+    x = torch.zeros(4, 256, dtype=torch.bfloat16)
+    topk_idx = torch.zeros(4, 2, dtype=torch.int64)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, 4)
+    try:
+        buf.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                     topk_idx=topk_idx, config=epcomm.Config(num_sms=2 * 600))
+    except epcomm.EpcommInputError as err:
+        return str(err)
+    return None
+
+
+def test_sim_rejects_a_config_the_kernels_cannot_run(pools):
+    for message in pools(2).run(bad_kernel_config):
+        assert message is not None and "num_channels must be in [1, 512]" in message, message
