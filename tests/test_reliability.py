@@ -31,9 +31,37 @@ def test_twenty_rounds_are_bitwise_identical(pools, kind):
         assert all(t == per_rank[0] for t in per_rank), "byte counts changed between rounds"
 
 
-def traffic_per_round(rank, world, case, rounds):
-    buf = epcomm.Buffer(None, num_nvl_ranks=case.nvl)
+def traffic_per_round(rank, world, case, rounds, backend="torch"):
+    buf = epcomm.Buffer(None, num_nvl_ranks=case.nvl, backend=backend)
     return [check_round(buf, case, rank, world)[1] for _ in range(rounds)]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_sim_twenty_rounds_are_bitwise_identical(pools, kind):
+    case = Case(num_nodes=1, nvl=4, tokens=(30, 0, 25, 12), kind=kind, seed=9)
+    reports = pools(4).run(check_case, case, "flat", 20, "sim")
+    for r in reports:
+        assert len(set(r.digest)) == 1, "outputs changed between rounds"
+    traffic = pools(4).run(traffic_per_round, case, 20, "sim")
+    for per_rank in traffic:
+        assert all(t == per_rank[0] for t in per_rank), "byte counts changed between rounds"
+
+
+def under_fuzz_seed(rank, world, case, seed):
+    """One checked round with the SIMT scheduler fuzzed by ``seed`` (0: the plain round-robin)."""
+    os.environ["EPCOMM_SIMT_SEED"] = str(seed)  # read by every kernel launch (csrc/simt/fuzz.hpp)
+    try:
+        return check_case(rank, world, case, "flat", 1, "sim").digest[0]
+    finally:
+        del os.environ["EPCOMM_SIMT_SEED"]
+
+
+def test_sim_gives_the_same_bits_under_every_schedule(pools):
+    """Different fuzzed schedules (thread picks, skipped yields, OS-level perturbation) change the
+    interleaving of every kernel, never the output bits."""
+    case = Case(num_nodes=1, nvl=4, tokens=(21, 5, 0, 16), kind="bf16", seed=13)
+    digests = {seed: pools(4).run(under_fuzz_seed, case, seed) for seed in (0, 1, 2, 3, 17)}
+    assert len({tuple(d) for d in digests.values()}) == 1, digests
 
 
 def _resources() -> dict[str, int]:
@@ -51,8 +79,8 @@ def _resources() -> dict[str, int]:
     }
 
 
-def _special_case(round_idx: int, rng: random.Random, world: int) -> Case:
-    nvl = rng.choice([1, 2, 4])
+def _special_case(round_idx: int, rng: random.Random, world: int, one_node: bool = False) -> Case:
+    nvl = world if one_node else rng.choice([1, 2, 4])
     tokens = tuple(rng.randint(0, 6) for _ in range(world))
     kind = rng.choice(["bf16", "fp8", "fp32"])
     drop = rng.choice([0.0, 0.2, 1.0])  # 1.0: every token goes nowhere
@@ -65,16 +93,16 @@ def _special_case(round_idx: int, rng: random.Random, world: int) -> Case:
     return case
 
 
-def stress(rank, world, rounds, seed):
+def stress(rank, world, rounds, seed, backend="torch"):
     """Random small rounds; a fresh Buffer every 25 rounds. Returns resources after warm-up and at the end."""
     rng = random.Random(seed)  # same on every rank: shapes agree
     buf = None
     samples = []
     for i in range(rounds):
-        case = _special_case(i, rng, world)
+        case = _special_case(i, rng, world, one_node=backend == "sim")
         if buf is None or i % 25 == 0 or buf.topology.num_nvl_ranks != case.nvl:
             buf = epcomm.Buffer(None, num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes,
-                                algorithm=rng.choice(["flat", "two_hop"]))
+                                algorithm=rng.choice(["flat", "two_hop"]), backend=backend)
         check_round(buf, case, rank, world)
         if i in (rounds // 4, rounds - 1):
             del buf
@@ -84,9 +112,11 @@ def stress(rank, world, rounds, seed):
     return samples
 
 
-def test_stress_memory_fds_threads_stay_flat(pools):
-    rounds = 3000 if LONG else 150
-    samples = pools(4).run(stress, rounds, 1234, timeout=3600 if LONG else 300)
+@pytest.mark.parametrize("backend", ["torch", "sim"])
+def test_stress_memory_fds_threads_stay_flat(pools, backend):
+    """sim also maps a shared-memory segment per peer per Buffer: none may outlive its Buffer."""
+    rounds = 3000 if LONG else (150 if backend == "torch" else 100)
+    samples = pools(4).run(stress, rounds, 1234, backend, timeout=3600 if LONG else 300)
     for rank, (warm, end) in enumerate(samples):
         # A leak per round would add ~rounds descriptors; allow a one-off lazy open (seen once in CI
         # after the runtime tests shared this pool) but nothing that scales with the rounds.
