@@ -27,12 +27,12 @@ def leaves(case: Case, rank: int, dtype: torch.dtype):
     return inp.topk_idx, x, z, w, probe_x, probe_w
 
 
-def distributed_grads(rank, world, case: Case, algorithm: str, dtype: torch.dtype):
+def distributed_grads(rank, world, case: Case, algorithm: str, dtype: torch.dtype, backend: str = "torch"):
     """Forward through the epcomm ops, backward, and return (outputs, grads, live handles after)."""
     import epcomm
     from epcomm import ops
 
-    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=case.nvl, algorithm=algorithm, timeout_s=60)
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=case.nvl, algorithm=algorithm, timeout_s=60)
     topk_idx, x, z, w, probe_x, probe_w = leaves(case, rank, dtype)
     got = ops.dispatch(buf, x, topk_idx, w, E, expert_alignment=4)
     assert got.recv_x.dtype == dtype and got.recv_topk_weights.requires_grad
@@ -75,8 +75,9 @@ def dense_grads(case: Case, rank: int, dtype: torch.dtype) -> list[torch.Tensor]
     return [out.detach(), combined_w.detach(), x.grad.float(), z.grad.float(), w.grad]
 
 
-def check_against_dense(rank, world, case: Case, algorithm: str, dtype: torch.dtype, rtol: float):
-    got, live = distributed_grads(rank, world, case, algorithm, dtype)
+def check_against_dense(rank, world, case: Case, algorithm: str, dtype: torch.dtype, rtol: float,
+                        backend: str = "torch"):
+    got, live = distributed_grads(rank, world, case, algorithm, dtype, backend)
     want = dense_grads(case, rank, dtype)
     names = ["combined_x", "combined_topk_weights", "grad x", "grad z (cached dispatch)", "grad topk_weights"]
     for name, a, b in zip(names, got, want):
@@ -99,12 +100,29 @@ def test_bf16_gradients_match_dense(pools):
     pools(4).run(check_against_dense, case, "two_hop", torch.bfloat16, 2e-2)
 
 
-def fp8_forward_only(rank, world):
+@pytest.mark.parametrize("kind,dtype,rtol", [("fp32", torch.float32, 1e-5), ("bf16", torch.bfloat16, 2e-2)])
+def test_sim_gradients_match_dense(pools, kind, dtype, rtol):
+    """The same autograd graph on epcomm's kernels (one node of 4): combine's backward is a cached
+    dispatch kernel, dispatch's backward a combine kernel."""
+    case = Case(num_nodes=1, nvl=4, tokens=(7, 0, 12, 9), hidden=H, num_experts=E, topk=3, kind=kind, seed=4)
+    pools(4).run(check_against_dense, case, "flat", dtype, rtol, "sim")
+
+
+def test_sim_and_torch_gradients_are_identical(pools):
+    """Not just close: the kernels reproduce the torch backend's forward and backward bit for bit."""
+    case = Case(num_nodes=1, nvl=4, tokens=(5, 11, 0, 8), hidden=H, num_experts=E, topk=2, kind="fp32", seed=6)
+    got = pools(4).run(distributed_grads, case, "flat", torch.float32, "sim")
+    ref = pools(4).run(distributed_grads, case, "flat", torch.float32, "torch")
+    for (outs, _), (want, _) in zip(got, ref):
+        assert all(torch.equal(a, b) for a, b in zip(outs, want))
+
+
+def fp8_forward_only(rank, world, backend="torch"):
     import epcomm
     from epcomm import ops
     from epcomm.fp8 import per_token_cast_to_fp8
 
-    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=2)
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=2)
     case = Case(num_nodes=1, nvl=2, tokens=(6, 5), hidden=128, num_experts=4, topk=2, kind="bf16")
     inp = make_input(case, rank)
     fp8 = per_token_cast_to_fp8(inp.x)
@@ -116,5 +134,6 @@ def fp8_forward_only(rank, world):
     return got.recv_x[0].size(0)
 
 
-def test_fp8_dispatch_is_forward_only(pools):
-    pools(2).run(fp8_forward_only)
+@pytest.mark.parametrize("backend", ["torch", "sim"])
+def test_fp8_dispatch_is_forward_only(pools, backend):
+    pools(2).run(fp8_forward_only, backend)

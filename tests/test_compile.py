@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 H, E, K = 16, 4, 2
@@ -37,7 +38,7 @@ def step(model, x):
     return [out.detach(), *grads]
 
 
-def compile_matches_eager(rank, world):
+def compile_matches_eager(rank, world, backend="torch"):
     from torch._dynamo.backends.debugging import aot_eager
 
     import epcomm
@@ -50,7 +51,7 @@ def compile_matches_eager(rank, world):
         return aot_eager(gm, example_inputs)
 
     torch._dynamo.reset()
-    comm = ExpertParallel(epcomm.Buffer(None, backend="torch", num_nvl_ranks=world), E)
+    comm = ExpertParallel(epcomm.Buffer(None, backend=backend, num_nvl_ranks=world), E)
     model = TinyMoE(comm, rank)
     compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
     for n in (6 + rank, 9 + 2 * rank):  # a second batch size: recompiles with a dynamic token count
@@ -64,8 +65,9 @@ def compile_matches_eager(rank, world):
     return len(graphs)
 
 
-def test_compile_fullgraph_matches_eager(pools):
-    counts = pools(2).run(compile_matches_eager)
+@pytest.mark.parametrize("backend", ["torch", "sim"])
+def test_compile_fullgraph_matches_eager(pools, backend):
+    counts = pools(2).run(compile_matches_eager, backend)
     assert all(c >= 1 for c in counts)
 
 
