@@ -11,8 +11,10 @@
 //
 // Not verified: written against the NCCL 2.30.7 headers and compiled for sm_90 (make
 // gin-check); never run, since the development machines have no GPU and no NIC. In
-// particular unverified: puts to self and to same-node peers through GIN, and the starting
-// value of the signals after ncclDevCommCreate (assumed 0).
+// particular unverified: puts to self (NCCL's device API guide allows a loopback peer) and to
+// same-node peers through GIN, the starting value of the signals after ncclDevCommCreate
+// (assumed 0), and the cost of every warp sharing one GIN context (NCCL advises cycling
+// contexts for bandwidth; the put_signal mapping below says why this transport cannot).
 //
 // Why GIN and not NVSHMEM: NCCL's device API is header-only and inline (plain nvcc, no -rdc,
 // no device link), links with -l:libnccl.so.2 that torch already ships, and reuses the process
