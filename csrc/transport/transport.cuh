@@ -1,0 +1,54 @@
+#pragma once
+// The device-side transport between nodes: the only way the internode kernels
+// move bytes over the network (they never call an RDMA library directly).
+//
+// Model. Every rank owns a symmetric "RDMA buffer": the same size on every
+// rank, so an offset names the same place everywhere. Each rank also owns
+// `num_signals` 64-bit signal counters that only the transport writes (remote
+// adds) and only their owner reads. Senders stage bytes in their own RDMA
+// buffer, then put them into a peer's RDMA buffer at the same or another offset.
+//
+// Concept `Transport` (a trivially copyable struct, passed by value inside a
+// kernel's Args; implementations: shm_transport.cuh (CPU sim, and CUDA peer
+// memory), gin_transport.cuh (NCCL GIN)). Members, all EPCOMM_DEVICE:
+//
+//   int rank() const; int num_ranks() const;
+//   char* local_buffer() const;
+//       this rank's RDMA buffer (stage sends here, read receives here).
+//   void put_signal(int lane, int peer, size_t dst_offset, size_t src_offset, size_t bytes,
+//                   int signal, uint64_t add) const;
+//       Warp-collective (every lane calls it with the same arguments; `lane` is the caller's
+//       lane id). Copies [src_offset, +bytes) of this rank's buffer to [dst_offset, +bytes)
+//       of `peer`'s, then adds `add` to `peer`'s signal `signal`. Strong: a reader that
+//       observes the add also observes these bytes and every earlier put from this rank
+//       to `peer`. The source bytes may be overwritten only after flush().
+//   void signal_add(int lane, int peer, int signal, uint64_t add) const;
+//       Warp-collective. Adds to `peer`'s signal, ordered after every earlier put from
+//       this rank to `peer` (same strong guarantee, no data).
+//   uint64_t read_signal(int signal) const;
+//       This rank's signal, with acquire order: data guarded by it may be read after.
+//       A sync point on the CPU target, so it may be polled (see wait_at_least).
+//   void flush(int lane) const;
+//       Warp-collective: every put this warp issued has left its source buffer.
+//
+// Counting: implementations that can (the CPU one) count the bytes of every put
+// by link class (network: peer on another node; nvlink: same node, other rank;
+// self), so tests can prove what crossed the network.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/compat.cuh"
+
+namespace epcomm::transport {
+
+enum class LinkClass : int { kSelf = 0, kNvlink = 1, kNetwork = 2 };
+inline constexpr int kNumLinkClasses = 3;
+
+// Which link a put from `rank` to `peer` uses, with `num_nvl_ranks` ranks per node.
+EPCOMM_HOST_DEVICE LinkClass link_class(int rank, int peer, int num_nvl_ranks) {
+  if (rank == peer) return LinkClass::kSelf;
+  return rank / num_nvl_ranks == peer / num_nvl_ranks ? LinkClass::kNvlink : LinkClass::kNetwork;
+}
+
+}  // namespace epcomm::transport
