@@ -56,7 +56,7 @@ class Buffer:
         num_rdma_bytes: network buffer bytes for the kernel backends; unused by ``"torch"``.
         backend: ``"torch"``, ``"sim"``, ``"cuda"`` or ``"auto"`` (best available;
             read the choice from :attr:`backend`). ``"sim"`` runs epcomm's intranode kernels on
-            the CPU (one node only; CPU tensors; combine takes bfloat16 x), bit-identical to ``"torch"``.
+            the CPU (one node only; CPU tensors), bit-identical to ``"torch"``.
         num_nvl_ranks: ranks per node (one NVLink domain); default ``min(world_size, 8)``;
             must divide the world size.
         max_nodes_per_token: a token may go to at most this many nodes (DeepSeek-V3 uses 4).
@@ -209,7 +209,8 @@ class Buffer:
             topk_idx: ``[num_tokens, num_topk]`` torch.int64, ``-1`` for none (optional).
             topk_weights: ``[num_tokens, num_topk]`` torch.float32 (optional, needs topk_idx).
             expert_alignment: round each per-expert receive count up to a multiple of this.
-            config: kernel tuning (:class:`Config`); validated, unused by the torch backend.
+            config: kernel tuning (:class:`Config`), the same on every rank; validated, unused by the
+                torch backend; the kernel backends default to their own (see ``README``: Backends).
         Returns:
             ``recv_x``: ``[num_recv, hidden]`` like ``x`` (an FP8 tuple for FP8 input): one row per
             (token, this rank) pair, ordered by source rank, then source token index;
