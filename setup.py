@@ -78,7 +78,8 @@ def _extensions() -> tuple[list, dict]:
         extensions.append(
             CUDAExtension(
                 "epcomm._C_cuda",
-                sources=["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cuda_runtime.cu"],
+                sources=["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cuda_runtime.cu",
+                         f"{runtime}/cuda_intranode.cu", "csrc/kernels/intranode_launch.cu"],
                 include_dirs=[str(CSRC)],
                 extra_compile_args={
                     "cxx": [*common, "-DEPCOMM_WITH_CUDA_RUNTIME=1"],

@@ -13,6 +13,7 @@ from ._comm import GroupComm
 from ._validate import Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, is_fp8_pair
 from ._wire import Field, RowFormat
 from .backends import resolve_backend
+from .backends.cuda_backend import CudaDispatchBackend
 from .backends.sim_backend import SimDispatchBackend
 from .backends.torch_backend import TorchBackend
 from .config import Config
@@ -33,6 +34,7 @@ _X_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 _FP8_KIND = 4
 _OPERATIONS = {"dispatch": 1, "cached dispatch": 2, "combine": 3}
 _ALGORITHMS = {"flat": 0, "two_hop": 1}
+_KERNEL_BACKENDS = {"sim": SimDispatchBackend, "cuda": CudaDispatchBackend}
 _buffer_ids = itertools.count(1)
 
 
@@ -56,7 +58,8 @@ class Buffer:
         num_rdma_bytes: network buffer bytes for the kernel backends; unused by ``"torch"``.
         backend: ``"torch"``, ``"sim"``, ``"cuda"`` or ``"auto"`` (best available;
             read the choice from :attr:`backend`). ``"sim"`` runs epcomm's intranode kernels on
-            the CPU (one node only; CPU tensors), bit-identical to ``"torch"``.
+            the CPU (one node only; CPU tensors), bit-identical to ``"torch"``; ``"cuda"`` the same
+            kernels on GPUs (one node; not yet run on a GPU; synchronous calls).
         num_nvl_ranks: ranks per node (one NVLink domain); default ``min(world_size, 8)``;
             must divide the world size.
         max_nodes_per_token: a token may go to at most this many nodes (DeepSeek-V3 uses 4).
@@ -105,10 +108,10 @@ class Buffer:
         self.backend = resolve_backend(backend)
         self.traffic = TrafficStats()
         self._comm = GroupComm(self.group, self.topology, timeout_s, self.traffic)
-        if self.backend == "sim":
+        if self.backend in _KERNEL_BACKENDS:
             # one node only (EpcommBackendUnavailable otherwise); the NVL buffer is sized from the
             # kernels' workspace at the first call when num_nvl_bytes is 0
-            self._impl = SimDispatchBackend(self._comm, self.topology, num_nvl_bytes, timeout_s=timeout_s)
+            self._impl = _KERNEL_BACKENDS[self.backend](self._comm, self.topology, num_nvl_bytes, timeout_s=timeout_s)
         else:
             self._impl = TorchBackend(self._comm, self.topology, algorithm)
         self._id = next(_buffer_ids)

@@ -245,6 +245,31 @@ def test_cuda_runtime_without_gpu_is_a_clear_error(pools):
         assert "no CUDA GPU/driver on this machine: use backend='sim' or 'torch'" in message, message
 
 
+def test_cuda_extension_carries_the_intranode_kernels():
+    """The cuda build has the same kernel entries as the cpu one (compiled for sm_90 by setup.py)."""
+    try:
+        ext = load_extension("cuda")
+    except epcomm.EpcommBackendUnavailable as err:
+        pytest.skip(f"the cuda extension is not built here: {err}")
+    assert sorted(ext.registered_kernels()) == sorted(load_extension("cpu").registered_kernels())
+
+
+def cuda_buffer_without_gpu(rank, world):
+    try:
+        epcomm.Buffer(None, backend="cuda", num_nvl_ranks=world)
+    except epcomm.EpcommBackendUnavailable as err:
+        return str(err)
+    return "no error"
+
+
+def test_cuda_backend_without_gpu_fails_on_every_rank(pools):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for message in pools(2).run(cuda_buffer_without_gpu):
+        assert "no usable CUDA GPU on 2 of 2 ranks" in message and "rank 0: torch.cuda.is_available() is False" in message
+        assert "rank 1:" in message and "backend='sim'" in message and "backend='torch'" in message, message
+
+
 def test_missing_extension_is_a_clear_error(monkeypatch):
     def no_module(name, *args, **kwargs):
         raise ImportError(f"No module named {name!r}")

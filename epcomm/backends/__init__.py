@@ -3,8 +3,10 @@
 * ``torch``: torch.distributed collectives; any process group (gloo on CPU, NCCL on GPU).
 * ``sim``: epcomm's own intranode kernels on the CPU SIMT layer (one node; ``Buffer`` raises
   :class:`EpcommBackendUnavailable` for several nodes). Never chosen by ``"auto"``.
-* ``cuda``: the kernels on GPUs. Not part of this build yet; selecting it raises
-  :class:`EpcommBackendUnavailable`.
+* ``cuda``: the same kernels on GPUs (``epcomm._C_cuda``, built wherever nvcc is found; one node;
+  never run on a GPU yet). Without the extension or without a GPU, selecting it raises
+  :class:`EpcommBackendUnavailable` on every rank. Not chosen by ``"auto"`` until it has been
+  validated on GPUs.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from ..errors import EpcommBackendUnavailable
 
 __all__ = ["BACKENDS", "resolve_backend"]
 
-# name -> (devices it runs on, why it is unavailable or None)
+# name -> (devices it runs on, why it is unavailable or None); the kernel backends check their
+# extension and devices collectively when a Buffer is built, so every rank gets the same error.
 BACKENDS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "torch": (("cpu", "cuda"), None),
     "sim": (("cpu",), None),
-    "cuda": (("cuda",), "the CUDA kernel backend is not built yet (planned: issue 'kernels that run on GPUs and on this CPU')"),
+    "cuda": (("cuda",), None),
 }
-# "sim" (CPU-simulated kernels, one node only) is never picked by "auto": it is a correctness tool, far slower.
-_AUTO_ORDER = ("cuda", "torch")
+# "sim" (CPU-simulated kernels, one node only) is never picked by "auto": it is a correctness tool, far
+# slower. "cuda" is not either, until it has run on GPUs.
+_AUTO_ORDER = ("torch",)
 
 
 def resolve_backend(name: str) -> str:

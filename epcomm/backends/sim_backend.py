@@ -298,12 +298,14 @@ class SimDispatchBackend:
     """
 
     name = "sim"
+    runtime_class = SimBackend  # the device runtime the kernels run on
+    device = torch.device("cpu")  # where the kernels read and write tensors
 
     def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, *,
                  timeout_s: float | None = None) -> None:
         if topo.num_nodes != 1:
             raise EpcommBackendUnavailable(
-                f"backend 'sim' is intranode-only for now: this group has {topo.num_nodes} nodes "
+                f"backend '{self.name}' is intranode-only for now: this group has {topo.num_nodes} nodes "
                 f"({topo.world_size} ranks, {topo.num_nvl_ranks} per node); pass num_nvl_ranks=world_size "
                 f"for one node. Use backend='torch' for several nodes."
             )
@@ -316,7 +318,7 @@ class SimDispatchBackend:
         self._epoch = 0
         self._last_layout: _Layout | None = None
         if num_nvl_bytes > 0:
-            self._sim = SimBackend(comm, topo, num_nvl_bytes, timeout_s=self.timeout_s)
+            self._sim = self.runtime_class(comm, topo, num_nvl_bytes, timeout_s=self.timeout_s)
 
     # ------------------------------------------------------------ sizing and checks
     def required_bytes(self, layout: _Layout) -> int:
@@ -338,17 +340,16 @@ class SimDispatchBackend:
         if problem:
             raise Invalid(f"config {config} does not fit the intranode kernels: {problem}")
 
-    @staticmethod
-    def _check_cpu(tensors: dict[str, torch.Tensor]) -> None:
+    def _check_device(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
-            if t.device.type != "cpu":
-                raise Invalid(f"the sim backend runs on the CPU: {name} is on {t.device}; move it to the CPU "
-                              f"or use backend='torch'")
+            if t.device != self.device:
+                raise Invalid(f"the {self.name} backend's kernels run on {self.device}: {name} is on {t.device}; "
+                              f"move it there or use backend='torch'")
 
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
                        config: Config | None = None) -> None:
         """Raise Invalid for inputs the kernels cannot take (called before the ranks agree)."""
-        self._check_cpu(tensors)
+        self._check_device(tensors)
         hidden_bytes, _ = _row_bytes(tensors)
         if hidden_bytes % 4:
             raise Invalid(f"the sim backend moves rows in 4-byte words: x rows are {hidden_bytes} bytes "
@@ -370,7 +371,7 @@ class SimDispatchBackend:
                           f"pass config=None or the dispatch's Config")
 
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
-        self._check_cpu(tensors)
+        self._check_device(tensors)
         x = tensors["x"]
         if x.size(1) * x.element_size() % 4:
             raise Invalid(f"the sim backend moves rows in 4-byte words: combine's x rows are "
@@ -397,7 +398,7 @@ class SimDispatchBackend:
                 self._sim.barrier(op=op)  # nobody still uses the old buffer
                 self._sim.close()
                 self._sim = None
-            self._sim = SimBackend(self.comm, self.topo, need, timeout_s=self.timeout_s)
+            self._sim = self.runtime_class(self.comm, self.topo, need, timeout_s=self.timeout_s)
             self._epoch = 0
             self._last_layout = None
         elif self._last_layout is not None and layout != self._last_layout:
@@ -439,8 +440,8 @@ class SimDispatchBackend:
         sim = self._ensure(layout, "dispatch")
         in_rank = is_token_in_rank.contiguous()
         num_tokens = in_rank.size(0)
-        rank_prefix = torch.zeros(world + 1, dtype=torch.int32)
-        channel_prefix = torch.zeros(world, layout.kernel[0] + 1, dtype=torch.int32)
+        rank_prefix = torch.zeros(world + 1, dtype=torch.int32, device=self.device)
+        channel_prefix = torch.zeros(world, layout.kernel[0] + 1, dtype=torch.int32, device=self.device)
         sim.run_kernel("intranode_notify", *self._comm_args(layout, notify=True), 1, self._ptr(in_rank), 0, num_tokens,
                        1, rank_prefix, channel_prefix, 0, op="dispatch")
         num_recv = int(rank_prefix[world])
@@ -467,11 +468,12 @@ class SimDispatchBackend:
         weights = weights.contiguous() if weights is not None else None
         hidden_bytes, scale_bytes = _row_bytes(tensors)
         m = plan.num_recv
-        recv_x = torch.empty(m, x.size(1), dtype=x.dtype)
-        recv_scales = torch.empty(m, scales.size(1), dtype=scales.dtype) if scales is not None else None
-        recv_idx = torch.empty(m, num_topk, dtype=torch.int64) if num_topk else None
-        recv_w = torch.empty(m, num_topk, dtype=torch.float32) if weights is not None else None
-        src_idx = torch.empty(m, dtype=torch.int32)
+        new = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=self.device)  # noqa: E731
+        recv_x = new(m, x.size(1), dtype=x.dtype)
+        recv_scales = new(m, scales.size(1), dtype=scales.dtype) if scales is not None else None
+        recv_idx = new(m, num_topk, dtype=torch.int64) if num_topk else None
+        recv_w = new(m, num_topk, dtype=torch.float32) if weights is not None else None
+        src_idx = new(m, dtype=torch.int32)
         sim.run_kernel(
             "intranode_dispatch", *self._comm_args(layout),
             self._ptr(x), hidden_bytes, self._ptr(scales), scale_bytes, self._ptr(topk_idx), self._ptr(weights),
@@ -508,8 +510,9 @@ class SimDispatchBackend:
         layout = plan.layout.covering(_combine_shape(x))  # num_topk == layout's (check_combine)
         sim = self._ensure(layout, "combine")
         self._barrier(sim, layout, "combine")
-        combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype)
-        combined_w = torch.empty(plan.num_tokens, num_topk, dtype=torch.float32) if weights is not None else None
+        combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)
+        combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
+                      if weights is not None else None)
         sim.run_kernel(
             "intranode_combine", *self._comm_args(layout),
             self._ptr(x), _ELEMENT_KINDS[x.dtype], self._ptr(weights), x.size(1), num_topk, plan.num_tokens,
