@@ -56,6 +56,9 @@ class BareAllToAll:
             dist.all_to_all_single(out, send, output_split_sizes=recv_counts, input_split_sizes=send_counts)
 
 
+_CHUNK_ROWS = 2048  # rows converted to fp32 at once in combine
+
+
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
 
@@ -98,6 +101,7 @@ class PerExpertDispatcher:
         recv = permuted.new_empty((sum(recv_splits), permuted.size(1)))
         dist.all_to_all_single(recv, permuted, output_split_sizes=recv_splits, input_split_sizes=send_splits)
         row_bytes = permuted.size(1) * permuted.element_size()
+        del permuted  # sent: free it before the regrouped copy (peak: two row buffers, not three)
         _classify(self.topo, send_splits, row_bytes, self.record["dispatch"])
         # regroup (source, expert) chunks into (expert, source) order for a grouped GEMM
         regroup = None
@@ -113,6 +117,7 @@ class PerExpertDispatcher:
     def combine(self, y: torch.Tensor, state) -> torch.Tensor:
         """``y``: bf16 rows in dispatch's output order; returns ``[N, H]`` per-token sums."""
         token_of, send_splits, recv_splits, regroup, num_tokens = state
+        unsorted = None
         if regroup is not None:  # back to (source, expert) order
             unsorted = torch.empty_like(y)
             unsorted[regroup] = y
@@ -120,9 +125,12 @@ class PerExpertDispatcher:
         back = y.new_empty((sum(send_splits), y.size(1)))
         dist.all_to_all_single(back, y, output_split_sizes=send_splits, input_split_sizes=recv_splits)
         _classify(self.topo, recv_splits, y.size(1) * y.element_size(), self.record["combine"])
-        out = torch.zeros((num_tokens, y.size(1)), dtype=torch.float32, device=y.device)
-        out.index_add_(0, token_of, back.float())
-        return out.to(y.dtype)
+        del y, unsorted  # sent
+        out = torch.zeros((num_tokens, back.size(1)), dtype=torch.float32, device=back.device)
+        # fp32 a chunk of rows at a time: no float32 copy of every received row (as epcomm's combine)
+        for lo in range(0, back.size(0), _CHUNK_ROWS):
+            out.index_add_(0, token_of[lo : lo + _CHUNK_ROWS], back[lo : lo + _CHUNK_ROWS].float())
+        return out.to(back.dtype)
 
     def reset_record(self) -> None:
         self.record = {"dispatch": empty_record(), "combine": empty_record()}

@@ -42,6 +42,10 @@ def print_report(result: dict, file=sys.stdout) -> None:
           "x ceil: median / bare all_to_all_single of the same rows", file=file)
     if main.get("verified"):
         print(f"verified bit-exact: {', '.join(k for k, v in main['verified'].items() if v) or 'none'}", file=file)
+    peaks = main.get("memory", {}).get("peak_rss_MiB_max_over_ranks")
+    if peaks:
+        print("peak RSS per rank while each group ran (max over ranks): "
+              + ", ".join(f"{group} {mib} MiB" for group, mib in peaks.items()), file=file)
     if result.get("sweep"):
         print("\nsweep (DeepEP NVL-accounting GB/s per rank):", file=file)
         names = [n for n in result["sweep"][0]["ops"] if n != "layout"]

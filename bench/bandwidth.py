@@ -29,6 +29,7 @@ the times are this machine's.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -44,6 +45,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import epcomm  # noqa: E402
 from epcomm.backends import resolve_backend  # noqa: E402
+from epcomm.backends.torch_backend import release_scratch  # noqa: E402
 from epcomm.errors import EpcommBackendUnavailable, EpcommError  # noqa: E402
 from epcomm.fp8 import per_token_cast_to_fp8  # noqa: E402
 from epcomm.launch import init_distributed  # noqa: E402
@@ -85,12 +87,18 @@ def rows_like(x: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 
 class Op:
-    """A timed operation: ``fn(prepared)``; ``prepare()`` runs outside the timed region."""
+    """A timed operation: ``fn(prepared)``; ``prepare()`` runs outside the timed region.
 
-    def __init__(self, name, algorithm, op, fn, prepare=None, traffic=None, row_kind="dispatch"):
+    ``first()``, when set, makes the op's first call itself (pass 1) and returns what only that
+    call tells: ``(traffic record, verified or None)``; otherwise pass 1 is a plain call and the
+    record comes from ``traffic()``.
+    """
+
+    def __init__(self, name, algorithm, op, fn, prepare=None, traffic=None, row_kind="dispatch", first=None):
         self.name, self.algorithm, self.op = name, algorithm, op
         self.fn, self.prepare, self.traffic = fn, prepare, traffic
         self.row_kind = row_kind  # which row bytes DeepEP's accounting uses: "dispatch" or "combine"
+        self.first = first
 
 
 def epcomm_traffic(buf: epcomm.Buffer, op: str) -> dict:
@@ -120,155 +128,203 @@ def quantiles(times: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- one configuration
-def run_case(args, rank: int, world: int, device: torch.device, tokens: int, reps: int, warmup: int,
-             only: tuple[str, ...] | None, timer) -> dict:
-    nvl, H, E, K = args.nvl_ranks, args.hidden, args.experts, args.topk
-    topo = Topology(world, rank, nvl)
-    topk_all = global_topk_idx(args.routing, world=world, nvl=nvl, tokens=tokens, experts=E, topk=K,
-                               **routing_params(args))
-    tm = traffic_matrices(topk_all, E, nvl)
-    expected = expected_traffic(tm, H, args.fp8, combine_partial_bytes=4)  # torch backend: fp32 node partials
-    topk_idx = topk_all[rank].contiguous().to(device)
-    del topk_all
-    g = torch.Generator().manual_seed(10_000 + rank)
-    x = torch.randn(tokens, H, generator=g).to(torch.bfloat16).to(device)
-    weights = torch.rand(tokens, K, generator=g).to(device)
-    x_in = per_token_cast_to_fp8(x) if args.fp8 else x
-    rb_dispatch = fp8_row_bytes(H) if args.fp8 else 2 * H
-    rb_combine = 2 * H
-    want = lambda name: only is None or name in only  # noqa: E731
+class Case:
+    """The data of one configuration, shared by every group of ops (read-only)."""
 
-    ops: list[Op] = []
+    def __init__(self, args, rank: int, world: int, device: torch.device, tokens: int) -> None:
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        nvl, H, E, K = args.nvl_ranks, args.hidden, args.experts, args.topk
+        self.topo = Topology(world, rank, nvl)
+        topk_all = global_topk_idx(args.routing, world=world, nvl=nvl, tokens=tokens, experts=E, topk=K,
+                                   **routing_params(args))
+        self.tm = traffic_matrices(topk_all, E, nvl)
+        self.expected = expected_traffic(self.tm, H, args.fp8, combine_partial_bytes=4)  # fp32 node partials
+        self.topk_idx = topk_all[rank].contiguous().to(device)
+        del topk_all
+        g = torch.Generator().manual_seed(10_000 + rank)
+        self.x = torch.randn(tokens, H, generator=g).to(torch.bfloat16).to(device)
+        self.weights = torch.rand(tokens, K, generator=g).to(device)
+        self.x_in = per_token_cast_to_fp8(self.x) if args.fp8 else self.x
+        self.rb_dispatch = fp8_row_bytes(H) if args.fp8 else 2 * H
+        self.rb_combine = 2 * H
+        self.bf16_dispatch_payload = None  # (algorithm, bytes) of a bf16 dispatch, for the FP8 ratio
+
+
+def epcomm_ops(c: Case, algo: str, with_layout: bool) -> list[Op]:
+    """One epcomm Buffer's layout / dispatch / cached dispatch / combine."""
+    args, E = c.args, c.args.experts
+    buf = epcomm.Buffer(None, backend=args.backend, num_nvl_ranks=args.nvl_ranks, max_nodes_per_token=args.max_nodes,
+                        algorithm=algo, timeout_s=args.timeout)
     state: dict = {}
-    buffers = {}
-    for algo in args.algorithms:
-        buf = epcomm.Buffer(None, backend=args.backend, num_nvl_ranks=nvl, max_nodes_per_token=args.max_nodes,
-                            algorithm=algo, timeout_s=args.timeout)
-        buffers[algo] = buf
-        layout = buf.get_dispatch_layout(topk_idx, E)
-        kwargs = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
-                      num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=weights)
-        if algo == args.algorithms[0] and want("layout"):
-            ops.append(Op("layout", "epcomm", "layout", lambda _, b=buf: b.get_dispatch_layout(topk_idx, E)))
-        num_recv = int(tm.count[:, rank].sum())
-        ops.append(Op(f"{algo} dispatch", algo, "dispatch", lambda _, b=buf, kw=kwargs: b.dispatch(x_in, **kw),
-                      traffic=lambda b=buf: epcomm_traffic(b, "dispatch")))
-        if want(f"{algo} cached dispatch"):
-            ops.append(Op(f"{algo} cached dispatch", algo, "cached dispatch",
-                          lambda _, b=buf, a=algo: b.dispatch(x_in, handle=state[a]),
-                          traffic=lambda b=buf: epcomm_traffic(b, "cached dispatch")))
-        ops.append(Op(f"{algo} combine", algo, "combine", lambda y, b=buf, a=algo: b.combine(y, state[a]),
-                      prepare=lambda n=num_recv: rows_like(x, n),
-                      traffic=lambda b=buf: epcomm_traffic(b, "combine"), row_kind="combine"))
+    kwargs = _kwargs_of(buf, c.topk_idx, E, c.weights)
 
-    # transport ceilings: the same rows, bare all_to_all_single from a pre-filled buffer
-    count = tm.count
-    flat_fwd = (count[rank].tolist(), count[:, rank].tolist())
+    def first_dispatch():
+        buf.reset_traffic()
+        out = buf.dispatch(c.x_in, **kwargs)
+        state["handle"] = out[4]
+        record, verified = epcomm_traffic(buf, "dispatch"), None
+        if not args.fp8:  # combine(dispatch(x)) == x times the ranks each token reached, bit for bit
+            comb = buf.combine(out[0], out[4])[0]
+            verified = bool(torch.equal(comb, (c.x.float() * tm_ranks_per_token(c.topk_idx, E, c.world)).to(c.x.dtype)))
+        elif algo == args.algorithms[-1]:  # the same routing in bf16, once, for the FP8 byte ratio
+            buf.reset_traffic()
+            buf.dispatch(c.x, **kwargs)
+            bf = sum_over_ranks([epcomm_traffic(buf, "dispatch")], c.device)[0]
+            c.bf16_dispatch_payload = (algo, sum(bf[link]["payload_bytes"] for link in LINKS))
+        buf.reset_traffic()
+        return record, verified
+
+    num_recv = int(c.tm.count[:, c.rank].sum())
+    ops = []
+    if with_layout:
+        ops.append(Op("layout", "epcomm", "layout", lambda _: buf.get_dispatch_layout(c.topk_idx, E)))
+    ops.append(Op(f"{algo} dispatch", algo, "dispatch", lambda _: buf.dispatch(c.x_in, **kwargs), first=first_dispatch))
+    ops.append(Op(f"{algo} cached dispatch", algo, "cached dispatch", lambda _: buf.dispatch(c.x_in, handle=state["handle"]),
+                  traffic=lambda: epcomm_traffic(buf, "cached dispatch")))
+    ops.append(Op(f"{algo} combine", algo, "combine", lambda y: buf.combine(y, state["handle"]),
+                  prepare=lambda: rows_like(c.x, num_recv), traffic=lambda: epcomm_traffic(buf, "combine"),
+                  row_kind="combine"))
+    return ops
+
+
+def ceiling_ops(c: Case) -> list[Op]:
+    """Transport ceilings: the same rows, bare all_to_all_single from a pre-filled buffer."""
+    tm, rank, H = c.tm, c.rank, c.args.hidden
+    flat_fwd = (tm.count[rank].tolist(), tm.count[:, rank].tolist())
     ceilings = {
-        "ceiling dispatch": ("ceiling", "dispatch", [(*flat_fwd, rb_dispatch)]),
-        "ceiling combine": ("ceiling", "combine", [(flat_fwd[1], flat_fwd[0], rb_combine)]),
+        "ceiling dispatch": ("ceiling", "dispatch", [(*flat_fwd, c.rb_dispatch)]),
+        "ceiling combine": ("ceiling", "combine", [(flat_fwd[1], flat_fwd[0], c.rb_combine)]),
     }
-    if "two_hop" in args.algorithms:
+    if "two_hop" in c.args.algorithms:
         h1 = (tm.hop1[rank].tolist(), tm.hop1[:, rank].tolist())
         h2 = (tm.hop2[rank].tolist(), tm.hop2[:, rank].tolist())
-        ceilings["ceiling two_hop dispatch"] = ("ceiling_two_hop", "dispatch", [(*h1, rb_dispatch), (*h2, rb_dispatch)])
+        ceilings["ceiling two_hop dispatch"] = ("ceiling_two_hop", "dispatch",
+                                                [(*h1, c.rb_dispatch), (*h2, c.rb_dispatch)])
         ceilings["ceiling two_hop combine"] = ("ceiling_two_hop", "combine",
-                                               [(h2[1], h2[0], rb_combine), (h1[1], h1[0], 4 * H)])
+                                               [(h2[1], h2[0], c.rb_combine), (h1[1], h1[0], 4 * H)])
+    ops = []
     for name, (algo, op, steps) in ceilings.items():
-        if not want(name):
-            continue
-        a2a = BareAllToAll(topo, steps)
+        a2a = BareAllToAll(c.topo, steps)
         ops.append(Op(name, algo, op, lambda scratch, a=a2a: a.run(scratch),
-                      prepare=lambda n=a2a.scratch_bytes: filled(n, x),
-                      traffic=lambda a=a2a: a.record, row_kind=op))
+                      prepare=lambda n=a2a.scratch_bytes: filled(n, c.x), traffic=lambda a=a2a: a.record, row_kind=op))
+    return ops
 
-    # the per-expert dispatcher (Megatron-style)
+
+def per_expert_ops(c: Case) -> list[Op]:
+    """The per-expert dispatcher (Megatron-style): a token sent once per selected expert."""
+    pe = PerExpertDispatcher(c.topo, c.args.experts)
+    state: dict = {}
+
+    def first_dispatch():
+        pe.reset_record()
+        recv, state["state"] = pe.dispatch(c.x_in, c.topk_idx)
+        record, verified = {k: dict(v) for k, v in pe.record["dispatch"].items()}, None
+        if not c.args.fp8:
+            comb = pe.combine(recv, state["state"])
+            experts_per_token = (c.topk_idx >= 0).sum(1, keepdim=True).float()
+            verified = bool(torch.equal(comb, (c.x.float() * experts_per_token).to(c.x.dtype)))
+        pe.reset_record()
+        return record, verified
+
+    num_pairs = int(c.tm.expert_count[:, c.rank].sum())
+    return [
+        Op("per_expert dispatch", "per_expert", "dispatch", lambda _: pe.dispatch(c.x_in, c.topk_idx), first=first_dispatch),
+        Op("per_expert combine", "per_expert", "combine", lambda y: pe.combine(y, state["state"]),
+           prepare=lambda: rows_like(c.x, num_pairs), traffic=lambda: pe.record["combine"], row_kind="combine"),
+    ]
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: VmHWM restarts from the current RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_case(args, rank: int, world: int, device: torch.device, tokens: int, reps: int, warmup: int,
+             only: tuple[str, ...] | None, timer) -> dict:
+    """Every op of one configuration, measured group by group.
+
+    A group (one epcomm algorithm, the transport ceilings, the per-expert baseline) is built,
+    run once (bytes and a bit-exact check), warmed up and timed, then freed before the next one
+    is built, so the peak memory is one group's, not the sum of all (``make bench``'s 4096
+    tokens at 8 ranks fit a 24 GB machine this way). Within a group the ops alternate in every
+    repetition.
+    """
+    c = Case(args, rank, world, device, tokens)
+    want = lambda name: only is None or name in only  # noqa: E731
+    groups = [(algo, lambda a=algo, i=i: epcomm_ops(c, a, with_layout=i == 0)) for i, algo in enumerate(args.algorithms)]
+    groups.append(("ceiling", lambda: ceiling_ops(c)))
     if not args.no_baselines:
-        pe = PerExpertDispatcher(topo, E)
-        num_pairs = int(tm.expert_count[:, rank].sum())
-        ops.append(Op("per_expert dispatch", "per_expert", "dispatch", lambda _: pe.dispatch(x_in, topk_idx),
-                      traffic=lambda: pe.record["dispatch"]))
-        ops.append(Op("per_expert combine", "per_expert", "combine", lambda y: pe.combine(y, state["per_expert"]),
-                      prepare=lambda: rows_like(x, num_pairs), traffic=lambda: pe.record["combine"],
-                      row_kind="combine"))
+        groups.append(("per_expert", lambda: per_expert_ops(c)))
 
-    ops = [o for o in ops if want(o.name)]
-
-    # ---- pass 1 (also the first warm-up): bytes of one call of each op, and a correctness check
-    verified = {}
-    records: list[dict | None] = []
-    for o in ops:
-        for b in buffers.values():
-            b.reset_traffic()
-        if o.algorithm == "per_expert":
-            pe.reset_record()
-        if o.op == "dispatch" and o.algorithm in buffers:
-            out = buffers[o.algorithm].dispatch(x_in, **_kwargs_of(buffers[o.algorithm], topk_idx, E, weights))
-            state[o.algorithm] = out[4]
-            records.append(o.traffic())
-            if not args.fp8:  # combine touches only the "combine" counters, reset before its own pass
-                comb = buffers[o.algorithm].combine(out[0], out[4])[0]
-                ranks_per_token = tm_ranks_per_token(topk_idx, E, world)
-                verified[o.algorithm] = bool(torch.equal(comb, (x.float() * ranks_per_token).to(x.dtype)))
-                del comb
-            del out
-            gc.collect()
-            continue
-        elif o.name == "per_expert dispatch":
-            recv, st = pe.dispatch(x_in, topk_idx)
-            state["per_expert"] = st
-            records.append({k: dict(v) for k, v in pe.record["dispatch"].items()})
-            if not args.fp8:
-                comb = pe.combine(recv, st)
-                experts_per_token = (topk_idx >= 0).sum(1, keepdim=True).float()
-                verified["per_expert"] = bool(torch.equal(comb, (x.float() * experts_per_token).to(x.dtype)))
-                del comb
-            del recv
-            gc.collect()
-            continue
-        else:
-            o.fn(o.prepare() if o.prepare else None)
-        records.append(o.traffic() if o.traffic else None)
-        gc.collect()
-    records = sum_over_ranks(records, device)
-
-    bf16_dispatch_payload = None
-    if args.fp8:  # the same routing in bf16, once, for the FP8 byte ratio
-        algo = args.algorithms[-1]
-        buffers[algo].reset_traffic()
-        buffers[algo].dispatch(x, **_kwargs_of(buffers[algo], topk_idx, E, weights))
-        bf = sum_over_ranks([epcomm_traffic(buffers[algo], "dispatch")], device)[0]
-        bf16_dispatch_payload = (algo, sum(bf[link]["payload_bytes"] for link in LINKS))
-        gc.collect()
-
-    # ---- warm-up, then timed repetitions (ops interleaved within a repetition)
     def timed(o: Op) -> float:
         arg = o.prepare() if o.prepare else None
         t = timer(lambda: o.fn(arg))
         del arg
         return t
 
-    for _ in range(max(0, warmup - 1)):
-        for o in ops:
-            timed(o)
-    times = torch.zeros(len(ops), reps, dtype=torch.float64)
-    for i in range(reps):
-        for j, o in enumerate(ops):
-            times[j, i] = timed(o)
-    times = times.to(device)
+    measured: list[tuple[Op, dict | None, list[float]]] = []  # (op without its closures, record, times)
+    verified, kernel_only, peak_rss = {}, {}, {}
+    for group, build in groups:
+        gc.collect()
+        _reset_peak_rss()
+        ops = [o for o in build() if want(o.name)]
+        records = []
+        for o in ops:  # pass 1 (also the first warm-up): bytes of one call, and the bit-exact check
+            if o.first is not None:
+                record, ok = o.first()
+                if ok is not None:
+                    verified[o.algorithm] = ok
+            else:
+                o.fn(o.prepare() if o.prepare else None)
+                record = copy.deepcopy(o.traffic()) if o.traffic else None  # a snapshot: counters keep counting
+            records.append(record)
+            gc.collect()
+        for _ in range(max(0, warmup - 1)):
+            for o in ops:
+                timed(o)
+        times = torch.zeros(len(ops), reps, dtype=torch.float64)
+        for i in range(reps):
+            for j, o in enumerate(ops):
+                times[j, i] = timed(o)
+        if device.type == "cuda" and args.kernel_times:
+            for o in ops:
+                arg = o.prepare() if o.prepare else None
+                kernel_only[o.name] = kernel_only_seconds(lambda: o.fn(arg), reps, device)
+        for o, record, t in zip(ops, records, times.tolist()):
+            measured.append((Op(o.name, o.algorithm, o.op, None, row_kind=o.row_kind), record, t))
+        peak_rss[group] = _peak_rss_mib()
+        del ops, records
+        release_scratch()  # the torch backend's reusable temporaries: the next group sizes its own
+        gc.collect()
+    names = [o.name for o, _, _ in measured]
+    times = torch.tensor([t for _, _, t in measured], dtype=torch.float64).view(len(measured), reps).to(device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # slowest rank per repetition
     times = times.cpu()
-
-    kernel_only = {}
-    if device.type == "cuda" and args.kernel_times:
-        for o in ops:
-            arg = o.prepare() if o.prepare else None
-            kernel_only[o.name] = kernel_only_seconds(lambda: o.fn(arg), reps, device)
+    records = sum_over_ranks([r for _, r, _ in measured], device)
+    rss = torch.tensor([peak_rss[g] for g, _ in groups], dtype=torch.int64, device=device)
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    memory = {"peak_rss_MiB_max_over_ranks": dict(zip([g for g, _ in groups], rss.tolist()))}
 
     # ---- figures
+    tm, rb_dispatch, rb_combine, expected = c.tm, c.rb_dispatch, c.rb_combine, c.expected
     pairs = tm.pairs()
     result_ops = {}
-    for j, o in enumerate(ops):
+    for j, (o, _, _) in enumerate(measured):
         q = quantiles(times[j].tolist())
         rb = rb_combine if o.row_kind == "combine" else rb_dispatch
         entry = {"algorithm": o.algorithm, "op": o.op, **q, "row_bytes": rb}
@@ -288,7 +344,7 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
             entry["deepep_nvl_GBps"] = pairs["token_rank_pairs"] * rb / world / q["median_s"] / 1e9
         if o.name in kernel_only:
             entry["kernel_only_s"] = kernel_only[o.name]
-        result_ops[o.name] = entry
+        result_ops[names[j]] = entry
     for name, entry in result_ops.items():
         op = "combine" if entry["op"] == "combine" else "dispatch"
         ceil = result_ops.get(f"ceiling {op}")
@@ -298,15 +354,9 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
         ceil2 = result_ops.get(f"ceiling two_hop {op}")
         if ceil2 is not None and entry["algorithm"] == "two_hop":
             entry["x_ceiling_two_hop"] = entry["median_s"] / ceil2["median_s"]
-
-    for b in buffers.values():
-        del b
-    buffers.clear()
-    state.clear()
-    gc.collect()
     return {
         "tokens": tokens, "reps": reps, "warmup": warmup, "ops": result_ops, "pairs": pairs,
-        "verified": verified, "bf16_dispatch_payload": bf16_dispatch_payload,
+        "verified": verified, "bf16_dispatch_payload": c.bf16_dispatch_payload, "memory": memory,
         "row_bytes": {"dispatch": rb_dispatch, "combine": rb_combine},
         "recv_rows_per_rank": {"min": int(tm.count.sum(0).min()), "max": int(tm.count.sum(0).max())},
     }

@@ -64,6 +64,9 @@ def test_json_has_every_figure(bf16_result):
     for name in ("flat dispatch", "flat combine", "two_hop dispatch", "per_expert combine"):
         assert "x_ceiling" in ops[name] and "fraction_of_ceiling" in ops[name]
     assert [c["tokens"] for c in result["sweep"]] == [32, 64]
+    peaks = result["main"]["memory"]["peak_rss_MiB_max_over_ranks"]
+    assert set(peaks) == {"flat", "two_hop", "ceiling", "per_expert"} and all(v > 0 for v in peaks.values()), peaks
+    assert "peak RSS per rank" in stdout
     assert (tmp / "out.png").stat().st_size > 0
     assert "PASS" in stdout or "MISS" in stdout
 

@@ -35,7 +35,7 @@ from .._wire import Field, RowFormat
 from ..layout import token_node_mask
 from ..topology import Topology
 
-__all__ = ["TorchBackend", "FlatPlan", "TwoHopPlan"]
+__all__ = ["TorchBackend", "FlatPlan", "TwoHopPlan", "release_scratch"]
 
 NVL_MASK = "nvl_mask"
 _CHUNK_ROWS = 512  # rows converted to float32 at a time when summing
@@ -77,6 +77,15 @@ class Scratch:
 
 
 _SCRATCH = Scratch()
+
+
+def release_scratch() -> None:
+    """Free the torch backend's reusable temporaries (every Buffer of this process shares them).
+
+    The next call re-allocates what it needs. Useful between phases of a program whose shapes
+    shrink, like :func:`torch.cuda.empty_cache`; not needed for correctness.
+    """
+    _SCRATCH.release()
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
