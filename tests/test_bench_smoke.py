@@ -149,3 +149,15 @@ def test_cluster_model_traffic_matches_closed_forms():
     assert int(tm.hop2.sum()) == int(tm.count.sum())
     pred = predict(tm, hidden=256, tokens=tokens, fp8_dispatch=False, combine_partial_bytes=2, nvl_GBps=160, net_GBps=50)
     assert pred["two_hop"]["dispatch"]["t_us"] > 0
+
+
+@needs_mpi
+def test_sim_backend_runs_the_suite(tmp_path):
+    """--backend sim: epcomm's kernels on the CPU (one node), same byte accounting, verified bit-exact."""
+    out = _run(tmp_path, "--backend", "sim", "--nvl-ranks", str(RANKS), "--algorithms", "flat", "--json", "s.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / "s.json").read_text())
+    ops = result["main"]["ops"]
+    assert result["config"]["backend"] == "sim" and result["main"]["verified"]["flat"]
+    assert all(e["bytes_match"] for e in ops.values() if "bytes_match" in e)
+    assert ops["flat dispatch"]["traffic"]["rdma"]["rows"] == 0 and ops["flat dispatch"]["traffic"]["nvl"]["rows"] > 0
