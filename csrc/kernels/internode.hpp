@@ -12,7 +12,8 @@
 // NN = num_nodes = R / L, C = config.nvl.num_channels, K = num_topk, E = num_experts.
 // Kernels are templates over the Transport (transport.cuh); the launchers here
 // use ShmTransport (peer pointers). Errors: as intranode.hpp (ErrorSlot, abort
-// flag in the NVL buffers of this node; ranks of other nodes time out on their own).
+// flag in the NVL buffers of this node, carried to the other nodes by each kernel's abort
+// watcher through the transport's abort signal; see internode_common.cuh).
 
 #include <cstddef>
 #include <cstdint>
@@ -109,6 +110,7 @@ struct InternodeCombineArgs {
 
 // Threads per block and blocks per grid (the same on both targets).
 inline constexpr int kInternodeNotifyThreads = 256;
+inline constexpr int kInternodeNotifyBlocks = 2;  // the work, and the abort watcher
 inline constexpr int kInternodeBlocksPerChannel = 3;
 inline constexpr int kMaxInternodeWarps = 32;
 // Network senders: one warp per node; forwarders: one per NVL peer + the coordinator; receivers: one per forwarder.

@@ -13,6 +13,7 @@
 //           waits for the partials of network ring (c, n) of every node n the token reached; every
 //           thread reduces acc = 0; acc += P_n for n ascending; out = bf16(acc) (one rounding).
 //           Then warp 0 returns the slots to each forwarding node (signal_add on its head).
+// Block 0 (channel 0), warp L: the abort watcher (internode_common.cuh).
 // Batch sizes (internode.hpp) keep every reducer from waiting on a row its producer cannot write.
 
 #include "../common/compat.cuh"
@@ -244,11 +245,14 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxInternodeWarps, 1)
   if (role_block == 0) {
     int const warp = int(threadIdx.x) / 32;
     if (warp < args.comm.num_nvl_ranks) combine_nvl_sender(args, channel, warp);
+    // Channel 0's sender block has a spare warp (the block has >= L + 1): the abort watcher
+    else if (warp == args.comm.num_nvl_ranks && channel == 0) return internode_abort_watcher(args.comm);
   } else if (role_block == 1) {
     combine_forwarder(args, channel);
   } else {
     combine_network_receiver(args, channel);
   }
+  internode_warp_finished(args.comm);
 }
 
 }  // namespace epcomm::kernels

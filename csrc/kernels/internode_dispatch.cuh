@@ -10,6 +10,7 @@
 //           network slots to each sender (signal_add on its head) once every forwarder warp passed them.
 //   3c + 2  NVL receivers: warp f drains NVL ring (c, f): rows of source rank (m, f) for m = 0, 1, ...,
 //           each in token order, land at rows prefix[(m, f)][c] + i (notify's matrix).
+//           Block 2 (channel 0), warp L: the abort watcher (internode_common.cuh).
 // Network rings: rdma_workspace.cuh (signals only grow; row i of all time is slot i % T).
 // Ordering: put_signal is a strong signal (bytes visible to whoever sees the add); forwarder warps
 // release-store their progress, the coordinator acquires it before freeing slots.
@@ -96,7 +97,8 @@ EPCOMM_DEVICE void network_sender(InternodeDispatchArgs<Transport> const& args, 
 
   TokenRange const range = channel_token_range(args.num_tokens, comm.config.nvl.num_channels, channel);
   for (int token = range.begin; token < range.end; ++token) {
-    if (node == 0 && !network_check_routing(args, token, channel, lane)) return;
+    // A token beyond the routing bound stops every sender warp there (no node gets part of it)
+    if (!network_check_routing(args, token, channel, lane)) return;
     // Which ranks of `node` need the token
     bool const needed =
         lane < comm.num_nvl_ranks && args.is_token_in_rank[int64_t(token) * comm.num_ranks + node * comm.num_nvl_ranks + lane];
@@ -314,7 +316,10 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxInternodeWarps, 1)
     else if (warp == num_nvl_ranks) forwarder_coordinator(args, channel);
   } else {
     if (warp < num_nvl_ranks) nvl_receiver(args, channel, warp);
+    // Channel 0's receiver block has a spare warp (the block has >= L + 1): the abort watcher
+    else if (warp == num_nvl_ranks && channel == 0) return internode_abort_watcher(args.comm);
   }
+  internode_warp_finished(args.comm);
 }
 
 }  // namespace epcomm::kernels

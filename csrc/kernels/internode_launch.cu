@@ -14,7 +14,7 @@ using transport::ShmTransport;
 
 int cuda_launch_internode_notify(InternodeNotifyArgs<ShmTransport> const& args, void* stream) {
   if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
-  internode_notify_kernel<ShmTransport><<<1, kInternodeNotifyThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  internode_notify_kernel<ShmTransport><<<kInternodeNotifyBlocks, kInternodeNotifyThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return int(cudaGetLastError());
 }
 

@@ -27,7 +27,7 @@ void throw_if_invalid(Args const& args) {
 
 void add_internode_notify(simt::ConcurrentLaunch& launch, InternodeNotifyArgs<ShmTransport> const& args) {
   throw_if_invalid(args);
-  launch.add(grid_name("internode_notify", args.comm.rank), 1, kInternodeNotifyThreads, 0,
+  launch.add(grid_name("internode_notify", args.comm.rank), kInternodeNotifyBlocks, kInternodeNotifyThreads, 0,
              internode_notify_kernel<ShmTransport>, args);
 }
 

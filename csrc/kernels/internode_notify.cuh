@@ -1,5 +1,6 @@
 #pragma once
-// internode_notify: one block per rank (kInternodeNotifyThreads threads).
+// internode_notify: two blocks per rank (kInternodeNotifyThreads threads): block 0 does the work,
+// block 1's warp 0 is the abort watcher (internode_common.cuh).
 //   1. reset this rank's NVL ring counters (as notify.cuh: no peer uses them
 //      until it passed the barrier below)
 //   2. (exchange_counts) per destination rank d, the count message (rdma_workspace.cuh):
@@ -181,6 +182,11 @@ EPCOMM_DEVICE void internode_build_prefixes(InternodeNotifyArgs<Transport> const
 template <class Transport>
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) internode_notify_kernel(InternodeNotifyArgs<Transport> args) {
   InternodeComm<Transport> const& comm = args.comm;
+  if (blockIdx.x == 1) {
+    // The second block: warp 0 is the abort watcher, the others only count themselves
+    if (threadIdx.x < 32) return internode_abort_watcher(comm);
+    return internode_warp_finished(comm);
+  }
   int const parity = int(args.epoch & 1);
   void* const own_nvl = comm.nvl_peer_buffers[comm.local_rank()];
   // Reset this rank's NVL ring counters
@@ -189,8 +195,8 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) i
     comm.nvl_workspace.ring_tail(own_nvl, 0, 0)[i] = 0;
   }
   if (args.exchange_counts) internode_send_counts(args, parity);
-  if (!internode_barrier(args)) return;
-  if (args.exchange_counts) internode_build_prefixes(args, parity);
+  if (internode_barrier(args) && args.exchange_counts) internode_build_prefixes(args, parity);
+  internode_warp_finished(comm);
 }
 
 }  // namespace epcomm::kernels

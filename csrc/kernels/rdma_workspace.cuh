@@ -12,10 +12,12 @@
 //     dispatch_head     [C][N (destination node)]             forwarder coordinator: +freed network sender
 //     combine_tail      [C][N (forwarding node)]              combine forwarder: +rows      combine receiver
 //     combine_head      [C][N (destination node)]             combine receiver: +freed      combine forwarder
+//     abort             [1]                                   any failing rank: +1          this rank's watcher
 //   signal_bases        uint64 [num_signals()]                this rank only: the value each ring signal
 //                                                             had reached when the last kernel ended
 //   counts              int32 [2 (epoch parity)][R (source)][count_message_ints]   put by remote sources
 //   count_staging       int32 [R (destination)][count_message_ints]                this rank, then put
+//   finished_warps      int32: warps of this rank's running kernel that finished      its watcher (local)
 //   forwarder_progress  int32 [C][L]: network rows forwarder warp p passed (this  the coordinator (local;
 //                       kernel); reset to 0 by the coordinator at the end          never crosses the network)
 //   dispatch_staging    [C][N (destination node)][T] x dispatch slot               network sender
@@ -87,7 +89,7 @@ struct RdmaWorkspace {
   int num_local_experts = 0, num_topk = 0, hidden = 0, max_nodes_per_token = 0;
   int count_message_ints = 0;
   size_t record_bytes = 0, dispatch_row_bytes = 0, dispatch_slot_bytes = 0, combine_slot_bytes = 0;
-  size_t signals_offset = 0, signal_bases_offset = 0, counts_offset = 0, count_staging_offset = 0, forwarder_progress_offset = 0,
+  size_t signals_offset = 0, signal_bases_offset = 0, counts_offset = 0, count_staging_offset = 0, finished_warps_offset = 0, forwarder_progress_offset = 0,
          dispatch_staging_offset = 0, dispatch_rings_offset = 0, combine_staging_offset = 0,
          combine_rings_offset = 0, total_bytes = 0;
 
@@ -119,6 +121,7 @@ struct RdmaWorkspace {
     signal_bases_offset = region(sizeof(uint64_t) * size_t(num_signals()));
     counts_offset = region(2 * size_t(num_ranks) * message_bytes);
     count_staging_offset = region(size_t(num_ranks) * message_bytes);
+    finished_warps_offset = region(sizeof(int32_t));
     forwarder_progress_offset = region(sizeof(int32_t) * size_t(num_channels) * size_t(num_nvl_ranks));
     dispatch_staging_offset = region(ring_slots * dispatch_slot_bytes);
     dispatch_rings_offset = region(ring_slots * dispatch_slot_bytes);
@@ -133,7 +136,8 @@ struct RdmaWorkspace {
   EPCOMM_HOST_DEVICE size_t counters_end() const { return dispatch_staging_offset; }
 
   // Signal indices.
-  EPCOMM_HOST_DEVICE int num_signals() const { return num_ranks + 4 * num_channels * num_nodes; }
+  EPCOMM_HOST_DEVICE int num_signals() const { return num_ranks + 4 * num_channels * num_nodes + 1; }
+  EPCOMM_HOST_DEVICE int abort_signal() const { return num_ranks + 4 * num_channels * num_nodes; }
   EPCOMM_HOST_DEVICE int barrier_signal(int source) const { return source; }
   EPCOMM_HOST_DEVICE int dispatch_tail_signal(int channel, int node) const { return ring_signal(0, channel, node); }
   EPCOMM_HOST_DEVICE int dispatch_head_signal(int channel, int node) const { return ring_signal(1, channel, node); }
@@ -153,6 +157,9 @@ struct RdmaWorkspace {
   }
   EPCOMM_HOST_DEVICE size_t count_message_bytes() const { return sizeof(int32_t) * size_t(count_message_ints); }
 
+  EPCOMM_HOST_DEVICE int32_t* finished_warps(char* local_buffer) const {
+    return reinterpret_cast<int32_t*>(local_buffer + finished_warps_offset);
+  }
   EPCOMM_HOST_DEVICE int32_t* forwarder_progress(char* local_buffer, int channel, int peer) const {
     return reinterpret_cast<int32_t*>(local_buffer + forwarder_progress_offset) + size_t(channel) * num_nvl_ranks + peer;
   }

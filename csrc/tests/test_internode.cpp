@@ -7,6 +7,7 @@
 // planted-bug flags of kernels/internode_dispatch.cuh, where these tests must fail.
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -557,7 +558,8 @@ EPCOMM_TEST(internode_fp8_network_payload_ratio) {
 EPCOMM_TEST(internode_fuzzed_schedules) {
   int const tokens = test::kSanitized ? 6 : 10;
   for (uint64_t seed = 1; seed <= 10; ++seed) {
-    run_shape({2, 2, 2, 3, 1, 3, 2, token_counts(4, tokens, seed), 128, seed % 2 == 0, 3, 2, 2, 1, 60 + seed}, seed);
+    int const channels = test::kSanitized ? 1 : 2;
+    run_shape({2, 2, channels, 3, 1, 3, 2, token_counts(4, tokens, seed), 128, seed % 2 == 0, 3, 2, 2, 1, 60 + seed}, seed);
     if (!test::kSanitized || seed % 3 == 0)
       run_shape({4, 1, 1, 4, 2, 3, 1, token_counts(4, tokens, seed + 50), 128, seed % 2 == 1, 4, 2, 3, 1, 80 + seed}, seed);
   }
@@ -579,6 +581,64 @@ EPCOMM_TEST(internode_timeout_names_the_missing_peer) {
   CHECK_CONTAINS(error_text(cluster.errors[0]),
                  "internode_notify timeout: rank=0 role=internode_notify_barrier channel=-1 peer=1 expected=1 observed=0");
   CHECK_EQ(*cluster.nvl_workspace.abort_flag(cluster.node_nvl_buffers[0][0]), 1);
+  // ...and its watcher carried the alarm to the other node's abort signal
+  uint64_t const* signals = reinterpret_cast<uint64_t const*>(cluster.rdma_buffers[1] + cluster.rdma_workspace.signals_offset);
+  CHECK_EQ(signals[cluster.rdma_workspace.abort_signal()], uint64_t(1));
+}
+
+// A failure on one node ends the waits on the other node at once (the abort watchers), long before
+// their own timeout: rank 0 (node 0) rejects a token routed to 2 nodes with max_nodes_per_token = 1;
+// rank 1 (node 1) waits for rows from it and must stop with peer_aborted.
+EPCOMM_TEST(internode_abort_reaches_other_nodes) {
+  Cluster cluster({2, 1, 1, 4, 2, 4, 2, {3, 0}, 128, false, 2, 1, 1, 1, 90}, std::nullopt);
+  std::vector<std::vector<uint8_t>> in_rank = {std::vector<uint8_t>(3 * 2, 1), {}};
+  std::vector<uint8_t> x(3 * 256, 1);
+  std::vector<int64_t> topk = {0, 1, 0, 1, 0, 1};
+  std::vector<std::vector<int32_t>> rank_prefix(2, std::vector<int32_t>(3)), prefix(2, std::vector<int32_t>(2 * 2)),
+      forward(2, std::vector<int32_t>(2 * 2));
+  long long const timeout = 20'000'000'000LL;  // 20 s: the test fails on time if the alarm does not travel
+  {
+    simt::ConcurrentLaunch launch(cluster.options("internode_notify_abort"));
+    ++cluster.epoch;
+    for (int r = 0; r < 2; ++r) {
+      kernels::InternodeNotifyArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.epoch = cluster.epoch;
+      args.exchange_counts = true;
+      args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
+      args.num_tokens = r == 0 ? 3 : 0;
+      args.recv_rank_prefix = rank_prefix[r].data();
+      args.recv_channel_prefix_matrix = prefix[r].data();
+      args.forward_channel_prefix_matrix = forward[r].data();
+      kernels::add_internode_notify(launch, args);
+    }
+    cluster.run(launch);
+  }
+  CHECK_EQ(forward[1][1], 3);  // rank 1 expects 3 rows from node 0
+  auto const start = std::chrono::steady_clock::now();
+  simt::ConcurrentLaunch launch(cluster.options("internode_dispatch_abort"));
+  for (int r = 0; r < 2; ++r) {
+    kernels::InternodeDispatchArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    args.comm.timeout_cycles = timeout;
+    args.x = x.data();
+    args.hidden_bytes = 256;
+    args.topk_idx = topk.data();
+    args.num_topk = 2;
+    args.num_experts = 2;
+    args.num_tokens = r == 0 ? 3 : 0;
+    args.max_nodes_per_token = 1;
+    args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
+    args.recv_channel_prefix_matrix = prefix[r].data();
+    args.forward_channel_prefix_matrix = forward[r].data();
+    kernels::add_internode_dispatch(launch, args);
+  }
+  CHECK(launch.try_run().ok());
+  double const seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK_CONTAINS(error_text(cluster.errors[0]), "internode_dispatch bad_routing: rank=0 role=network_sender");
+  CHECK_EQ(cluster.errors[1].code, int32_t(kernels::ErrorCode::kPeerAborted));
+  CHECK_CONTAINS(error_text(cluster.errors[1]), "internode_dispatch peer_aborted: rank=1 role=");
+  CHECK(seconds < 10.0);
 }
 
 // A token routed to more nodes than the dispatch allows: the network sender reports it.
@@ -634,9 +694,11 @@ EPCOMM_TEST(internode_workspace_and_validation) {
   CHECK(kernels::validate_rdma_shape(shape, config) == nullptr);
   kernels::RdmaWorkspace ws(shape, config);
   CHECK_EQ(ws.num_ranks, 256);
-  CHECK_EQ(ws.num_signals(), 256 + 4 * 4 * 32);
+  CHECK_EQ(ws.num_signals(), 256 + 4 * 4 * 32 + 1);
+  CHECK_EQ(ws.abort_signal(), 256 + 4 * 4 * 32);
   CHECK(ws.signals_offset < ws.signal_bases_offset && ws.signal_bases_offset < ws.counts_offset &&
-        ws.counts_offset < ws.count_staging_offset && ws.count_staging_offset < ws.forwarder_progress_offset &&
+        ws.counts_offset < ws.count_staging_offset && ws.count_staging_offset < ws.finished_warps_offset &&
+        ws.finished_warps_offset < ws.forwarder_progress_offset &&
         ws.forwarder_progress_offset < ws.dispatch_staging_offset && ws.dispatch_staging_offset < ws.dispatch_rings_offset &&
         ws.dispatch_rings_offset < ws.combine_staging_offset && ws.combine_staging_offset < ws.combine_rings_offset);
   CHECK_EQ(ws.dispatch_rings_offset % 128, size_t(0));
