@@ -7,6 +7,8 @@
 //
 // Planted bug (build flag) that the checks must catch:
 //   EPCOMM_PLANT_RING_RELAXED_TAIL  senders publish the tail with a relaxed store (TSAN reports a race)
+//   EPCOMM_PLANT_FORWARDER_RELAXED_TAIL  only rings with planted_relaxed_tail set (the internode
+//                                   forwarder's NVL rings) publish relaxed
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
@@ -18,6 +20,15 @@ inline constexpr uint32_t kFullWarpMask = 0xffffffffu;
 
 // One warp copies `num_words` 4-byte words.
 EPCOMM_DEVICE void warp_copy_words(int32_t* dst, int32_t const* src, int num_words, int lane) {
+  for (int i = lane; i < num_words; i += 32) dst[i] = src[i];
+}
+
+// The same copy, not unrolled: for kernels at the 64-register cap of 1024-thread blocks (internode
+// dispatch), where the unrolled loop's extra registers spill.
+EPCOMM_DEVICE void warp_copy_words_rolled(int32_t* dst, int32_t const* src, int num_words, int lane) {
+#if EPCOMM_TARGET_CUDA
+#pragma unroll 1
+#endif
   for (int i = lane; i < num_words; i += 32) dst[i] = src[i];
 }
 
@@ -47,6 +58,9 @@ struct RingSender {
   int32_t* tail;        // in the receiver's buffer
   int ring_tokens, chunk_tokens;
   int sent = 0, published = 0, slot_limit = 0;  // rows [0, slot_limit) may be written
+#if defined(EPCOMM_PLANT_FORWARDER_RELAXED_TAIL)
+  bool planted_relaxed_tail = false;
+#endif
 
   EPCOMM_DEVICE RingSender(int32_t const* head_, int32_t* tail_, KernelConfig const& config)
       : head(head_), tail(tail_), ring_tokens(config.nvl_ring_tokens), chunk_tokens(config.nvl_chunk_send_tokens),
@@ -59,6 +73,11 @@ struct RingSender {
     if (lane == 0) {
 #if defined(EPCOMM_PLANT_RING_RELAXED_TAIL)
       ptx::st_relaxed_sys_global(tail, int32_t(sent));
+#elif defined(EPCOMM_PLANT_FORWARDER_RELAXED_TAIL)
+      if (planted_relaxed_tail)
+        ptx::st_relaxed_sys_global(tail, int32_t(sent));
+      else
+        ptx::st_release_sys_global(tail, int32_t(sent));
 #else
       ptx::st_release_sys_global(tail, int32_t(sent));
 #endif

@@ -17,9 +17,18 @@ enum class ErrorCode : int32_t {
   kNone = 0,
   kTimeout = 1,      // this thread waited longer than timeout_cycles
   kPeerAborted = 2,  // another rank (or thread) failed first and raised the abort flag
+  kBadRouting = 3,   // a token needs more nodes than the buffers were sized for (expected = limit, observed = nodes)
 };
 
-enum class KernelId : int32_t { kNone = 0, kNotify = 1, kDispatch = 2, kCombine = 3 };
+enum class KernelId : int32_t {
+  kNone = 0,
+  kNotify = 1,
+  kDispatch = 2,
+  kCombine = 3,
+  kInternodeNotify = 4,
+  kInternodeDispatch = 5,
+  kInternodeCombine = 6,
+};
 
 enum class Role : int32_t {
   kNone = 0,
@@ -28,6 +37,15 @@ enum class Role : int32_t {
   kDispatchReceiver = 3,  // waits for rows in its own ring (tail)
   kCombineSender = 4,
   kCombineReceiver = 5,
+  // internode (peer = the rank waited on; channel = -1 when not applicable)
+  kInternodeNotifyBarrier = 6,   // waits for every rank's barrier signal (counts arrive with it)
+  kNetworkSender = 7,            // dispatch: waits for free network slots (head returned by the coordinator)
+  kForwarder = 8,                // dispatch: waits for network rows, then for free slots in an NVL ring
+  kForwarderCoordinator = 9,     // dispatch: waits for the forwarder warps' progress
+  kNvlReceiver = 10,             // dispatch: waits for rows in its NVL ring from one forwarder
+  kCombineNvlSender = 11,        // combine: waits for free slots in the forwarder's NVL ring
+  kCombineForwarder = 12,        // combine: waits for NVL rows, then for free network slots
+  kCombineNetworkReceiver = 13,  // combine: waits for partial rows from a forwarding node
 };
 
 inline constexpr int32_t kErrorSlotClaimed = -1;  // `code` while the first failing thread fills the slot
@@ -49,6 +67,7 @@ inline char const* error_code_name(int32_t code) {
     case ErrorCode::kNone: return "none";
     case ErrorCode::kTimeout: return "timeout";
     case ErrorCode::kPeerAborted: return "peer_aborted";
+    case ErrorCode::kBadRouting: return "bad_routing";
   }
   return "unknown";
 }
@@ -59,6 +78,9 @@ inline char const* kernel_name(int32_t kernel) {
     case KernelId::kNotify: return "notify";
     case KernelId::kDispatch: return "intranode_dispatch";
     case KernelId::kCombine: return "intranode_combine";
+    case KernelId::kInternodeNotify: return "internode_notify";
+    case KernelId::kInternodeDispatch: return "internode_dispatch";
+    case KernelId::kInternodeCombine: return "internode_combine";
   }
   return "unknown";
 }
@@ -71,6 +93,14 @@ inline char const* role_name(int32_t role) {
     case Role::kDispatchReceiver: return "dispatch_receiver";
     case Role::kCombineSender: return "combine_sender";
     case Role::kCombineReceiver: return "combine_receiver";
+    case Role::kInternodeNotifyBarrier: return "internode_notify_barrier";
+    case Role::kNetworkSender: return "network_sender";
+    case Role::kForwarder: return "forwarder";
+    case Role::kForwarderCoordinator: return "forwarder_coordinator";
+    case Role::kNvlReceiver: return "nvl_receiver";
+    case Role::kCombineNvlSender: return "combine_nvl_sender";
+    case Role::kCombineForwarder: return "combine_forwarder";
+    case Role::kCombineNetworkReceiver: return "combine_network_receiver";
   }
   return "unknown";
 }
@@ -96,6 +126,8 @@ struct WaitContext {
   int channel;
   int peer;
   long long timeout_cycles;  // clock64 units: SM cycles on a GPU, nanoseconds on the CPU target
+  int own_index = -1;        // this rank's index in peer_buffers when that differs from `rank` (internode:
+                             // the local rank; `rank` stays global for the report)
 };
 
 EPCOMM_DEVICE int32_t* abort_flag(WaitContext const& context, int rank) {
@@ -115,7 +147,7 @@ EPCOMM_DEVICE void report_failure(WaitContext const& context, ErrorCode code, in
     slot->observed = observed;
     ptx::st_release_sys_global(&slot->code, int32_t(code));
   }
-  if (code == ErrorCode::kTimeout) {
+  if (code != ErrorCode::kPeerAborted) {
     for (int r = 0; r < context.num_ranks; ++r) ptx::st_release_sys_global(abort_flag(context, r), int32_t(1));
   }
 }
@@ -126,7 +158,7 @@ EPCOMM_DEVICE void report_failure(WaitContext const& context, ErrorCode code, in
 template <class Load>
 EPCOMM_DEVICE bool wait_at_least(WaitContext const& context, int64_t expected, Load load, int64_t* observed_out) {
   long long const start = ptx::read_clock64();
-  int32_t const* own_abort_flag = abort_flag(context, context.rank);
+  int32_t const* own_abort_flag = abort_flag(context, context.own_index >= 0 ? context.own_index : context.rank);
   for (int spins = 0;; ++spins) {
     int64_t const observed = int64_t(load());
     if (observed >= expected) {

@@ -17,6 +17,7 @@
 #include "channel.cuh"
 #include "elements.cuh"
 #include "intranode.hpp"
+#include "ring_rows.cuh"
 
 namespace epcomm::kernels {
 
@@ -31,15 +32,11 @@ EPCOMM_DEVICE void combine_sender(IntranodeCombineArgs const& args, int channel,
                   comm.config);
 
   int32_t const* prefix = args.recv_channel_prefix_matrix + int64_t(dst) * (comm.config.num_channels + 1);
-  int const row_words = args.hidden * element_bytes(args.element_kind) / 4;
+  int const row_bytes = args.hidden * element_bytes(args.element_kind);
   for (int64_t row = prefix[channel]; row < prefix[channel + 1]; ++row) {
     if (!ring.reserve(context, lane)) return;
-    char* slot = ws.slot(dst_buffer, channel, comm.rank, ring.sent);
-    warp_copy_words(reinterpret_cast<int32_t*>(slot), reinterpret_cast<int32_t const*>(args.x) + row * row_words,
-                    row_words, lane);
-    if (args.topk_weights != nullptr)
-      for (int k = lane; k < args.num_topk; k += 32)
-        ws.slot_topk_weights(slot)[k] = args.topk_weights[row * args.num_topk + k];
+    write_combine_slot(ws, ws.slot(dst_buffer, channel, comm.rank, ring.sent), args.x, args.topk_weights, row,
+                       row_bytes, args.num_topk, lane);
     ring.commit(lane);
   }
   ring.publish(lane);

@@ -13,6 +13,7 @@
 #include "../common/ptx.cuh"
 #include "channel.cuh"
 #include "intranode.hpp"
+#include "ring_rows.cuh"
 
 namespace epcomm::kernels {
 
@@ -68,23 +69,12 @@ EPCOMM_DEVICE void dispatch_sender(IntranodeDispatchArgs const& args, int channe
 // Copies slot `slot` out to received row `row`, localising expert ids (other ranks' experts become -1, weight 0).
 EPCOMM_DEVICE void dispatch_read_slot(IntranodeDispatchArgs const& args, char* slot, int64_t row, int lane) {
   CommArgs const& comm = args.comm;
-  NvlWorkspace const& ws = comm.workspace;
-  warp_copy_words(static_cast<int32_t*>(args.recv_x) + row * (args.hidden_bytes / 4),
-                  reinterpret_cast<int32_t const*>(slot), args.hidden_bytes / 4, lane);
-  if (args.scale_bytes > 0)
-    warp_copy_words(static_cast<int32_t*>(args.recv_x_scales) + row * (args.scale_bytes / 4),
-                    reinterpret_cast<int32_t const*>(slot + args.hidden_bytes), args.scale_bytes / 4, lane);
-  if (lane == 0 && args.recv_src_idx != nullptr) args.recv_src_idx[row] = *ws.slot_src_idx(slot);
-  if (args.num_topk == 0) return;
-  int64_t const experts_per_rank = args.num_experts / comm.num_ranks;
-  int64_t const first_local_expert = experts_per_rank * comm.rank;
-  for (int k = lane; k < args.num_topk; k += 32) {
-    int64_t const expert = ws.slot_topk_idx(slot)[k];
-    bool const is_local = expert >= first_local_expert && expert < first_local_expert + experts_per_rank;
-    if (args.recv_topk_idx != nullptr) args.recv_topk_idx[row * args.num_topk + k] = is_local ? expert - first_local_expert : -1;
-    if (args.recv_topk_weights != nullptr)
-      args.recv_topk_weights[row * args.num_topk + k] = is_local ? ws.slot_topk_weights(slot)[k] : 0.0f;
-  }
+  int64_t const experts_per_rank = args.num_topk > 0 ? args.num_experts / comm.num_ranks : 0;
+  ReceivedRowOutputs const out{args.recv_x,        args.recv_x_scales, args.recv_topk_idx,
+                               args.recv_topk_weights, args.recv_src_idx, args.hidden_bytes,
+                               args.scale_bytes,   args.num_topk,      experts_per_rank * comm.rank,
+                               experts_per_rank};
+  store_received_row(out, comm.workspace, slot, row, lane);
 }
 
 // Receives the rows `src` sends on `channel` into rows [prefix[src][channel], prefix[src][channel + 1]).

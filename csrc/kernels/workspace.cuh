@@ -14,7 +14,7 @@
 //   ring_slots         [num_channels][num_ranks (source)][nvl_ring_tokens] x slot
 //
 // A slot is one row plus its metadata (dispatch); combine uses row + weights:
-//   [row bytes, padded to 8][src_idx int32][pad int32][topk_idx int64 x K][topk_weights f32 x K], padded to 16.
+//   [row bytes, padded to 8][src_idx int32][aux int32][topk_idx int64 x K][topk_weights f32 x K], padded to 16.
 // Dispatch and combine share the rings: a barrier (notify) separates them and
 // resets the counters of the rank that runs it.
 
@@ -101,6 +101,8 @@ struct NvlWorkspace {
   }
   // Fields of a slot.
   EPCOMM_HOST_DEVICE int32_t* slot_src_idx(char* slot) const { return reinterpret_cast<int32_t*>(slot + row_bytes); }
+  // The int32 after src_idx: unused by intranode; the internode path stores the source node there.
+  EPCOMM_HOST_DEVICE int32_t* slot_aux(char* slot) const { return reinterpret_cast<int32_t*>(slot + row_bytes + 4); }
   EPCOMM_HOST_DEVICE int64_t* slot_topk_idx(char* slot) const {
     return reinterpret_cast<int64_t*>(slot + row_bytes + 8);
   }

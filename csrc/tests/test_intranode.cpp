@@ -19,30 +19,19 @@
 #include "../kernels/intranode.hpp"
 #include "../kernels/intranode_validate.hpp"
 #include "harness.hpp"
+#include "test_common.hpp"
 
 using namespace epcomm;
 using kernels::ErrorSlot;
+using test::AlignedBuffer;
+using test::error_text;
+using test::kernel_timeout_cycles;
+using test::ref_bf16_to_float;
+using test::ref_float_to_bf16;
 
 namespace {
 
 // ---- host reference ---------------------------------------------------------
-
-float ref_bf16_to_float(uint16_t bits) {
-  uint32_t wide = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, 4);
-  return value;
-}
-
-// Round to nearest, ties to even, every NaN -> 0x7fc0 (torch's float -> bfloat16).
-uint16_t ref_float_to_bf16(float value) {
-  if (std::isnan(value)) return 0x7fc0;
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  uint32_t upper = bits >> 16, lower = bits & 0xffffu;
-  if (lower > 0x8000u || (lower == 0x8000u && (upper & 1u))) ++upper;
-  return uint16_t(upper);
-}
 
 struct Shape {
   int num_ranks, num_channels, ring_tokens, chunk_tokens;
@@ -134,27 +123,6 @@ Expected expected_dispatch(Shape const& shape, std::vector<RankData> const& data
 }
 
 // ---- device-side state of all ranks ----------------------------------------
-
-struct AlignedBuffer {
-  void* ptr = nullptr;
-  explicit AlignedBuffer(size_t bytes) {
-    ptr = std::aligned_alloc(128, kernels::align_up(bytes, 128));
-    std::memset(ptr, 0, kernels::align_up(bytes, 128));
-  }
-  ~AlignedBuffer() { std::free(ptr); }
-  AlignedBuffer(AlignedBuffer const&) = delete;
-  AlignedBuffer& operator=(AlignedBuffer const&) = delete;
-};
-
-long long kernel_timeout_cycles() {
-  char const* ms = std::getenv("EPCOMM_TEST_KERNEL_TIMEOUT_MS");
-  return (ms ? std::atoll(ms) : 30'000) * 1'000'000LL;  // clock64 is in ns on the CPU target
-}
-
-std::string error_text(ErrorSlot const& slot) {
-  char text[256];
-  return kernels::describe_error(slot, text, sizeof(text));
-}
 
 struct Cluster {
   Shape shape;

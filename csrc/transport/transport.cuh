@@ -2,6 +2,9 @@
 // The device-side transport between nodes: the only way the internode kernels
 // move bytes over the network (they never call an RDMA library directly).
 //
+// Changes since the first version (members unchanged): put_signal now states that the
+// caller orders its lanes' writes of the source bytes before the call.
+//
 // Model. Every rank owns a symmetric "RDMA buffer": the same size on every
 // rank, so an offset names the same place everywhere. Each rank also owns
 // `num_signals` 64-bit signal counters that only the transport writes (remote
@@ -21,7 +24,9 @@
 //       lane id). Copies [src_offset, +bytes) of this rank's buffer to [dst_offset, +bytes)
 //       of `peer`'s, then adds `add` to `peer`'s signal `signal`. Strong: a reader that
 //       observes the add also observes these bytes and every earlier put from this rank
-//       to `peer`. The source bytes may be overwritten only after flush().
+//       to `peer`. The source bytes may be overwritten only after flush(). The caller orders
+//       its lanes' writes of the source bytes before the call (__syncwarp): lanes may copy
+//       words other lanes wrote.
 //   void signal_add(int lane, int peer, int signal, uint64_t add) const;
 //       Warp-collective. Adds to `peer`'s signal, ordered after every earlier put from
 //       this rank to `peer` (same strong guarantee, no data).

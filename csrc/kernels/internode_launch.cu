@@ -1,0 +1,37 @@
+// CUDA-target launchers of the internode kernels over ShmTransport (peer
+// memory): the only place they are launched with <<<>>>. The CPU twins are in
+// internode_launch_simt.cpp. A GIN transport instantiates the same templates.
+#include "../common/compat.cuh"
+#include "internode.hpp"
+#include "internode_combine.cuh"
+#include "internode_dispatch.cuh"
+#include "internode_notify.cuh"
+#include "internode_validate.hpp"
+
+namespace epcomm::kernels {
+
+using transport::ShmTransport;
+
+int cuda_launch_internode_notify(InternodeNotifyArgs<ShmTransport> const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  internode_notify_kernel<ShmTransport><<<kInternodeNotifyBlocks, kInternodeNotifyThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+int cuda_launch_internode_dispatch(InternodeDispatchArgs<ShmTransport> const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  int const threads = internode_block_threads(args.comm.num_ranks / args.comm.num_nvl_ranks, args.comm.num_nvl_ranks);
+  internode_dispatch_kernel<ShmTransport>
+      <<<internode_num_blocks(args.comm.config), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+int cuda_launch_internode_combine(InternodeCombineArgs<ShmTransport> const& args, void* stream) {
+  if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
+  int const threads = internode_block_threads(args.comm.num_ranks / args.comm.num_nvl_ranks, args.comm.num_nvl_ranks);
+  internode_combine_kernel<ShmTransport>
+      <<<internode_num_blocks(args.comm.config), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  return int(cudaGetLastError());
+}
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,202 @@
+#pragma once
+// internode_notify: two blocks per rank (kInternodeNotifyThreads threads): block 0 does the work,
+// block 1's warp 0 is the abort watcher (internode_common.cuh).
+//   1. reset this rank's NVL ring counters (as notify.cuh: no peer uses them
+//      until it passed the barrier below)
+//   2. (exchange_counts) per destination rank d, the count message (rdma_workspace.cuh):
+//        d on this node, d != self:  written into d's NVL buffer (channel_counts, expert_counts)
+//        d == self:                  written into this rank's own RDMA counts slot
+//        d on another node:          staged, then put through the transport with barrier signal +1
+//   3. barrier: on the node, release-store `epoch` into every local peer's NVL barrier signal;
+//      across nodes, the count put's signal (or a signal_add without counts) adds 1 to
+//      barrier[rank] of every remote rank. Then wait for every source: NVL signal >= epoch
+//      (same node), transport barrier signal >= epoch (other nodes)
+//   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix,
+//      forward_channel_prefix_matrix and num_recv_tokens_per_expert.
+// Counts are double-buffered by epoch parity (a peer is at most one barrier ahead).
+
+#include "../common/compat.cuh"
+#include "../common/ptx.cuh"
+#include "internode_common.cuh"
+
+namespace epcomm::kernels {
+
+// Lanes of one warp fill the message for destination `dst` at `message` (int32 [count_message_ints]).
+template <class Transport>
+EPCOMM_DEVICE void internode_fill_count_message(InternodeNotifyArgs<Transport> const& args, int dst,
+                                                int32_t* channel_counts, int32_t* node_counts,
+                                                int32_t* expert_counts, int lane) {
+  InternodeComm<Transport> const& comm = args.comm;
+  int const num_channels = comm.config.nvl.num_channels, num_ranks = comm.num_ranks;
+  int const dst_node = dst / comm.num_nvl_ranks;
+  for (int channel = lane; channel < num_channels; channel += 32) {
+    TokenRange const range = channel_token_range(args.num_tokens, num_channels, channel);
+    int to_rank = 0, to_node = 0;
+    for (int t = range.begin; t < range.end; ++t) {
+      bool const* row = args.is_token_in_rank + int64_t(t) * num_ranks;
+      to_rank += row[dst];
+      bool in_node = false;
+      for (int p = 0; p < comm.num_nvl_ranks; ++p) in_node = in_node || row[dst_node * comm.num_nvl_ranks + p];
+      to_node += in_node;
+    }
+    channel_counts[channel] = to_rank;
+    if (node_counts != nullptr) node_counts[channel] = to_node;
+  }
+  int const num_local_experts = comm.rdma_workspace.num_local_experts;
+  for (int expert = lane; expert < num_local_experts; expert += 32)
+    expert_counts[expert] =
+        args.num_tokens_per_expert != nullptr ? args.num_tokens_per_expert[dst * num_local_experts + expert] : 0;
+}
+
+// Step 2 (and, for remote ranks, the network half of step 3's signal).
+template <class Transport>
+EPCOMM_DEVICE void internode_send_counts(InternodeNotifyArgs<Transport> const& args, int parity) {
+  InternodeComm<Transport> const& comm = args.comm;
+  RdmaWorkspace const& rdma = comm.rdma_workspace;
+  NvlWorkspace const& nvl = comm.nvl_workspace;
+  int const lane = int(ptx::get_lane_id()), warp = int(threadIdx.x) / 32, num_warps = int(blockDim.x) / 32;
+  int const num_channels = comm.config.nvl.num_channels;
+  char* const local = comm.transport.local_buffer();
+  for (int dst = warp; dst < comm.num_ranks; dst += num_warps) {
+    bool const same_node = dst / comm.num_nvl_ranks == comm.node();
+    if (same_node && dst != comm.rank) {
+      // A peer of this node: straight into its NVL buffer
+      void* const peer_buffer = comm.nvl_peer_buffers[dst % comm.num_nvl_ranks];
+      internode_fill_count_message(args, dst, nvl.channel_counts(peer_buffer, parity, comm.local_rank()), nullptr,
+                                   nvl.expert_counts(peer_buffer, parity, comm.local_rank()), lane);
+      continue;
+    }
+    // Self: this rank's own counts slot; another node: the staging slot, then a put
+    int32_t* message = reinterpret_cast<int32_t*>(
+        local + (dst == comm.rank ? rdma.count_message_offset(parity, comm.rank) : rdma.count_staging_message_offset(dst)));
+    internode_fill_count_message(args, dst, message, message + num_channels, message + 2 * num_channels, lane);
+    if (dst == comm.rank) continue;
+    ptx::syncwarp();  // every lane's part of the message is written before any lane copies it
+    comm.transport.put_signal(lane, dst, rdma.count_message_offset(parity, comm.rank),
+                              rdma.count_staging_message_offset(dst), rdma.count_message_bytes(),
+                              rdma.barrier_signal(comm.rank), 1);
+  }
+  comm.transport.flush(lane);
+}
+
+// Step 3. Returns false (in every thread) when a rank never arrived.
+template <class Transport>
+EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args) {
+  __shared__ int failed;
+  InternodeComm<Transport> const& comm = args.comm;
+  int const lane = int(ptx::get_lane_id()), warp = int(threadIdx.x) / 32, num_warps = int(blockDim.x) / 32;
+  if (threadIdx.x == 0) failed = 0;
+  // Remote ranks without counts: a bare signal (ordered after this rank's earlier puts)
+  if (!args.exchange_counts) {
+    for (int dst = warp; dst < comm.num_ranks; dst += num_warps)
+      if (dst / comm.num_nvl_ranks != comm.node()) comm.transport.signal_add(lane, dst, comm.rdma_workspace.barrier_signal(comm.rank), 1);
+  }
+  // Publish on the node: everything this block wrote (counters reset, counts) happens-before the signal
+  __syncthreads();
+  int const local = comm.local_rank();
+  for (int peer = int(threadIdx.x); peer < comm.num_nvl_ranks; peer += int(blockDim.x))
+    ptx::st_release_sys_global(comm.nvl_workspace.barrier_signal(comm.nvl_peer_buffers[peer], local), args.epoch);
+  // Wait for every source
+  for (int src = int(threadIdx.x); src < comm.num_ranks; src += int(blockDim.x)) {
+    WaitContext const context =
+        internode_wait_context(comm, KernelId::kInternodeNotify, Role::kInternodeNotifyBarrier, -1, src);
+    bool ok;
+    if (src / comm.num_nvl_ranks == comm.node()) {
+      int64_t const* signal = comm.nvl_workspace.barrier_signal(comm.nvl_peer_buffers[local], src % comm.num_nvl_ranks);
+      ok = wait_at_least(context, args.epoch, [&] { return ptx::ld_acquire_sys_global(signal); }, nullptr);
+    } else {
+      int const signal = comm.rdma_workspace.barrier_signal(src);
+      ok = wait_at_least(context, args.epoch, [&] { return int64_t(comm.transport.read_signal(signal)); }, nullptr);
+    }
+    if (!ok) atomicOr(&failed, 1);
+  }
+  __syncthreads();
+  return failed == 0;
+}
+
+// Where source `src`'s message to this rank landed: channel counts, node counts (null on this node
+// except self) and expert counts.
+struct ReceivedCounts {
+  int32_t const* channel_counts;
+  int32_t const* node_counts;
+  int32_t const* expert_counts;
+};
+
+template <class Transport>
+EPCOMM_DEVICE ReceivedCounts internode_received_counts(InternodeComm<Transport> const& comm, int parity,
+                                                                  int src) {
+  int const num_channels = comm.config.nvl.num_channels;
+  if (src != comm.rank && src / comm.num_nvl_ranks == comm.node()) {
+    void* const own = comm.nvl_peer_buffers[comm.local_rank()];
+    int const src_local = src % comm.num_nvl_ranks;
+    return {comm.nvl_workspace.channel_counts(own, parity, src_local), nullptr,
+            comm.nvl_workspace.expert_counts(own, parity, src_local)};
+  }
+  int32_t const* message =
+      reinterpret_cast<int32_t const*>(comm.transport.local_buffer() + comm.rdma_workspace.count_message_offset(parity, src));
+  return {message, message + num_channels, message + 2 * num_channels};
+}
+
+// Step 4.
+template <class Transport>
+EPCOMM_DEVICE void internode_build_prefixes(InternodeNotifyArgs<Transport> const& args, int parity) {
+  InternodeComm<Transport> const& comm = args.comm;
+  int const num_channels = comm.config.nvl.num_channels;
+  if (threadIdx.x == 0) {
+    // Received rows: by source rank, then channel
+    int row = 0;
+    for (int src = 0; src < comm.num_ranks; ++src) {
+      int32_t const* counts = internode_received_counts(comm, parity, src).channel_counts;
+      args.recv_rank_prefix[src] = row;
+      int32_t* prefix = args.recv_channel_prefix_matrix + int64_t(src) * (num_channels + 1);
+      for (int channel = 0; channel < num_channels; ++channel) {
+        prefix[channel] = row;
+        row += counts[channel];
+      }
+      prefix[num_channels] = row;
+    }
+    args.recv_rank_prefix[comm.num_ranks] = row;
+  } else if (threadIdx.x == 32) {
+    // Forwarded rows: by source node (its rank with this local index), then channel
+    int row = 0;
+    for (int node = 0; node < comm.num_nodes(); ++node) {
+      int const src = node * comm.num_nvl_ranks + comm.local_rank();
+      int32_t const* counts = internode_received_counts(comm, parity, src).node_counts;
+      int32_t* prefix = args.forward_channel_prefix_matrix + int64_t(node) * (num_channels + 1);
+      for (int channel = 0; channel < num_channels; ++channel) {
+        prefix[channel] = row;
+        row += counts[channel];
+      }
+      prefix[num_channels] = row;
+    }
+  }
+  if (args.num_recv_tokens_per_expert == nullptr) return;
+  for (int expert = int(threadIdx.x); expert < comm.rdma_workspace.num_local_experts; expert += int(blockDim.x)) {
+    int total = 0;
+    for (int src = 0; src < comm.num_ranks; ++src) total += internode_received_counts(comm, parity, src).expert_counts[expert];
+    args.num_recv_tokens_per_expert[expert] =
+        (total + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
+  }
+}
+
+template <class Transport>
+EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) internode_notify_kernel(InternodeNotifyArgs<Transport> args) {
+  InternodeComm<Transport> const& comm = args.comm;
+  if (blockIdx.x == 1) {
+    // The second block: warp 0 is the abort watcher, the others only count themselves
+    if (threadIdx.x < 32) return internode_abort_watcher(comm);
+    return internode_warp_finished(comm);
+  }
+  int const parity = int(args.epoch & 1);
+  void* const own_nvl = comm.nvl_peer_buffers[comm.local_rank()];
+  // Reset this rank's NVL ring counters
+  for (int i = int(threadIdx.x); i < comm.nvl_workspace.num_ring_counters(); i += int(blockDim.x)) {
+    comm.nvl_workspace.ring_head(own_nvl, 0, 0)[i] = 0;
+    comm.nvl_workspace.ring_tail(own_nvl, 0, 0)[i] = 0;
+  }
+  if (args.exchange_counts) internode_send_counts(args, parity);
+  if (internode_barrier(args) && args.exchange_counts) internode_build_prefixes(args, parity);
+  internode_warp_finished(comm);
+}
+
+}  // namespace epcomm::kernels

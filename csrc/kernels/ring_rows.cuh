@@ -1,0 +1,50 @@
+#pragma once
+// Row <-> NVL ring slot copies shared by the intranode and internode kernels
+// (slot layout: workspace.cuh). All functions are warp-collective.
+
+#include "../common/compat.cuh"
+#include "channel.cuh"
+#include "workspace.cuh"
+
+namespace epcomm::kernels {
+
+// Where a receiver stores rows taken out of dispatch slots, and how it localises expert ids.
+struct ReceivedRowOutputs {
+  void* recv_x;                // [M, hidden_bytes]
+  void* recv_x_scales;         // [M, scale_bytes] (scale_bytes > 0)
+  int64_t* recv_topk_idx;      // [M, K] or null
+  float* recv_topk_weights;    // [M, K] or null
+  int32_t* recv_src_idx;       // [M] or null
+  int hidden_bytes, scale_bytes, num_topk;
+  int64_t first_local_expert, experts_per_rank;
+};
+
+// Copies dispatch slot `slot` out to received row `row`; experts of other ranks become -1 (weight 0).
+EPCOMM_DEVICE void store_received_row(ReceivedRowOutputs const& out, NvlWorkspace const& ws, char* slot, int64_t row,
+                                      int lane) {
+  warp_copy_words(static_cast<int32_t*>(out.recv_x) + row * (out.hidden_bytes / 4),
+                  reinterpret_cast<int32_t const*>(slot), out.hidden_bytes / 4, lane);
+  if (out.scale_bytes > 0)
+    warp_copy_words(static_cast<int32_t*>(out.recv_x_scales) + row * (out.scale_bytes / 4),
+                    reinterpret_cast<int32_t const*>(slot + out.hidden_bytes), out.scale_bytes / 4, lane);
+  if (lane == 0 && out.recv_src_idx != nullptr) out.recv_src_idx[row] = *ws.slot_src_idx(slot);
+  for (int k = lane; k < out.num_topk; k += 32) {
+    int64_t const expert = ws.slot_topk_idx(slot)[k];
+    bool const is_local = expert >= out.first_local_expert && expert < out.first_local_expert + out.experts_per_rank;
+    if (out.recv_topk_idx != nullptr) out.recv_topk_idx[row * out.num_topk + k] = is_local ? expert - out.first_local_expert : -1;
+    if (out.recv_topk_weights != nullptr)
+      out.recv_topk_weights[row * out.num_topk + k] = is_local ? ws.slot_topk_weights(slot)[k] : 0.0f;
+  }
+}
+
+// Writes combine row `row` of x (bf16 [*, hidden]) and, if given, its topk weights into `slot`.
+EPCOMM_DEVICE void write_combine_slot(NvlWorkspace const& ws, char* slot, uint16_t const* x, float const* topk_weights,
+                                      int64_t row, int hidden, int num_topk, int lane) {
+  int const row_words = hidden / 2;
+  warp_copy_words(reinterpret_cast<int32_t*>(slot), reinterpret_cast<int32_t const*>(x) + row * row_words, row_words,
+                  lane);
+  if (topk_weights != nullptr)
+    for (int k = lane; k < num_topk; k += 32) ws.slot_topk_weights(slot)[k] = topk_weights[row * num_topk + k];
+}
+
+}  // namespace epcomm::kernels

@@ -1,0 +1,723 @@
+// The internode kernels (notify, two-hop dispatch, combine) with all ranks of
+// all nodes in one process: NVL and RDMA buffers are plain allocations, the
+// transport is ShmTransport over them, one grid per rank through
+// simt::ConcurrentLaunch. Every output is compared bit for bit with a host
+// reference written from the library's contract (reference.py), and the
+// transport's byte counters prove what crossed the network. Also built with the
+// planted-bug flags of kernels/internode_dispatch.cuh, where these tests must fail.
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../common/compat.cuh"
+#include "../kernels/internode.hpp"
+#include "../kernels/internode_validate.hpp"
+#include "../kernels/intranode_validate.hpp"
+#include "harness.hpp"
+#include "test_common.hpp"
+
+using namespace epcomm;
+using kernels::ErrorSlot;
+using test::AlignedBuffer;
+using test::error_text;
+using test::kernel_timeout_cycles;
+using test::ref_bf16_to_float;
+using test::ref_float_to_bf16;
+using transport::LinkClass;
+using transport::ShmTransport;
+
+namespace {
+
+// ---- inputs and host reference ------------------------------------------------
+
+struct Shape {
+  int num_nodes, num_nvl_ranks, num_channels;
+  int nvl_ring_tokens, nvl_chunk_tokens, rdma_ring_tokens, rdma_chunk_tokens;
+  std::vector<int> num_tokens;  // per rank
+  int hidden;                   // elements; dispatch row = hidden bytes (fp8) or 2 * hidden (bf16)
+  bool fp8;
+  int num_topk = 4, num_local_experts = 2, max_nodes_per_token = 2, rounds = 1;
+  uint64_t seed = 1;
+  int num_ranks() const { return num_nodes * num_nvl_ranks; }
+};
+
+int hidden_bytes_of(Shape const& shape) { return shape.fp8 ? shape.hidden : 2 * shape.hidden; }
+int scale_bytes_of(Shape const& shape) { return shape.fp8 ? 4 * (shape.hidden / 128) : 0; }
+
+struct RankData {
+  int num_tokens = 0;
+  std::vector<uint8_t> x, x_scales;
+  std::vector<int64_t> topk_idx;
+  std::vector<float> topk_weights;
+};
+
+// Each token picks 1..max_nodes_per_token nodes (a third exactly max_nodes_per_token), then experts only
+// on those nodes; about one entry in five is -1.
+std::vector<RankData> make_inputs(Shape const& shape, uint64_t seed) {
+  std::mt19937_64 rng(seed), bytes_rng(seed ^ 0x9e3779b97f4a7c15ull);  // routing does not depend on row sizes
+  int const R = shape.num_ranks(), K = shape.num_topk;
+  int const experts_per_node = shape.num_nvl_ranks * shape.num_local_experts;
+  int const max_nodes = std::min({shape.max_nodes_per_token, shape.num_nodes, K});
+  std::vector<RankData> data(R);
+  for (int r = 0; r < R; ++r) {
+    RankData& d = data[r];
+    d.num_tokens = shape.num_tokens[r];
+    d.x.resize(size_t(d.num_tokens) * hidden_bytes_of(shape));
+    d.x_scales.resize(size_t(d.num_tokens) * scale_bytes_of(shape));
+    for (auto& b : d.x) b = uint8_t(bytes_rng());
+    for (auto& b : d.x_scales) b = uint8_t(bytes_rng());
+    d.topk_idx.assign(size_t(d.num_tokens) * K, -1);
+    d.topk_weights.resize(d.topk_idx.size());
+    for (int t = 0; t < d.num_tokens; ++t) {
+      bool const exact = rng() % 3 == 0;
+      int const num_token_nodes = exact ? max_nodes : 1 + int(rng() % uint64_t(max_nodes));
+      std::vector<int> nodes(shape.num_nodes);
+      for (int n = 0; n < shape.num_nodes; ++n) nodes[n] = n;
+      std::shuffle(nodes.begin(), nodes.end(), rng);
+      nodes.resize(num_token_nodes);
+      std::vector<int64_t> chosen;
+      for (int k = 0; k < K; ++k) {
+        // The first num_token_nodes entries cover every chosen node (so "exact" tokens reach them all)
+        int const node = k < num_token_nodes ? nodes[k] : nodes[rng() % uint64_t(num_token_nodes)];
+        int64_t expert = int64_t(node) * experts_per_node + int64_t(rng() % uint64_t(experts_per_node));
+        bool const none = (k >= num_token_nodes || !exact) && rng() % 5 == 0;
+        if (none || std::find(chosen.begin(), chosen.end(), expert) != chosen.end()) continue;
+        chosen.push_back(expert);
+        d.topk_idx[size_t(t) * K + k] = expert;
+      }
+      for (int k = 0; k < K; ++k) d.topk_weights[size_t(t) * K + k] = float(rng() % 1000) / 997.0f;
+    }
+  }
+  return data;
+}
+
+bool token_goes_to(Shape const& shape, RankData const& d, int t, int rank) {
+  for (int k = 0; k < shape.num_topk; ++k) {
+    int64_t const e = d.topk_idx[size_t(t) * shape.num_topk + k];
+    if (e >= 0 && e / shape.num_local_experts == rank) return true;
+  }
+  return false;
+}
+
+bool token_goes_to_node(Shape const& shape, RankData const& d, int t, int node) {
+  for (int p = 0; p < shape.num_nvl_ranks; ++p)
+    if (token_goes_to(shape, d, t, node * shape.num_nvl_ranks + p)) return true;
+  return false;
+}
+
+struct Expected {  // what one rank receives
+  std::vector<uint8_t> recv_x, recv_x_scales;
+  std::vector<int64_t> recv_topk_idx;
+  std::vector<float> recv_topk_weights;
+  std::vector<int32_t> recv_src_idx, recv_src_rank;
+  std::vector<int32_t> num_recv_tokens_per_expert;
+};
+
+Expected expected_dispatch(Shape const& shape, std::vector<RankData> const& data, int rank, int alignment) {
+  Expected out;
+  int const hb = hidden_bytes_of(shape), sb = scale_bytes_of(shape), K = shape.num_topk;
+  out.num_recv_tokens_per_expert.assign(shape.num_local_experts, 0);
+  for (int s = 0; s < shape.num_ranks(); ++s) {
+    RankData const& d = data[s];
+    for (int t = 0; t < d.num_tokens; ++t) {
+      if (!token_goes_to(shape, d, t, rank)) continue;
+      out.recv_x.insert(out.recv_x.end(), d.x.begin() + size_t(t) * hb, d.x.begin() + size_t(t + 1) * hb);
+      out.recv_x_scales.insert(out.recv_x_scales.end(), d.x_scales.begin() + size_t(t) * sb,
+                               d.x_scales.begin() + size_t(t + 1) * sb);
+      out.recv_src_idx.push_back(t);
+      out.recv_src_rank.push_back(s);
+      for (int k = 0; k < K; ++k) {
+        int64_t const e = d.topk_idx[size_t(t) * K + k];
+        bool const local = e >= 0 && e / shape.num_local_experts == rank;
+        out.recv_topk_idx.push_back(local ? e - int64_t(rank) * shape.num_local_experts : -1);
+        out.recv_topk_weights.push_back(local ? d.topk_weights[size_t(t) * K + k] : 0.0f);
+        if (local) ++out.num_recv_tokens_per_expert[e - int64_t(rank) * shape.num_local_experts];
+      }
+    }
+  }
+  for (int32_t& count : out.num_recv_tokens_per_expert) count = (count + alignment - 1) / alignment * alignment;
+  return out;
+}
+
+int channel_of(int num_tokens, int num_channels, int t) {
+  for (int c = 0; c < num_channels; ++c)
+    if (t < int(int64_t(num_tokens) * (c + 1) / num_channels)) return c;
+  return num_channels - 1;
+}
+
+// ---- all ranks' buffers ---------------------------------------------------------
+
+struct Cluster {
+  Shape shape;
+  kernels::InternodeConfig config;
+  kernels::NvlWorkspace nvl_workspace;
+  kernels::RdmaWorkspace rdma_workspace;
+  std::vector<std::unique_ptr<AlignedBuffer>> buffers;
+  std::vector<std::vector<void*>> node_nvl_buffers;  // [node][local rank]
+  std::vector<char*> rdma_buffers;                   // [rank]
+  std::vector<uint64_t> counters;                    // [rank][link class]
+  std::vector<ErrorSlot> errors;
+  std::optional<uint64_t> fuzz_seed;
+  int64_t epoch = 0;
+
+  Cluster(Shape const& s, std::optional<uint64_t> seed) : shape(s), fuzz_seed(seed) {
+    config.nvl = {s.num_channels, s.nvl_chunk_tokens, s.nvl_ring_tokens};
+    config.rdma_chunk_tokens = s.rdma_chunk_tokens;
+    config.rdma_ring_tokens = s.rdma_ring_tokens;
+    int const dispatch_row = hidden_bytes_of(s) + scale_bytes_of(s);
+    nvl_workspace = kernels::NvlWorkspace({s.num_nvl_ranks, s.num_local_experts, s.num_topk, std::max(dispatch_row, 2 * s.hidden)},
+                                          config.nvl);
+    kernels::RdmaWorkspaceShape rdma_shape{s.num_nodes, s.num_nvl_ranks, s.num_local_experts, s.num_topk,
+                                           dispatch_row,  s.hidden,        s.max_nodes_per_token};
+    if (char const* problem = kernels::validate_rdma_shape(rdma_shape, config)) throw test::CheckFailure(problem);
+    rdma_workspace = kernels::RdmaWorkspace(rdma_shape, config);
+    node_nvl_buffers.assign(s.num_nodes, {});
+    for (int r = 0; r < s.num_ranks(); ++r) {
+      buffers.push_back(std::make_unique<AlignedBuffer>(nvl_workspace.required_bytes()));
+      node_nvl_buffers[r / s.num_nvl_ranks].push_back(buffers.back()->ptr);
+      buffers.push_back(std::make_unique<AlignedBuffer>(rdma_workspace.required_bytes()));
+      rdma_buffers.push_back(static_cast<char*>(buffers.back()->ptr));
+    }
+    counters.assign(size_t(s.num_ranks()) * transport::kNumLinkClasses, 0);
+    errors.assign(s.num_ranks(), ErrorSlot{});
+  }
+
+  kernels::ShmInternodeComm comm(int rank) {
+    kernels::ShmInternodeComm c;
+    c.rank = rank;
+    c.num_ranks = shape.num_ranks();
+    c.num_nvl_ranks = shape.num_nvl_ranks;
+    c.config = config;
+    c.nvl_workspace = nvl_workspace;
+    c.rdma_workspace = rdma_workspace;
+    c.nvl_peer_buffers = node_nvl_buffers[rank / shape.num_nvl_ranks].data();
+    c.transport = ShmTransport{rank, shape.num_ranks(), shape.num_nvl_ranks, rdma_buffers.data(),
+                               rdma_workspace.signals_offset, &counters[size_t(rank) * transport::kNumLinkClasses]};
+    c.error = &errors[rank];
+    c.timeout_cycles = kernel_timeout_cycles();
+    return c;
+  }
+
+  simt::LaunchOptions options(char const* name) {
+    simt::LaunchOptions o = kernels::default_launch_options(name, kernel_timeout_cycles());
+    o.fuzz_seed = fuzz_seed;
+    return o;
+  }
+
+  // Bytes every rank put, per link class, since the last call.
+  std::vector<uint64_t> take_counters() {
+    std::vector<uint64_t> totals(transport::kNumLinkClasses, 0);
+    for (size_t i = 0; i < counters.size(); ++i) totals[i % transport::kNumLinkClasses] += counters[i];
+    std::fill(counters.begin(), counters.end(), 0);
+    return totals;
+  }
+
+  void run(simt::ConcurrentLaunch const& launch) {
+    simt::LaunchStatus status = launch.try_run();
+    std::string problems;
+    for (ErrorSlot const& slot : errors)
+      if (slot.code != 0) problems += "  kernel error: " + error_text(slot) + "\n";
+    if (!status.ok()) problems += std::string("  launch failed: ") + status.message + "\n";
+    if (!problems.empty()) throw test::CheckFailure("internode launch failed:\n" + problems);
+  }
+};
+
+struct RankOutputs {
+  std::vector<int32_t> num_tokens_per_rank, num_tokens_per_expert;
+  std::vector<uint8_t> is_token_in_rank;
+  std::vector<int32_t> recv_rank_prefix, recv_channel_prefix, forward_prefix, num_recv_tokens_per_expert;
+  std::vector<uint8_t> recv_x, recv_x_scales;
+  std::vector<int64_t> recv_topk_idx;
+  std::vector<float> recv_topk_weights;
+  std::vector<int32_t> recv_src_idx;
+  std::vector<uint32_t> forward_peer_masks;
+  std::vector<uint16_t> expert_out, combined_x;
+  std::vector<float> combined_topk_weights;
+};
+
+void run_layout(Shape const& shape, RankData const& d, RankOutputs& out) {
+  int const num_experts = shape.num_ranks() * shape.num_local_experts;
+  out.num_tokens_per_rank.assign(shape.num_ranks(), -1);
+  out.num_tokens_per_expert.assign(num_experts, -1);
+  out.is_token_in_rank.assign(size_t(d.num_tokens) * shape.num_ranks(), 2);
+  kernels::LayoutArgs args;
+  args.topk_idx = d.topk_idx.data();
+  args.num_tokens = d.num_tokens;
+  args.num_topk = shape.num_topk;
+  args.num_experts = num_experts;
+  args.num_ranks = shape.num_ranks();
+  args.num_tokens_per_rank = out.num_tokens_per_rank.data();
+  args.num_tokens_per_expert = out.num_tokens_per_expert.data();
+  args.is_token_in_rank = reinterpret_cast<bool*>(out.is_token_in_rank.data());
+  kernels::launch_get_dispatch_layout(args, kernels::default_launch_options("layout", kernel_timeout_cycles()))
+      .throw_if_failed();
+  for (int t = 0; t < d.num_tokens; ++t)
+    for (int r = 0; r < shape.num_ranks(); ++r)
+      CHECK_EQ(int(out.is_token_in_rank[size_t(t) * shape.num_ranks() + r]), int(token_goes_to(shape, d, t, r)));
+}
+
+// What crossed which link in one dispatch and one combine (from the contract).
+struct Traffic {
+  uint64_t network_pairs = 0, self_pairs = 0;  // (token, destination node) with node != / == the source's
+};
+
+Traffic expected_traffic(Shape const& shape, std::vector<RankData> const& data) {
+  Traffic traffic;
+  for (int s = 0; s < shape.num_ranks(); ++s)
+    for (int t = 0; t < data[s].num_tokens; ++t)
+      for (int n = 0; n < shape.num_nodes; ++n)
+        if (token_goes_to_node(shape, data[s], t, n)) ++(n == s / shape.num_nvl_ranks ? traffic.self_pairs : traffic.network_pairs);
+  return traffic;
+}
+
+struct RoundResult {
+  uint64_t dispatch_network_bytes = 0, dispatch_network_payload = 0, combine_network_bytes = 0;
+};
+
+RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
+  Shape const& shape = cluster.shape;
+  int const R = shape.num_ranks(), L = shape.num_nvl_ranks, NN = shape.num_nodes, C = shape.num_channels,
+            K = shape.num_topk;
+  int const hb = hidden_bytes_of(shape), sb = scale_bytes_of(shape);
+  int const num_experts = R * shape.num_local_experts, alignment = 1 + int(data_seed % 3);
+  std::vector<RankData> data = make_inputs(shape, data_seed);
+  std::vector<RankOutputs> out(R);
+  for (int r = 0; r < R; ++r) run_layout(shape, data[r], out[r]);
+  cluster.take_counters();
+
+  // notify: counts, barrier, prefix matrices
+  {
+    simt::ConcurrentLaunch launch(cluster.options("internode_notify"));
+    ++cluster.epoch;
+    for (int r = 0; r < R; ++r) {
+      out[r].recv_rank_prefix.assign(R + 1, -1);
+      out[r].recv_channel_prefix.assign(size_t(R) * (C + 1), -1);
+      out[r].forward_prefix.assign(size_t(NN) * (C + 1), -1);
+      out[r].num_recv_tokens_per_expert.assign(shape.num_local_experts, -1);
+      kernels::InternodeNotifyArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.epoch = cluster.epoch;
+      args.exchange_counts = true;
+      args.is_token_in_rank = reinterpret_cast<bool const*>(out[r].is_token_in_rank.data());
+      args.num_tokens_per_expert = out[r].num_tokens_per_expert.data();
+      args.num_tokens = data[r].num_tokens;
+      args.expert_alignment = alignment;
+      args.recv_rank_prefix = out[r].recv_rank_prefix.data();
+      args.recv_channel_prefix_matrix = out[r].recv_channel_prefix.data();
+      args.forward_channel_prefix_matrix = out[r].forward_prefix.data();
+      args.num_recv_tokens_per_expert = out[r].num_recv_tokens_per_expert.data();
+      kernels::add_internode_notify(launch, args);
+    }
+    cluster.run(launch);
+  }
+  // Count messages: one per (source, destination on another node)
+  {
+    std::vector<uint64_t> bytes = cluster.take_counters();
+    CHECK_EQ(bytes[int(LinkClass::kNetwork)], uint64_t(R) * (R - L) * cluster.rdma_workspace.count_message_bytes());
+  }
+  std::vector<Expected> expected;
+  for (int r = 0; r < R; ++r) {
+    expected.push_back(expected_dispatch(shape, data, r, alignment));
+    Expected const& e = expected[r];
+    int const num_recv = int(e.recv_src_idx.size());
+    CHECK_EQ(out[r].recv_rank_prefix[R], num_recv);
+    // (source, channel) prefixes from the definition
+    int row = 0;
+    for (int s = 0; s < R; ++s) {
+      CHECK_EQ(out[r].recv_rank_prefix[s], row);
+      for (int c = 0; c < C; ++c) {
+        CHECK_EQ(out[r].recv_channel_prefix[size_t(s) * (C + 1) + c], row);
+        for (int t = 0; t < data[s].num_tokens; ++t)
+          row += channel_of(data[s].num_tokens, C, t) == c && token_goes_to(shape, data[s], t, r);
+      }
+      CHECK_EQ(out[r].recv_channel_prefix[size_t(s) * (C + 1) + C], row);
+    }
+    // Forwarded rows: rank r forwards rank (m, r % L)'s tokens that reach node r / L
+    row = 0;
+    for (int m = 0; m < NN; ++m) {
+      int const s = m * L + r % L;
+      for (int c = 0; c < C; ++c) {
+        CHECK_EQ(out[r].forward_prefix[size_t(m) * (C + 1) + c], row);
+        for (int t = 0; t < data[s].num_tokens; ++t)
+          row += channel_of(data[s].num_tokens, C, t) == c && token_goes_to_node(shape, data[s], t, r / L);
+      }
+      CHECK_EQ(out[r].forward_prefix[size_t(m) * (C + 1) + C], row);
+    }
+    out[r].forward_peer_masks.assign(row, 0xeeeeeeeeu);
+    CHECK(out[r].num_recv_tokens_per_expert == e.num_recv_tokens_per_expert);
+  }
+
+  // dispatch
+  {
+    simt::ConcurrentLaunch launch(cluster.options("internode_dispatch"));
+    for (int r = 0; r < R; ++r) {
+      RankOutputs& o = out[r];
+      int const M = o.recv_rank_prefix[R];
+      o.recv_x.assign(size_t(M) * hb, 0xee);
+      o.recv_x_scales.assign(size_t(M) * sb, 0xee);
+      o.recv_topk_idx.assign(size_t(M) * K, -7);
+      o.recv_topk_weights.assign(size_t(M) * K, -7.0f);
+      o.recv_src_idx.assign(M, -7);
+      kernels::InternodeDispatchArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.x = data[r].x.data();
+      args.hidden_bytes = hb;
+      args.x_scales = sb ? data[r].x_scales.data() : nullptr;
+      args.scale_bytes = sb;
+      args.topk_idx = data[r].topk_idx.data();
+      args.topk_weights = data[r].topk_weights.data();
+      args.num_topk = K;
+      args.num_experts = num_experts;
+      args.num_tokens = data[r].num_tokens;
+      args.max_nodes_per_token = shape.max_nodes_per_token;
+      args.is_token_in_rank = reinterpret_cast<bool const*>(o.is_token_in_rank.data());
+      args.recv_channel_prefix_matrix = o.recv_channel_prefix.data();
+      args.forward_channel_prefix_matrix = o.forward_prefix.data();
+      args.recv_x = o.recv_x.data();
+      args.recv_x_scales = sb ? o.recv_x_scales.data() : nullptr;
+      args.recv_topk_idx = o.recv_topk_idx.data();
+      args.recv_topk_weights = o.recv_topk_weights.data();
+      args.recv_src_idx = o.recv_src_idx.data();
+      args.forward_peer_masks = o.forward_peer_masks.data();
+      kernels::add_internode_dispatch(launch, args);
+    }
+    cluster.run(launch);
+  }
+  for (int r = 0; r < R; ++r) {
+    CHECK(out[r].recv_src_idx == expected[r].recv_src_idx);
+    CHECK(out[r].recv_x == expected[r].recv_x);
+    CHECK(out[r].recv_x_scales == expected[r].recv_x_scales);
+    CHECK(out[r].recv_topk_idx == expected[r].recv_topk_idx);
+    CHECK(std::memcmp(out[r].recv_topk_weights.data(), expected[r].recv_topk_weights.data(),
+                      out[r].recv_topk_weights.size() * 4) == 0);
+  }
+  Traffic const traffic = expected_traffic(shape, data);
+  RoundResult result;
+  {
+    std::vector<uint64_t> bytes = cluster.take_counters();
+    uint64_t const record = cluster.rdma_workspace.record_bytes;
+    result.dispatch_network_bytes = bytes[int(LinkClass::kNetwork)];
+    CHECK_EQ(result.dispatch_network_bytes, traffic.network_pairs * (record + uint64_t(hb + sb)));
+    result.dispatch_network_payload = result.dispatch_network_bytes - traffic.network_pairs * record;
+    CHECK_EQ(result.dispatch_network_payload, traffic.network_pairs * uint64_t(hb + sb));
+    CHECK_EQ(bytes[int(LinkClass::kSelf)], traffic.self_pairs * (record + uint64_t(hb + sb)));
+    CHECK_EQ(bytes[int(LinkClass::kNvlink)], uint64_t(0));  // NVLink copies use peer pointers, not the transport
+  }
+
+  // expert outputs: random bf16 rows, exponents far apart; some rows all -0.0 (sums start at +0.0)
+  std::mt19937_64 rng(data_seed * 7919 + 1);
+  for (int r = 0; r < R; ++r) {
+    int const M = out[r].recv_rank_prefix[R];
+    out[r].expert_out.resize(size_t(M) * shape.hidden);
+    for (int m = 0; m < M; ++m) {
+      bool const negative_zero_row = rng() % 8 == 0;
+      for (int j = 0; j < shape.hidden; ++j) {
+        float const magnitude = std::ldexp(1.0f + float(rng() % 128) / 128.0f, int(rng() % 48) - 24);
+        float const value = negative_zero_row ? -0.0f : (rng() % 2 ? magnitude : -magnitude);
+        out[r].expert_out[size_t(m) * shape.hidden + j] = uint16_t(std::bit_cast<uint32_t>(value) >> 16);
+      }
+    }
+  }
+
+  // barrier (resets the NVL rings), then combine
+  {
+    simt::ConcurrentLaunch launch(cluster.options("internode_barrier"));
+    ++cluster.epoch;
+    for (int r = 0; r < R; ++r) {
+      kernels::InternodeNotifyArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.epoch = cluster.epoch;
+      kernels::add_internode_notify(launch, args);
+    }
+    cluster.run(launch);
+    cluster.take_counters();
+  }
+  {
+    simt::ConcurrentLaunch launch(cluster.options("internode_combine"));
+    for (int r = 0; r < R; ++r) {
+      RankOutputs& o = out[r];
+      o.combined_x.assign(size_t(data[r].num_tokens) * shape.hidden, 0xeeee);
+      o.combined_topk_weights.assign(size_t(data[r].num_tokens) * K, -7.0f);
+      kernels::InternodeCombineArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.x = o.expert_out.data();
+      args.topk_weights = o.recv_topk_weights.data();
+      args.hidden = shape.hidden;
+      args.num_topk = K;
+      args.num_tokens = data[r].num_tokens;
+      args.is_token_in_rank = reinterpret_cast<bool const*>(o.is_token_in_rank.data());
+      args.recv_channel_prefix_matrix = o.recv_channel_prefix.data();
+      args.forward_channel_prefix_matrix = o.forward_prefix.data();
+      args.forward_peer_masks = o.forward_peer_masks.data();
+      args.combined_x = o.combined_x.data();
+      args.combined_topk_weights = o.combined_topk_weights.data();
+      kernels::add_internode_combine(launch, args);
+    }
+    cluster.run(launch);
+  }
+  {
+    std::vector<uint64_t> bytes = cluster.take_counters();
+    result.combine_network_bytes = bytes[int(LinkClass::kNetwork)];
+    CHECK_EQ(result.combine_network_bytes, traffic.network_pairs * cluster.rdma_workspace.combine_put_bytes());
+  }
+  // Reference: acc = 0; per node n ascending: P = 0, P += float(row_d) for d of n ascending; acc += P; bf16(acc)
+  for (int s = 0; s < R; ++s) {
+    for (int t = 0; t < data[s].num_tokens; ++t) {
+      std::vector<std::pair<int, int>> rows;  // (rank d, row on d), d ascending
+      for (int d = 0; d < R; ++d)
+        for (size_t m = 0; m < expected[d].recv_src_idx.size(); ++m)
+          if (expected[d].recv_src_rank[m] == s && expected[d].recv_src_idx[m] == t) rows.push_back({d, int(m)});
+      for (int j = 0; j <= shape.hidden; ++j) {  // j == hidden: the weights
+        for (int k = 0; k < (j == shape.hidden ? K : 1); ++k) {
+          float acc = 0.0f;
+          for (int n = 0; n < NN; ++n) {
+            float partial = 0.0f;
+            bool any = false;
+            for (auto [d, m] : rows) {
+              if (d / L != n) continue;
+              any = true;
+              partial = partial + (j < shape.hidden ? ref_bf16_to_float(out[d].expert_out[size_t(m) * shape.hidden + j])
+                                                    : out[d].recv_topk_weights[size_t(m) * K + k]);
+            }
+            if (any) acc = acc + partial;
+          }
+          if (j < shape.hidden) {
+            uint16_t const want = ref_float_to_bf16(acc), got = out[s].combined_x[size_t(t) * shape.hidden + j];
+            if (want != got)
+              throw test::CheckFailure("combine mismatch: rank " + std::to_string(s) + " token " + std::to_string(t) +
+                                       " element " + std::to_string(j) + ": " + std::to_string(got) + " != " +
+                                       std::to_string(want));
+          } else {
+            CHECK_EQ(std::bit_cast<uint32_t>(out[s].combined_topk_weights[size_t(t) * K + k]), std::bit_cast<uint32_t>(acc));
+          }
+        }
+      }
+    }
+  }
+  return result;
+}
+
+RoundResult run_shape(Shape const& shape, std::optional<uint64_t> fuzz_seed = std::nullopt) {
+  Cluster cluster(shape, fuzz_seed);
+  RoundResult result;
+  for (int round = 0; round < shape.rounds; ++round) result = run_round(cluster, shape.seed * 100 + round);
+  return result;
+}
+
+std::vector<int> token_counts(int num_ranks, int base, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int> counts(num_ranks);
+  for (int r = 0; r < num_ranks; ++r) counts[r] = base / 2 + int(rng() % uint64_t(base + 1));
+  counts[num_ranks / 2] = 0;  // a rank with no tokens
+  return counts;
+}
+
+int const kTokens = test::kSanitized ? 8 : 48;
+
+// Shape fields: nodes, L, channels, nvl ring, nvl chunk, rdma ring, rdma chunk, tokens, hidden, fp8,
+// topk, local experts, max nodes per token, rounds, seed.
+EPCOMM_TEST(internode_2x2) {
+  run_shape({2, 2, 2, 4, 2, 4, 2, token_counts(4, kTokens, 1), 128, false, 4, 2, 2, 2, 11});
+  run_shape({2, 2, 1, 3, 1, 3, 1, token_counts(4, kTokens, 2), 128, true, 3, 3, 2, 1, 12});
+}
+
+EPCOMM_TEST(internode_4x2) {
+  run_shape({4, 2, 2, 4, 2, 5, 2, token_counts(8, kTokens, 3), 128, true, 6, 2, 4, 1, 21});
+  if (!test::kSanitized) run_shape({4, 2, 3, 6, 3, 4, 1, token_counts(8, kTokens, 4), 256, false, 4, 1, 3, 2, 22});
+}
+
+EPCOMM_TEST(internode_2x4) {
+  run_shape({2, 4, 2, 4, 1, 4, 2, token_counts(8, kTokens, 5), 128, false, 4, 2, 2, 1, 31});
+  if (!test::kSanitized) run_shape({2, 4, 1, 5, 2, 3, 3, token_counts(8, kTokens, 6), 128, true, 5, 2, 1, 1, 32});
+}
+
+EPCOMM_TEST(internode_8x1) {
+  run_shape({8, 1, 2, 4, 2, 4, 2, token_counts(8, kTokens, 7), 128, false, 4, 3, 4, 1, 41});
+}
+
+// FP8 rows (H data bytes + 4 * H / 128 scale bytes) against bf16 rows (2 * H) under the same routing:
+// the network payload shrinks by exactly that ratio.
+EPCOMM_TEST(internode_fp8_network_payload_ratio) {
+  Shape shape{2, 2, 2, 4, 2, 4, 2, token_counts(4, kTokens, 8), 256, false, 4, 2, 2, 1, 51};
+  RoundResult const bf16 = run_shape(shape);
+  shape.fp8 = true;
+  RoundResult const fp8 = run_shape(shape);
+  CHECK(bf16.dispatch_network_payload > 0);
+  uint64_t const H = uint64_t(shape.hidden);
+  CHECK_EQ(fp8.dispatch_network_payload * (2 * H), bf16.dispatch_network_payload * (H + 4 * H / 128));
+  CHECK_EQ(fp8.combine_network_bytes, bf16.combine_network_bytes);  // combine moves fp32 partials either way
+}
+
+EPCOMM_TEST(internode_fuzzed_schedules) {
+  int const tokens = test::kSanitized ? 6 : 10;
+  for (uint64_t seed = 1; seed <= 10; ++seed) {
+    int const channels = test::kSanitized ? 1 : 2;
+    run_shape({2, 2, channels, 3, 1, 3, 2, token_counts(4, tokens, seed), 128, seed % 2 == 0, 3, 2, 2, 1, 60 + seed}, seed);
+    if (!test::kSanitized || seed % 3 == 0)
+      run_shape({4, 1, 1, 4, 2, 3, 1, token_counts(4, tokens, seed + 50), 128, seed % 2 == 1, 4, 2, 3, 1, 80 + seed}, seed);
+  }
+}
+
+// A rank that never launches: a rank of another node waits for it and names it.
+EPCOMM_TEST(internode_timeout_names_the_missing_peer) {
+  Shape shape{2, 1, 1, 4, 2, 4, 2, {4, 4}, 128, false, 2, 2, 1, 1, 77};
+  Cluster cluster(shape, std::nullopt);
+  simt::ConcurrentLaunch launch(cluster.options("internode_notify_missing_rank"));
+  kernels::InternodeNotifyArgs<ShmTransport> args;
+  args.comm = cluster.comm(0);
+  args.comm.timeout_cycles = 50'000'000;  // 50 ms
+  args.epoch = 1;
+  kernels::add_internode_notify(launch, args);
+  simt::LaunchStatus status = launch.try_run();
+  CHECK(status.ok());  // the kernel left by itself
+  CHECK_EQ(cluster.errors[0].code, int32_t(kernels::ErrorCode::kTimeout));
+  CHECK_CONTAINS(error_text(cluster.errors[0]),
+                 "internode_notify timeout: rank=0 role=internode_notify_barrier channel=-1 peer=1 expected=1 observed=0");
+  CHECK_EQ(*cluster.nvl_workspace.abort_flag(cluster.node_nvl_buffers[0][0]), 1);
+  // ...and its watcher carried the alarm to the other node's abort signal
+  uint64_t const* signals = reinterpret_cast<uint64_t const*>(cluster.rdma_buffers[1] + cluster.rdma_workspace.signals_offset);
+  CHECK_EQ(signals[cluster.rdma_workspace.abort_signal()], uint64_t(1));
+}
+
+// A failure on one node ends the waits on the other node at once (the abort watchers), long before
+// their own timeout: rank 0 (node 0) rejects a token routed to 2 nodes with max_nodes_per_token = 1;
+// rank 1 (node 1) waits for rows from it and must stop with peer_aborted.
+EPCOMM_TEST(internode_abort_reaches_other_nodes) {
+  Cluster cluster({2, 1, 1, 4, 2, 4, 2, {3, 0}, 128, false, 2, 1, 1, 1, 90}, std::nullopt);
+  std::vector<std::vector<uint8_t>> in_rank = {std::vector<uint8_t>(3 * 2, 1), {}};
+  std::vector<uint8_t> x(3 * 256, 1);
+  std::vector<int64_t> topk = {0, 1, 0, 1, 0, 1};
+  std::vector<std::vector<int32_t>> rank_prefix(2, std::vector<int32_t>(3)), prefix(2, std::vector<int32_t>(2 * 2)),
+      forward(2, std::vector<int32_t>(2 * 2));
+  long long const timeout = 20'000'000'000LL;  // 20 s: the test fails on time if the alarm does not travel
+  {
+    simt::ConcurrentLaunch launch(cluster.options("internode_notify_abort"));
+    ++cluster.epoch;
+    for (int r = 0; r < 2; ++r) {
+      kernels::InternodeNotifyArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.epoch = cluster.epoch;
+      args.exchange_counts = true;
+      args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
+      args.num_tokens = r == 0 ? 3 : 0;
+      args.recv_rank_prefix = rank_prefix[r].data();
+      args.recv_channel_prefix_matrix = prefix[r].data();
+      args.forward_channel_prefix_matrix = forward[r].data();
+      kernels::add_internode_notify(launch, args);
+    }
+    cluster.run(launch);
+  }
+  CHECK_EQ(forward[1][1], 3);  // rank 1 expects 3 rows from node 0
+  auto const start = std::chrono::steady_clock::now();
+  simt::ConcurrentLaunch launch(cluster.options("internode_dispatch_abort"));
+  for (int r = 0; r < 2; ++r) {
+    kernels::InternodeDispatchArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    args.comm.timeout_cycles = timeout;
+    args.x = x.data();
+    args.hidden_bytes = 256;
+    args.topk_idx = topk.data();
+    args.num_topk = 2;
+    args.num_experts = 2;
+    args.num_tokens = r == 0 ? 3 : 0;
+    args.max_nodes_per_token = 1;
+    args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
+    args.recv_channel_prefix_matrix = prefix[r].data();
+    args.forward_channel_prefix_matrix = forward[r].data();
+    kernels::add_internode_dispatch(launch, args);
+  }
+  CHECK(launch.try_run().ok());
+  double const seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK_CONTAINS(error_text(cluster.errors[0]), "internode_dispatch bad_routing: rank=0 role=network_sender");
+  CHECK_EQ(cluster.errors[1].code, int32_t(kernels::ErrorCode::kPeerAborted));
+  CHECK_CONTAINS(error_text(cluster.errors[1]), "internode_dispatch peer_aborted: rank=1 role=");
+  CHECK(seconds < 10.0);
+}
+
+// A token routed to more nodes than the dispatch allows: the network sender reports it.
+EPCOMM_TEST(internode_rejects_tokens_beyond_max_nodes) {
+  Shape shape{4, 1, 1, 4, 2, 4, 2, {3, 3, 3, 3}, 128, false, 4, 1, 4, 1, 78};
+  kernels::InternodeConfig config;
+  config.nvl = {1, 2, 4};
+  kernels::RdmaWorkspace ws({4, 1, 1, 4, 256, 128, 2}, config);
+  kernels::InternodeDispatchArgs<ShmTransport> args;
+  args.comm.num_ranks = 4;
+  args.comm.config = config;
+  args.comm.rdma_workspace = ws;
+  args.comm.nvl_workspace = kernels::NvlWorkspace({1, 1, 4, 256}, config.nvl);
+  int dummy = 0;
+  void* buffers[1] = {&dummy};
+  args.comm.nvl_peer_buffers = buffers;
+  args.hidden_bytes = 256;
+  args.max_nodes_per_token = 3;  // the buffers were sized for 2
+  CHECK_CONTAINS(std::string(kernels::validate(args)), "max_nodes_per_token=3 must be in [1, 2]");
+  // On the device: every token of rank 0 goes to all 4 nodes, the routing bound says 2
+  Cluster cluster({4, 1, 1, 4, 2, 4, 2, {3, 0, 0, 0}, 128, false, 4, 1, 2, 1, 79}, std::nullopt);
+  std::vector<uint8_t> in_rank(3 * 4, 1);
+  std::vector<uint8_t> x(3 * 256, 1);
+  std::vector<int64_t> topk(3 * 4, 0);
+  std::vector<int32_t> prefix(4 * 2, 0), forward(4 * 2, 0);
+  simt::ConcurrentLaunch launch(cluster.options("internode_bad_routing"));
+  kernels::InternodeDispatchArgs<ShmTransport> bad;
+  bad.comm = cluster.comm(0);
+  bad.comm.timeout_cycles = 50'000'000;
+  bad.x = x.data();
+  bad.hidden_bytes = 256;
+  bad.topk_idx = topk.data();
+  bad.num_topk = 4;
+  bad.num_experts = 4;
+  bad.num_tokens = 3;
+  bad.max_nodes_per_token = 2;
+  bad.is_token_in_rank = reinterpret_cast<bool const*>(in_rank.data());
+  bad.recv_channel_prefix_matrix = prefix.data();
+  bad.forward_channel_prefix_matrix = forward.data();
+  kernels::add_internode_dispatch(launch, bad);
+  CHECK(launch.try_run().ok());
+  CHECK_CONTAINS(error_text(cluster.errors[0]),
+                 "internode_dispatch bad_routing: rank=0 role=network_sender channel=0 peer=-1 expected=2 observed=4");
+}
+
+EPCOMM_TEST(internode_workspace_and_validation) {
+  // 32 nodes x 8 ranks: every region disjoint, in order, aligned
+  kernels::InternodeConfig config;
+  config.nvl = {4, 4, 8};
+  config.rdma_chunk_tokens = 4;
+  config.rdma_ring_tokens = 16;
+  kernels::RdmaWorkspaceShape shape{32, 8, 1, 8, 7168 + 224, 7168, 4};
+  CHECK(kernels::validate_rdma_shape(shape, config) == nullptr);
+  kernels::RdmaWorkspace ws(shape, config);
+  CHECK_EQ(ws.num_ranks, 256);
+  CHECK_EQ(ws.num_signals(), 256 + 4 * 4 * 32 + 1);
+  CHECK_EQ(ws.abort_signal(), 256 + 4 * 4 * 32);
+  CHECK(ws.signals_offset < ws.signal_bases_offset && ws.signal_bases_offset < ws.counts_offset &&
+        ws.counts_offset < ws.count_staging_offset && ws.count_staging_offset < ws.finished_warps_offset &&
+        ws.finished_warps_offset < ws.forwarder_progress_offset &&
+        ws.forwarder_progress_offset < ws.dispatch_staging_offset && ws.dispatch_staging_offset < ws.dispatch_rings_offset &&
+        ws.dispatch_rings_offset < ws.combine_staging_offset && ws.combine_staging_offset < ws.combine_rings_offset);
+  CHECK_EQ(ws.dispatch_rings_offset % 128, size_t(0));
+  CHECK_EQ(ws.record_bytes, size_t(8 + 8 * 12));
+  CHECK_EQ(ws.dispatch_slot_bytes, kernels::align_up(8 + 8 * 12 + 7168 + 224, 16));
+  CHECK_EQ(ws.combine_slot_bytes, kernels::align_up(4 * (7168 + 8), 16));
+  size_t const ring_slots = size_t(4) * 32 * 16;
+  CHECK_EQ(ws.required_bytes(), kernels::align_up(ws.combine_rings_offset + ring_slots * ws.combine_slot_bytes, 128));
+  CHECK_EQ(ws.dispatch_ring_slot(3, 31, 16 + 15), ws.dispatch_rings_offset + ((3 * 32 + 31) * 16 + 15) * ws.dispatch_slot_bytes);
+  // Limits name the value and the rule
+  CHECK(kernels::validate_rdma_shape({33, 8, 1, 8, 64, 32, 4}, config) != nullptr);
+  CHECK(kernels::validate_rdma_shape({4, 8, 1, 8, 64, 32, 5}, config) != nullptr);  // max_nodes > num_nodes
+  kernels::InternodeDispatchArgs<ShmTransport> args;
+  args.comm.num_ranks = 256;
+  args.comm.num_nvl_ranks = 32;
+  CHECK_CONTAINS(std::string(kernels::validate(args)), "num_nvl_ranks=32 must be in [1, 31]");
+  args.comm.num_nvl_ranks = 8;
+  args.comm.num_ranks = 264;
+  CHECK_CONTAINS(std::string(kernels::validate(args)), "num_nodes=33 must be <= 32");
+}
+
+}  // namespace
