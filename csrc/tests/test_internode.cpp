@@ -350,7 +350,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
       }
       CHECK_EQ(out[r].forward_prefix[size_t(m) * (C + 1) + C], row);
     }
-    out[r].forward_peer_masks.assign(row, 0xeeeeeeeeu);
+    out[r].forward_peer_masks.assign(std::max(row, 1), 0xeeeeeeeeu);  // never empty: null means "not given"
     CHECK(out[r].num_recv_tokens_per_expert == e.num_recv_tokens_per_expert);
   }
 
@@ -536,6 +536,11 @@ EPCOMM_TEST(internode_4x2) {
 EPCOMM_TEST(internode_2x4) {
   run_shape({2, 4, 2, 4, 1, 4, 2, token_counts(8, kTokens, 5), 128, false, 4, 2, 2, 1, 31});
   if (!test::kSanitized) run_shape({2, 4, 1, 5, 2, 3, 3, token_counts(8, kTokens, 6), 128, true, 5, 2, 1, 1, 32});
+}
+
+// One node through the internode path: every "network" put is a put to self.
+EPCOMM_TEST(internode_1x4) {
+  run_shape({1, 4, 2, 4, 2, 4, 2, token_counts(4, kTokens, 9), 128, true, 4, 2, 1, 1, 45});
 }
 
 EPCOMM_TEST(internode_8x1) {
