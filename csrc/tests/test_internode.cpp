@@ -547,6 +547,18 @@ EPCOMM_TEST(internode_8x1) {
   run_shape({8, 1, 2, 4, 2, 4, 2, token_counts(8, kTokens, 7), 128, false, 4, 3, 4, 1, 41});
 }
 
+// The widest node count the kernels take: 32 nodes (node masks use bit 31; sender blocks are 32 warps).
+EPCOMM_TEST(internode_32x1) {
+  if (test::kSanitized) return;  // 32 ranks x 3 blocks x 1024 threads: too slow under the sanitizers
+  run_shape({32, 1, 1, 4, 2, 4, 2, token_counts(32, 6, 10), 128, false, 4, 1, 4, 1, 46});
+}
+
+// The widest node the kernels take: 31 ranks (forwarder block: 31 forwarder warps + the coordinator).
+EPCOMM_TEST(internode_1x31) {
+  if (test::kSanitized) return;
+  run_shape({1, 31, 1, 4, 2, 4, 2, token_counts(31, 6, 11), 128, true, 4, 1, 1, 1, 47});
+}
+
 // FP8 rows (H data bytes + 4 * H / 128 scale bytes) against bf16 rows (2 * H) under the same routing:
 // the network payload shrinks by exactly that ratio.
 EPCOMM_TEST(internode_fp8_network_payload_ratio) {
