@@ -121,7 +121,7 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
           }
           RdmaWorkspace::combine_partial(staged)[j] = partial;
         }
-        for (int k = thread; k < rdma.num_topk; k += num_threads) {
+        for (int k = thread; k < args.num_topk; k += num_threads) {
           float partial = 0.0f;
           if (args.topk_weights != nullptr)
             for (int p = 0; p < num_nvl_ranks; ++p) {

@@ -98,23 +98,4 @@ EPCOMM_DEVICE void internode_abort_watcher(InternodeComm<Transport> const& comm)
   if (lane == 0) ptx::st_relaxed_sys_global(finished, int32_t(0));
 }
 
-// Nodes (bit n) that token `token` goes to: the OR over the ranks of each node.
-EPCOMM_DEVICE uint32_t token_node_mask(bool const* is_token_in_rank, int token, int num_ranks, int num_nvl_ranks) {
-  uint32_t mask = 0;
-  bool const* row = is_token_in_rank + int64_t(token) * num_ranks;
-  for (int d = 0; d < num_ranks; ++d)
-    if (row[d]) mask |= 1u << (d / num_nvl_ranks);
-  return mask;
-}
-
-// Local ranks (bit p) of node `node` that token `token` goes to.
-EPCOMM_DEVICE uint32_t token_peer_mask(bool const* is_token_in_rank, int token, int num_ranks, int num_nvl_ranks,
-                                       int node) {
-  uint32_t mask = 0;
-  bool const* row = is_token_in_rank + int64_t(token) * num_ranks + int64_t(node) * num_nvl_ranks;
-  for (int p = 0; p < num_nvl_ranks; ++p)
-    if (row[p]) mask |= 1u << p;
-  return mask;
-}
-
 }  // namespace epcomm::kernels

@@ -27,8 +27,8 @@
 
 namespace epcomm::kernels {
 
-// Rows of channel `channel` that node `node`'s forwarder receives from this rank's local index
-// (forward prefix), and the channel-local offset of node `node` in the m-major order.
+// This rank as forwarder: the rows of (source node `node`, channel `channel`) -- where they start
+// in forward_peer_masks and how many (notify's forward_channel_prefix_matrix).
 struct ForwardRange {
   int first_row, num_rows;
 };

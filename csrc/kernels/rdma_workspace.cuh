@@ -48,7 +48,6 @@ namespace epcomm::kernels {
 // Limits of the internode kernels, with the reason for each.
 inline constexpr int kMaxNodes = 32;                 // one network-sender warp per node; node masks are 32 bits
 inline constexpr int kMaxInternodeNvlRanks = 31;     // forwarder block: one warp per NVLink peer + a coordinator
-inline constexpr int kMaxInternodeRanks = kMaxNodes * kMaxNvlRanks;  // layout only (kernels: 32 x 31)
 inline constexpr int kDefaultMaxNodesPerToken = 4;   // routing bound the Python layer enforces by default
 
 struct InternodeConfig {

@@ -32,6 +32,12 @@ class CheckFailure : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Thrown by a test that does not apply to this build (e.g. too slow under a sanitizer); reported as [SKIP].
+class Skipped : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 // True under ThreadSanitizer or AddressSanitizer: tests shrink their sizes.
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
 inline constexpr bool kSanitized = true;

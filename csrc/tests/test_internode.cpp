@@ -350,7 +350,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
       }
       CHECK_EQ(out[r].forward_prefix[size_t(m) * (C + 1) + C], row);
     }
-    out[r].forward_peer_masks.assign(row, 0xeeeeeeeeu);
+    out[r].forward_peer_masks.assign(std::max(row, 1), 0xeeeeeeeeu);  // never empty: null means "not given"
     CHECK(out[r].num_recv_tokens_per_expert == e.num_recv_tokens_per_expert);
   }
 
@@ -538,8 +538,25 @@ EPCOMM_TEST(internode_2x4) {
   if (!test::kSanitized) run_shape({2, 4, 1, 5, 2, 3, 3, token_counts(8, kTokens, 6), 128, true, 5, 2, 1, 1, 32});
 }
 
+// One node through the internode path: every "network" put is a put to self.
+EPCOMM_TEST(internode_1x4) {
+  run_shape({1, 4, 2, 4, 2, 4, 2, token_counts(4, kTokens, 9), 128, true, 4, 2, 1, 1, 45});
+}
+
 EPCOMM_TEST(internode_8x1) {
   run_shape({8, 1, 2, 4, 2, 4, 2, token_counts(8, kTokens, 7), 128, false, 4, 3, 4, 1, 41});
+}
+
+// The widest node count the kernels take: 32 nodes (node masks use bit 31; sender blocks are 32 warps).
+EPCOMM_TEST(internode_32x1) {
+  if (test::kSanitized) throw test::Skipped("32 ranks x 3 blocks x 1024 threads: too slow under a sanitizer");
+  run_shape({32, 1, 1, 4, 2, 4, 2, token_counts(32, 6, 10), 128, false, 4, 1, 4, 1, 46});
+}
+
+// The widest node the kernels take: 31 ranks (forwarder block: 31 forwarder warps + the coordinator).
+EPCOMM_TEST(internode_1x31) {
+  if (test::kSanitized) throw test::Skipped("31 ranks x 3 blocks x 1024 threads: too slow under a sanitizer");
+  run_shape({1, 31, 1, 4, 2, 4, 2, token_counts(31, 6, 11), 128, true, 4, 1, 1, 1, 47});
 }
 
 // FP8 rows (H data bytes + 4 * H / 128 scale bytes) against bf16 rows (2 * H) under the same routing:

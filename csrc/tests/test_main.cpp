@@ -14,14 +14,18 @@ int main(int argc, char** argv) {
     if (!selected) continue;
     ++num_run;
     auto const start = std::chrono::steady_clock::now();
-    std::string failure;
+    std::string failure, skipped;
     try {
       test.body();
+    } catch (Skipped const& e) {
+      skipped = e.what();
     } catch (std::exception const& e) {
       failure = e.what();
     }
     double const ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    if (failure.empty()) {
+    if (!skipped.empty()) {
+      std::printf("[SKIP] %-44s %s\n", test.name, skipped.c_str());
+    } else if (failure.empty()) {
       std::printf("[ OK ] %-44s %8.1f ms\n", test.name, ms);
     } else {
       ++num_failed;
