@@ -91,20 +91,21 @@ struct InternodeDispatchArgs {
   uint32_t* forward_peer_masks = nullptr;  // [forwarded rows]: which local ranks got forwarded row i (for combine)
 };
 
-// internode_combine: out[t] = bf16(0 + P_0 + P_1 + ...) over nodes ascending, P_n = 0 + row_d + ... over
-// the ranks d of node n holding t, ascending (fp32). Weights likewise. Same blocks as dispatch:
+// internode_combine: out[t] = dtype(0 + P_0 + P_1 + ...) over nodes ascending, P_n = 0 + row_d + ... over
+// the ranks d of node n holding t, ascending (fp32); rows are bf16, fp16 or fp32. Weights likewise. Same blocks as dispatch:
 // 3c (NVL senders), 3c + 1 (forwarder), 3c + 2 (network receiver).
 template <class Transport>
 struct InternodeCombineArgs {
   InternodeComm<Transport> comm;
-  uint16_t const* x = nullptr;          // [M, hidden] bf16 bits, in this rank's dispatch order
+  void const* x = nullptr;              // [M, hidden] of element_kind, in this rank's dispatch order
+  ElementKind element_kind = ElementKind::kBfloat16;
   float const* topk_weights = nullptr;  // [M, K]; travels when combined_topk_weights is set (on every rank)
   int hidden = 0, num_topk = 0, num_tokens = 0;
   bool const* is_token_in_rank = nullptr;                  // [N, R] of the dispatch
   int32_t const* recv_channel_prefix_matrix = nullptr;     // [R, C + 1] of the dispatch
   int32_t const* forward_channel_prefix_matrix = nullptr;  // [NN, C + 1] of the dispatch
   uint32_t const* forward_peer_masks = nullptr;            // of the dispatch
-  uint16_t* combined_x = nullptr;          // [N, hidden] bf16 bits out
+  void* combined_x = nullptr;              // [N, hidden] of element_kind, out
   float* combined_topk_weights = nullptr;  // [N, K] out, or null
 };
 

@@ -11,15 +11,15 @@
 //           put into network ring (c, this node) of rank (m, this local rank) with tail += 1.
 //   3c + 2  network receiver (whole block): for the channel's tokens in batches, warp 0's lane n
 //           waits for the partials of network ring (c, n) of every node n the token reached; every
-//           thread reduces acc = 0; acc += P_n for n ascending; out = bf16(acc) (one rounding).
+//           thread reduces acc = 0; acc += P_n for n ascending; out = dtype(acc) (one rounding).
 //           Then warp 0 returns the slots to each forwarding node (signal_add on its head).
 // Block 0 (channel 0), warp L: the abort watcher (internode_common.cuh).
 // Batch sizes (internode.hpp) keep every reducer from waiting on a row its producer cannot write.
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
-#include "bf16.cuh"
 #include "channel.cuh"
+#include "elements.cuh"
 #include "internode_common.cuh"
 #include "internode_dispatch.cuh"
 #include "ring_rows.cuh"
@@ -44,7 +44,7 @@ EPCOMM_DEVICE void combine_nvl_sender(InternodeCombineArgs<Transport> const& arg
     for (int64_t row = prefix[channel]; row < prefix[channel + 1]; ++row) {
       if (!ring.reserve(context, lane)) return;
       write_combine_slot(nvl, nvl.slot(fwd_buffer, channel, comm.local_rank(), ring.sent), args.x, args.topk_weights,
-                         row, args.hidden, args.num_topk, lane);
+                         row, args.hidden * element_bytes(args.element_kind), args.num_topk, lane);
       ring.commit(lane);
     }
   }
@@ -117,7 +117,7 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
           float partial = 0.0f;
           for (int p = 0; p < num_nvl_ranks; ++p) {
             int const row = ring_rows[i][p];
-            if (row >= 0) partial += bf16_bits_to_float(reinterpret_cast<uint16_t const*>(nvl.slot(own_nvl, channel, p, row))[j]);
+            if (row >= 0) partial += load_element(nvl.slot(own_nvl, channel, p, row), j, args.element_kind);
           }
           RdmaWorkspace::combine_partial(staged)[j] = partial;
         }
@@ -196,7 +196,7 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
     __syncthreads();
     if (failed != 0) return;
 
-    // Reduce: nodes ascending, fp32 from +0.0, one rounding to bf16
+    // Reduce: nodes ascending, fp32 from +0.0, one rounding to the rows' dtype
     for (int i = 0; i < num_batch_tokens; ++i) {
       int64_t const token = batch_begin + i;
       for (int j = thread; j < args.hidden; j += num_threads) {
@@ -206,7 +206,7 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
           if (row >= 0)
             acc += RdmaWorkspace::combine_partial(local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row)))[j];
         }
-        args.combined_x[token * args.hidden + j] = float_to_bf16_bits(acc);
+        store_element(args.combined_x, token * args.hidden + j, acc, args.element_kind);
       }
       if (args.combined_topk_weights == nullptr) continue;
       for (int k = thread; k < args.num_topk; k += num_threads) {

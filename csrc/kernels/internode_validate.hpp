@@ -119,8 +119,14 @@ char const* validate(InternodeCombineArgs<Transport> const& args) {
   if (args.hidden <= 0 || args.hidden != rdma.hidden)
     return invalid("internode_combine: hidden=%d must equal the rdma_workspace's hidden=%d (partials are sized by it)",
                    args.hidden, rdma.hidden);
-  if (size_t(args.hidden) * 2 > args.comm.nvl_workspace.row_bytes)
-    return invalid("internode_combine: 2 * hidden = %d exceeds the nvl_workspace's row bytes", 2 * args.hidden);
+  if (!is_element_kind(int32_t(args.element_kind)))
+    return invalid("internode_combine: element_kind=%d must be 1 (bf16), 2 (fp16) or 3 (fp32)", int(args.element_kind));
+  int const row_bytes = args.hidden * element_bytes(args.element_kind);
+  if (row_bytes % 4 != 0)
+    return invalid("internode_combine: rows of %d bytes are not whole 4-byte words (use an even hidden)", row_bytes);
+  if (size_t(row_bytes) > args.comm.nvl_workspace.row_bytes)
+    return invalid("internode_combine: rows of %d bytes exceed the nvl_workspace's row bytes (%zu)", row_bytes,
+                   args.comm.nvl_workspace.row_bytes);
   if (args.num_tokens < 0) return invalid("internode_combine: num_tokens=%d must be >= 0", args.num_tokens);
   if (args.num_tokens > 0 && (args.is_token_in_rank == nullptr || args.combined_x == nullptr))
     return "internode_combine: is_token_in_rank / combined_x is null";

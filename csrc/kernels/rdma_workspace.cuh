@@ -75,7 +75,7 @@ EPCOMM_HOST_DEVICE char const* validate_rdma_shape(RdmaWorkspaceShape const& sha
     return "max_nodes_per_token must be in [1, num_nodes]";
   if (shape.num_topk < 0 || shape.num_local_experts < 0) return "num_topk and num_local_experts must be >= 0";
   if (shape.max_row_bytes < 0 || shape.max_row_bytes % 4 != 0) return "max_row_bytes must be a multiple of 4";
-  if (shape.hidden < 0 || shape.hidden % 2 != 0) return "hidden must be even (bf16 pairs are copied as words)";
+  if (shape.hidden < 0) return "hidden must be >= 0";
   if (char const* problem = validate_config(config.nvl, shape.num_nvl_ranks)) return problem;
   if (config.rdma_chunk_tokens < 1) return "rdma_chunk_tokens must be >= 1";
   if (config.rdma_ring_tokens < config.rdma_chunk_tokens)

@@ -37,12 +37,11 @@ EPCOMM_DEVICE void store_received_row(ReceivedRowOutputs const& out, NvlWorkspac
   }
 }
 
-// Writes combine row `row` of x (bf16 [*, hidden]) and, if given, its topk weights into `slot`.
-EPCOMM_DEVICE void write_combine_slot(NvlWorkspace const& ws, char* slot, uint16_t const* x, float const* topk_weights,
-                                      int64_t row, int hidden, int num_topk, int lane) {
-  int const row_words = hidden / 2;
-  warp_copy_words(reinterpret_cast<int32_t*>(slot), reinterpret_cast<int32_t const*>(x) + row * row_words, row_words,
-                  lane);
+// Writes combine row `row` of x (`row_bytes` per row, any element type) and, if given, its topk weights into `slot`.
+EPCOMM_DEVICE void write_combine_slot(NvlWorkspace const& ws, char* slot, void const* x, float const* topk_weights,
+                                      int64_t row, int row_bytes, int num_topk, int lane) {
+  int const row_words = row_bytes / 4;
+  warp_copy_words(reinterpret_cast<int32_t*>(slot), static_cast<int32_t const*>(x) + row * row_words, row_words, lane);
   if (topk_weights != nullptr)
     for (int k = lane; k < num_topk; k += 32) ws.slot_topk_weights(slot)[k] = topk_weights[row * num_topk + k];
 }
