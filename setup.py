@@ -67,6 +67,7 @@ def _extensions() -> tuple[list, dict]:
             sources=[
                 "csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cpu_runtime.cpp",
                 f"{runtime}/cpu_intranode.cpp", "csrc/kernels/intranode_launch_simt.cpp",
+                f"{runtime}/cpu_internode.cpp", "csrc/kernels/internode_launch_simt.cpp",
             ],
             include_dirs=[str(CSRC)],
             extra_compile_args=[*common, "-pthread", "-DEPCOMM_WITH_CPU_RUNTIME=1"],

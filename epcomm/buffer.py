@@ -58,13 +58,14 @@ class Buffer:
         num_rdma_bytes: network buffer bytes for the kernel backends; unused by ``"torch"``.
         backend: ``"torch"``, ``"sim"``, ``"cuda"`` or ``"auto"`` (best available;
             read the choice from :attr:`backend`). ``"sim"`` runs epcomm's intranode kernels on
-            the CPU (one node only; CPU tensors), bit-identical to ``"torch"``; ``"cuda"`` the same
-            kernels on GPUs (one node; not yet run on a GPU; synchronous calls).
+            the CPU (CPU tensors; the intranode kernels on one node, the two-hop internode kernels
+            across nodes), bit-identical to ``"torch"``; ``"cuda"`` the intranode kernels on GPUs
+            (one node; not yet run on a GPU; synchronous calls).
         num_nvl_ranks: ranks per node (one NVLink domain); default ``min(world_size, 8)``;
             must divide the world size.
         max_nodes_per_token: a token may go to at most this many nodes (DeepSeek-V3 uses 4).
-        algorithm: torch backend only: ``"flat"``, ``"two_hop"``, or ``"auto"``
-            (two-hop when there is more than one node).
+        algorithm: ``"flat"``, ``"two_hop"``, or ``"auto"`` (two-hop when there is more than one
+            node); the kernel backends run two-hop across nodes only.
         timeout_s: how long a rank waits for its peers at any stage before raising.
     """
 
@@ -109,9 +110,13 @@ class Buffer:
         self.traffic = TrafficStats()
         self._comm = GroupComm(self.group, self.topology, timeout_s, self.traffic)
         if self.backend in _KERNEL_BACKENDS:
-            # one node only (EpcommBackendUnavailable otherwise); the NVL buffer is sized from the
-            # kernels' workspace at the first call when num_nvl_bytes is 0
-            self._impl = _KERNEL_BACKENDS[self.backend](self._comm, self.topology, num_nvl_bytes, timeout_s=timeout_s)
+            # buffers are sized from the kernels' workspaces at the first call when no sizes are given
+            if self.topology.num_nodes > 1 and algorithm != "two_hop":
+                raise ValueError(f"backend {self.backend!r} runs the two-hop kernels across nodes: pass algorithm="
+                                 f"'two_hop' or 'auto' (got {algorithm!r}); 'flat' is the torch backend's")
+            self._impl = _KERNEL_BACKENDS[self.backend](
+                self._comm, self.topology, num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
+                max_nodes_per_token=max_nodes_per_token, timeout_s=timeout_s)
         else:
             self._impl = TorchBackend(self._comm, self.topology, algorithm)
         self._id = next(_buffer_ids)

@@ -86,8 +86,16 @@ class RankReport:
 
 
 def backends_for(num_nodes: int) -> list[str]:
-    """The backends that run a topology of ``num_nodes`` nodes ("sim" is intranode-only for now)."""
-    return ["torch", "sim"] if num_nodes == 1 else ["torch"]
+    """The backends that run a topology of ``num_nodes`` nodes (sim: intranode kernels on one node,
+    the two-hop internode kernels on several)."""
+    return ["torch", "sim"]
+
+
+def algorithms_for(num_nodes: int, backend: str) -> list[str]:
+    """The algorithms ``backend`` runs on ``num_nodes`` nodes (the kernels are two-hop across nodes)."""
+    if num_nodes == 1:
+        return ["flat"]
+    return ["two_hop"] if backend != "torch" else ["flat", "two_hop"]
 
 
 def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 1, backend: str = "torch",

@@ -1,4 +1,4 @@
-"""backend="sim": epcomm's intranode kernels on the CPU, through Buffer, against the reference.
+"""backend="sim": epcomm's kernels on the CPU, through Buffer, against the reference.
 
 The reference (epcomm.reference) is what the torch backend is checked against bit for bit, so
 passing here means sim == torch bit for bit; one test also compares the two backends' digests.
@@ -64,17 +64,21 @@ def test_sim_too_small_buffer_says_how_big(pools):
         assert message is not None and "raise num_nvl_bytes to at least" in message, message
 
 
-def multi_node(rank, world):
+def flat_across_nodes(rank, world, backend, algorithm="flat"):
     try:
-        epcomm.Buffer(None, backend="sim", num_nvl_ranks=2)
-    except epcomm.EpcommBackendUnavailable as err:
-        return str(err)
+        epcomm.Buffer(None, backend=backend, num_nvl_ranks=2, algorithm=algorithm)
+    except (ValueError, epcomm.EpcommBackendUnavailable) as err:
+        return type(err).__name__, str(err)
     return None
 
 
-def test_sim_is_intranode_only(pools):
-    for message in pools(4).run(multi_node):
-        assert message is not None and "intranode-only" in message and "backend='torch'" in message, message
+def test_kernel_backends_run_two_hop_across_nodes(pools):
+    """The kernels implement the two-hop path across nodes; asking sim for flat says so on every rank
+    (and cuda, intranode-only for now, says it is)."""
+    for name, message in pools(4).run(flat_across_nodes, "sim"):
+        assert name == "ValueError" and "runs the two-hop kernels across nodes" in message, message
+    for name, message in pools(4).run(flat_across_nodes, "cuda", "auto"):
+        assert name == "EpcommBackendUnavailable" and "intranode-only" in message and "backend='sim'" in message
 
 
 def test_auto_does_not_pick_sim():

@@ -85,6 +85,11 @@ size_t intranode_workspace_bytes(int num_ranks, int num_local_experts, int num_t
                                  int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
 // kernels::validate_config: "" when the config fits, else the rule it breaks
 std::string intranode_config_problem(int num_ranks, int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
+// csrc/runtime/cpu_internode.cpp: [NVL region bytes, RDMA region bytes] of the internode kernels
+std::vector<size_t> internode_workspace_bytes(int num_ranks, int num_nvl_ranks, int num_topk, int dispatch_row_bytes,
+                                              int combine_hidden, int combine_row_bytes, int max_nodes_per_token,
+                                              int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens,
+                                              int rdma_chunk_tokens, int rdma_ring_tokens);
 }  // namespace epcomm::runtime
 namespace {
 // Two processes ping-pong `rounds` messages through shared mappings: a 64-byte payload written with
@@ -200,6 +205,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("validate_kernel_config", &intranode_config_problem, py::arg("num_ranks"), py::arg("num_channels"),
         py::arg("nvl_chunk_send_tokens"), py::arg("nvl_ring_tokens"),
         "'' when the intranode kernels accept this KernelConfig with num_ranks peers, else the rule it breaks.");
+  m.def("internode_workspace_bytes", &internode_workspace_bytes, py::arg("num_ranks"), py::arg("num_nvl_ranks"),
+        py::arg("num_topk"), py::arg("dispatch_row_bytes"), py::arg("combine_hidden"), py::arg("combine_row_bytes"),
+        py::arg("max_nodes_per_token"), py::arg("num_channels"), py::arg("nvl_chunk_send_tokens"),
+        py::arg("nvl_ring_tokens"), py::arg("rdma_chunk_tokens"), py::arg("rdma_ring_tokens"),
+        "[NVL region bytes, RDMA region bytes] each rank needs for the internode kernels.");
   m.def("segment_name", &cpu_segment_name, py::arg("run_token"), py::arg("rank"));
   m.def("unlink_segments", &cpu_unlink_segments, py::arg("run_token"), py::arg("num_ranks"),
         "shm_unlink every rank's segment of a run (failure cleanup); returns how many existed.");

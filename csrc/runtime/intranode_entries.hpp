@@ -42,10 +42,10 @@ struct LaunchOutcome {
   std::string problem;  // empty: the grid ran to completion
 };
 
-// Reads an entry's arguments after the comm prefix, in order.
+// Reads an entry's arguments in order, from `first` (the end of its comm prefix).
 class ArgReader {
  public:
-  explicit ArgReader(std::vector<int64_t> const& args) : args_(args) {}
+  explicit ArgReader(std::vector<int64_t> const& args, size_t first = kCommArgs) : args_(args), next_(first) {}
   template <class T>
   T* pointer() {
     return reinterpret_cast<T*>(static_cast<intptr_t>(args_[next_++]));
@@ -55,7 +55,7 @@ class ArgReader {
 
  private:
   std::vector<int64_t> const& args_;
-  size_t next_ = kCommArgs;
+  size_t next_;
 };
 
 inline void check_count(KernelCall const& call, char const* name, size_t expected) {

@@ -56,11 +56,16 @@ class CudaDispatchBackend(SimDispatchBackend):
     name = "cuda"
     runtime_class = CudaBackend
 
-    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, *,
-                 timeout_s: float | None = None) -> None:
+    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, **kwargs) -> None:
+        if topo.num_nodes != 1:
+            raise EpcommBackendUnavailable(
+                f"the cuda backend is intranode-only for now: this group has {topo.num_nodes} nodes ({topo.world_size} "
+                f"ranks, {topo.num_nvl_ranks} per node). The two-hop internode kernels run on backend='sim' (CPU); "
+                f"their GPU transport (NCCL GIN) is compiled but not wired yet. Use backend='torch' across nodes."
+            )
         _agree_on_gpus(comm, topo)
         self.device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(comm, topo, num_nvl_bytes, timeout_s=timeout_s)
+        super().__init__(comm, topo, num_nvl_bytes, **kwargs)
 
 
 def _agree_on_gpus(comm: GroupComm, topo: Topology) -> None:

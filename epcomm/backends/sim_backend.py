@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -35,9 +34,10 @@ from .._ext import load_extension
 from .._validate import Invalid
 from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError
-from ..topology import Topology
+from ..topology import LinkClass, Topology
+from ._kernel_paths import InternodePath, IntranodePath, Layout, row_bytes
 
-__all__ = ["SimBackend", "SimDispatchBackend", "SimPlan", "SIM_KERNEL_CONFIG", "SIM_DEFAULT_CONFIG", "kernel_config_of"]
+__all__ = ["SimBackend", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
 _TOKEN_BYTES = 12  # 24 hex digits in segment names
 _MESSAGE_BYTES = 240  # per-rank failure message carried by the setup exchanges
@@ -63,12 +63,6 @@ class SimBackend:
     backend_name = "sim"
 
     def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int, *, timeout_s: float | None = None) -> None:
-        if topo.num_nodes != 1:
-            raise EpcommBackendUnavailable(
-                f"{self.backend_name} backend is intranode-only for now: this group has {topo.num_nodes} nodes "
-                f"({topo.world_size} ranks, {topo.num_nvl_ranks} per node); use num_nvl_ranks=world_size or "
-                f"backend='torch'"
-            )
         if num_nvl_bytes < 0:
             raise ValueError(f"num_nvl_bytes must be >= 0, got {num_nvl_bytes}")
         self.comm = comm
@@ -215,82 +209,50 @@ class SimBackend:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatch / combine on the intranode kernels (csrc/kernels/intranode.hpp through
-# csrc/runtime/cpu_intranode.cpp), with the same interface as TorchBackend.
+# Dispatch / combine on epcomm's kernels (one node: the intranode path; several: the two-hop
+# internode path; see _kernel_paths.py), with the same interface as TorchBackend.
 
-# KernelConfig of the sim backend when a call passes no Config: (num_channels, nvl_chunk_send_tokens,
-# nvl_ring_tokens). Small, because every rank simulates 2 * num_channels blocks of 32 * world_size
-# threads on the host's cores. A call's Config (agreed by every rank) overrides it.
-SIM_KERNEL_CONFIG = (2, 6, 32)
-SIM_DEFAULT_CONFIG = Config(num_sms=2 * SIM_KERNEL_CONFIG[0], num_max_nvl_chunked_send_tokens=SIM_KERNEL_CONFIG[1],
-                            num_max_nvl_chunked_recv_tokens=SIM_KERNEL_CONFIG[2])
-"""The :class:`~epcomm.Config` a sim call without ``config`` runs with (for buffer-size hints)."""
-
-_Shape = tuple  # (num_local_experts, num_topk, max_row_bytes): the NvlWorkspace shape beyond num_ranks
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Everything that places regions in the NVL buffer: the same on every rank for one call."""
-
-    kernel: tuple[int, int, int]  # KernelConfig (num_channels, nvl_chunk_send_tokens, nvl_ring_tokens)
-    shape: _Shape
-
-    def covering(self, shape: _Shape) -> "_Layout":
-        """This layout grown (element-wise) to hold rows of ``shape`` too."""
-        return _Layout(self.kernel, tuple(max(a, b) for a, b in zip(self.shape, shape)))
-
-
-def kernel_config_of(config: Config | None) -> tuple[int, int, int]:
-    """The intranode KernelConfig a :class:`~epcomm.Config` asks for (``None``: the sim default)."""
-    if config is None:
-        return SIM_KERNEL_CONFIG
-    return (config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens)
+SIM_DEFAULT_CONFIG = Config(
+    num_sms=2 * IntranodePath.default_kernel[0], num_max_nvl_chunked_send_tokens=IntranodePath.default_kernel[1],
+    num_max_nvl_chunked_recv_tokens=IntranodePath.default_kernel[2],
+    num_max_rdma_chunked_send_tokens=InternodePath.default_kernel[3],
+    num_max_rdma_chunked_recv_tokens=InternodePath.default_kernel[4])
+"""The :class:`~epcomm.Config` a kernel-backend call without ``config`` runs with (for buffer-size hints)."""
 
 
 class SimPlan:
-    """Routing of one sim dispatch (kept in the handle)."""
+    """Routing of one kernel-backend dispatch (kept in the handle)."""
 
-    def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor,
-                 recv_channel_prefix: torch.Tensor, layout: _Layout, recv_counts: list[int]) -> None:
+    def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor, notify_outputs: tuple,
+                 layout: Layout, recv_counts: list[int]) -> None:
         self.num_tokens = num_tokens
         self.num_recv = num_recv
-        self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous, cpu
-        self.recv_channel_prefix = recv_channel_prefix  # [R, C + 1] int32 from notify
+        self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous
+        _, self.recv_channel_prefix, self.forward_channel_prefix = notify_outputs  # [R, C + 1], [nodes, C + 1] | None
+        # internode: which local ranks each row this rank forwarded went to (written by dispatch, read by
+        # combine); at least one element, as the kernels take a non-null pointer even when nothing is forwarded
+        self.num_forwarded = 0
+        self.forward_peer_masks: torch.Tensor | None = None
+        if self.forward_channel_prefix is not None:
+            self.num_forwarded = int(self.forward_channel_prefix[-1, -1])
+            self.forward_peer_masks = torch.zeros(max(self.num_forwarded, 1), dtype=torch.int32,
+                                                  device=is_token_in_rank.device)
         self.layout = layout
         self.send_counts = is_token_in_rank.sum(0).tolist()  # rows to each rank
         self.recv_counts = recv_counts  # rows from each rank
 
 
-def _row_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
-    x = tensors["x"]
-    scales = tensors.get("scales")
-    hidden_bytes = x.size(1) * x.element_size()
-    scale_bytes = scales.size(1) * scales.element_size() if scales is not None else 0
-    return hidden_bytes, scale_bytes
-
-
-def _dispatch_shape(tensors: dict[str, torch.Tensor], num_topk: int) -> _Shape:
-    """Room for this dispatch's rows, and for a bf16 combine of the same hidden (no re-layout between them)."""
-    hidden_bytes, scale_bytes = _row_bytes(tensors)
-    return (0, max(num_topk, 0), max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)))
-
-
-def _combine_shape(x: torch.Tensor) -> _Shape:
-    return (0, 0, x.size(1) * x.element_size())
-
-
-# combine's row element types: kernels/elements.cuh ElementKind
-_ELEMENT_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
-
-
 class SimDispatchBackend:
-    """Dispatch/combine through epcomm's intranode kernels on the CPU (one node only).
+    """Dispatch/combine through epcomm's kernels on the CPU.
 
     Same methods and return conventions as :class:`~epcomm.backends.torch_backend.TorchBackend`,
-    bit-identical results. The NVL buffer is allocated at construction when ``num_nvl_bytes`` is
-    given (a call that needs more is rejected on every rank before anything moves, saying how much
-    to give), else at the first call and grown (collectively) when a later call needs more.
+    bit-identical results. One node runs the intranode kernels, several the two-hop internode
+    kernels (network rings between same-index ranks of every node, NVLink forwarding, node
+    partials); across nodes a "network" put is a copy into the peer's shared memory, counted by the
+    transport. Buffers are allocated at construction when ``num_nvl_bytes`` (and, across nodes,
+    ``num_rdma_bytes``) are given (a call that needs more is rejected on every rank before anything
+    moves, saying how much to give), else at the first call and grown (collectively) when a later
+    call needs more.
 
     A kernel that fails (a peer died or stopped answering) raises EpcommTimeoutError /
     EpcommPeerError naming the operation, the kernel and the dead or late peers; the buffer's
@@ -301,44 +263,52 @@ class SimDispatchBackend:
     runtime_class = SimBackend  # the device runtime the kernels run on
     device = torch.device("cpu")  # where the kernels read and write tensors
 
-    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, *,
-                 timeout_s: float | None = None) -> None:
-        if topo.num_nodes != 1:
-            raise EpcommBackendUnavailable(
-                f"backend '{self.name}' is intranode-only for now: this group has {topo.num_nodes} nodes "
-                f"({topo.world_size} ranks, {topo.num_nvl_ranks} per node); pass num_nvl_ranks=world_size "
-                f"for one node. Use backend='torch' for several nodes."
-            )
+    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, *, num_rdma_bytes: int = 0,
+                 max_nodes_per_token: int = 4, timeout_s: float | None = None) -> None:
         self.comm = comm
         self.topo = topo
         self.timeout_s = comm.timeout.total_seconds() if timeout_s is None else float(timeout_s)
         self._ext = load_extension("cpu")
-        self.explicit_nvl_bytes = num_nvl_bytes
+        self.path = (IntranodePath(self._ext, topo) if topo.num_nodes == 1
+                     else InternodePath(self._ext, topo, max_nodes_per_token))
+        self.explicit_bytes = (num_nvl_bytes, num_rdma_bytes if topo.num_nodes > 1 else 0)
         self._sim: SimBackend | None = None
         self._epoch = 0
-        self._last_layout: _Layout | None = None
-        if num_nvl_bytes > 0:
-            self._sim = self.runtime_class(comm, topo, num_nvl_bytes, timeout_s=self.timeout_s)
+        self._last_layout: Layout | None = None
+        if num_nvl_bytes > 0 or num_rdma_bytes > 0:
+            if topo.num_nodes > 1 and (num_nvl_bytes <= 0 or num_rdma_bytes <= 0):
+                raise ValueError(f"the {self.name} backend across nodes needs both num_nvl_bytes and num_rdma_bytes "
+                                 f"(got {num_nvl_bytes} and {num_rdma_bytes}), or neither (sized automatically)")
+            self._sim = self._new_runtime(self._total_bytes(self.explicit_bytes))
 
     # ------------------------------------------------------------ sizing and checks
-    def required_bytes(self, layout: _Layout) -> int:
-        """NVL bytes per rank a call of ``layout`` needs (NvlWorkspace.required_bytes)."""
-        return int(self._ext.intranode_workspace_bytes(self.topo.world_size, *layout.shape, *layout.kernel))
+    @staticmethod
+    def _total_bytes(regions: tuple[int, int]) -> int:
+        nvl, rdma = regions
+        return -(-nvl // 4096) * 4096 + rdma if rdma else nvl
 
-    def _check_size(self, layout: _Layout, what: str) -> None:
-        need = self.required_bytes(layout)
-        if self.explicit_nvl_bytes and need > self.explicit_nvl_bytes:
-            raise Invalid(
-                f"the sim backend needs a {need}-byte NVL buffer for this {what} (row bytes {layout.shape[2]}, "
-                f"num_topk {layout.shape[1]}, {layout.kernel[0]} channels x {layout.kernel[2]}-token rings) but "
-                f"Buffer(num_nvl_bytes={self.explicit_nvl_bytes}) was given: raise num_nvl_bytes to at least "
-                f"{need} (Config.get_nvl_buffer_size_hint), or pass num_nvl_bytes=0 to size it automatically"
-            )
+    def _new_runtime(self, num_bytes: int) -> SimBackend:
+        return self.runtime_class(self.comm, self.topo, num_bytes, timeout_s=self.timeout_s)
+
+    def required_bytes(self, layout: Layout) -> int:
+        """Bytes per rank a call of ``layout`` needs (the NVL region, then the RDMA region)."""
+        return self._total_bytes(self.path.region_bytes(layout))
+
+    def _check_size(self, layout: Layout, what: str) -> None:
+        if not any(self.explicit_bytes):
+            return
+        for (name, given), need in zip((("num_nvl_bytes", self.explicit_bytes[0]), ("num_rdma_bytes", self.explicit_bytes[1])),
+                                       self.path.region_bytes(layout)):
+            if need > given:
+                raise Invalid(
+                    f"the {self.name} backend needs {name}={need} for this {what} (layout {layout.shape}, kernel config "
+                    f"{layout.kernel}) but Buffer({name}={given}) was given: raise {name} to at least {need} "
+                    f"(Config.get_{name[4:7]}_buffer_size_hint), or pass 0 to size it automatically")
 
     def _check_kernel_config(self, config: Config | None) -> None:
-        problem = self._ext.validate_kernel_config(self.topo.world_size, *kernel_config_of(config))
+        problem = self.path.config_problem(self.path.kernel_config(config))
         if problem:
-            raise Invalid(f"config {config} does not fit the intranode kernels: {problem}")
+            raise Invalid(f"config {config} does not fit the {self.path.prefix} kernels: {problem}")
 
     def _check_device(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
@@ -350,76 +320,81 @@ class SimDispatchBackend:
                        config: Config | None = None) -> None:
         """Raise Invalid for inputs the kernels cannot take (called before the ranks agree)."""
         self._check_device(tensors)
-        hidden_bytes, _ = _row_bytes(tensors)
+        hidden_bytes, _ = row_bytes(tensors)
         if hidden_bytes % 4:
-            raise Invalid(f"the sim backend moves rows in 4-byte words: x rows are {hidden_bytes} bytes "
+            raise Invalid(f"the {self.name} backend moves rows in 4-byte words: x rows are {hidden_bytes} bytes "
                           f"(hidden={tensors['x'].size(1)}, {tensors['x'].dtype}); use an even hidden size")
         if isinstance(plan, SimPlan):
             self._check_cached_config(plan, config, "a cached dispatch")
-            layout = plan.layout.covering(_dispatch_shape(tensors, 0))
+            layout = plan.layout.covering(self.path.dispatch_shape(tensors, 0))
         else:
             self._check_kernel_config(config)
-            layout = _Layout(kernel_config_of(config), _dispatch_shape(tensors, num_topk))
+            layout = Layout(self.path.kernel_config(config), self.path.dispatch_shape(tensors, num_topk))
         self._check_size(layout, "dispatch")
 
-    @staticmethod
-    def _check_cached_config(plan: SimPlan, config: Config | None, what: str) -> None:
+    def _check_cached_config(self, plan: SimPlan, config: Config | None, what: str) -> None:
         # received rows are placed per channel: calls along a handle use the dispatch's channels
-        if config is not None and kernel_config_of(config) != plan.layout.kernel:
-            raise Invalid(f"{what} runs with its dispatch's kernel config (channels, chunk, ring) "
-                          f"{plan.layout.kernel}, got a Config asking for {kernel_config_of(config)}; "
-                          f"pass config=None or the dispatch's Config")
+        if config is not None and self.path.kernel_config(config) != plan.layout.kernel:
+            raise Invalid(f"{what} runs with its dispatch's kernel config {plan.layout.kernel}, got a Config "
+                          f"asking for {self.path.kernel_config(config)}; pass config=None or the dispatch's Config")
 
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
         self._check_device(tensors)
         x = tensors["x"]
         if x.size(1) * x.element_size() % 4:
-            raise Invalid(f"the sim backend moves rows in 4-byte words: combine's x rows are "
+            raise Invalid(f"the {self.name} backend moves rows in 4-byte words: combine's x rows are "
                           f"{x.size(1) * x.element_size()} bytes (hidden={x.size(1)}, {x.dtype}); use an even hidden size")
         weights = tensors.get("topk_weights")
         if isinstance(plan, SimPlan):
             self._check_cached_config(plan, config, "combine")
-            # the NVL layout depends on the weights' width, which the ranks do not agree on: pin it to
-            # the dispatch's num_topk (agreed), so every rank lays out the buffer alike
-            if weights is not None and weights.size(1) != plan.layout.shape[1]:
-                raise Invalid(f"the sim backend's combine takes topk_weights with the dispatch's num_topk="
-                              f"{plan.layout.shape[1]} columns, got {weights.size(1)}")
-            self._check_size(plan.layout.covering(_combine_shape(x)), "combine")
+            # the layout depends on the weights' width, which the ranks do not agree on: pin it to
+            # the dispatch's num_topk (agreed), so every rank lays out the buffers alike
+            num_topk = self.path.num_topk(plan.layout)
+            if weights is not None and weights.size(1) != num_topk:
+                raise Invalid(f"the {self.name} backend's combine takes topk_weights with the dispatch's "
+                              f"num_topk={num_topk} columns, got {weights.size(1)}")
+            self._check_size(plan.layout.covering(self.path.combine_shape(x)), "combine")
 
     # ------------------------------------------------------------ kernels
-    def _ensure(self, layout: _Layout, op: str) -> SimBackend:
-        """The NVL buffer, big enough for ``layout``; collective (every rank calls it with the same layout)."""
+    def _ensure(self, layout: Layout, op: str) -> SimBackend:
+        """Buffers that hold ``layout``; collective (every rank calls it with the same layout).
+
+        New (zeroed) buffers when the current ones are too small or the kernel config changed
+        (the internode signals only grow: their places must not move); a barrier when only the
+        shape changed, so that no rank still works in the old layout.
+        """
         need = self.required_bytes(layout)
-        if self._sim is None or self._sim.num_nvl_bytes < need:
-            if self.explicit_nvl_bytes:
-                raise EpcommError(f"epcomm sim backend: the NVL buffer has {self.explicit_nvl_bytes} bytes, "
-                                  f"this call needs {need}; raise Buffer(num_nvl_bytes=...) to at least {need}")
+        last = self._last_layout
+        if self._sim is None or self._sim.num_nvl_bytes < need or (last is not None and last.kernel != layout.kernel):
+            if any(self.explicit_bytes) and self._sim is not None and self._sim.num_nvl_bytes < need:
+                raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._sim.num_nvl_bytes} bytes, "
+                                  f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
             if self._sim is not None:
-                self._sim.barrier(op=op)  # nobody still uses the old buffer
+                self._sim.barrier(op=op)  # nobody still uses the old buffers
                 self._sim.close()
                 self._sim = None
-            self._sim = self.runtime_class(self.comm, self.topo, need, timeout_s=self.timeout_s)
+            self._sim = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
             self._epoch = 0
-            self._last_layout = None
-        elif self._last_layout is not None and layout != self._last_layout:
-            # The regions move with the layout: make sure no rank still works in the old one.
+        elif last is not None and layout != last:
             self._sim.barrier(op=op)
         self._last_layout = layout
         return self._sim
 
-    def _comm_args(self, layout: _Layout, notify: bool = False) -> list[int]:
-        """The kernels' leading arguments; a notify takes the next epoch (one per notify, same on every rank)."""
-        if notify:
-            self._epoch += 1
-        return [*layout.kernel, *layout.shape, self._epoch if notify else 0]
+    def _next_epoch(self) -> int:
+        """One more per notify on these buffers, the same on every rank."""
+        self._epoch += 1
+        return self._epoch
 
-    def _barrier(self, sim: SimBackend, layout: _Layout, op: str) -> None:
-        """notify without counts: all ranks meet and reset their ring counters."""
-        sim.run_kernel("intranode_notify", *self._comm_args(layout, notify=True), 0, 0, 0, 0, 1, 0, 0, 0, op=op)
+    def _run(self, sim: SimBackend, kernel: str, args: list[int], op: str) -> None:
+        sim.run_kernel(f"{self.path.prefix}_{kernel}", *args, op=op)
 
-    @staticmethod
-    def _ptr(t: torch.Tensor | None) -> int:
-        return 0 if t is None or t.numel() == 0 else t.data_ptr()
+    def _barrier(self, sim: SimBackend, layout: Layout, op: str) -> None:
+        """notify without counts: all ranks meet and reset their NVL ring counters."""
+        self._run(sim, "notify", self.path.barrier_args(layout, self._next_epoch()), op)
+
+    def _counters(self) -> torch.Tensor | None:
+        """Bytes the internode transport puts per link class (self, nvlink, network), or None (intranode)."""
+        return torch.zeros(3, dtype=torch.int64) if isinstance(self.path, InternodePath) else None
 
     def _record(self, op: str, counts: list[int], payload_bytes: int, meta_bytes: int) -> None:
         """Rows this rank's kernels wrote into each peer's rings (its own included), per link class."""
@@ -436,20 +411,19 @@ class SimDispatchBackend:
         """
         world, me = self.topo.world_size, self.topo.rank
         num_topk = tensors["topk_idx"].size(1) if "topk_idx" in tensors else 0
-        layout = _Layout(kernel_config_of(config), _dispatch_shape(tensors, num_topk))
+        layout = Layout(self.path.kernel_config(config), self.path.dispatch_shape(tensors, num_topk))
         sim = self._ensure(layout, "dispatch")
         in_rank = is_token_in_rank.contiguous()
         num_tokens = in_rank.size(0)
-        rank_prefix = torch.zeros(world + 1, dtype=torch.int32, device=self.device)
-        channel_prefix = torch.zeros(world, layout.kernel[0] + 1, dtype=torch.int32, device=self.device)
-        sim.run_kernel("intranode_notify", *self._comm_args(layout, notify=True), 1, self._ptr(in_rank), 0, num_tokens,
-                       1, rank_prefix, channel_prefix, 0, op="dispatch")
-        num_recv = int(rank_prefix[world])
+        outputs = self.path.notify_outputs(layout.kernel[0], self.device)
+        self._run(sim, "notify", self.path.notify_args(layout, self._next_epoch(), in_rank, num_tokens, outputs),
+                  "dispatch")
+        num_recv = int(outputs[0][world])
         expected = int(counts[:, me].sum())
         if num_recv != expected:
-            raise EpcommError(f"epcomm sim dispatch on rank {me}: notify counted {num_recv} rows to receive, "
+            raise EpcommError(f"epcomm {self.name} dispatch on rank {me}: notify counted {num_recv} rows to receive, "
                               f"the agreed counts say {expected}")
-        plan = SimPlan(num_tokens, num_recv, in_rank, channel_prefix, layout, counts[:, me].tolist())
+        plan = SimPlan(num_tokens, num_recv, in_rank, outputs, layout, counts[:, me].tolist())
         recv = self._dispatch_rows(sim, tensors, plan, num_topk, num_experts, op="dispatch")
         if num_topk:
             experts_per_rank = num_experts // world
@@ -458,45 +432,56 @@ class SimDispatchBackend:
         return recv, plan
 
     def _dispatch_rows(self, sim: SimBackend, tensors, plan: SimPlan, num_topk: int, num_experts: int = 0, *,
-                       layout: _Layout | None = None, op: str) -> dict[str, torch.Tensor]:
+                       layout: Layout | None = None, op: str) -> dict[str, torch.Tensor]:
         layout = layout or plan.layout
-        x = tensors["x"].contiguous()
-        scales = tensors.get("scales")
-        scales = scales.contiguous() if scales is not None else None
-        topk_idx = tensors["topk_idx"].contiguous() if num_topk else None
-        weights = tensors.get("topk_weights") if num_topk else None
-        weights = weights.contiguous() if weights is not None else None
-        hidden_bytes, scale_bytes = _row_bytes(tensors)
+        contiguous = lambda name: tensors[name].contiguous() if name in tensors else None  # noqa: E731
+        x, scales = contiguous("x"), contiguous("scales")
+        hidden_bytes, scale_bytes = row_bytes(tensors)
+        inputs = dict(x=x, scales=scales, topk_idx=contiguous("topk_idx") if num_topk else None,
+                      topk_weights=contiguous("topk_weights") if num_topk else None, hidden_bytes=hidden_bytes,
+                      scale_bytes=scale_bytes, num_topk=num_topk, num_experts=num_experts if num_topk else 0)
         m = plan.num_recv
         new = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=self.device)  # noqa: E731
-        recv_x = new(m, x.size(1), dtype=x.dtype)
-        recv_scales = new(m, scales.size(1), dtype=scales.dtype) if scales is not None else None
-        recv_idx = new(m, num_topk, dtype=torch.int64) if num_topk else None
-        recv_w = new(m, num_topk, dtype=torch.float32) if weights is not None else None
-        src_idx = new(m, dtype=torch.int32)
-        sim.run_kernel(
-            "intranode_dispatch", *self._comm_args(layout),
-            self._ptr(x), hidden_bytes, self._ptr(scales), scale_bytes, self._ptr(topk_idx), self._ptr(weights),
-            num_topk, num_experts if num_topk else 0, plan.num_tokens, self._ptr(plan.is_token_in_rank),
-            plan.recv_channel_prefix, self._ptr(recv_x), self._ptr(recv_scales), self._ptr(recv_idx),
-            self._ptr(recv_w), self._ptr(src_idx), op=op,
-        )
-        # a slot carries the row, its source index and the top-k ids (and weights)
-        meta_bytes = 4 + (8 * num_topk if num_topk else 0) + (4 * num_topk if weights is not None else 0)
-        self._record(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
-        out = {"x": recv_x}
-        if recv_scales is not None:
-            out["scales"] = recv_scales
-        if recv_idx is not None:
-            out["topk_idx"] = recv_idx
-        if recv_w is not None:
-            out["topk_weights"] = recv_w
-        return out
+        recv = dict(x=new(m, x.size(1), dtype=x.dtype),
+                    scales=new(m, scales.size(1), dtype=scales.dtype) if scales is not None else None,
+                    topk_idx=new(m, num_topk, dtype=torch.int64) if num_topk else None,
+                    topk_weights=new(m, num_topk, dtype=torch.float32) if inputs["topk_weights"] is not None else None,
+                    src_idx=new(m, dtype=torch.int32))
+        counters = self._counters()
+        self._run(sim, "dispatch", self.path.dispatch_args(layout, plan, counters, inputs, recv), op)
+        meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
+        if counters is None:
+            # a slot carries the row, its source index and the top-k ids (and weights)
+            self._record(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
+        else:
+            self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, self.path.num_topk(layout))
+        recv.pop("src_idx")
+        return {name: t for name, t in recv.items() if t is not None}
+
+    def _record_two_hop_dispatch(self, op: str, plan: SimPlan, counters: torch.Tensor, row_bytes_: int,
+                                 layout_topk: int) -> None:
+        """The network hop as the transport counted it; the NVLink hop from the rows this rank forwarded."""
+        record = self.path.record_bytes(layout_topk)
+        for link, put in zip((LinkClass.SELF, LinkClass.NVLINK, LinkClass.NETWORK), counters.tolist()):
+            if put:
+                rows, rest = divmod(put, record + row_bytes_)
+                if rest:
+                    raise EpcommError(f"epcomm {self.name} {op}: the transport put {put} bytes over {link.value}, "
+                                      f"not a whole number of {record + row_bytes_}-byte rows")
+                self.comm.traffic.record(op, link, rows, rows * row_bytes_, rows * record)
+        masks = plan.forward_peer_masks[: plan.num_forwarded].to(torch.int64)
+        own = (masks >> self.topo.local_rank) & 1
+        popcount = sum(((masks >> p) & 1) for p in range(self.topo.num_nvl_ranks))
+        to_self, to_peers = int(own.sum()), int((popcount - own).sum())
+        if to_self:
+            self.comm.traffic.record(op, LinkClass.SELF, to_self, to_self * row_bytes_, 0)
+        if to_peers:
+            self.comm.traffic.record(op, LinkClass.NVLINK, to_peers, to_peers * row_bytes_, 0)
 
     def dispatch_cached(self, tensors, fmt, plan: SimPlan, op: str = "cached dispatch", config: Config | None = None):
         """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
-        layout = plan.layout.covering(_dispatch_shape(rows, 0))
+        layout = plan.layout.covering(self.path.dispatch_shape(rows, 0))
         sim = self._ensure(layout, op)
         self._barrier(sim, layout, op)
         return self._dispatch_rows(sim, rows, plan, 0, layout=layout, op=op)
@@ -507,23 +492,40 @@ class SimDispatchBackend:
         weights = tensors.get("topk_weights")
         weights = weights.contiguous() if weights is not None else None
         num_topk = weights.size(1) if weights is not None else 0
-        layout = plan.layout.covering(_combine_shape(x))  # num_topk == layout's (check_combine)
+        layout = plan.layout.covering(self.path.combine_shape(x))  # num_topk == layout's (check_combine)
         sim = self._ensure(layout, "combine")
         self._barrier(sim, layout, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
-        sim.run_kernel(
-            "intranode_combine", *self._comm_args(layout),
-            self._ptr(x), _ELEMENT_KINDS[x.dtype], self._ptr(weights), x.size(1), num_topk, plan.num_tokens,
-            self._ptr(plan.is_token_in_rank), plan.recv_channel_prefix, self._ptr(combined), self._ptr(combined_w),
-            op="combine",
-        )
-        self._record("combine", plan.recv_counts, x.size(1) * x.element_size(), 4 * num_topk)
+        counters = self._counters()
+        self._run(sim, "combine",
+                  self.path.combine_args(layout, plan, counters, x, weights, num_topk, combined, combined_w), "combine")
+        row = x.size(1) * x.element_size()
+        if counters is None:
+            self._record("combine", plan.recv_counts, row, 4 * num_topk)
+        else:
+            self._record_two_hop_combine(plan, counters, x, num_topk)
         out = {"x": combined}
         if combined_w is not None:
             out["topk_weights"] = combined_w
         return out
+
+    def _record_two_hop_combine(self, plan: SimPlan, counters: torch.Tensor, x: torch.Tensor, num_topk: int) -> None:
+        """NVLink hop: each received row back to its forwarder; network hop: fp32 partials as counted."""
+        topo, row = self.topo, x.size(1) * x.element_size()
+        for src, rows in enumerate(plan.recv_counts):  # rows from src went through forwarder (my node, src % L)
+            if rows:
+                forwarder = topo.node * topo.num_nvl_ranks + src % topo.num_nvl_ranks
+                self.comm.traffic.record("combine", topo.link_to(forwarder), rows, rows * row, rows * 4 * num_topk)
+        partial = 4 * (x.size(1) + self.path.num_topk(plan.layout))
+        for link, put in zip((LinkClass.SELF, LinkClass.NVLINK, LinkClass.NETWORK), counters.tolist()):
+            if put:
+                rows, rest = divmod(put, partial)
+                if rest:
+                    raise EpcommError(f"epcomm {self.name} combine: the transport put {put} bytes over {link.value}, "
+                                      f"not a whole number of {partial}-byte partials")
+                self.comm.traffic.record("combine", link, rows, rows * 4 * x.size(1), rows * (partial - 4 * x.size(1)))
 
     def close(self) -> None:
         if self._sim is not None:
