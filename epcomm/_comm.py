@@ -56,13 +56,24 @@ class GroupComm:
             ) from err
         return int(t.item())
 
-    def _run(self, op: str, stage: str, start: Callable[[], dist.Work | list[dist.Work] | None]) -> None:
+    def run_local(self, op: str, stage: str, fn: Callable[[], None]) -> None:
+        """Run ``fn``, a local wait on the peers (a kernel that spins on peer memory), as a stage of ``op``.
+
+        Failures are reported like a failed collective's (naming dead and late peers from the progress
+        board, and marking the group broken), but the stage is not posted to the board: one store
+        write per kernel launch would put the store on the kernels' path.
+        """
+        self._run(op, stage, fn, post=False)
+
+    def _run(self, op: str, stage: str, start: Callable[[], dist.Work | list[dist.Work] | None],
+             post: bool = True) -> None:
         if self.broken is not None:
             raise EpcommPeerError(
                 f"epcomm {op}: rank {self.topo.rank}: this buffer's process group failed earlier "
                 f"({self.broken}); create a new process group and Buffer"
             )
-        self.board.enter(op, stage)
+        if post:
+            self.board.enter(op, stage)
         try:
             works = start()
             for work in works if isinstance(works, list) else [works]:

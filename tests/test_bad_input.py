@@ -11,15 +11,16 @@ import epcomm
 from cases import Case, check_case, make_input
 
 CASE = Case(num_nodes=2, nvl=2, tokens=(12, 9, 15, 6), kind="bf16", max_nodes=2, seed=21)
-# Each backend on a topology it runs: sim is intranode-only for now, so it gets one node of 4 ranks.
-CASES = {"torch": CASE, "sim": Case(num_nodes=1, nvl=4, tokens=(12, 9, 15, 6), kind="bf16", seed=21)}
+# Each backend on each path: torch and sim (the two-hop internode kernels) on 2 nodes x 2, and sim's
+# intranode kernels on one node of 4 ("sim:1x4").
+CASES = {"torch": CASE, "sim": CASE, "sim:1x4": Case(num_nodes=1, nvl=4, tokens=(12, 9, 15, 6), kind="bf16", seed=21)}
 BACKENDS = list(CASES)
 
 
 def _buffer(backend: str, **kwargs) -> epcomm.Buffer:
     case = CASES[backend]
     kwargs.setdefault("num_nvl_ranks", case.nvl)
-    return epcomm.Buffer(None, backend=backend, max_nodes_per_token=case.max_nodes, **kwargs)
+    return epcomm.Buffer(None, backend=backend.split(":")[0], max_nodes_per_token=case.max_nodes, **kwargs)
 
 
 def _layout_args(buf, inp, num_experts):
@@ -111,7 +112,7 @@ def test_one_bad_rank_fails_every_rank(pools, mutation, backend):
         assert ranks == [bad_rank], message
         assert f"rank {bad_rank}:" in message and MUTATIONS[mutation] in message, message
     # the group is still healthy: a correct round goes through afterwards
-    pools(4).run(check_case, CASES[backend], "auto", 1, backend)
+    pools(4).run(check_case, CASES[backend], "auto", 1, backend.split(":")[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -88,7 +88,7 @@ def test_killed_rank_is_named_by_every_survivor(pools, op, stage):
 SIM_CASE = Case(num_nodes=1, nvl=4, tokens=(20, 14, 9, 17), seed=4)
 
 
-def die_in_sim_kernel(rank, world, kernel, timeout_s):
+def die_in_sim_kernel(rank, world, kernel, nodes, timeout_s):
     """Rank VICTIM kills itself (SIGKILL) as it is about to run ``kernel``: its peers wait in the kernel."""
     from epcomm.backends.sim_backend import SimBackend
 
@@ -101,13 +101,18 @@ def die_in_sim_kernel(rank, world, kernel, timeout_s):
             return original(self, name, *args, **kwargs)
 
         SimBackend.run_kernel = run_or_die
-    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=SIM_CASE.nvl, timeout_s=timeout_s)
-    return _dispatch_combine_until_failure(buf, make_input(SIM_CASE, rank), SIM_CASE.num_experts)
+    case = SIM_CASE if nodes == 1 else CASE
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, timeout_s=timeout_s)
+    return _dispatch_combine_until_failure(buf, make_input(case, rank), case.num_experts)
 
 
-@pytest.mark.parametrize("kernel,op", [("intranode_dispatch", "dispatch"), ("intranode_combine", "combine")])
-def test_sim_rank_killed_before_a_kernel_is_named(pools, kernel, op):
-    """The survivors' kernels stop waiting at the timeout; the error names the kernel and the dead rank."""
-    for rank, message in survivor_messages(pools(4), die_in_sim_kernel, kernel, timeout_s=4.0):
+@pytest.mark.parametrize("kernel,op,nodes", [
+    ("intranode_dispatch", "dispatch", 1), ("intranode_combine", "combine", 1),
+    ("internode_dispatch", "dispatch", 2), ("internode_combine", "combine", 2),
+])
+def test_sim_rank_killed_before_a_kernel_is_named(pools, kernel, op, nodes):
+    """The survivors' kernels stop waiting at the timeout (or at a peer's abort, which crosses nodes);
+    the error names the kernel and the dead rank."""
+    for rank, message in survivor_messages(pools(4), die_in_sim_kernel, kernel, nodes, timeout_s=4.0):
         assert f"epcomm {op}: stage 'kernel {kernel}' on rank {rank}" in message, message
         assert f"{kernel} " in message and ("timeout" in message or "peer_aborted" in message), message

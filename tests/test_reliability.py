@@ -36,10 +36,11 @@ def traffic_per_round(rank, world, case, rounds, backend="torch"):
     return [check_round(buf, case, rank, world)[1] for _ in range(rounds)]
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
 @pytest.mark.parametrize("kind", ["bf16", "fp8"])
-def test_sim_twenty_rounds_are_bitwise_identical(pools, kind):
-    case = Case(num_nodes=1, nvl=4, tokens=(30, 0, 25, 12), kind=kind, seed=9)
-    reports = pools(4).run(check_case, case, "flat", 20, "sim")
+def test_sim_twenty_rounds_are_bitwise_identical(pools, kind, nodes):
+    case = Case(num_nodes=nodes, nvl=4 // nodes, tokens=(30, 0, 25, 12), kind=kind, seed=9)
+    reports = pools(4).run(check_case, case, "auto", 20, "sim")
     for r in reports:
         assert len(set(r.digest)) == 1, "outputs changed between rounds"
     traffic = pools(4).run(traffic_per_round, case, 20, "sim")
@@ -51,15 +52,16 @@ def under_fuzz_seed(rank, world, case, seed):
     """One checked round with the SIMT scheduler fuzzed by ``seed`` (0: the plain round-robin)."""
     os.environ["EPCOMM_SIMT_SEED"] = str(seed)  # read by every kernel launch (csrc/simt/fuzz.hpp)
     try:
-        return check_case(rank, world, case, "flat", 1, "sim").digest[0]
+        return check_case(rank, world, case, "auto", 1, "sim").digest[0]
     finally:
         del os.environ["EPCOMM_SIMT_SEED"]
 
 
-def test_sim_gives_the_same_bits_under_every_schedule(pools):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_sim_gives_the_same_bits_under_every_schedule(pools, nodes):
     """Different fuzzed schedules (thread picks, skipped yields, OS-level perturbation) change the
     interleaving of every kernel, never the output bits."""
-    case = Case(num_nodes=1, nvl=4, tokens=(21, 5, 0, 16), kind="bf16", seed=13)
+    case = Case(num_nodes=nodes, nvl=4 // nodes, tokens=(21, 5, 0, 16), kind="bf16", seed=13)
     digests = {seed: pools(4).run(under_fuzz_seed, case, seed) for seed in (0, 1, 2, 3, 17)}
     assert len({tuple(d) for d in digests.values()}) == 1, digests
 
@@ -79,8 +81,8 @@ def _resources() -> dict[str, int]:
     }
 
 
-def _special_case(round_idx: int, rng: random.Random, world: int, one_node: bool = False) -> Case:
-    nvl = world if one_node else rng.choice([1, 2, 4])
+def _special_case(round_idx: int, rng: random.Random, world: int) -> Case:
+    nvl = rng.choice([1, 2, 4])
     tokens = tuple(rng.randint(0, 6) for _ in range(world))
     kind = rng.choice(["bf16", "fp8", "fp32"])
     drop = rng.choice([0.0, 0.2, 1.0])  # 1.0: every token goes nowhere
@@ -99,10 +101,11 @@ def stress(rank, world, rounds, seed, backend="torch"):
     buf = None
     samples = []
     for i in range(rounds):
-        case = _special_case(i, rng, world, one_node=backend == "sim")
+        case = _special_case(i, rng, world)
         if buf is None or i % 25 == 0 or buf.topology.num_nvl_ranks != case.nvl:
+            algorithm = rng.choice(["flat", "two_hop"]) if backend == "torch" else "auto"  # kernels: two-hop
             buf = epcomm.Buffer(None, num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes,
-                                algorithm=rng.choice(["flat", "two_hop"]), backend=backend)
+                                algorithm=algorithm, backend=backend)
         check_round(buf, case, rank, world)
         if i in (rounds // 4, rounds - 1):
             del buf

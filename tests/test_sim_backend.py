@@ -88,23 +88,26 @@ def test_auto_does_not_pick_sim():
     assert resolve_backend("sim") == "sim"
 
 
-def growing_rounds(rank, world):
-    """One sim Buffer through calls of growing and shrinking shape: the NVL buffer grows, layouts change."""
+def growing_rounds(rank, world, nodes=1):
+    """One sim Buffer through calls of growing and shrinking shape: the buffer grows, layouts change (and
+    across nodes the RDMA region, whose barrier and ring signals persist, moves with the NVL region)."""
     from cases import check_round
 
-    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=world, timeout_s=60)
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=world // nodes, timeout_s=60)
     sizes = []
-    for hidden, kind, topk in ((128, "bf16", 2), (512, "fp8", 6), (256, "bf16", 4), (512, "fp8", 6)):
-        case = Case(num_nodes=1, nvl=world, tokens=(7, 0, 12, 5)[:world], kind=kind, hidden=hidden, topk=topk,
-                    seed=hidden + topk)
+    for hidden, kind, topk in ((128, "bf16", 2), (512, "fp8", 6), (256, "bf16", 4), (512, "fp8", 6), (128, "fp32", 1),
+                               (128, "bf16", 3)):
+        case = Case(num_nodes=nodes, nvl=world // nodes, tokens=(7, 0, 12, 5)[:world], kind=kind, hidden=hidden,
+                    topk=topk, seed=hidden + topk)
         check_round(buf, case, rank, world)
         sizes.append(buf._impl._sim.num_nvl_bytes)
     return sizes
 
 
-def test_sim_buffer_grows_and_layout_changes(pools):
-    for sizes in pools(4).run(growing_rounds):
-        assert sizes[0] < sizes[1] == sizes[2] == sizes[3], sizes
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_sim_buffer_grows_and_layout_changes(pools, nodes):
+    for sizes in pools(4).run(growing_rounds, nodes):
+        assert sizes[0] < sizes[1] == sizes[2] == sizes[3] == sizes[4] == sizes[5], sizes
 
 
 def wrong_weight_width(rank, world):
@@ -217,3 +220,13 @@ def bad_kernel_config(rank, world):
 def test_sim_rejects_a_config_the_kernels_cannot_run(pools):
     for message in pools(2).run(bad_kernel_config):
         assert message is not None and "num_channels must be in [1, 512]" in message, message
+
+
+@pytest.mark.parametrize("backend", ["sim", "torch"])
+def test_a_rank_that_receives_nothing_still_forwards_weights(pools, backend):
+    """Found by the stress run: on 2 x 2 with one expert per rank, nobody chose rank 0's expert, so rank 0
+    receives no rows (its topk_weights for combine are empty) but, as forwarder, must still sum the
+    weights its node's peers send back for the tokens of rank 0 (the same local index)."""
+    case = Case(num_nodes=2, nvl=2, tokens=(2, 3, 5, 4), hidden=128, num_experts=4, topk=1, drop_prob=0.0,
+                max_nodes=2, alignment=4, seed=87)
+    pools(4).run(check_case, case, "auto", 1, backend)

@@ -99,8 +99,8 @@ struct InternodeCombineArgs {
   InternodeComm<Transport> comm;
   void const* x = nullptr;              // [M, hidden] of element_kind, in this rank's dispatch order
   ElementKind element_kind = ElementKind::kBfloat16;
-  float const* topk_weights = nullptr;  // [M, K]; travels when combined_topk_weights is set (on every rank)
-  int hidden = 0, num_topk = 0, num_tokens = 0;
+  float const* topk_weights = nullptr;  // [M, K] (null when M == 0); weights travel when num_topk > 0
+  int hidden = 0, num_topk = 0, num_tokens = 0;  // num_topk: 0 = no weights; the same on every rank
   bool const* is_token_in_rank = nullptr;                  // [N, R] of the dispatch
   int32_t const* recv_channel_prefix_matrix = nullptr;     // [R, C + 1] of the dispatch
   int32_t const* forward_channel_prefix_matrix = nullptr;  // [NN, C + 1] of the dispatch

@@ -122,12 +122,13 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
           RdmaWorkspace::combine_partial(staged)[j] = partial;
         }
         for (int k = thread; k < args.num_topk; k += num_threads) {
+          // weights travel when num_topk > 0 (the same on every rank); this rank's own topk_weights may be
+          // null when it received no rows, while its peers' rows still carry theirs
           float partial = 0.0f;
-          if (args.topk_weights != nullptr)
-            for (int p = 0; p < num_nvl_ranks; ++p) {
-              int const row = ring_rows[i][p];
-              if (row >= 0) partial += nvl.slot_topk_weights(nvl.slot(own_nvl, channel, p, row))[k];
-            }
+          for (int p = 0; p < num_nvl_ranks; ++p) {
+            int const row = ring_rows[i][p];
+            if (row >= 0) partial += nvl.slot_topk_weights(nvl.slot(own_nvl, channel, p, row))[k];
+          }
           rdma.combine_weights(staged)[k] = partial;
         }
       }

@@ -448,7 +448,8 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
       kernels::InternodeCombineArgs<ShmTransport> args;
       args.comm = cluster.comm(r);
       args.x = o.expert_out.data();
-      args.topk_weights = o.recv_topk_weights.data();
+      // a rank that received nothing passes null inputs (as Python does): its forwarder still sums its peers'
+      args.topk_weights = o.recv_topk_weights.empty() ? nullptr : o.recv_topk_weights.data();
       args.hidden = shape.hidden;
       args.num_topk = K;
       args.num_tokens = data[r].num_tokens;

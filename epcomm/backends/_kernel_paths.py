@@ -53,6 +53,7 @@ class IntranodePath:
     """One node: every rank's NVL buffer holds a ring per (channel, source rank)."""
 
     prefix = "intranode"
+    timeout_share = 1.0  # the kernels' timeout, as a share of the Buffer's (every wait uses it once)
     # with no Config: (num_channels, nvl_chunk_send_tokens, nvl_ring_tokens); small, because every rank
     # simulates 2 x channels blocks of 32 x ranks threads on the host's cores
     default_kernel = (2, 6, 32)
@@ -119,6 +120,9 @@ class InternodePath:
     """Several nodes: two-hop kernels over the NVL region and a symmetric RDMA region after it."""
 
     prefix = "internode"
+    # waits for data get twice the kernels' timeout (a stuck credit return is then reported by the
+    # starved producer, kernels/internode_common.cuh): half the Buffer's keeps every wait within it
+    timeout_share = 0.5
     # with no Config: NVL (channels, chunk, ring) as intranode, then network (chunk, ring)
     default_kernel = (2, 6, 32, 4, 16)
 

@@ -192,7 +192,7 @@ class SimBackend:
         if op is None:
             self.runtime.run_kernel(name, values, limit)
         else:
-            self.comm._run(op, f"kernel {name}", lambda: self.runtime.run_kernel(name, values, limit))
+            self.comm.run_local(op, f"kernel {name}", lambda: self.runtime.run_kernel(name, values, limit))
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
         """All ranks meet in peer memory (the ``peer_barrier`` kernel); writes before it are visible after it."""
@@ -357,16 +357,17 @@ class SimDispatchBackend:
 
     # ------------------------------------------------------------ kernels
     def _ensure(self, layout: Layout, op: str) -> SimBackend:
-        """Buffers that hold ``layout``; collective (every rank calls it with the same layout).
+        """Buffers that hold ``layout``, in a state the kernels expect; collective (every rank calls it with
+        the same layout).
 
-        New (zeroed) buffers when the current ones are too small or the kernel config changed
-        (the internode signals only grow: their places must not move); a barrier when only the
-        shape changed, so that no rank still works in the old layout.
+        New (zeroed) buffers when the current ones are too small. When only the layout changed, the
+        regions move (the RDMA region starts after the NVL one; barrier signals and ring signals
+        persist across calls), so every rank waits for the others to leave the old layout, zeroes its
+        buffer and starts counting epochs again, and all meet once more before anyone signals a peer.
         """
         need = self.required_bytes(layout)
-        last = self._last_layout
-        if self._sim is None or self._sim.num_nvl_bytes < need or (last is not None and last.kernel != layout.kernel):
-            if any(self.explicit_bytes) and self._sim is not None and self._sim.num_nvl_bytes < need:
+        if self._sim is None or self._sim.num_nvl_bytes < need:
+            if any(self.explicit_bytes) and self._sim is not None:
                 raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._sim.num_nvl_bytes} bytes, "
                                   f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
             if self._sim is not None:
@@ -375,7 +376,10 @@ class SimDispatchBackend:
                 self._sim = None
             self._sim = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
             self._epoch = 0
-        elif last is not None and layout != last:
+        elif self._last_layout is not None and layout != self._last_layout:
+            self._sim.barrier(op=op)
+            self._sim.runtime.zero(0, self._sim.num_nvl_bytes)
+            self._epoch = 0
             self._sim.barrier(op=op)
         self._last_layout = layout
         return self._sim
@@ -386,7 +390,7 @@ class SimDispatchBackend:
         return self._epoch
 
     def _run(self, sim: SimBackend, kernel: str, args: list[int], op: str) -> None:
-        sim.run_kernel(f"{self.path.prefix}_{kernel}", *args, op=op)
+        sim.run_kernel(f"{self.path.prefix}_{kernel}", *args, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
 
     def _barrier(self, sim: SimBackend, layout: Layout, op: str) -> None:
         """notify without counts: all ranks meet and reset their NVL ring counters."""
