@@ -39,18 +39,23 @@ def test_random_problems_match_reference(pools, case, algorithm):
 
 
 @st.composite
-def one_node_cases(draw):
-    """One node of 4 ranks (the sim backend's reach), every dtype combine takes, odd row sizes."""
+def kernel_cases(draw):
+    """4 ranks as 1x4 (intranode kernels), 2x2 or 4x1 (two-hop kernels), every dtype combine takes, odd row
+    sizes, node caps below the node count."""
+    nvl = draw(st.sampled_from([4, 2, 1]))
+    nodes = 4 // nvl
     experts = 4 * draw(st.integers(1, 8))
+    max_nodes = draw(st.integers(1, nodes))
     kind = draw(st.sampled_from(["bf16", "fp8", "fp16", "fp32"]))
     hidden = 128 * draw(st.integers(1, 3)) if kind == "fp8" else 2 * draw(st.integers(1, 200))
     return Case(
-        num_nodes=1,
-        nvl=4,
+        num_nodes=nodes,
+        nvl=nvl,
+        max_nodes=max_nodes,
         tokens=tuple(draw(st.lists(st.integers(0, 40), min_size=4, max_size=4))),
         hidden=hidden,
         num_experts=experts,
-        topk=draw(st.integers(1, min(8, experts))),
+        topk=draw(st.integers(1, min(8, experts // nodes * max_nodes))),
         kind=kind,
         drop_prob=draw(st.sampled_from([0.0, 0.3, 1.0])),
         alignment=draw(st.sampled_from([1, 3, 16])),
@@ -60,13 +65,15 @@ def one_node_cases(draw):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=one_node_cases(), num_sms=st.sampled_from([None, 2, 6]), ring=st.sampled_from([2, 7, 64]))
+@given(case=kernel_cases(), num_sms=st.sampled_from([None, 2, 6]), ring=st.sampled_from([2, 7, 64]))
 def test_sim_and_torch_agree_bit_for_bit(pools, case, num_sms, ring):
-    """The kernels (under random channel counts and ring sizes) against the torch backend, same bits."""
+    """The kernels (under random channel counts and ring sizes, NVLink and network) against the torch
+    backend, same bits."""
     import epcomm
 
-    config = None if num_sms is None else epcomm.Config(num_sms=num_sms, num_max_nvl_chunked_send_tokens=min(ring, 4),
-                                                         num_max_nvl_chunked_recv_tokens=ring)
+    config = None if num_sms is None else epcomm.Config(
+        num_sms=num_sms, num_max_nvl_chunked_send_tokens=min(ring, 4), num_max_nvl_chunked_recv_tokens=ring,
+        num_max_rdma_chunked_send_tokens=min(ring, 3), num_max_rdma_chunked_recv_tokens=ring)
     sim = pools(4).run(check_case_with_config, case, "sim", config)
     ref = pools(4).run(check_case_with_config, case, "torch", config)
     assert sim == ref
@@ -77,7 +84,8 @@ def check_case_with_config(rank, world, case, backend, config):
     import epcomm
     from cases import check_round
 
-    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=case.nvl, timeout_s=60)
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes,
+                        timeout_s=60)
     original = buf.dispatch, buf.combine
     buf.dispatch = lambda *a, **k: original[0](*a, **{"config": config, **k})
     buf.combine = lambda *a, **k: original[1](*a, **{"config": config, **k})
