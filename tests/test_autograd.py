@@ -100,12 +100,14 @@ def test_bf16_gradients_match_dense(pools):
     pools(4).run(check_against_dense, case, "two_hop", torch.bfloat16, 2e-2)
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
 @pytest.mark.parametrize("kind,dtype,rtol", [("fp32", torch.float32, 1e-5), ("bf16", torch.bfloat16, 2e-2)])
-def test_sim_gradients_match_dense(pools, kind, dtype, rtol):
-    """The same autograd graph on epcomm's kernels (one node of 4): combine's backward is a cached
-    dispatch kernel, dispatch's backward a combine kernel."""
-    case = Case(num_nodes=1, nvl=4, tokens=(7, 0, 12, 9), hidden=H, num_experts=E, topk=3, kind=kind, seed=4)
-    pools(4).run(check_against_dense, case, "flat", dtype, rtol, "sim")
+def test_sim_gradients_match_dense(pools, kind, dtype, rtol, nodes):
+    """The same autograd graph on epcomm's kernels (1 x 4: intranode, 2 x 2: two-hop): combine's backward
+    is a cached dispatch kernel, dispatch's backward a combine kernel."""
+    case = Case(num_nodes=nodes, nvl=4 // nodes, tokens=(7, 0, 12, 9), hidden=H, num_experts=E, topk=3, kind=kind,
+                seed=4)
+    pools(4).run(check_against_dense, case, "auto", dtype, rtol, "sim")
 
 
 def test_sim_and_torch_gradients_are_identical(pools):

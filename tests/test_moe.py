@@ -124,11 +124,14 @@ def test_example_moe_layer_matches_dense(pools, algorithm):
     assert len({tuple(loss for loss, _ in rank_logs) for rank_logs in logs}) == 1  # same global loss everywhere
 
 
-def test_example_moe_layer_on_the_sim_kernels(pools):
+@pytest.mark.parametrize("nvl_ranks", [4, 2])
+def test_example_moe_layer_on_the_sim_kernels(pools, nvl_ranks):
     """The same training loop with dispatch/combine (and their backward) on epcomm's kernels, one node
-    of 4 ranks: the same losses as the torch backend, to the bit."""
-    sim = pools(4).run(tiny_example, "flat", "sim", 4)
-    ref = pools(4).run(tiny_example, "flat", "torch", 4)
+    of 4 ranks (intranode kernels) and 2 nodes x 2 (two-hop kernels): the same losses as the torch
+    backend, to the bit."""
+    algorithm = "flat" if nvl_ranks == 4 else "two_hop"
+    sim = pools(4).run(tiny_example, algorithm, "sim", nvl_ranks)
+    ref = pools(4).run(tiny_example, algorithm, "torch", nvl_ranks)
     assert all(err <= 2e-5 for rank_logs in sim for _, err in rank_logs), sim
     assert [[loss for loss, _ in r] for r in sim] == [[loss for loss, _ in r] for r in ref]
 
@@ -137,8 +140,8 @@ def unavailable_backend(rank, world):
     import epcomm
     from examples.moe_layer import Settings, run
 
-    with pytest.raises(epcomm.EpcommBackendUnavailable, match="Use backend='torch'"):
-        run(rank, world, Settings(backend="sim", nvl_ranks=2))
+    with pytest.raises(epcomm.EpcommBackendUnavailable, match="backend='torch'"):
+        run(rank, world, Settings(backend="cuda", nvl_ranks=2))
 
 
 def test_example_reports_unavailable_backend(pools):
