@@ -10,9 +10,6 @@ from dataclasses import dataclass
 
 __all__ = ["Config"]
 
-# Per-token metadata carried beside the data in the kernels' ring buffers:
-# source token index (int32), top-k expert ids (int64) and weights (float32).
-_SOURCE_META_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -80,19 +77,38 @@ class Config:
             raise ValueError(f"{self} does not fit the intranode kernels with {num_nvl_ranks} ranks: {problem}")
         return int(ext.intranode_workspace_bytes(num_nvl_ranks, 0, num_topk, hidden_bytes, *kernel))
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8) -> int:
-        """Bytes of network-registered buffer one rank needs (send and receive rings per node)."""
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8,
+                                  num_nvl_ranks: int = 8, max_nodes_per_token: int = 4) -> int:
+        """Exact bytes of network-registered buffer each rank needs for the two-hop kernels (0 on one node).
+
+        ``Buffer(num_nvl_bytes=get_nvl_buffer_size_hint(...), num_rdma_bytes=hint)`` takes every
+        dispatch whose rows fit ``hidden_bytes`` and every bf16 combine of ``hidden_bytes // 2``
+        elements; one byte less is refused on every rank with the size to ask for. The region holds
+        the signals (barrier, ring heads and tails, abort), count messages, and per (channel, node) a
+        send-staging and a receive ring of ``num_max_rdma_chunked_recv_tokens`` slots for dispatch
+        rows (a source record plus the row) and for combine's fp32 node partials
+        (csrc/kernels/rdma_workspace.cuh).
+
+        Args:
+            hidden_bytes: bytes of the largest dispatch row (``2 * hidden`` for bf16).
+            num_nodes: nodes of the group; num_nvl_ranks: ranks per node.
+            num_topk: top-k of the routing; max_nodes_per_token: the Buffer's node cap.
+        """
+        from ._ext import load_extension
+
         if num_nodes <= 1:
             return 0
-        token_bytes = hidden_bytes + _SOURCE_META_BYTES + 8 + num_topk * (8 + 4)  # + source record
-        rings = 2 * self.num_channels * num_nodes * self.num_max_rdma_chunked_recv_tokens * token_bytes
-        return _round_up(rings + self.num_channels * num_nodes * 4 * 8, 128)
+        if hidden_bytes < 2 or num_nvl_ranks < 1 or num_topk < 0:
+            raise ValueError(f"need hidden_bytes >= 2, num_nvl_ranks >= 1, num_topk >= 0; got {hidden_bytes}, "
+                             f"{num_nvl_ranks}, {num_topk}")
+        _, rdma = load_extension("cpu").internode_workspace_bytes(
+            num_nodes * num_nvl_ranks, num_nvl_ranks, num_topk, hidden_bytes, hidden_bytes // 2, hidden_bytes,
+            min(max_nodes_per_token, num_nodes), self.num_channels, self.num_max_nvl_chunked_send_tokens,
+            self.num_max_nvl_chunked_recv_tokens, self.num_max_rdma_chunked_send_tokens,
+            self.num_max_rdma_chunked_recv_tokens)
+        return int(rdma)
 
     @staticmethod
     def default(num_ranks: int) -> "Config":
         """A reasonable config for ``num_ranks`` ranks."""
         return Config(num_sms=20 if num_ranks <= 8 else 24)
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return (x + multiple - 1) // multiple * multiple

@@ -30,12 +30,35 @@ def die_mid_operation(rank, world, op, stage, timeout_s):
 
         GroupComm._run = run_or_die
     buf = epcomm.Buffer(None, num_nvl_ranks=CASE.nvl, algorithm="two_hop", timeout_s=timeout_s)
-    return _dispatch_combine_until_failure(buf, make_input(CASE, rank), CASE.num_experts)
+    inp = make_input(CASE, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, CASE.num_experts)
+    start = time.monotonic()
+    try:
+        recv_x, _, _, _, handle, _ = buf.dispatch(
+            inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=inp.topk_idx,
+        )
+        buf.combine(recv_x, handle)
+    except epcomm.EpcommError as err:
+        waited = time.monotonic() - start
+        # a second call fails at once, saying the group is gone, instead of hanging
+        try:
+            buf.combine(recv_x if "recv_x" in locals() else inp.x, handle if "handle" in locals() else None)
+        except epcomm.EpcommError as again:
+            second = str(again)
+        exit_start = time.monotonic()
+        dist.destroy_process_group()
+        return type(err).__name__, str(err), waited, second, time.monotonic() - exit_start
+    return ("no error", None, None, None, None)
 
 
 def _dispatch_combine_until_failure(buf, inp, num_experts):
     """Dispatch + combine; on the (expected) failure: what was raised, how long it took, what a second
-    call says, and how long the process group takes to shut down."""
+    call says, and how long the process group takes to shut down.
+
+    (die_mid_operation keeps its own copy of these lines: routed through this function, the torch
+    test's survivors were diagnosed as heartbeat-dead when it ran right after the hypothesis tests on
+    the same pool, for a reason not yet understood; see the session note.)"""
     per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, num_experts)
     start = time.monotonic()
     recv_x, handle = inp.x, None

@@ -230,3 +230,32 @@ def test_a_rank_that_receives_nothing_still_forwards_weights(pools, backend):
     case = Case(num_nodes=2, nvl=2, tokens=(2, 3, 5, 4), hidden=128, num_experts=4, topk=1, drop_prob=0.0,
                 max_nodes=2, alignment=4, seed=87)
     pools(4).run(check_case, case, "auto", 1, backend)
+
+
+def buffers_at_hints(rank, world, nvl_slack, rdma_slack):
+    """2 nodes x 2: a bf16 dispatch + combine (hidden 256, top-4, node cap 2) in buffers of exactly the
+    NVL and RDMA hints (+ slack)."""
+    from cases import check_round
+    from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG
+
+    case = Case(num_nodes=2, nvl=2, tokens=(9, 4, 0, 13), hidden=256, topk=4, max_nodes=2, seed=5)
+    nvl = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, 2, case.topk)
+    rdma = SIM_DEFAULT_CONFIG.get_rdma_buffer_size_hint(2 * case.hidden, 2, case.topk, 2, 2)
+    buf = epcomm.Buffer(None, nvl + nvl_slack, rdma + rdma_slack, backend="sim", num_nvl_ranks=2,
+                        max_nodes_per_token=2, timeout_s=60)
+    try:
+        check_round(buf, case, rank, world)
+    except epcomm.EpcommInputError as err:
+        return nvl, rdma, str(err)
+    return nvl, rdma, None
+
+
+def test_rdma_size_hint_is_exact(pools):
+    """Across nodes both hints are the kernels' own region sizes: enough, and one byte less of either is
+    refused on every rank naming the size to raise."""
+    (nvl, rdma, problem), *_ = pools(4).run(buffers_at_hints, 0, 0)
+    assert problem is None and nvl > 0 and rdma > 0
+    for message in [m for _, _, m in pools(4).run(buffers_at_hints, 0, -1)]:
+        assert message is not None and f"raise num_rdma_bytes to at least {rdma}" in message, message
+    for message in [m for _, _, m in pools(4).run(buffers_at_hints, -1, 0)]:
+        assert message is not None and f"raise num_nvl_bytes to at least {nvl}" in message, message

@@ -1,8 +1,8 @@
 """Backend registry: which implementations exist and which devices they run on.
 
 * ``torch``: torch.distributed collectives; any process group (gloo on CPU, NCCL on GPU).
-* ``sim``: epcomm's own intranode kernels on the CPU SIMT layer (one node; ``Buffer`` raises
-  :class:`EpcommBackendUnavailable` for several nodes). Never chosen by ``"auto"``.
+* ``sim``: epcomm's own kernels on the CPU SIMT layer: intranode on one node, two-hop internode across
+  nodes. Never chosen by ``"auto"``.
 * ``cuda``: the same kernels on GPUs (``epcomm._C_cuda``, built wherever nvcc is found; one node;
   never run on a GPU yet). Without the extension or without a GPU, selecting it raises
   :class:`EpcommBackendUnavailable` on every rank. Not chosen by ``"auto"`` until it has been
@@ -22,7 +22,7 @@ BACKENDS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "sim": (("cpu",), None),
     "cuda": (("cuda",), None),
 }
-# "sim" (CPU-simulated kernels, one node only) is never picked by "auto": it is a correctness tool, far
+# "sim" (CPU-simulated kernels) is never picked by "auto": it is a correctness tool, far
 # slower. "cuda" is not either, until it has run on GPUs.
 _AUTO_ORDER = ("torch",)
 

@@ -20,7 +20,7 @@ import torch
 from ..config import Config
 from ..topology import Topology
 
-__all__ = ["Layout", "IntranodePath", "InternodePath", "ELEMENT_KINDS", "row_bytes"]
+__all__ = ["Layout", "IntranodePath", "InternodePath", "ELEMENT_KINDS", "rdma_offset", "row_bytes"]
 
 # combine's row element types: kernels/elements.cuh ElementKind
 ELEMENT_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -35,6 +35,11 @@ class Layout:
     def covering(self, shape: tuple[int, ...]) -> "Layout":
         """This layout grown (element-wise) to hold rows of ``shape`` too."""
         return Layout(self.kernel, tuple(max(a, b) for a, b in zip(self.shape, shape)))
+
+
+def rdma_offset(nvl_bytes: int) -> int:
+    """Where the RDMA region starts in a rank's buffer: after the NVL region, on a page."""
+    return -(-nvl_bytes // _REGION_ALIGNMENT) * _REGION_ALIGNMENT
 
 
 def row_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -163,13 +168,12 @@ class InternodePath:
         return int(nvl), int(rdma)
 
     def region_bytes(self, layout: Layout) -> tuple[int, int]:
-        nvl, rdma = self._regions(layout.shape, layout.kernel)
-        return -(-nvl // _REGION_ALIGNMENT) * _REGION_ALIGNMENT, rdma
+        """(NVL bytes, RDMA bytes) per rank; in the buffer the RDMA region starts at rdma_offset()."""
+        return self._regions(layout.shape, layout.kernel)
 
     def comm_args(self, layout: Layout, epoch: int = 0, counters: torch.Tensor | None = None) -> list[int]:
-        nvl_bytes, _ = self.region_bytes(layout)
-        return [*layout.kernel, *layout.shape, self.max_nodes_per_token, self.topo.num_nvl_ranks, nvl_bytes,
-                _ptr(counters), epoch]
+        return [*layout.kernel, *layout.shape, self.max_nodes_per_token, self.topo.num_nvl_ranks,
+                rdma_offset(self.region_bytes(layout)[0]), _ptr(counters), epoch]
 
     def notify_args(self, layout, epoch, in_rank, num_tokens, outputs, counters=None) -> list[int]:
         rank_prefix, channel_prefix, forward_prefix = outputs

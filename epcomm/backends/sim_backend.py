@@ -1,7 +1,8 @@
 """The ``sim`` backend's runtime plumbing: epcomm's kernels on the CPU, one process per rank.
 
 :class:`SimBackend` sets up the device runtime of ``epcomm._C`` (csrc/runtime/cpu_runtime.cpp) on
-every rank of an NVLink domain, collectively:
+every rank of the group, collectively (all ranks, of every emulated node, map each other's buffers:
+within a node they stand for NVLink peer memory, across nodes for registered network memory):
 
 1. the ranks agree on a run token (rank 0's random bytes): it names every rank's shared-memory
    segment (``/dev/shm/epcomm-<token>-<rank>``), so any rank can remove all of them on failure;
@@ -14,10 +15,12 @@ the buffer's timeout makes every other rank raise :class:`~epcomm.EpcommTimeoutE
 stage. A rank that fails locally (say ``/dev/shm`` is full) makes every rank raise
 :class:`~epcomm.EpcommError` with that rank's message.
 
-Kernels run through :meth:`SimBackend.run_kernel`: ``"peer_barrier"`` (:meth:`SimBackend.barrier`)
-and the intranode kernels ``"intranode_notify"``, ``"intranode_dispatch"``, ``"intranode_combine"``
-(csrc/runtime/cpu_intranode.cpp). :class:`SimDispatchBackend` builds dispatch and combine on them
-with TorchBackend's interface; ``Buffer(backend="sim")`` uses it (one node only).
+Kernels run through :meth:`SimBackend.run_kernel`: ``"peer_barrier"`` (:meth:`SimBackend.barrier`),
+the intranode kernels ``"intranode_notify"``, ``"intranode_dispatch"``, ``"intranode_combine"``
+(csrc/runtime/cpu_intranode.cpp) and the internode ones ``"internode_*"``
+(csrc/runtime/cpu_internode.cpp). :class:`SimDispatchBackend` builds dispatch and combine on them
+with TorchBackend's interface (intranode kernels on one node, two-hop internode kernels across
+nodes); ``Buffer(backend="sim")`` uses it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .._validate import Invalid
 from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError
 from ..topology import LinkClass, Topology
-from ._kernel_paths import InternodePath, IntranodePath, Layout, row_bytes
+from ._kernel_paths import InternodePath, IntranodePath, Layout, rdma_offset, row_bytes
 
 __all__ = ["SimBackend", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
@@ -285,7 +288,7 @@ class SimDispatchBackend:
     @staticmethod
     def _total_bytes(regions: tuple[int, int]) -> int:
         nvl, rdma = regions
-        return -(-nvl // 4096) * 4096 + rdma if rdma else nvl
+        return rdma_offset(nvl) + rdma if rdma else nvl
 
     def _new_runtime(self, num_bytes: int) -> SimBackend:
         return self.runtime_class(self.comm, self.topo, num_bytes, timeout_s=self.timeout_s)
@@ -297,13 +300,13 @@ class SimDispatchBackend:
     def _check_size(self, layout: Layout, what: str) -> None:
         if not any(self.explicit_bytes):
             return
-        for (name, given), need in zip((("num_nvl_bytes", self.explicit_bytes[0]), ("num_rdma_bytes", self.explicit_bytes[1])),
-                                       self.path.region_bytes(layout)):
+        regions = (("num_nvl_bytes", "get_nvl_buffer_size_hint"), ("num_rdma_bytes", "get_rdma_buffer_size_hint"))
+        for ((name, hint), given), need in zip(zip(regions, self.explicit_bytes), self.path.region_bytes(layout)):
             if need > given:
                 raise Invalid(
                     f"the {self.name} backend needs {name}={need} for this {what} (layout {layout.shape}, kernel config "
                     f"{layout.kernel}) but Buffer({name}={given}) was given: raise {name} to at least {need} "
-                    f"(Config.get_{name[4:7]}_buffer_size_hint), or pass 0 to size it automatically")
+                    f"(Config.{hint}), or pass 0 to size it automatically")
 
     def _check_kernel_config(self, config: Config | None) -> None:
         problem = self.path.config_problem(self.path.kernel_config(config))
