@@ -6,7 +6,7 @@ import pytest
 
 from cases import Case, algorithms_for, backends_for, check_case, expected_pairs
 
-TOPOLOGIES = [(1, 2), (1, 4), (2, 2), (4, 2), (8, 1)]  # (nodes, ranks per node)
+TOPOLOGIES = [(1, 2), (1, 4), (2, 2), (4, 2), (2, 4), (8, 1)]  # (nodes, ranks per node)
 RUNS = [(m, l, b) for m, l in TOPOLOGIES for b in backends_for(m)]  # + the backends each topology runs on
 
 
