@@ -24,6 +24,7 @@
 #include "../kernels/internode.hpp"
 #include "../kernels/internode_validate.hpp"
 #include "device_runtime.hpp"
+#include "cpu_target.hpp"
 #include "intranode_entries.hpp"
 
 namespace epcomm::runtime {
@@ -32,15 +33,13 @@ namespace {
 
 using intranode_entries::ArgReader;
 using intranode_entries::check_count;
-using intranode_entries::finish;
-using intranode_entries::LaunchOutcome;
 using transport::ShmTransport;
 
 constexpr size_t kInternodeCommArgs = 14;
 
 // One call's view of the peers: NVL buffers of this node, RDMA buffers of every rank.
 struct InternodeCall {
-  kernels::ErrorSlot slot{};
+  CpuTarget::Slot slot;
   std::vector<char*> rdma_buffers;
   kernels::ShmInternodeComm comm;
 
@@ -82,27 +81,12 @@ struct InternodeCall {
     for (int r = 0; r < num_ranks; ++r) rdma_buffers.push_back(static_cast<char*>(peers[r]) + rdma_offset);
     comm.transport = ShmTransport{rank, num_ranks, num_nvl_ranks, rdma_buffers.data(),
                                   comm.rdma_workspace.signals_offset,
-                                  intranode_entries::ArgReader(a, 12).pointer<uint64_t>()};
-    comm.error = &slot;
+                                  ArgReader(a, 12).pointer<uint64_t>()};  // byte_counters
+    comm.error = slot.kernel_view();
     comm.timeout_cycles = intranode_entries::timeout_cycles(call);
   }
   InternodeCall(InternodeCall const&) = delete;  // comm points into this object
 };
-
-template <class Args>
-void launch(char const* name, KernelCall const& call, InternodeCall& context, Args const& args,
-            void (*add)(simt::ConcurrentLaunch&, Args const&)) {
-  if (char const* problem = kernels::validate(args))
-    throw RuntimeError(ErrorCode::kInvalidArgument, std::string("epcomm ") + name + ": " + problem);
-  simt::ConcurrentLaunch grid(kernels::default_launch_options(name, args.comm.timeout_cycles));
-  add(grid, args);
-  simt::LaunchStatus const status = grid.try_run();
-  LaunchOutcome outcome;
-  if (!status.ok())
-    outcome = {status.kind == simt::ErrorKind::Timeout ? ErrorCode::kTimeout : ErrorCode::kKernelFailed,
-               std::string(simt::error_kind_name(status.kind)) + ": " + status.message};
-  finish(name, call, outcome, context.slot);
-}
 
 void run_notify(KernelCall const& call) {
   check_count(call, "internode_notify", kInternodeCommArgs + 6);
@@ -117,7 +101,7 @@ void run_notify(KernelCall const& call) {
   args.recv_rank_prefix = next.pointer<int32_t>();
   args.recv_channel_prefix_matrix = next.pointer<int32_t>();
   args.forward_channel_prefix_matrix = next.pointer<int32_t>();
-  launch("internode_notify", call, context, args, kernels::add_internode_notify);
+  intranode_entries::launch_and_finish<CpuTarget>("internode_notify", call, args, context.slot);
 }
 
 void run_dispatch(KernelCall const& call) {
@@ -145,7 +129,7 @@ void run_dispatch(KernelCall const& call) {
   args.recv_topk_weights = next.pointer<float>();
   args.recv_src_idx = next.pointer<int32_t>();
   args.forward_peer_masks = next.pointer<uint32_t>();
-  launch("internode_dispatch", call, context, args, kernels::add_internode_dispatch);
+  intranode_entries::launch_and_finish<CpuTarget>("internode_dispatch", call, args, context.slot);
 }
 
 void run_combine(KernelCall const& call) {
@@ -166,7 +150,7 @@ void run_combine(KernelCall const& call) {
   args.forward_peer_masks = next.pointer<uint32_t const>();
   args.combined_x = next.pointer<void>();
   args.combined_topk_weights = next.pointer<float>();
-  launch("internode_combine", call, context, args, kernels::add_internode_combine);
+  intranode_entries::launch_and_finish<CpuTarget>("internode_combine", call, args, context.slot);
 }
 
 struct RegisterInternode {

@@ -5,52 +5,12 @@
 
 #include "../kernels/intranode.hpp"
 #include "device_runtime.hpp"
+#include "cpu_target.hpp"
 #include "intranode_entries.hpp"
 
 namespace epcomm::runtime {
 
 namespace {
-
-using intranode_entries::LaunchOutcome;
-
-struct CpuTarget {
-  static constexpr char const* kKind = "cpu";
-
-  // The kernel writes its failure straight into host memory.
-  class Slot {
-   public:
-    kernels::ErrorSlot* kernel_view() { return &slot_; }
-    kernels::ErrorSlot read() const { return slot_; }
-
-   private:
-    kernels::ErrorSlot slot_{};
-  };
-
-  template <class Args>
-  static LaunchOutcome launch(Args const& args, KernelCall const& /*call: cpu streams run now, here*/) {
-    simt::LaunchOptions options = kernels::default_launch_options(kernel_name(args), args.comm.timeout_cycles);
-    simt::LaunchStatus const status = launch_grid(args, std::move(options));
-    if (status.ok()) return {};
-    ErrorCode code = ErrorCode::kKernelFailed;
-    if (status.kind == simt::ErrorKind::Timeout) code = ErrorCode::kTimeout;
-    if (status.kind == simt::ErrorKind::InvalidConfig) code = ErrorCode::kInvalidArgument;
-    return {code, std::string(simt::error_kind_name(status.kind)) + ": " + status.message};
-  }
-
- private:
-  static char const* kernel_name(kernels::NotifyArgs const&) { return "intranode_notify"; }
-  static char const* kernel_name(kernels::IntranodeDispatchArgs const&) { return "intranode_dispatch"; }
-  static char const* kernel_name(kernels::IntranodeCombineArgs const&) { return "intranode_combine"; }
-  static simt::LaunchStatus launch_grid(kernels::NotifyArgs const& args, simt::LaunchOptions options) {
-    return kernels::launch_notify(args, std::move(options));
-  }
-  static simt::LaunchStatus launch_grid(kernels::IntranodeDispatchArgs const& args, simt::LaunchOptions options) {
-    return kernels::launch_intranode_dispatch(args, std::move(options));
-  }
-  static simt::LaunchStatus launch_grid(kernels::IntranodeCombineArgs const& args, simt::LaunchOptions options) {
-    return kernels::launch_intranode_combine(args, std::move(options));
-  }
-};
 
 struct RegisterIntranode {
   RegisterIntranode() { intranode_entries::register_entries<CpuTarget>(); }

@@ -45,7 +45,7 @@ struct CudaTarget {
   };
 
   template <class Args>
-  static LaunchOutcome launch(Args const& args, KernelCall const& call) {
+  static LaunchOutcome launch(char const* /*name*/, Args const& args, KernelCall const& call) {
     void* const stream = call.stream.native();
     if (int const error = launch_grid(args, stream); error != int(cudaSuccess))
       return {ErrorCode::kKernelFailed, cuda_problem("kernel launch", cudaError_t(error))};

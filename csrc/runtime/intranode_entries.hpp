@@ -23,7 +23,7 @@
 //   struct Target {
 //     static constexpr char const* kKind;                       // "cpu" / "cuda"
 //     class Slot { ErrorSlot* kernel_view(); ErrorSlot read(); }; // zeroed, kernel-writable, host-readable
-//     static LaunchOutcome launch(Args const&, KernelCall const&);  // runs the grid to completion
+//     static LaunchOutcome launch(char const* name, Args const&, KernelCall const&);  // runs the grid to completion
 //   };
 
 #include <string>
@@ -104,10 +104,10 @@ inline void finish(char const* name, KernelCall const& call, LaunchOutcome const
 
 template <class Target, class Args>
 void launch_and_finish(char const* name, KernelCall const& call, Args const& args,
-                       typename Target::Slot& slot) {
+                       typename Target::Slot const& slot) {
   if (char const* problem = kernels::validate(args))
     throw RuntimeError(ErrorCode::kInvalidArgument, std::string("epcomm ") + name + ": " + problem);
-  LaunchOutcome const outcome = Target::launch(args, call);
+  LaunchOutcome const outcome = Target::launch(name, args, call);
   finish(name, call, outcome, slot.read());
 }
 

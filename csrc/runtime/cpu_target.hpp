@@ -1,0 +1,61 @@
+#pragma once
+// How the cpu runtime runs a kernel entry (the Target of intranode_entries.hpp): the grid of this
+// rank runs to completion on the calling thread through the SIMT layer; the kernel writes its
+// ErrorSlot straight into host memory. Serves the intranode (cpu_intranode.cpp) and internode
+// (cpu_internode.cpp) entries.
+
+#include <string>
+
+#include "../kernels/internode.hpp"
+#include "../kernels/intranode.hpp"
+#include "device_runtime.hpp"
+#include "intranode_entries.hpp"
+
+namespace epcomm::runtime {
+
+struct CpuTarget {
+  static constexpr char const* kKind = "cpu";
+
+  class Slot {
+   public:
+    kernels::ErrorSlot* kernel_view() { return &slot_; }
+    kernels::ErrorSlot read() const { return slot_; }
+
+   private:
+    kernels::ErrorSlot slot_{};
+  };
+
+  template <class Args>
+  static intranode_entries::LaunchOutcome launch(char const* name, Args const& args, KernelCall const& /*cpu streams
+                                                 run now, here*/) {
+    simt::ConcurrentLaunch grid(kernels::default_launch_options(name, args.comm.timeout_cycles));
+    add_grid(grid, args);
+    simt::LaunchStatus const status = grid.try_run();
+    if (status.ok()) return {};
+    ErrorCode code = ErrorCode::kKernelFailed;
+    if (status.kind == simt::ErrorKind::Timeout) code = ErrorCode::kTimeout;
+    if (status.kind == simt::ErrorKind::InvalidConfig) code = ErrorCode::kInvalidArgument;
+    return {code, std::string(simt::error_kind_name(status.kind)) + ": " + status.message};
+  }
+
+ private:
+  using Shm = transport::ShmTransport;
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::NotifyArgs const& args) { kernels::add_notify(grid, args); }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::IntranodeDispatchArgs const& args) {
+    kernels::add_intranode_dispatch(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::IntranodeCombineArgs const& args) {
+    kernels::add_intranode_combine(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::InternodeNotifyArgs<Shm> const& args) {
+    kernels::add_internode_notify(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::InternodeDispatchArgs<Shm> const& args) {
+    kernels::add_internode_dispatch(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::InternodeCombineArgs<Shm> const& args) {
+    kernels::add_internode_combine(grid, args);
+  }
+};
+
+}  // namespace epcomm::runtime
