@@ -111,6 +111,43 @@ void launch_and_finish(char const* name, KernelCall const& call, Args const& arg
   finish(name, call, outcome, slot.read());
 }
 
+// The argument runs the dispatch and combine entries of both paths share, in their order.
+template <class Args>
+void read_dispatch_inputs(ArgReader& next, Args& args) {  // x ... recv_channel_prefix_matrix
+  args.x = next.pointer<void const>();
+  args.hidden_bytes = next.integer();
+  args.x_scales = next.pointer<void const>();
+  args.scale_bytes = next.integer();
+  args.topk_idx = next.pointer<int64_t const>();
+  args.topk_weights = next.pointer<float const>();
+  args.num_topk = next.integer();
+  args.num_experts = next.integer();
+  args.num_tokens = next.integer();
+  args.is_token_in_rank = next.pointer<bool const>();
+  args.recv_channel_prefix_matrix = next.pointer<int32_t const>();
+}
+
+template <class Args>
+void read_dispatch_outputs(ArgReader& next, Args& args) {  // recv_x ... recv_src_idx
+  args.recv_x = next.pointer<void>();
+  args.recv_x_scales = next.pointer<void>();
+  args.recv_topk_idx = next.pointer<int64_t>();
+  args.recv_topk_weights = next.pointer<float>();
+  args.recv_src_idx = next.pointer<int32_t>();
+}
+
+template <class Args>
+void read_combine_inputs(ArgReader& next, Args& args) {  // x ... recv_channel_prefix_matrix
+  args.x = next.pointer<void const>();
+  args.element_kind = kernels::ElementKind(next.integer());
+  args.topk_weights = next.pointer<float const>();
+  args.hidden = next.integer();
+  args.num_topk = next.integer();
+  args.num_tokens = next.integer();
+  args.is_token_in_rank = next.pointer<bool const>();
+  args.recv_channel_prefix_matrix = next.pointer<int32_t const>();
+}
+
 template <class Target>
 void run_notify(KernelCall const& call) {
   check_count(call, "intranode_notify", kCommArgs + 8);
@@ -137,22 +174,8 @@ void run_dispatch(KernelCall const& call) {
   kernels::IntranodeDispatchArgs args;
   args.comm = make_comm(call, slot.kernel_view());
   ArgReader next(call.args);
-  args.x = next.pointer<void const>();
-  args.hidden_bytes = next.integer();
-  args.x_scales = next.pointer<void const>();
-  args.scale_bytes = next.integer();
-  args.topk_idx = next.pointer<int64_t const>();
-  args.topk_weights = next.pointer<float const>();
-  args.num_topk = next.integer();
-  args.num_experts = next.integer();
-  args.num_tokens = next.integer();
-  args.is_token_in_rank = next.pointer<bool const>();
-  args.recv_channel_prefix_matrix = next.pointer<int32_t const>();
-  args.recv_x = next.pointer<void>();
-  args.recv_x_scales = next.pointer<void>();
-  args.recv_topk_idx = next.pointer<int64_t>();
-  args.recv_topk_weights = next.pointer<float>();
-  args.recv_src_idx = next.pointer<int32_t>();
+  read_dispatch_inputs(next, args);
+  read_dispatch_outputs(next, args);
   launch_and_finish<Target>("intranode_dispatch", call, args, slot);
 }
 
@@ -163,14 +186,7 @@ void run_combine(KernelCall const& call) {
   kernels::IntranodeCombineArgs args;
   args.comm = make_comm(call, slot.kernel_view());
   ArgReader next(call.args);
-  args.x = next.pointer<void const>();
-  args.element_kind = kernels::ElementKind(next.integer());
-  args.topk_weights = next.pointer<float const>();
-  args.hidden = next.integer();
-  args.num_topk = next.integer();
-  args.num_tokens = next.integer();
-  args.is_token_in_rank = next.pointer<bool const>();
-  args.recv_channel_prefix_matrix = next.pointer<int32_t const>();
+  read_combine_inputs(next, args);
   args.combined_x = next.pointer<void>();
   args.combined_topk_weights = next.pointer<float>();
   launch_and_finish<Target>("intranode_combine", call, args, slot);
