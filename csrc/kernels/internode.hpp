@@ -114,6 +114,13 @@ inline constexpr int kInternodeNotifyThreads = 256;
 inline constexpr int kInternodeNotifyBlocks = 2;  // the work, and the abort watcher
 inline constexpr int kInternodeBlocksPerChannel = 3;
 inline constexpr int kMaxInternodeWarps = 32;
+// Warps per block a Transport's kernels are compiled for (__launch_bounds__): 32 unless the transport says
+// fewer (a heavier transport, e.g. GIN, needs the registers that 1024-thread blocks cannot have).
+template <class Transport>
+constexpr int max_block_warps() {
+  if constexpr (requires { Transport::kMaxBlockWarps; }) return Transport::kMaxBlockWarps;
+  return kMaxInternodeWarps;
+}
 // Network senders: one warp per node; forwarders: one per NVL peer + the coordinator; receivers: one per forwarder.
 EPCOMM_HOST_DEVICE int internode_block_warps(int num_nodes, int num_nvl_ranks) {
   return num_nodes > num_nvl_ranks + 1 ? num_nodes : num_nvl_ranks + 1;

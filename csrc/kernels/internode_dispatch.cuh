@@ -303,7 +303,7 @@ EPCOMM_DEVICE void nvl_receiver(InternodeDispatchArgs<Transport> const& args, in
 }
 
 template <class Transport>
-EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxInternodeWarps, 1)
+EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * max_block_warps<Transport>(), 1)
     internode_dispatch_kernel(InternodeDispatchArgs<Transport> args) {
   int const channel = int(blockIdx.x) / kInternodeBlocksPerChannel;
   int const role_block = int(blockIdx.x) % kInternodeBlocksPerChannel;

@@ -34,6 +34,10 @@ char const* validate(InternodeComm<Transport> const& comm) {
   int const num_nodes = comm.num_ranks / L;
   if (num_nodes > kMaxNodes)
     return invalid("internode: num_nodes=%d must be <= %d (one sender warp per node)", num_nodes, kMaxNodes);
+  if (internode_block_warps(num_nodes, L) > max_block_warps<Transport>())
+    return invalid("internode: %d nodes x %d ranks need %d warps per block; this transport's kernels are built for "
+                   "at most %d (nodes <= %d and ranks per node <= %d)", num_nodes, L, internode_block_warps(num_nodes, L),
+                   max_block_warps<Transport>(), max_block_warps<Transport>(), max_block_warps<Transport>() - 1);
   if (comm.rank < 0 || comm.rank >= comm.num_ranks)
     return invalid("internode: rank=%d must be in [0, num_ranks=%d)", comm.rank, comm.num_ranks);
   if (char const* problem = validate_config(comm.config.nvl, L)) return problem;

@@ -1,4 +1,4 @@
-// Compile check (make gin-check): the real internode kernels instantiated with the NCCL GIN transport,
+// Compile check (make gin-check): the real internode kernels instantiated with the NCCL GIN transport
 // as a GPU build across nodes will launch them. nvcc sm_90 with NCCL's device headers; -Xptxas -v is
 // parsed by tools/check_ptxas.py. Never run here (no GPU, no NIC).
 

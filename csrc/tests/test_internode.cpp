@@ -702,6 +702,10 @@ EPCOMM_TEST(internode_rejects_tokens_beyond_max_nodes) {
                  "internode_dispatch bad_routing: rank=0 role=network_sender channel=0 peer=-1 expected=2 observed=4");
 }
 
+struct SixteenWarpTransport : ShmTransport {
+  static constexpr int kMaxBlockWarps = 16;
+};
+
 EPCOMM_TEST(internode_workspace_and_validation) {
   // 32 nodes x 8 ranks: every region disjoint, in order, aligned
   kernels::InternodeConfig config;
@@ -736,6 +740,13 @@ EPCOMM_TEST(internode_workspace_and_validation) {
   args.comm.num_nvl_ranks = 8;
   args.comm.num_ranks = 264;
   CHECK_CONTAINS(std::string(kernels::validate(args)), "num_nodes=33 must be <= 32");
+  // A transport whose kernels are built for 16-warp blocks (as GinTransport) refuses shapes needing more
+  kernels::InternodeDispatchArgs<SixteenWarpTransport> narrow;
+  narrow.comm.num_nvl_ranks = 8;
+  narrow.comm.num_ranks = 17 * 8;
+  CHECK_CONTAINS(std::string(kernels::validate(narrow)),
+                 "17 nodes x 8 ranks need 17 warps per block; this transport's kernels are built for at most 16");
+  CHECK_EQ(kernels::max_block_warps<ShmTransport>(), 32);
 }
 
 }  // namespace

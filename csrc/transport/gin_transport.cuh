@@ -71,6 +71,8 @@ namespace epcomm::transport {
 // Trivially copyable: it travels by value inside a kernel's Args. Filled by
 // runtime::GinSession (runtime/gin_setup.cu); every field is set there.
 struct GinTransport {
+  static constexpr int kMaxBlockWarps = 16;  // NCCL's GIN calls need > 64 registers: 512-thread blocks get 128
+
   // ncclGin keeps a reference to its ncclDevComm (gin.h:206) and indexes its arrays by
   // connection at run time, so the 240-byte communicator must sit in addressable memory. A
   // by-value member works while the transport stays a kernel parameter, but any local copy of
