@@ -456,9 +456,9 @@ class SimDispatchBackend:
                     src_idx=new(m, dtype=torch.int32))
         counters = self._counters()
         self._run(sim, "dispatch", self.path.dispatch_args(layout, plan, counters, inputs, recv), op)
-        meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
         if counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
+            meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
             self._record(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
         else:
             self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, self.path.num_topk(layout))
@@ -468,14 +468,7 @@ class SimDispatchBackend:
     def _record_two_hop_dispatch(self, op: str, plan: SimPlan, counters: torch.Tensor, row_bytes_: int,
                                  layout_topk: int) -> None:
         """The network hop as the transport counted it; the NVLink hop from the rows this rank forwarded."""
-        record = self.path.record_bytes(layout_topk)
-        for link, put in zip((LinkClass.SELF, LinkClass.NVLINK, LinkClass.NETWORK), counters.tolist()):
-            if put:
-                rows, rest = divmod(put, record + row_bytes_)
-                if rest:
-                    raise EpcommError(f"epcomm {self.name} {op}: the transport put {put} bytes over {link.value}, "
-                                      f"not a whole number of {record + row_bytes_}-byte rows")
-                self.comm.traffic.record(op, link, rows, rows * row_bytes_, rows * record)
+        self._record_puts(op, counters, row_bytes_, self.path.record_bytes(layout_topk))
         masks = plan.forward_peer_masks[: plan.num_forwarded].to(torch.int64)
         own = (masks >> self.topo.local_rank) & 1
         popcount = sum(((masks >> p) & 1) for p in range(self.topo.num_nvl_ranks))
@@ -523,16 +516,21 @@ class SimDispatchBackend:
         topo, row = self.topo, x.size(1) * x.element_size()
         for src, rows in enumerate(plan.recv_counts):  # rows from src went through forwarder (my node, src % L)
             if rows:
-                forwarder = topo.node * topo.num_nvl_ranks + src % topo.num_nvl_ranks
+                forwarder = topo.rank_of(topo.node, topo.local_of(src))
                 self.comm.traffic.record("combine", topo.link_to(forwarder), rows, rows * row, rows * 4 * num_topk)
-        partial = 4 * (x.size(1) + self.path.num_topk(plan.layout))
+        # a partial is fp32 [hidden] plus its fp32 weights [the dispatch's num_topk]
+        self._record_puts("combine", counters, 4 * x.size(1), 4 * self.path.num_topk(plan.layout))
+
+    def _record_puts(self, op: str, counters: torch.Tensor, payload_bytes: int, meta_bytes: int) -> None:
+        """The transport's byte counters (self, nvlink, network) as rows of ``payload + meta`` bytes each."""
+        row = payload_bytes + meta_bytes
         for link, put in zip((LinkClass.SELF, LinkClass.NVLINK, LinkClass.NETWORK), counters.tolist()):
             if put:
-                rows, rest = divmod(put, partial)
+                rows, rest = divmod(put, row)
                 if rest:
-                    raise EpcommError(f"epcomm {self.name} combine: the transport put {put} bytes over {link.value}, "
-                                      f"not a whole number of {partial}-byte partials")
-                self.comm.traffic.record("combine", link, rows, rows * 4 * x.size(1), rows * (partial - 4 * x.size(1)))
+                    raise EpcommError(f"epcomm {self.name} {op}: the transport put {put} bytes over {link.value}, "
+                                      f"not a whole number of {row}-byte rows")
+                self.comm.traffic.record(op, link, rows, rows * payload_bytes, rows * meta_bytes)
 
     def close(self) -> None:
         if self._sim is not None:
