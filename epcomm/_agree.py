@@ -16,7 +16,7 @@ import torch
 from ._comm import GroupComm
 from .errors import EpcommInputError
 
-__all__ = ["SIGNATURE_FIELDS", "agree"]
+__all__ = ["SIGNATURE_FIELDS", "X_KINDS", "FP8_KIND", "agree"]
 
 # Call properties every rank must share (-1 = not applicable to this call).
 SIGNATURE_FIELDS = (
@@ -37,7 +37,10 @@ SIGNATURE_FIELDS = (
 _MESSAGE_BYTES = 480
 
 OPERATION_NAMES = {1: "dispatch", 2: "cached dispatch", 3: "combine"}
-X_KIND_NAMES = {1: "bfloat16", 2: "float16", 3: "float32", 4: "FP8 tuple (float8_e4m3fn, float32 scales)"}
+# x's kind in the call signature; 1-3 are also the kernels' ElementKind codes (csrc/kernels/elements.cuh)
+X_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+FP8_KIND = 4
+X_KIND_NAMES = {1: "bfloat16", 2: "float16", 3: "float32", FP8_KIND: "FP8 tuple (float8_e4m3fn, float32 scales)"}
 ALGORITHM_NAMES = {0: "flat", 1: "two_hop"}
 _DESCRIBE = {
     "operation": ("the operation", OPERATION_NAMES),

@@ -8,6 +8,8 @@ from typing import Union
 import torch
 import torch.distributed as dist
 
+from ._agree import FP8_KIND as _FP8_KIND
+from ._agree import X_KINDS as _X_KINDS
 from ._agree import agree
 from ._comm import GroupComm
 from ._validate import Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, is_fp8_pair
@@ -30,8 +32,6 @@ FP8Tensor = tuple[torch.Tensor, torch.Tensor]
 """FP8 rows: ``(float8_e4m3fn [N, H], float32 scales [N, H // 128])``."""
 XTensor = Union[torch.Tensor, FP8Tensor]
 
-_X_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
-_FP8_KIND = 4
 _OPERATIONS = {"dispatch": 1, "cached dispatch": 2, "combine": 3}
 _ALGORITHMS = {"flat": 0, "two_hop": 1}
 _KERNEL_BACKENDS = {"sim": SimDispatchBackend, "cuda": CudaDispatchBackend}

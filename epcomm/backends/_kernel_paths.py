@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .._agree import X_KINDS
 from ..config import Config
 from ..topology import Topology
 
 __all__ = ["Layout", "IntranodePath", "InternodePath", "ELEMENT_KINDS", "rdma_offset", "row_bytes"]
 
-# combine's row element types: kernels/elements.cuh ElementKind
-ELEMENT_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+# combine's row element types: kernels/elements.cuh ElementKind (the same codes as the call signature's)
+ELEMENT_KINDS = X_KINDS
 _REGION_ALIGNMENT = 4096  # the RDMA region starts on a page
 
 
@@ -51,7 +52,6 @@ def row_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
-
 
 
 class IntranodePath:
