@@ -33,6 +33,8 @@ SIGNATURE_FIELDS = (
     "config_num_sms",
     "config_nvl_send_tokens",
     "config_nvl_recv_tokens",
+    "config_rdma_send_tokens",
+    "config_rdma_recv_tokens",
 )
 _MESSAGE_BYTES = 480
 
@@ -50,6 +52,8 @@ _DESCRIBE = {
     "config_num_sms": ("config.num_sms (-1: no config)", {}),
     "config_nvl_send_tokens": ("config.num_max_nvl_chunked_send_tokens (-1: no config)", {}),
     "config_nvl_recv_tokens": ("config.num_max_nvl_chunked_recv_tokens (-1: no config)", {}),
+    "config_rdma_send_tokens": ("config.num_max_rdma_chunked_send_tokens (-1: no config)", {}),
+    "config_rdma_recv_tokens": ("config.num_max_rdma_chunked_recv_tokens (-1: no config)", {}),
 }
 
 

@@ -519,7 +519,9 @@ def _config_signature(config: object) -> dict[str, int]:
     if not isinstance(config, Config):
         return {}  # None (the backend's default), or invalid: reported by _check_config
     return dict(config_num_sms=config.num_sms, config_nvl_send_tokens=config.num_max_nvl_chunked_send_tokens,
-                config_nvl_recv_tokens=config.num_max_nvl_chunked_recv_tokens)
+                config_nvl_recv_tokens=config.num_max_nvl_chunked_recv_tokens,
+                config_rdma_send_tokens=config.num_max_rdma_chunked_send_tokens,
+                config_rdma_recv_tokens=config.num_max_rdma_chunked_recv_tokens)
 
 
 def _check_layout_consistent(

@@ -164,6 +164,9 @@ def bad_handle(rank, world, kind, backend="torch"):
         elif kind == "config disagrees":
             config = epcomm.Config(num_sms=4 if rank == 1 else 6)
             buf.dispatch(inp.x, **args, config=config)
+        elif kind == "network ring disagrees":  # sizes the two-hop kernels' RDMA rings
+            config = epcomm.Config(num_sms=4, num_max_rdma_chunked_recv_tokens=8 if rank == 1 else 16)
+            buf.dispatch(inp.x, **args, config=config)
         elif kind == "operation mix":
             if rank == 1:
                 buf.dispatch(inp.x, handle=handle2)
@@ -182,6 +185,8 @@ def bad_handle(rank, world, kind, backend="torch"):
     ("cached with layout", "takes no layout tensors"),
     ("operation mix", "ranks disagree on the operation"),
     ("config disagrees", "ranks disagree on config.num_sms (-1: no config): this rank has 4, ranks 0,2,3 have 6"),
+    ("network ring disagrees", "ranks disagree on config.num_max_rdma_chunked_recv_tokens (-1: no config): this rank "
+                               "has 8, ranks 0,2,3 have 16"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_handle_misuse(pools, kind, phrase, backend):
