@@ -76,9 +76,11 @@ class GroupComm:
             self.board.enter(op, stage)
         try:
             works = start()
-            for work in works if isinstance(works, list) else [works]:
-                if work is not None:
-                    work.wait(timeout=self.timeout)
+            works = [w for w in (works if isinstance(works, list) else [works]) if w is not None]
+            # a local wait (run_local: a kernel spinning on peer memory) is one kernel round trip
+            self.traffic.count_round_trip(op, "collective" if post else "kernel", len(works) if post else 1)
+            for work in works:
+                work.wait(timeout=self.timeout)
         except RuntimeError as err:
             text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             where = f"epcomm {op}: stage '{stage}' on rank {self.topo.rank}"

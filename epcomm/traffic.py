@@ -7,7 +7,7 @@ sum them over ranks for totals.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from .topology import LinkClass
@@ -38,12 +38,20 @@ class TrafficStats:
     """``stats[op][link]`` -> :class:`LinkTraffic`, ``op`` in ``"dispatch"``, ``"combine"``, ...
 
     ``control_bytes`` counts the small count/agreement exchanges separately.
+    ``round_trips[op]`` counts the host round trips each operation made: ``"collective"``
+    (one per torch.distributed collective issued) and ``"kernel"`` (one per kernel launch the
+    host waits for). Tests assert these exactly; they are the per-call fixed cost.
     """
 
     ops: dict[str, dict[LinkClass, LinkTraffic]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(LinkTraffic))
     )
     control_bytes: int = 0
+    round_trips: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def count_round_trip(self, op: str, kind: str, n: int = 1) -> None:
+        """``n`` more host round trips of ``kind`` (``"collective"`` or ``"kernel"``) for ``op``."""
+        self.round_trips[op][kind] += n
 
     def record(self, op: str, link: LinkClass, rows: int, payload_bytes: int, meta_bytes: int) -> None:
         self.ops[op][link].add(rows, payload_bytes, meta_bytes)
@@ -58,6 +66,7 @@ class TrafficStats:
     def reset(self) -> None:
         self.ops.clear()
         self.control_bytes = 0
+        self.round_trips.clear()
 
     def as_dict(self) -> dict[str, dict[str, dict[str, int]]]:
         return {
