@@ -66,8 +66,8 @@ def _extensions() -> tuple[list, dict]:
             "epcomm._C",
             sources=[
                 "csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cpu_runtime.cpp",
-                f"{runtime}/cpu_intranode.cpp", "csrc/kernels/intranode_launch_simt.cpp",
-                f"{runtime}/cpu_internode.cpp", "csrc/kernels/internode_launch_simt.cpp",
+                f"{runtime}/cpu_entries.cpp", "csrc/kernels/intranode_launch_simt.cpp",
+                "csrc/kernels/internode_launch_simt.cpp",
             ],
             include_dirs=[str(CSRC)],
             extra_compile_args=[*common, "-pthread", "-DEPCOMM_WITH_CPU_RUNTIME=1"],
@@ -80,7 +80,7 @@ def _extensions() -> tuple[list, dict]:
             CUDAExtension(
                 "epcomm._C_cuda",
                 sources=["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cuda_runtime.cu",
-                         f"{runtime}/cuda_intranode.cu", "csrc/kernels/intranode_launch.cu",
+                         f"{runtime}/cuda_entries.cu", "csrc/kernels/intranode_launch.cu",
                          # the internode kernels over peer memory (ShmTransport), compiled in; not yet
                          # registered as entries (GPU runs across nodes wait for the GIN transport)
                          "csrc/kernels/internode_launch.cu"],

@@ -18,6 +18,7 @@ from .errors import (
 )
 from .event import EventOverlap
 from .handle import DispatchHandle
+from .placement import ExpertPlacement
 from .topology import LinkClass, Topology
 from .traffic import LinkTraffic, TrafficStats
 
@@ -32,6 +33,7 @@ __all__ = [
     "EpcommTimeoutError",
     "EpcommPeerError",
     "EpcommBackendUnavailable",
+    "ExpertPlacement",
     "LinkClass",
     "LinkTraffic",
     "Topology",

@@ -112,6 +112,9 @@ def _remove_keys(store: dist.Store, rank: int, failed: list[bool]) -> None:
             pass
 
 
+BUFFER_CONSTRUCTION = "Buffer construction"  # the op name of the collectives a Buffer's constructor runs
+
+
 class ProgressBoard:
     """Posts this rank's progress and heartbeat; names dead and late peers after a failure."""
 
@@ -172,7 +175,12 @@ class ProgressBoard:
             if progress[r] is not None:
                 s, op, stage = progress[r].split("|")
                 step = int(s)
-                where = "creating its Buffer" if op == "created" else f"{op}, stage '{stage}'"
+                if op == "created":
+                    where = "creating its Buffer"
+                elif op == BUFFER_CONSTRUCTION:
+                    where = f"creating its Buffer, stage '{stage}'"
+                else:
+                    where = f"{op}, stage '{stage}'"
             seen = f"rank {r} (last seen at {where}, step {step}; this rank failed at step {self.step})"
             if before[r] is not None and after[r] is None:
                 continue  # it destroyed its Buffer meanwhile: alive, and done with this step

@@ -13,16 +13,15 @@ from ._agree import X_KINDS as _X_KINDS
 from ._agree import agree
 from ._comm import GroupComm
 from ._validate import Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, is_fp8_pair
-from ._wire import Field, RowFormat
-from .backends import resolve_backend
-from .backends.cuda_backend import CudaDispatchBackend
-from .backends.sim_backend import SimDispatchBackend
-from .backends.torch_backend import TorchBackend
+from ._agree import ALGORITHM_NAMES, OPERATION_NAMES
+from .backends import agree_available, backend_class, resolve_backend
+from .backends.base import BackendOptions, DispatchCall
 from .config import Config
 from .errors import EpcommInputError
 from .event import EventOverlap
 from .handle import DispatchHandle
 from .layout import DispatchLayout, compute_layout, token_node_mask
+from .placement import ExpertPlacement, check_num_experts
 from .topology import Topology
 from .traffic import TrafficStats
 
@@ -32,9 +31,8 @@ FP8Tensor = tuple[torch.Tensor, torch.Tensor]
 """FP8 rows: ``(float8_e4m3fn [N, H], float32 scales [N, H // 128])``."""
 XTensor = Union[torch.Tensor, FP8Tensor]
 
-_OPERATIONS = {"dispatch": 1, "cached dispatch": 2, "combine": 3}
-_ALGORITHMS = {"flat": 0, "two_hop": 1}
-_KERNEL_BACKENDS = {"sim": SimDispatchBackend, "cuda": CudaDispatchBackend}
+_OPERATIONS = {name: code for code, name in OPERATION_NAMES.items()}  # the call signature's codes
+_ALGORITHMS = {name: code for code, name in ALGORITHM_NAMES.items()}
 _buffer_ids = itertools.count(1)
 
 
@@ -48,8 +46,9 @@ class Buffer:
     :class:`~epcomm.EpcommTimeoutError` naming the operation and stage.
 
     Ranks are grouped into nodes: rank ``r`` is local rank ``r % num_nvl_ranks``
-    of node ``r // num_nvl_ranks``. Experts are split evenly and contiguously:
-    expert ``e`` lives on rank ``e // (num_experts // world_size)``.
+    of node ``r // num_nvl_ranks``. Experts are placed by
+    :meth:`ExpertPlacement.uniform <epcomm.placement.ExpertPlacement.uniform>`: split evenly
+    and contiguously, expert ``e`` lives on rank ``e // (num_experts // world_size)``.
 
     Args:
         group: the process group (``None``: the default group).
@@ -109,16 +108,12 @@ class Buffer:
         self.backend = resolve_backend(backend)
         self.traffic = TrafficStats()
         self._comm = GroupComm(self.group, self.topology, timeout_s, self.traffic)
-        if self.backend in _KERNEL_BACKENDS:
-            # buffers are sized from the kernels' workspaces at the first call when no sizes are given
-            if self.topology.num_nodes > 1 and algorithm != "two_hop":
-                raise ValueError(f"backend {self.backend!r} runs the two-hop kernels across nodes: pass algorithm="
-                                 f"'two_hop' or 'auto' (got {algorithm!r}); 'flat' is the torch backend's")
-            self._impl = _KERNEL_BACKENDS[self.backend](
-                self._comm, self.topology, num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-                max_nodes_per_token=max_nodes_per_token, timeout_s=timeout_s)
-        else:
-            self._impl = TorchBackend(self._comm, self.topology, algorithm)
+        options = BackendOptions(num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, algorithm=algorithm,
+                                 max_nodes_per_token=max_nodes_per_token, timeout_s=timeout_s)
+        impl_class = backend_class(self.backend)
+        impl_class.check_options(self.topology, options)  # the same verdict on every rank (same arguments)
+        agree_available(self._comm, self.backend)  # every rank raises, or none
+        self._impl = impl_class(self._comm, self.topology, options)
         self._id = next(_buffer_ids)
         self._layout_seq = 0
 
@@ -253,22 +248,18 @@ class Buffer:
             counts = prepared["counts"]
         gathered = agree(self._comm, op, problem, signature, counts, self._device_of(x))
         world, nodes = self.group_size, self.num_nodes
-        fmt, tensors = prepared["format"], prepared["tensors"]
-        recv, plan = self._impl.dispatch(
-            tensors, fmt, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
-            num_experts=prepared["num_experts"], config=config,
-        )
+        tensors = prepared["tensors"]
+        placement = ExpertPlacement.uniform(prepared["num_experts"], world) if "topk_idx" in tensors else None
+        recv, plan = self._impl.dispatch(DispatchCall(
+            tensors, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
+            placement, config))
         self._layout_seq += 1
         recv_x = self._unpack_x(recv)
         recv_topk_idx = recv_topk_weights = None
         num_recv_per_expert: list[int] = []
-        if fmt.has("topk_idx"):
+        if placement is not None:
             recv_topk_idx, recv_topk_weights, num_recv_per_expert = self._localize_experts(
-                recv["topk_idx"],
-                recv.get("topk_weights"),
-                prepared["num_experts"],
-                expert_alignment,
-            )
+                recv["topk_idx"], recv.get("topk_weights"), placement, expert_alignment)
         new_handle = DispatchHandle(
             is_token_in_rank=prepared["is_token_in_rank"],
             num_recv_tokens_per_rank=gathered[:, self.rank].clone(),
@@ -290,7 +281,7 @@ class Buffer:
         _check_config(config)
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise Invalid(f"expert_alignment must be a positive int, got {expert_alignment!r}")
-        tensors, fields, num_tokens, hidden, x_kind = self._prepare_x(x)
+        tensors, num_tokens, hidden, x_kind = self._prepare_x(x)
         device = tensors["x"].device
         if is_token_in_rank is None or num_tokens_per_rank is None:
             raise Invalid(
@@ -317,12 +308,10 @@ class Buffer:
             check_topk_idx(topk_idx, num_experts)
             num_topk = topk_idx.size(1)
             tensors["topk_idx"] = topk_idx
-            fields.append(Field("topk_idx", torch.int64, num_topk))
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
                              shape=(num_tokens, num_topk), device=device)
                 tensors["topk_weights"] = topk_weights
-                fields.append(Field("topk_weights", torch.float32, num_topk))
             expected = compute_layout(topk_idx, num_experts, topo)
         elif topk_weights is not None:
             raise Invalid("topk_weights was given without topk_idx")
@@ -335,7 +324,6 @@ class Buffer:
         self._impl.check_dispatch(tensors, num_topk, config=config)
         return {
             "tensors": tensors,
-            "format": RowFormat(fields),
             "is_token_in_rank": is_token_in_rank,
             "counts": counts,
             "num_tokens": num_tokens,
@@ -347,13 +335,13 @@ class Buffer:
 
     def _cached_dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config):
         op = "cached dispatch"
-        problem, tensors, fields, x_kind = None, None, None, -1
+        problem, tensors, x_kind = None, None, -1
         try:
             self._check_handle(handle)
             if num_tokens_per_rank is not None or is_token_in_rank is not None or topk_idx is not None:
                 raise Invalid("a cached dispatch (handle=...) takes no layout tensors or topk_idx; pass only x and handle")
             _check_config(config)
-            tensors, fields, num_tokens, hidden, x_kind = self._prepare_x(x)
+            tensors, num_tokens, hidden, x_kind = self._prepare_x(x)
             if num_tokens != handle.num_tokens:
                 raise Invalid(f"x has {num_tokens} tokens but the handle was made for {handle.num_tokens}")
             self._impl.check_dispatch(tensors, 0, handle.plan, config=config)
@@ -364,8 +352,7 @@ class Buffer:
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
                          **_config_signature(config))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
-        fmt = RowFormat(fields)
-        recv = self._impl.dispatch_cached(tensors, fmt, handle.plan, config=config)
+        recv = self._impl.dispatch_cached(tensors, handle.plan, config=config)
         return self._unpack_x(recv), None, None, None, None, EventOverlap.capture(recv["x"].device)
 
     # --------------------------------------------------------------- combine
@@ -394,7 +381,7 @@ class Buffer:
         """
         self._wait(previous_event)
         op = "combine"
-        problem, fields, tensors, x_kind, hidden = None, [], {}, -1, -1
+        problem, tensors, x_kind, hidden = None, {}, -1, -1
         try:
             self._check_handle(handle)
             _check_config(config)
@@ -407,12 +394,10 @@ class Buffer:
             check_tensor("x", x, dtypes=tuple(_X_KINDS), ndim=2, shape=(handle.num_recv_tokens, None))
             x_kind, hidden = _X_KINDS[dtype], x.size(1)
             tensors["x"] = x
-            fields.append(Field("x", x.dtype, hidden, payload=True))
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
                              shape=(handle.num_recv_tokens, None), device=x.device)
                 tensors["topk_weights"] = topk_weights
-                fields.append(Field("topk_weights", torch.float32, topk_weights.size(1)))
             self._impl.check_combine(tensors, handle.plan, config=config)
         except Exception as err:
             problem = _problem_text(err)
@@ -421,7 +406,7 @@ class Buffer:
                          has_topk_weights=int(topk_weights is not None), **self._common_signature(),
                          **_config_signature(config))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
-        sums = self._impl.combine(tensors, RowFormat(fields), handle.plan, config=config)
+        sums = self._impl.combine(tensors, handle.plan, config=config)
         # copy=True: the sums live in the backend's scratch, reused by the next call
         combined_x = sums["x"].to(x.dtype, copy=True)
         combined_weights = sums["topk_weights"].clone() if "topk_weights" in sums else None
@@ -433,11 +418,7 @@ class Buffer:
                     algorithm=_ALGORITHMS[self.algorithm])
 
     def _check_num_experts(self, num_experts: int) -> None:
-        if not isinstance(num_experts, int) or num_experts <= 0 or num_experts % self.group_size:
-            raise Invalid(
-                f"num_experts must be a positive multiple of the world size {self.group_size} "
-                f"(experts are split evenly over ranks), got {num_experts}"
-            )
+        check_num_experts(num_experts, self.group_size)  # raises Invalid, agreed across ranks by the caller
 
     def _check_handle(self, handle: object) -> None:
         if not isinstance(handle, DispatchHandle):
@@ -459,8 +440,8 @@ class Buffer:
                 f"(max_nodes={self.max_nodes_per_token}) or raise Buffer(max_nodes_per_token=...)"
             )
 
-    def _prepare_x(self, x: object) -> tuple[dict, list[Field], int, int, int]:
-        """Tensors, row fields, num_tokens, hidden and kind code of dispatch's ``x``."""
+    def _prepare_x(self, x: object) -> tuple[dict[str, torch.Tensor], int, int, int]:
+        """Tensors (``x``, and ``scales`` for FP8), num_tokens, hidden and kind code of dispatch's ``x``."""
         if is_fp8_pair(x):
             data, scales = x
             check_tensor("x[0] (FP8 data)", data, dtypes=(torch.float8_e4m3fn,), ndim=2)
@@ -468,9 +449,7 @@ class Buffer:
             check_hidden_for_fp8(hidden)
             check_tensor("x[1] (FP8 scales)", scales, dtypes=(torch.float32,), ndim=2,
                          shape=(num_tokens, hidden // 128), device=data.device)
-            fields = [Field("x", torch.float8_e4m3fn, hidden, payload=True),
-                      Field("scales", torch.float32, hidden // 128, payload=True)]
-            return {"x": data, "scales": scales}, fields, num_tokens, hidden, _FP8_KIND
+            return {"x": data, "scales": scales}, num_tokens, hidden, _FP8_KIND
         if isinstance(x, tuple):
             raise Invalid(
                 "x as a tuple must be (float8_e4m3fn data [N, H], float32 scales [N, H/128]); got "
@@ -478,7 +457,7 @@ class Buffer:
             )
         check_tensor("x", x, dtypes=tuple(_X_KINDS), ndim=2)
         num_tokens, hidden = x.shape
-        return {"x": x}, [Field("x", x.dtype, hidden, payload=True)], num_tokens, hidden, _X_KINDS[x.dtype]
+        return {"x": x}, num_tokens, hidden, _X_KINDS[x.dtype]
 
     @staticmethod
     def _unpack_x(recv: dict[str, torch.Tensor]) -> XTensor:
@@ -486,15 +465,31 @@ class Buffer:
             return recv["x"], recv["scales"]
         return recv["x"]
 
-    def _localize_experts(self, topk_idx, topk_weights, num_experts, expert_alignment):
-        experts_per_rank = num_experts // self.group_size
-        local = topk_idx - self.rank * experts_per_rank
-        mine = (topk_idx >= 0) & (local >= 0) & (local < experts_per_rank)
-        recv_topk_idx = torch.where(mine, local, torch.full_like(local, -1))
-        recv_topk_weights = None
-        if topk_weights is not None:
-            recv_topk_weights = torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
-        per_expert = torch.bincount(recv_topk_idx[mine], minlength=experts_per_rank).tolist()
+    def _localize_experts(
+        self, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, placement: ExpertPlacement,
+        expert_alignment: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """This rank's view of the received rows' experts.
+
+        Args:
+            topk_idx: ``[num_recv, num_topk]`` int64: global expert ids, ``-1`` for none; or, from a
+                backend with ``local_expert_ids``, already local ids (``-1`` elsewhere, weights zeroed).
+            topk_weights: ``[num_recv, num_topk]`` float32, or ``None``.
+            expert_alignment: round each per-expert count up to a multiple of this.
+        Returns:
+            ``recv_topk_idx`` ``[num_recv, num_topk]`` int64 local ids, ``-1`` for other ranks' experts;
+            ``recv_topk_weights`` ``[num_recv, num_topk]`` float32, ``0`` where recv_topk_idx is ``-1``
+            (``None`` without topk_weights); rows per local expert, rounded up to ``expert_alignment``.
+        """
+        if self._impl.local_expert_ids:
+            recv_topk_idx, recv_topk_weights = topk_idx, topk_weights
+            mine = recv_topk_idx >= 0
+        else:
+            recv_topk_idx, mine = placement.to_local(topk_idx, self.rank)
+            recv_topk_weights = None
+            if topk_weights is not None:
+                recv_topk_weights = torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
+        per_expert = torch.bincount(recv_topk_idx[mine], minlength=placement.num_local_experts).tolist()
         aligned = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
         return recv_topk_idx, recv_topk_weights, aligned
 

@@ -70,12 +70,15 @@ class Config:
         if hidden_bytes < 1 or num_nvl_ranks < 1 or num_topk < 0:
             raise ValueError(f"need hidden_bytes >= 1, num_nvl_ranks >= 1, num_topk >= 0; got {hidden_bytes}, "
                              f"{num_nvl_ranks}, {num_topk}")
-        ext = load_extension("cpu")
-        kernel = (self.num_channels, self.num_max_nvl_chunked_send_tokens, self.num_max_nvl_chunked_recv_tokens)
-        problem = ext.validate_kernel_config(num_nvl_ranks, *kernel)
+        from .backends._kernel_paths import IntranodePath
+        from .topology import Topology
+
+        path = IntranodePath(load_extension("cpu"), Topology(num_nvl_ranks, 0, num_nvl_ranks))
+        kernel = path.kernel_config(self)
+        problem = path.config_problem(kernel)
         if problem:
             raise ValueError(f"{self} does not fit the intranode kernels with {num_nvl_ranks} ranks: {problem}")
-        return int(ext.intranode_workspace_bytes(num_nvl_ranks, 0, num_topk, hidden_bytes, *kernel))
+        return path.region_bytes(path.spec(kernel, num_topk, hidden_bytes))[0]
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8,
                                   num_nvl_ranks: int = 8, max_nodes_per_token: int = 4) -> int:
@@ -101,12 +104,17 @@ class Config:
         if hidden_bytes < 2 or num_nvl_ranks < 1 or num_topk < 0:
             raise ValueError(f"need hidden_bytes >= 2, num_nvl_ranks >= 1, num_topk >= 0; got {hidden_bytes}, "
                              f"{num_nvl_ranks}, {num_topk}")
-        _, rdma = load_extension("cpu").internode_workspace_bytes(
-            num_nodes * num_nvl_ranks, num_nvl_ranks, num_topk, hidden_bytes, hidden_bytes // 2, hidden_bytes,
-            min(max_nodes_per_token, num_nodes), self.num_channels, self.num_max_nvl_chunked_send_tokens,
-            self.num_max_nvl_chunked_recv_tokens, self.num_max_rdma_chunked_send_tokens,
-            self.num_max_rdma_chunked_recv_tokens)
-        return int(rdma)
+        from .backends._kernel_paths import InternodePath
+        from .topology import Topology
+
+        topo = Topology(num_nodes * num_nvl_ranks, 0, num_nvl_ranks)
+        path = InternodePath(load_extension("cpu"), topo, max_nodes_per_token)
+        spec = path.spec(path.kernel_config(self), num_topk, hidden_bytes, hidden_bytes // 2, hidden_bytes)
+        problem = path.ext.spec_problem(spec)
+        if problem:
+            raise ValueError(f"{self} does not fit the internode kernels with {num_nodes} x {num_nvl_ranks} ranks: "
+                             f"{problem}")
+        return path.region_bytes(spec)[1]
 
     @staticmethod
     def default(num_ranks: int) -> "Config":

@@ -1,7 +1,8 @@
 """Routing layout: which ranks, nodes and experts each token goes to.
 
-Pure, local tensor computations (no communication). Experts are split evenly
-and contiguously: expert ``e`` lives on rank ``e // (num_experts // world_size)``.
+Pure, local tensor computations (no communication). Which rank hosts an expert
+is :class:`~epcomm.placement.ExpertPlacement`'s rule (today: split evenly and
+contiguously, expert ``e`` on rank ``e // (num_experts // world_size)``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from .placement import ExpertPlacement
 from .topology import Topology
 
 __all__ = ["DispatchLayout", "compute_layout", "rank_of_expert"]
@@ -31,13 +33,10 @@ def rank_of_expert(topk_idx: torch.Tensor, num_experts: int, world_size: int) ->
         topk_idx: ``[N, K]`` int64 expert ids, ``-1`` for "no expert".
     Returns:
         ``[N, K]`` int64 rank ids in ``[0, world_size]``.
+    Raises:
+        ValueError: ``num_experts`` is not a positive multiple of ``world_size``.
     """
-    experts_per_rank = num_experts // world_size
-    return torch.where(
-        topk_idx >= 0,
-        torch.div(topk_idx, experts_per_rank, rounding_mode="floor"),
-        torch.full_like(topk_idx, world_size),
-    )
+    return ExpertPlacement.uniform(num_experts, world_size).rank_of(topk_idx)
 
 
 def token_rank_mask(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:

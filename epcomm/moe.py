@@ -26,6 +26,7 @@ from torch import Tensor
 
 from . import ops
 from .buffer import Buffer
+from .placement import ExpertPlacement
 
 __all__ = [
     "ExpertParallel",
@@ -41,25 +42,28 @@ __all__ = [
 class ExpertParallel:
     """The communication of one MoE layer: dispatch to the experts' ranks and combine back.
 
-    Expert ``e`` lives on rank ``e // num_local_experts`` (local id ``e % num_local_experts``).
+    Experts are placed by :attr:`placement` (:meth:`ExpertPlacement.uniform
+    <epcomm.placement.ExpertPlacement.uniform>`): expert ``e`` lives on rank
+    ``e // num_local_experts`` (local id ``e % num_local_experts``).
     Construct it outside ``torch.compile``; its methods trace without graph breaks.
 
     Args:
         buffer: the :class:`~epcomm.Buffer` of the expert-parallel group.
         num_experts: routed experts in total, divisible by the group size.
         expert_alignment: pad each local expert's row count to a multiple of this.
+    Raises:
+        ValueError: ``num_experts`` is not a positive multiple of the group size, or
+            ``expert_alignment < 1``.
     """
 
     def __init__(self, buffer: Buffer, num_experts: int, expert_alignment: int = 1) -> None:
-        if num_experts <= 0 or num_experts % buffer.group_size:
-            raise ValueError(
-                f"num_experts must be a positive multiple of the group size {buffer.group_size}, got {num_experts}"
-            )
+        placement = ExpertPlacement.uniform(num_experts, buffer.group_size)
         if expert_alignment < 1:
             raise ValueError(f"expert_alignment must be >= 1, got {expert_alignment}")
         self.buffer = buffer
+        self.placement = placement
         self.num_experts = num_experts
-        self.num_local_experts = num_experts // buffer.group_size
+        self.num_local_experts = placement.num_local_experts
         self.rank = buffer.rank
         self.expert_alignment = expert_alignment
         self._key = ops.buffer_key(buffer)
@@ -67,7 +71,7 @@ class ExpertParallel:
     @property
     def local_experts(self) -> range:
         """Global ids of the experts on this rank."""
-        return range(self.rank * self.num_local_experts, (self.rank + 1) * self.num_local_experts)
+        return self.placement.local_experts(self.rank)
 
     def dispatch(self, x: Tensor | tuple[Tensor, Tensor], topk_idx: Tensor, topk_weights: Tensor) -> ops.Dispatched:
         """Differentiable dispatch; see :func:`epcomm.ops.dispatch` for shapes."""
@@ -215,7 +219,15 @@ class LoadStats(NamedTuple):
 
     @classmethod
     def from_counts(cls, tokens_per_expert: Tensor, world_size: int) -> "LoadStats":
-        per_rank = tokens_per_expert.view(world_size, -1).sum(1)
+        """Statistics of ``tokens_per_expert`` ``[num_experts]`` (int64) over ``world_size`` ranks.
+
+        Raises:
+            ValueError: ``num_experts`` is not a positive multiple of ``world_size``.
+        """
+        placement = ExpertPlacement.uniform(tokens_per_expert.numel(), world_size)
+        # sum each expert into its rank through the placement's table rather than assuming contiguous blocks
+        ranks = placement.rank_table(tokens_per_expert.device).long()
+        per_rank = tokens_per_expert.new_zeros(world_size).index_add_(0, ranks, tokens_per_expert)
         load, rank_load = tokens_per_expert.double(), per_rank.double()
         ratio = float(load.max() / load.mean()) if load.sum() > 0 else 1.0
         rank_ratio = float(rank_load.max() / rank_load.mean()) if rank_load.sum() > 0 else 1.0
@@ -232,10 +244,12 @@ def expert_load(topk_idx: Tensor, num_experts: int, group: dist.ProcessGroup | N
     Returns:
         :class:`LoadStats`, identical on every rank (feed ``tokens_per_expert`` to
         :func:`epcomm.routing.update_bias` so every rank keeps the same bias).
+    Raises:
+        ValueError: ``num_experts`` is not a positive multiple of the group size, or ``topk_idx``
+            holds ids ``>= num_experts``.
     """
     world = dist.get_world_size(group)
-    if num_experts % world:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by the group size ({world})")
+    ExpertPlacement.uniform(num_experts, world)  # validates num_experts before the collective
     ids = topk_idx[topk_idx >= 0]
     counts = torch.bincount(ids.flatten(), minlength=num_experts).to(torch.int64)
     if counts.numel() != num_experts:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .buffer import Buffer
+from .placement import ExpertPlacement
 from .handle import DispatchHandle
 
 __all__ = [
@@ -153,7 +154,12 @@ def _dispatch_op(
 
 @_dispatch_op.register_fake
 def _dispatch_fake(x, x_scales, topk_idx, topk_weights, buffer_key, num_experts, expert_alignment):
-    num_local_experts = num_experts // _buffer(buffer_key).group_size
+    try:
+        num_local_experts = ExpertPlacement.uniform(num_experts, _buffer(buffer_key).group_size).num_local_experts
+    except ValueError:
+        # Do not raise here: a bad num_experts must fail in the real op, where Buffer agrees the error
+        # across ranks; raising at trace time on one rank would leave its peers waiting.
+        num_local_experts = 0
     num_recv = torch.library.get_ctx().new_dynamic_size()
     scale_cols = 0 if x_scales is None else x_scales.size(1)
     return (

@@ -2,6 +2,10 @@
 
 Written token by token from the contract, deliberately not sharing code with
 any backend, so that tests and the demo can check every backend against it.
+The one definition it shares is the contract's expert placement: which global
+experts a rank hosts (:meth:`ExpertPlacement.local_experts
+<epcomm.placement.ExpertPlacement.local_experts>`, a ``range``), checked
+against brute-force loops in ``tests/test_placement.py``.
 Inputs are the per-rank arguments of all ranks; outputs are what each rank
 must receive. Slow by design: use it on test-sized problems.
 """
@@ -11,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .placement import ExpertPlacement
 
 __all__ = ["RankInput", "ReferenceDispatch", "reference_dispatch", "reference_combine"]
 
@@ -35,25 +41,21 @@ class ReferenceDispatch:
     sources: list[tuple[int, int]]  # (source rank, source token) of each received row
 
 
-def _dest_ranks(expert_row: list[int], experts_per_rank: int) -> set[int]:
-    return {e // experts_per_rank for e in expert_row if e >= 0}
-
-
 def reference_dispatch(inputs: list[RankInput], num_experts: int, rank: int) -> ReferenceDispatch:
     """Rows rank ``rank`` receives: one per (token, rank) pair, by source rank then token."""
-    world = len(inputs)
-    per_rank = num_experts // world
+    # the global ids of this rank's experts; local id i is hosted[i] (-1 is never in it)
+    hosted = ExpertPlacement.uniform(num_experts, len(inputs)).local_experts(rank)
     rows, scales, idx, weights, sources = [], [], [], [], []
     for s, inp in enumerate(inputs):
         data = inp.x[0] if isinstance(inp.x, tuple) else inp.x
         for t, expert_row in enumerate(inp.topk_idx.tolist()):
-            if rank not in _dest_ranks(expert_row, per_rank):
+            if not any(e in hosted for e in expert_row):
                 continue
             sources.append((s, t))
             rows.append(data[t])
             if isinstance(inp.x, tuple):
                 scales.append(inp.x[1][t])
-            local = [e - rank * per_rank if e >= 0 and e // per_rank == rank else -1 for e in expert_row]
+            local = [hosted.index(e) if e in hosted else -1 for e in expert_row]
             idx.append(torch.tensor(local, dtype=torch.int64))
             if inp.topk_weights is not None:
                 w = inp.topk_weights[t].clone()
@@ -71,7 +73,7 @@ def reference_dispatch(inputs: list[RankInput], num_experts: int, rank: int) -> 
     recv_w = None
     if first.topk_weights is not None:
         recv_w = torch.stack(weights) if weights else torch.empty(0, num_topk)
-    counts = [int((recv_idx == e).sum()) for e in range(per_rank)]
+    counts = [int((recv_idx == e).sum()) for e in range(len(hosted))]
     return ReferenceDispatch(recv_x, recv_idx, recv_w, counts, sources)
 
 

@@ -53,10 +53,11 @@ def verify(rank: int, world: int, args, inputs: list[RankInput], recv_x, recv_id
     assert torch.equal(recv_x, ref.recv_x), f"rank {rank}: recv_x differs from the reference"
     assert torch.equal(recv_idx, ref.recv_topk_idx), f"rank {rank}: recv_topk_idx differs from the reference"
     # Combine: the rows of *this* rank's tokens that each rank d sends back are expert_d(x[t]).
-    per_rank = args.experts // world
+    placement = epcomm.ExpertPlacement.uniform(args.experts, world)
     sources, outputs = [], []
     for d in range(world):
-        tokens = [t for t, row in enumerate(inputs[rank].topk_idx.tolist()) if d in {e // per_rank for e in row if e >= 0}]
+        hosted = placement.local_experts(d)
+        tokens = [t for t, row in enumerate(inputs[rank].topk_idx.tolist()) if any(e in hosted for e in row)]
         sources.append([(rank, t) for t in tokens])
         outputs.append(expert(inputs[rank].x[tokens], d))
     want = reference_combine(sources, outputs, args.tokens, rank, args.nvl_ranks)

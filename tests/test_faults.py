@@ -113,17 +113,17 @@ SIM_CASE = Case(num_nodes=1, nvl=4, tokens=(20, 14, 9, 17), seed=4)
 
 def die_in_sim_kernel(rank, world, kernel, nodes, timeout_s):
     """Rank VICTIM kills itself (SIGKILL) as it is about to run ``kernel``: its peers wait in the kernel."""
-    from epcomm.backends.sim_backend import SimBackend
+    from epcomm.backends.sim_backend import SimRuntime
 
     if rank == VICTIM:
-        original = SimBackend.run_kernel
+        original = SimRuntime.run
 
-        def run_or_die(self, name, *args, **kwargs):
-            if name == kernel:
+        def run_or_die(self, spec, params, *args, **kwargs):
+            if type(params).KERNEL == kernel:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, name, *args, **kwargs)
+            return original(self, spec, params, *args, **kwargs)
 
-        SimBackend.run_kernel = run_or_die
+        SimRuntime.run = run_or_die
     case = SIM_CASE if nodes == 1 else CASE
     buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, timeout_s=timeout_s)
     return _dispatch_combine_until_failure(buf, make_input(case, rank), case.num_experts)

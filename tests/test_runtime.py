@@ -22,7 +22,7 @@ import torch.distributed as dist
 import epcomm
 from epcomm._comm import GroupComm
 from epcomm._ext import load_extension
-from epcomm.backends.sim_backend import SimBackend
+from epcomm.backends.sim_backend import SimRuntime
 from epcomm.topology import Topology
 from epcomm.traffic import TrafficStats
 
@@ -30,7 +30,7 @@ NVL_BYTES = 1 << 16
 _kept_alive = []  # runtimes a test leaves open on purpose until the process exits
 
 
-def _backend(rank, world, timeout_s=10.0, num_nvl_ranks=None, kind=SimBackend):
+def _backend(rank, world, timeout_s=10.0, num_nvl_ranks=None, kind=SimRuntime):
     topo = Topology(world, rank, num_nvl_ranks or world)
     comm = GroupComm(dist.group.WORLD, topo, timeout_s, TrafficStats())
     return kind(comm, topo, NVL_BYTES)
@@ -74,7 +74,7 @@ def test_handles_peer_memory_and_barrier(pools, world):
         assert r["leftover"] == [], f"rank {rank}: segments still named after set-up: {r['leftover']}"
         assert len(set(r["pointers"])) == world, r["pointers"]
         assert r["wrong"] == 0, f"rank {rank} read {r['wrong']} stale values from peers after the barrier"
-        assert "peer_barrier" in r["kernels"]
+        assert "intranode_dispatch" in r["kernels"]
     assert _leftover_segments(tokens.pop()) == []
     print(f"\npeer_barrier median latency on {world} ranks: " +
           ", ".join(f"{r['median_ms']:.2f} ms" for r in results))
@@ -162,20 +162,20 @@ def killed_during(rank, world, stage):
 
         GroupComm._run = run_or_die
     observed = {}
-    original_gather = SimBackend._gather_bytes
+    original_gather = SimRuntime._gather_bytes
 
     def remember_token(self, stage_, payload, size):  # the token, even if set-up fails later
         rows = original_gather(self, stage_, payload, size)
         observed.setdefault("token", rows[0].hex() if stage_ == "agree run token" else None)
         return rows
 
-    SimBackend._gather_bytes = remember_token
+    SimRuntime._gather_bytes = remember_token
     try:
         sim = _backend(rank, world, timeout_s=2.0)
     except epcomm.EpcommError as err:
         return observed.get("token"), type(err).__name__, str(err)
     finally:
-        SimBackend._gather_bytes = original_gather
+        SimRuntime._gather_bytes = original_gather
     if rank == VICTIM:
         os.kill(os.getpid(), signal.SIGKILL)
     try:
@@ -224,12 +224,12 @@ def test_sim_runtime_maps_every_rank_across_nodes(pools):
 
 
 def cuda_without_gpu(rank, world):
-    from epcomm.backends.cuda_backend import CudaBackend
+    from epcomm.backends.cuda_backend import CudaRuntime
 
     if torch.cuda.is_available():
         return "has a GPU"
     try:
-        _backend(rank, world, kind=CudaBackend)
+        _backend(rank, world, kind=CudaRuntime)
     except epcomm.EpcommBackendUnavailable as err:
         return str(err)
     return "no error"
@@ -269,7 +269,7 @@ def test_cuda_backend_without_gpu_fails_on_every_rank(pools):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     for message in pools(2).run(cuda_buffer_without_gpu):
-        assert "no usable CUDA GPU on 2 of 2 ranks" in message and "rank 0: torch.cuda.is_available() is False" in message
+        assert "backend 'cuda' is unavailable on 2 of 2 ranks" in message and "rank 0: torch.cuda.is_available() is False" in message
         assert "rank 1:" in message and "backend='sim'" in message and "backend='torch'" in message, message
 
 
@@ -292,14 +292,26 @@ def test_runtime_rejects_misuse():
         runtime.open_peers([b"abc"])
     runtime.open_peers([runtime.export_handle()])
     runtime.release_names()
-    with pytest.raises(ValueError, match="no kernel 'dispatch' for the cpu runtime; registered: internode_combine, "
-                                         "internode_dispatch, internode_notify, intranode_combine, "
-                                         "intranode_dispatch, intranode_notify, peer_barrier"):
-        runtime.run_kernel("dispatch", [], 1.0)
-    with pytest.raises(ValueError, match="intranode_notify takes 15 arguments, got 0"):
-        runtime.run_kernel("intranode_notify", [], 1.0)
-    with pytest.raises(ValueError, match="intranode kernels need a .*-byte NVL buffer, this one has 4096 bytes"):
-        runtime.run_kernel("intranode_notify", [2, 6, 32, 0, 8, 1 << 20, 1, 0, 0, 0, 0, 1, 0, 0, 0], 1.0)
+    assert list(ext.registered_kernels()) == ["internode_combine", "internode_dispatch", "internode_notify",
+                                              "intranode_combine", "intranode_dispatch", "intranode_notify"]
+    config = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=6, nvl_ring_tokens=32)
+    spec = ext.IntranodeSpec(config=config, workspace=ext.NvlWorkspaceShape(
+        num_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=1 << 20))
+    barrier = dict(epoch=1, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None, num_tokens=0,
+                   expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
+                   num_recv_tokens_per_expert=None)
+    with pytest.raises(TypeError, match="NotifyParams needs every field by name; missing: epoch"):
+        ext.NotifyParams(**{k: v for k, v in barrier.items() if k != "epoch"})
+    with pytest.raises(TypeError, match="NotifyParams has no field 'epcoh'"):
+        ext.NotifyParams(**barrier, epcoh=1)
+    with pytest.raises(TypeError):  # a spec of the other path: no kernel takes this pair
+        runtime.run(spec, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None), 1.0)
+    with pytest.raises(ValueError, match="epcomm intranode_notify: the kernels need a .*-byte NVL buffer, "
+                                         "this one has 4096 bytes"):
+        runtime.run(spec, ext.NotifyParams(**barrier), 1.0)
+    spec.workspace = ext.NvlWorkspaceShape(num_ranks=2, num_local_experts=0, num_topk=8, max_row_bytes=64)
+    with pytest.raises(ValueError, match="spec.workspace.num_ranks=2 but the runtime has 1 ranks"):
+        runtime.run(spec, ext.NotifyParams(**barrier), 1.0)
     runtime.barrier(1.0)
     runtime.close()
     with pytest.raises(ValueError, match="DeviceRuntime|num_ranks"):

@@ -100,7 +100,7 @@ def growing_rounds(rank, world, nodes=1):
         case = Case(num_nodes=nodes, nvl=world // nodes, tokens=(7, 0, 12, 5)[:world], kind=kind, hidden=hidden,
                     topk=topk, seed=hidden + topk)
         check_round(buf, case, rank, world)
-        sizes.append(buf._impl._sim.num_nvl_bytes)
+        sizes.append(buf._impl._device_runtime.num_nvl_bytes)
     return sizes
 
 

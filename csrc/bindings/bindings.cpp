@@ -3,7 +3,8 @@
 // and epcomm._C_cuda (EPCOMM_WITH_CUDA_RUNTIME: the cuda runtime).
 //
 // Only pybind11 (shipped with torch) is included: torch/extension.h would add ~20 s of compile time
-// per module and nothing here needs tensors; Python passes tensors to kernels as data_ptr() ints.
+// per module and nothing here needs tensors; Python passes tensors to kernels as data_ptr() ints,
+// in typed Params structs set field by field (kernel_types.hpp).
 // Errors become epcomm's own exceptions (epcomm.errors): kTimeout -> EpcommTimeoutError,
 // kNoDevice -> EpcommBackendUnavailable, kInvalidArgument -> ValueError, others -> EpcommError.
 // Calls that can wait on peers release the GIL.
@@ -17,6 +18,9 @@
 #include <cstring>
 
 #include "../runtime/device_runtime.hpp"
+#include "../runtime/internode_entries.hpp"
+#include "../runtime/intranode_entries.hpp"
+#include "kernel_types.hpp"
 
 #ifndef TORCH_EXTENSION_NAME
 #error "build through setup.py (torch.utils.cpp_extension sets TORCH_EXTENSION_NAME)"
@@ -24,6 +28,7 @@
 
 namespace py = pybind11;
 using namespace epcomm::runtime;
+namespace kernels = epcomm::kernels;
 
 namespace {
 
@@ -72,26 +77,16 @@ class PyRuntime {
   void close() {
     if (runtime_) runtime_->close();
   }
+  template <class Params>
+  void run(typename Params::Spec const& spec, Params const& params, double timeout_s) {
+    get().run(get().default_stream(), spec, params, timeout_s);
+  }
 
  private:
   std::unique_ptr<DeviceRuntime> runtime_;
 };
 
 #if defined(EPCOMM_WITH_CPU_RUNTIME)
-}  // namespace
-namespace epcomm::runtime {
-// csrc/runtime/cpu_intranode.cpp: NvlWorkspace(shape, config).required_bytes()
-size_t intranode_workspace_bytes(int num_ranks, int num_local_experts, int num_topk, int max_row_bytes,
-                                 int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
-// kernels::validate_config: "" when the config fits, else the rule it breaks
-std::string intranode_config_problem(int num_ranks, int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens);
-// csrc/runtime/cpu_internode.cpp: [NVL region bytes, RDMA region bytes] of the internode kernels
-std::vector<size_t> internode_workspace_bytes(int num_ranks, int num_nvl_ranks, int num_topk, int dispatch_row_bytes,
-                                              int combine_hidden, int combine_row_bytes, int max_nodes_per_token,
-                                              int num_channels, int nvl_chunk_send_tokens, int nvl_ring_tokens,
-                                              int rdma_chunk_tokens, int rdma_ring_tokens);
-}  // namespace epcomm::runtime
-namespace {
 // Two processes ping-pong `rounds` messages through shared mappings: a 64-byte payload written with
 // plain stores, then a flag published with a release store; the receiver acquire-polls the flag
 // and checks the payload. Returns the number of payload mismatches (0 on a correct memory model).
@@ -188,28 +183,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("synchronize", [](PyRuntime& self) { self.get().default_stream().synchronize(); }, Release())
       .def("barrier", [](PyRuntime& self, double timeout_s) { self.get().barrier(self.get().default_stream(), timeout_s); },
            py::arg("timeout_s"), Release())
-      .def("run_kernel",
-           [](PyRuntime& self, std::string const& name, std::vector<int64_t> const& args, double timeout_s) {
-             self.get().run_kernel(name, self.get().default_stream(), args, timeout_s);
-           },
-           py::arg("name"), py::arg("args"), py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::NotifyParams>, py::arg("spec"), py::arg("params"), py::arg("timeout_s"),
+           Release(), "Run the kernel of `params` (its type picks it) with `spec`; waits for it to finish.")
+      .def("run", &PyRuntime::run<kernels::IntranodeDispatchParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::IntranodeCombineParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::InternodeNotifyParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::InternodeDispatchParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::InternodeCombineParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
       .def_property_readonly("clock_ticks_per_second", [](PyRuntime& self) { return self.get().clock_ticks_per_second(); });
 
   m.def("registered_kernels", [] { return registered_kernels(kKind); });
 
+  epcomm::bindings::bind_kernel_types(m);
+  m.def("workspace_bytes", py::overload_cast<kernels::IntranodeSpec const&>(&entries::workspace_bytes), py::arg("spec"),
+        "(NVL region bytes, RDMA region bytes = 0) each rank's buffer needs for the intranode kernels.");
+  m.def("workspace_bytes", py::overload_cast<kernels::InternodeSpec const&>(&entries::workspace_bytes), py::arg("spec"),
+        "(NVL region bytes, RDMA region bytes) each rank's buffer needs for the internode kernels.");
+  m.def("spec_problem", py::overload_cast<kernels::IntranodeSpec const&>(&entries::spec_problem), py::arg("spec"),
+        "'' when the intranode kernels take this spec, else the rule it breaks.");
+  m.def("spec_problem", py::overload_cast<kernels::InternodeSpec const&>(&entries::spec_problem), py::arg("spec"),
+        "'' when the internode kernels take this spec, else the rule it breaks.");
+
 #if defined(EPCOMM_WITH_CPU_RUNTIME)
-  m.def("intranode_workspace_bytes", &intranode_workspace_bytes, py::arg("num_ranks"), py::arg("num_local_experts"),
-        py::arg("num_topk"), py::arg("max_row_bytes"), py::arg("num_channels"), py::arg("nvl_chunk_send_tokens"),
-        py::arg("nvl_ring_tokens"),
-        "Bytes each rank's NVL buffer needs for the intranode kernels (NvlWorkspace::required_bytes).");
-  m.def("validate_kernel_config", &intranode_config_problem, py::arg("num_ranks"), py::arg("num_channels"),
-        py::arg("nvl_chunk_send_tokens"), py::arg("nvl_ring_tokens"),
-        "'' when the intranode kernels accept this KernelConfig with num_ranks peers, else the rule it breaks.");
-  m.def("internode_workspace_bytes", &internode_workspace_bytes, py::arg("num_ranks"), py::arg("num_nvl_ranks"),
-        py::arg("num_topk"), py::arg("dispatch_row_bytes"), py::arg("combine_hidden"), py::arg("combine_row_bytes"),
-        py::arg("max_nodes_per_token"), py::arg("num_channels"), py::arg("nvl_chunk_send_tokens"),
-        py::arg("nvl_ring_tokens"), py::arg("rdma_chunk_tokens"), py::arg("rdma_ring_tokens"),
-        "[NVL region bytes, RDMA region bytes] each rank needs for the internode kernels.");
   m.def("segment_name", &cpu_segment_name, py::arg("run_token"), py::arg("rank"));
   m.def("unlink_segments", &cpu_unlink_segments, py::arg("run_token"), py::arg("num_ranks"),
         "shm_unlink every rank's segment of a run (failure cleanup); returns how many existed.");

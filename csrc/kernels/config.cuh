@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../common/compat.cuh"
+#include "../common/fields.hpp"
 
 namespace epcomm::kernels {
 
@@ -14,10 +15,13 @@ inline constexpr int kMaxNvlRanks = 32;            // one warp per peer, peers i
 inline constexpr int kMaxChannels = 512;           // two blocks per channel
 inline constexpr int kMaxCombineBatchTokens = 32;  // tokens the combine receiver reduces per round
 
+#define EPCOMM_KERNEL_CONFIG_FIELDS(F)                                                                \
+  F(int, num_channels, 1, "channels per rank; each is a (sender block, receiver block) pair")      \
+  F(int, nvl_chunk_send_tokens, 4, "rows a sender writes before it publishes its tail")          \
+  F(int, nvl_ring_tokens, 16, "row slots per (channel, source) ring, on the receiver's side")
 struct KernelConfig {
-  int num_channels = 1;           // channels per rank; each is a (sender block, receiver block) pair
-  int nvl_chunk_send_tokens = 4;  // rows a sender writes before it publishes its tail
-  int nvl_ring_tokens = 16;       // row slots per (channel, source) ring, on the receiver's side
+  EPCOMM_KERNEL_CONFIG_FIELDS(EPCOMM_DECLARE_FIELD)
+  bool operator==(KernelConfig const&) const = default;
 };
 
 // nullptr when `config` is usable with `num_ranks` NVLink peers, else a static message naming the rule.

@@ -20,6 +20,7 @@
 
 #include "../common/compat.cuh"
 #include "../transport/shm_transport.cuh"
+#include "../transport/transport.cuh"
 #include "config.cuh"
 #include "error.cuh"
 #include "intranode.hpp"
@@ -31,6 +32,9 @@ namespace epcomm::kernels {
 // The parts every internode kernel shares.
 template <class Transport>
 struct InternodeComm {
+  static_assert(transport::DeviceTransport<Transport>,
+                "Transport must model the concept of transport/transport.cuh (rank, num_ranks, local_buffer, "
+                "put_signal, signal_add, read_signal, flush; trivially copyable)");
   int rank = 0, num_ranks = 1, num_nvl_ranks = 1;
   InternodeConfig config;
   NvlWorkspace nvl_workspace;   // laid out with num_ranks = L; the same on every rank
@@ -45,68 +49,81 @@ struct InternodeComm {
   EPCOMM_HOST_DEVICE int num_nodes() const { return num_ranks / num_nvl_ranks; }
 };
 
+// What Python passes to run an internode kernel besides its Params: the kernel config, the RDMA
+// workspace shape, the NVL row size and where the RDMA region starts in each rank's buffer (after
+// the NVL region). The NVL workspace follows from them (internode_nvl_shape). The same on every rank.
+#define EPCOMM_INTERNODE_SPEC_FIELDS(F)                                                                      \
+  F(InternodeConfig, config, {}, "NVL and network chunk/ring sizes (from the call's Config)")             \
+  F(RdmaWorkspaceShape, workspace, {}, "the RDMA region's shape (nodes, ranks per node, rows, node cap)") \
+  F(int, nvl_max_row_bytes, 0, "largest NVL row: a dispatch row or a combine row of x's dtype")          \
+  F(int64_t, rdma_offset, 0, "byte offset of the RDMA region in each rank's buffer (page-aligned)")
+struct InternodeSpec {
+  EPCOMM_INTERNODE_SPEC_FIELDS(EPCOMM_DECLARE_FIELD)
+  bool operator==(InternodeSpec const&) const = default;
+};
+
+// The NVL region of the internode path: one node's ranks, rows of either direction.
+inline NvlWorkspaceShape internode_nvl_shape(InternodeSpec const& spec) {
+  return {spec.workspace.num_nvl_ranks, 0, spec.workspace.num_topk, spec.nvl_max_row_bytes};
+}
+
 // internode_notify: a barrier over all ranks (NVL signals on the node, transport
 // signals across nodes) which also resets this rank's NVL ring counters. With
 // exchange_counts every rank also sends its counts and builds the prefixes.
+// recv_rank_prefix and recv_channel_prefix_matrix are as intranode.
+#define EPCOMM_INTERNODE_NOTIFY_FIELDS(F) \
+  EPCOMM_NOTIFY_FIELDS(F)                 \
+  F(int32_t*, forward_channel_prefix_matrix, nullptr, \
+    "[NN, C + 1] out: this rank as forwarder: first forwarded row of (source node m, channel c); [m][C] = end of m")
+struct InternodeNotifyParams {
+  using Spec = InternodeSpec;
+  static constexpr char const* kName = "internode_notify";
+  EPCOMM_INTERNODE_NOTIFY_FIELDS(EPCOMM_DECLARE_FIELD)
+};
 template <class Transport>
-struct InternodeNotifyArgs {
-  InternodeComm<Transport> comm;
-  int64_t epoch = 0;  // 1, 2, 3, ...: one more per notify call, the same on every rank
-  bool exchange_counts = false;
-  // inputs (exchange_counts only)
-  bool const* is_token_in_rank = nullptr;          // [N, R]
-  int32_t const* num_tokens_per_expert = nullptr;  // [E] (null: no per-expert counts)
-  int num_tokens = 0;
-  int expert_alignment = 1;
-  // outputs (exchange_counts only)
-  int32_t* recv_rank_prefix = nullptr;            // [R + 1] as intranode
-  int32_t* recv_channel_prefix_matrix = nullptr;  // [R, C + 1] as intranode: first row of (source s, channel c)
-  int32_t* forward_channel_prefix_matrix = nullptr;  // [NN, C + 1]: this rank as forwarder: first forwarded row
-                                                     // of (source node m, channel c); [m][C] = end of m
-  int32_t* num_recv_tokens_per_expert = nullptr;  // [E / R], each rounded up to expert_alignment
+struct InternodeNotifyArgs : WithComm<InternodeComm<Transport>>, InternodeNotifyParams {
+  using Params = InternodeNotifyParams;
 };
 
+// The transport's byte counters: it adds the bytes this rank put per link class (self, nvlink, network).
+#define EPCOMM_TRANSPORT_COUNTER_FIELD(F) \
+  F(uint64_t*, byte_counters, nullptr, "[3] in/out or null: bytes put per link class (self, nvlink, network)")
+
 // internode_dispatch. Channel c is blocks 3c (network senders), 3c + 1
-// (forwarders + coordinator), 3c + 2 (NVL receivers).
+// (forwarders + coordinator), 3c + 2 (NVL receivers). The dispatch fields as intranode, plus:
+#define EPCOMM_INTERNODE_DISPATCH_FIELDS(F)                                                              \
+  EPCOMM_DISPATCH_FIELDS(F)                                                                              \
+  F(int32_t const*, forward_channel_prefix_matrix, nullptr, "[NN, C + 1] from notify")                 \
+  F(uint32_t*, forward_peer_masks, nullptr, "[forwarded rows] out: which local ranks got forwarded row i (for combine)") \
+  EPCOMM_TRANSPORT_COUNTER_FIELD(F)
+struct InternodeDispatchParams {
+  using Spec = InternodeSpec;
+  static constexpr char const* kName = "internode_dispatch";
+  EPCOMM_INTERNODE_DISPATCH_FIELDS(EPCOMM_DECLARE_FIELD)
+};
 template <class Transport>
-struct InternodeDispatchArgs {
-  InternodeComm<Transport> comm;
-  void const* x = nullptr;  // [N, hidden_bytes] opaque row bytes (bf16 or e4m3)
-  int hidden_bytes = 0;     // multiple of 4
-  void const* x_scales = nullptr;  // [N, scale_bytes]; null when scale_bytes == 0
-  int scale_bytes = 0;             // multiple of 4
-  int64_t const* topk_idx = nullptr;    // [N, K]
-  float const* topk_weights = nullptr;  // [N, K] (null: weights 0)
-  int num_topk = 0, num_experts = 0, num_tokens = 0;
-  int max_nodes_per_token = kDefaultMaxNodesPerToken;  // the routing's bound; <= the workspace's
-  bool const* is_token_in_rank = nullptr;                  // [N, R]
-  int32_t const* recv_channel_prefix_matrix = nullptr;     // [R, C + 1] from notify
-  int32_t const* forward_channel_prefix_matrix = nullptr;  // [NN, C + 1] from notify
-  // outputs
-  void* recv_x = nullptr;              // [M, hidden_bytes]
-  void* recv_x_scales = nullptr;       // [M, scale_bytes]
-  int64_t* recv_topk_idx = nullptr;    // [M, K] or null: local expert ids, -1 for experts of other ranks
-  float* recv_topk_weights = nullptr;  // [M, K] or null: 0 where recv_topk_idx is -1
-  int32_t* recv_src_idx = nullptr;     // [M]: token index on the source rank
-  uint32_t* forward_peer_masks = nullptr;  // [forwarded rows]: which local ranks got forwarded row i (for combine)
+struct InternodeDispatchArgs : WithComm<InternodeComm<Transport>>, InternodeDispatchParams {
+  using Params = InternodeDispatchParams;
+  int max_nodes_per_token = kDefaultMaxNodesPerToken;  // the routing's bound; <= the workspace's (from the spec)
 };
 
 // internode_combine: out[t] = dtype(0 + P_0 + P_1 + ...) over nodes ascending, P_n = 0 + row_d + ... over
-// the ranks d of node n holding t, ascending (fp32); rows are bf16, fp16 or fp32. Weights likewise. Same blocks as dispatch:
-// 3c (NVL senders), 3c + 1 (forwarder), 3c + 2 (network receiver).
+// the ranks d of node n holding t, ascending (fp32); rows are bf16, fp16 or fp32. Weights likewise. Same
+// blocks as dispatch: 3c (NVL senders), 3c + 1 (forwarder), 3c + 2 (network receiver). The combine fields
+// as intranode (num_topk: the same on every rank; weights travel when num_topk > 0), plus:
+#define EPCOMM_INTERNODE_COMBINE_FIELDS(F)                                                     \
+  EPCOMM_COMBINE_FIELDS(F)                                                                     \
+  F(int32_t const*, forward_channel_prefix_matrix, nullptr, "[NN, C + 1] of the dispatch")   \
+  F(uint32_t const*, forward_peer_masks, nullptr, "of the dispatch")                           \
+  EPCOMM_TRANSPORT_COUNTER_FIELD(F)
+struct InternodeCombineParams {
+  using Spec = InternodeSpec;
+  static constexpr char const* kName = "internode_combine";
+  EPCOMM_INTERNODE_COMBINE_FIELDS(EPCOMM_DECLARE_FIELD)
+};
 template <class Transport>
-struct InternodeCombineArgs {
-  InternodeComm<Transport> comm;
-  void const* x = nullptr;              // [M, hidden] of element_kind, in this rank's dispatch order
-  ElementKind element_kind = ElementKind::kBfloat16;
-  float const* topk_weights = nullptr;  // [M, K] (null when M == 0); weights travel when num_topk > 0
-  int hidden = 0, num_topk = 0, num_tokens = 0;  // num_topk: 0 = no weights; the same on every rank
-  bool const* is_token_in_rank = nullptr;                  // [N, R] of the dispatch
-  int32_t const* recv_channel_prefix_matrix = nullptr;     // [R, C + 1] of the dispatch
-  int32_t const* forward_channel_prefix_matrix = nullptr;  // [NN, C + 1] of the dispatch
-  uint32_t const* forward_peer_masks = nullptr;            // of the dispatch
-  void* combined_x = nullptr;              // [N, hidden] of element_kind, out
-  float* combined_topk_weights = nullptr;  // [N, K] out, or null
+struct InternodeCombineArgs : WithComm<InternodeComm<Transport>>, InternodeCombineParams {
+  using Params = InternodeCombineParams;
 };
 
 // Threads per block and blocks per grid (the same on both targets).

@@ -263,10 +263,12 @@ EPCOMM_DEVICE void forwarder_coordinator(InternodeDispatchArgs<Transport> const&
 // Where the receivers store rows (built at each use: the fields stay in parameter space).
 template <class Transport>
 EPCOMM_DEVICE ReceivedRowOutputs received_row_outputs(InternodeDispatchArgs<Transport> const& args) {
-  int64_t const experts_per_rank = args.num_topk > 0 ? args.num_experts / args.comm.num_ranks : 0;
-  return {args.recv_x,       args.recv_x_scales, args.recv_topk_idx,           args.recv_topk_weights,
-          args.recv_src_idx, args.hidden_bytes,  args.scale_bytes,             args.num_topk,
-          experts_per_rank * args.comm.rank, experts_per_rank};
+  // num_experts is only meaningful with topk_idx (num_topk > 0)
+  int64_t const num_local_experts =
+      args.num_topk > 0 ? uniform_num_local_experts(args.num_experts, args.comm.num_ranks) : 0;
+  return {args.recv_x,       args.recv_x_scales, args.recv_topk_idx, args.recv_topk_weights,
+          args.recv_src_idx, args.hidden_bytes,  args.scale_bytes,   args.num_topk,
+          args.comm.rank,    num_local_experts};
 }
 
 // Places the rows forwarder `fwd` of this node sends on `channel`: source nodes in order.

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../common/compat.cuh"
+#include "../common/fields.hpp"
 #include "config.cuh"
 #include "elements.cuh"
 #include "error.cuh"
@@ -44,59 +45,96 @@ struct CommArgs {
   long long timeout_cycles = kDefaultTimeoutCycles;
 };
 
+// A kernel's Args = the runtime's part (comm: peer tables, error slot, timeout) + the Params Python sets.
+// The comm part comes first (the first base): the kernels' parameter layout as before the split; with
+// Params first, ptxas spilled 8 bytes in the internode dispatch kernel at its 64-register cap.
+template <class Comm>
+struct WithComm {
+  Comm comm;
+};
+
+// What Python passes to run an intranode kernel besides its Params: the kernel config and the
+// workspace shape every rank lays its NVL buffer out with (the same on every rank for a call).
+#define EPCOMM_INTRANODE_SPEC_FIELDS(F)                                                   \
+  F(KernelConfig, config, {}, "channels, chunk and ring sizes (from the call's Config)") \
+  F(NvlWorkspaceShape, workspace, {}, "the NVL buffer's shape; workspace.num_ranks = R")
+struct IntranodeSpec {
+  EPCOMM_INTRANODE_SPEC_FIELDS(EPCOMM_DECLARE_FIELD)
+  bool operator==(IntranodeSpec const&) const = default;
+};
+
 // notify: a barrier over peer memory (every rank's signal counter reaches
 // `epoch`), which also resets this rank's ring counters. With exchange_counts
 // it also sends this rank's per-(peer, channel) and per-expert counts and builds
-// the prefix matrices that place every received row.
-struct NotifyArgs {
-  CommArgs comm;
-  int64_t epoch = 0;  // 1, 2, 3, ...: one more per notify call on this buffer, the same on every rank
-  bool exchange_counts = false;
-  // inputs (exchange_counts only)
-  bool const* is_token_in_rank = nullptr;            // [N, R]
-  int32_t const* num_tokens_per_expert = nullptr;    // [E] (null: no per-expert counts)
-  int num_tokens = 0;
-  int expert_alignment = 1;
-  // outputs (exchange_counts only)
-  int32_t* recv_rank_prefix = nullptr;              // [R + 1]: rows from sources < s start at [s]; [R] = M
-  int32_t* recv_channel_prefix_matrix = nullptr;    // [R, C + 1]: first row of (source s, channel c); [s][C] = end of s
-  int32_t* num_recv_tokens_per_expert = nullptr;    // [L], each rounded up to expert_alignment
+// the prefix matrices that place every received row. Both paths share these fields.
+#define EPCOMM_NOTIFY_FIELDS(F)                                                                                      \
+  F(int64_t, epoch, 0, "1, 2, 3, ...: one more per notify on this buffer, the same on every rank")                \
+  F(bool, exchange_counts, false, "false: a barrier only (the fields below are unused)")                           \
+  F(bool const*, is_token_in_rank, nullptr, "[N, R] in")                                                           \
+  F(int32_t const*, num_tokens_per_expert, nullptr, "[E] in, or null: no per-expert counts")                       \
+  F(int, num_tokens, 0, "N")                                                                                       \
+  F(int, expert_alignment, 1, "per-expert receive counts are rounded up to this")                                 \
+  F(int32_t*, recv_rank_prefix, nullptr, "[R + 1] out: rows from sources < s start at [s]; [R] = M")               \
+  F(int32_t*, recv_channel_prefix_matrix, nullptr, "[R, C + 1] out: first row of (source s, channel c); [s][C] = end of s") \
+  F(int32_t*, num_recv_tokens_per_expert, nullptr, "[L] out, each rounded up to expert_alignment (with num_tokens_per_expert)")
+struct NotifyParams {
+  using Spec = IntranodeSpec;
+  static constexpr char const* kName = "intranode_notify";
+  EPCOMM_NOTIFY_FIELDS(EPCOMM_DECLARE_FIELD)
+};
+struct NotifyArgs : WithComm<CommArgs>, NotifyParams {
+  using Params = NotifyParams;
 };
 
-// intranode_dispatch: rows of x (+ optional scale bytes) go to every rank that
-// holds one of the token's experts; received rows are ordered by source rank, then source token.
-struct IntranodeDispatchArgs {
-  CommArgs comm;
-  void const* x = nullptr;        // [N, hidden_bytes] opaque row bytes (bf16 or e4m3)
-  int hidden_bytes = 0;           // multiple of 4
-  void const* x_scales = nullptr; // [N, scale_bytes] opaque (FP8 scales); null when scale_bytes == 0
-  int scale_bytes = 0;            // multiple of 4
-  int64_t const* topk_idx = nullptr;    // [N, K]; used when num_topk > 0
-  float const* topk_weights = nullptr;  // [N, K]; when recv_topk_weights is set (on every rank)
-  int num_topk = 0;                     // 0: no topk metadata travels
-  int num_experts = 0, num_tokens = 0;
-  bool const* is_token_in_rank = nullptr;               // [N, R]
-  int32_t const* recv_channel_prefix_matrix = nullptr;  // [R, C + 1] from notify
-  // outputs, M rows
-  void* recv_x = nullptr;               // [M, hidden_bytes]
-  void* recv_x_scales = nullptr;        // [M, scale_bytes]
-  int64_t* recv_topk_idx = nullptr;     // [M, K] or null: local expert ids, -1 for experts of other ranks
-  float* recv_topk_weights = nullptr;   // [M, K] or null: 0 where recv_topk_idx is -1
-  int32_t* recv_src_idx = nullptr;      // [M]: token index on the source rank
+// dispatch: rows of x (+ optional scale bytes) go to every rank that holds one of the token's
+// experts; received rows are ordered by source rank, then source token. Both paths share these fields.
+#define EPCOMM_DISPATCH_FIELDS(F)                                                                                  \
+  F(void const*, x, nullptr, "[N, hidden_bytes] opaque row bytes (bf16 or e4m3)")                                 \
+  F(int, hidden_bytes, 0, "bytes of an x row; a multiple of 4")                                                  \
+  F(void const*, x_scales, nullptr, "[N, scale_bytes] opaque (FP8 scales); null when scale_bytes == 0")           \
+  F(int, scale_bytes, 0, "bytes of a scales row; a multiple of 4")                                               \
+  F(int64_t const*, topk_idx, nullptr, "[N, K] global expert ids, -1 = none; read when num_topk > 0")            \
+  F(float const*, topk_weights, nullptr, "[N, K]; read when recv_topk_weights is set (on every rank)")           \
+  F(int, num_topk, 0, "K; 0: no top-k metadata travels")                                                         \
+  F(int, num_experts, 0, "E (with num_topk > 0): the uniform placement gives rank r experts [rL, (r+1)L)")     \
+  F(int, num_tokens, 0, "N")                                                                                     \
+  F(bool const*, is_token_in_rank, nullptr, "[N, R]")                                                            \
+  F(int32_t const*, recv_channel_prefix_matrix, nullptr, "[R, C + 1] from notify")                               \
+  F(void*, recv_x, nullptr, "[M, hidden_bytes] out")                                                             \
+  F(void*, recv_x_scales, nullptr, "[M, scale_bytes] out")                                                       \
+  F(int64_t*, recv_topk_idx, nullptr, "[M, K] out or null: local expert ids, -1 for experts of other ranks")    \
+  F(float*, recv_topk_weights, nullptr, "[M, K] out or null: 0 where recv_topk_idx is -1")                      \
+  F(int32_t*, recv_src_idx, nullptr, "[M] out: token index on the source rank")
+struct IntranodeDispatchParams {
+  using Spec = IntranodeSpec;
+  static constexpr char const* kName = "intranode_dispatch";
+  EPCOMM_DISPATCH_FIELDS(EPCOMM_DECLARE_FIELD)
+};
+struct IntranodeDispatchArgs : WithComm<CommArgs>, IntranodeDispatchParams {
+  using Params = IntranodeDispatchParams;
 };
 
-// intranode_combine: the reverse path; out[t] = dtype(0 + (0 + row_d0 + row_d1 + ...)) in fp32 over the
-// ranks d holding token t, ascending, rounded once to the rows' dtype. Weights (optional) are summed the same way.
-struct IntranodeCombineArgs {
-  CommArgs comm;
-  void const* x = nullptr;                 // [M, hidden] of element_kind, rows in this rank's dispatch order
-  ElementKind element_kind = ElementKind::kBfloat16;
-  float const* topk_weights = nullptr;     // [M, K]; travels when combined_topk_weights is set (on every rank)
-  int hidden = 0, num_topk = 0, num_tokens = 0;
-  bool const* is_token_in_rank = nullptr;               // [N, R] of the dispatch
-  int32_t const* recv_channel_prefix_matrix = nullptr;  // [R, C + 1] of the dispatch
-  void* combined_x = nullptr;              // [N, hidden] of element_kind, out
-  float* combined_topk_weights = nullptr;  // [N, K] out, or null: no weights
+// combine: the reverse path; out[t] = dtype(0 + (0 + row_d0 + row_d1 + ...)) in fp32 over the ranks d
+// holding token t, ascending, rounded once to the rows' dtype. Weights (optional) are summed the same
+// way. Both paths share these fields.
+#define EPCOMM_COMBINE_FIELDS(F)                                                                                   \
+  F(void const*, x, nullptr, "[M, hidden] of element_kind, rows in this rank's dispatch order")                  \
+  F(ElementKind, element_kind, ElementKind::kBfloat16, "the rows' dtype: 1 bf16, 2 fp16, 3 fp32")               \
+  F(float const*, topk_weights, nullptr, "[M, K]; travels when combined_topk_weights is set (on every rank)")    \
+  F(int, hidden, 0, "elements per row")                                                                          \
+  F(int, num_topk, 0, "K of the weights; 0: no weights")                                                         \
+  F(int, num_tokens, 0, "N of the dispatch")                                                                     \
+  F(bool const*, is_token_in_rank, nullptr, "[N, R] of the dispatch")                                            \
+  F(int32_t const*, recv_channel_prefix_matrix, nullptr, "[R, C + 1] of the dispatch")                          \
+  F(void*, combined_x, nullptr, "[N, hidden] of element_kind, out")                                              \
+  F(float*, combined_topk_weights, nullptr, "[N, K] out, or null: no weights")
+struct IntranodeCombineParams {
+  using Spec = IntranodeSpec;
+  static constexpr char const* kName = "intranode_combine";
+  EPCOMM_COMBINE_FIELDS(EPCOMM_DECLARE_FIELD)
+};
+struct IntranodeCombineArgs : WithComm<CommArgs>, IntranodeCombineParams {
+  using Params = IntranodeCombineParams;
 };
 
 // Threads per block and blocks per grid of each kernel (the same on both targets).

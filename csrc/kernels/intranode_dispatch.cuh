@@ -69,11 +69,12 @@ EPCOMM_DEVICE void dispatch_sender(IntranodeDispatchArgs const& args, int channe
 // Copies slot `slot` out to received row `row`, localising expert ids (other ranks' experts become -1, weight 0).
 EPCOMM_DEVICE void dispatch_read_slot(IntranodeDispatchArgs const& args, char* slot, int64_t row, int lane) {
   CommArgs const& comm = args.comm;
-  int64_t const experts_per_rank = args.num_topk > 0 ? args.num_experts / comm.num_ranks : 0;
+  // num_experts is only meaningful with topk_idx (num_topk > 0)
+  int64_t const num_local_experts = args.num_topk > 0 ? uniform_num_local_experts(args.num_experts, comm.num_ranks) : 0;
   ReceivedRowOutputs const out{args.recv_x,        args.recv_x_scales, args.recv_topk_idx,
                                args.recv_topk_weights, args.recv_src_idx, args.hidden_bytes,
-                               args.scale_bytes,   args.num_topk,      experts_per_rank * comm.rank,
-                               experts_per_rank};
+                               args.scale_bytes,   args.num_topk,      comm.rank,
+                               num_local_experts};
   store_received_row(out, comm.workspace, slot, row, lane);
 }
 

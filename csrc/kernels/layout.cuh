@@ -6,6 +6,7 @@
 
 #include "../common/compat.cuh"
 #include "intranode.hpp"
+#include "placement.cuh"
 
 namespace epcomm::kernels {
 
@@ -26,7 +27,7 @@ EPCOMM_DEVICE void count_experts(LayoutArgs const& args, int first_expert, int* 
 
 EPCOMM_DEVICE void count_ranks(LayoutArgs const& args, int first_rank, int* counts) {
   int const end_rank = min_int(args.num_ranks, first_rank + kLayoutThreads);
-  int const experts_per_rank = args.num_experts / args.num_ranks;
+  int const num_local_experts = uniform_num_local_experts(args.num_experts, args.num_ranks);
   counts[threadIdx.x] = 0;
   __syncthreads();
   for (int t = int(threadIdx.x); t < args.num_tokens; t += int(blockDim.x)) {
@@ -35,7 +36,7 @@ EPCOMM_DEVICE void count_ranks(LayoutArgs const& args, int first_rank, int* coun
       bool in_rank = false;
       for (int k = 0; k < args.num_topk; ++k) {
         int const expert = int(token_experts[k]);  // 32-bit division: no call into a 64-bit division routine
-        in_rank = in_rank || (expert >= 0 && expert / experts_per_rank == r);
+        in_rank = in_rank || expert_rank(expert, num_local_experts) == r;  // -1 ("no expert") is no rank
       }
       args.is_token_in_rank[int64_t(t) * args.num_ranks + r] = in_rank;
       if (in_rank) atomicAdd(&counts[r - first_rank], 1);

@@ -50,20 +50,26 @@ inline constexpr int kMaxNodes = 32;                 // one network-sender warp 
 inline constexpr int kMaxInternodeNvlRanks = 31;     // forwarder block: one warp per NVLink peer + a coordinator
 inline constexpr int kDefaultMaxNodesPerToken = 4;   // routing bound the Python layer enforces by default
 
+#define EPCOMM_INTERNODE_CONFIG_FIELDS(F)                                                   \
+  F(KernelConfig, nvl, {}, "NVLink side: channels, NVL chunk and ring (as intranode)")      \
+  F(int, rdma_chunk_tokens, 2, "network slots a sender waits for at once")                 \
+  F(int, rdma_ring_tokens, 8, "slots per (channel, node) network ring")
 struct InternodeConfig {
-  KernelConfig nvl;           // NVLink side: channels, NVL ring and chunk (as intranode)
-  int rdma_chunk_tokens = 2;  // network slots a sender waits for at once
-  int rdma_ring_tokens = 8;   // slots per (channel, node) network ring
+  EPCOMM_INTERNODE_CONFIG_FIELDS(EPCOMM_DECLARE_FIELD)
+  bool operator==(InternodeConfig const&) const = default;
 };
 
+#define EPCOMM_RDMA_WORKSPACE_SHAPE_FIELDS(F)                                                  \
+  F(int, num_nodes, 1, "NN")                                                                 \
+  F(int, num_nvl_ranks, 1, "L, ranks per node")                                              \
+  F(int, num_local_experts, 0, "experts per rank; 0: no per-expert counts")                  \
+  F(int, num_topk, 0, "K a record has room for")                                             \
+  F(int, max_row_bytes, 0, "largest dispatch row: x bytes + scale bytes")                    \
+  F(int, hidden, 0, "combine row elements (the node partials travel as fp32)")              \
+  F(int, max_nodes_per_token, kDefaultMaxNodesPerToken, "the routing's bound the rings are sized for")
 struct RdmaWorkspaceShape {
-  int num_nodes = 1;
-  int num_nvl_ranks = 1;
-  int num_local_experts = 0;
-  int num_topk = 0;
-  int max_row_bytes = 0;  // largest dispatch row: x bytes + scale bytes
-  int hidden = 0;         // combine row elements (the partials travel as fp32)
-  int max_nodes_per_token = kDefaultMaxNodesPerToken;
+  EPCOMM_RDMA_WORKSPACE_SHAPE_FIELDS(EPCOMM_DECLARE_FIELD)
+  bool operator==(RdmaWorkspaceShape const&) const = default;
 };
 
 // nullptr when usable, else a static message naming the value and the rule.

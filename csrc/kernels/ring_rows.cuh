@@ -4,6 +4,7 @@
 
 #include "../common/compat.cuh"
 #include "channel.cuh"
+#include "placement.cuh"
 #include "workspace.cuh"
 
 namespace epcomm::kernels {
@@ -16,7 +17,8 @@ struct ReceivedRowOutputs {
   float* recv_topk_weights;    // [M, K] or null
   int32_t* recv_src_idx;       // [M] or null
   int hidden_bytes, scale_bytes, num_topk;
-  int64_t first_local_expert, experts_per_rank;
+  int rank;                   // the receiving rank: only its experts keep an id (made local)
+  int64_t num_local_experts;  // experts per rank (0 without topk_idx)
 };
 
 // Copies dispatch slot `slot` out to received row `row`; experts of other ranks become -1 (weight 0).
@@ -29,9 +31,9 @@ EPCOMM_DEVICE void store_received_row(ReceivedRowOutputs const& out, NvlWorkspac
                     reinterpret_cast<int32_t const*>(slot + out.hidden_bytes), out.scale_bytes / 4, lane);
   if (lane == 0 && out.recv_src_idx != nullptr) out.recv_src_idx[row] = *ws.slot_src_idx(slot);
   for (int k = lane; k < out.num_topk; k += 32) {
-    int64_t const expert = ws.slot_topk_idx(slot)[k];
-    bool const is_local = expert >= out.first_local_expert && expert < out.first_local_expert + out.experts_per_rank;
-    if (out.recv_topk_idx != nullptr) out.recv_topk_idx[row * out.num_topk + k] = is_local ? expert - out.first_local_expert : -1;
+    int64_t const local = local_expert(ws.slot_topk_idx(slot)[k], out.rank, out.num_local_experts);
+    bool const is_local = local >= 0;
+    if (out.recv_topk_idx != nullptr) out.recv_topk_idx[row * out.num_topk + k] = local;
     if (out.recv_topk_weights != nullptr)
       out.recv_topk_weights[row * out.num_topk + k] = is_local ? ws.slot_topk_weights(slot)[k] : 0.0f;
   }

@@ -30,11 +30,14 @@ inline constexpr size_t kRegionAlignment = 128;
 
 EPCOMM_HOST_DEVICE size_t align_up(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
+#define EPCOMM_NVL_WORKSPACE_SHAPE_FIELDS(F)                                                             \
+  F(int, num_ranks, 1, "ranks sharing the NVL rings (one node)")                                       \
+  F(int, num_local_experts, 0, "experts per rank; 0: notify does not exchange per-expert counts")     \
+  F(int, num_topk, 0, "K a slot has room for")                                                         \
+  F(int, max_row_bytes, 0, "largest of: dispatch row (x + scale bytes), combine row (hidden x element bytes)")
 struct NvlWorkspaceShape {
-  int num_ranks = 1;
-  int num_local_experts = 0;  // experts per rank; 0: notify does not exchange per-expert counts
-  int num_topk = 0;
-  int max_row_bytes = 0;  // largest of: dispatch row (x bytes + scale bytes), combine row (hidden x element bytes)
+  EPCOMM_NVL_WORKSPACE_SHAPE_FIELDS(EPCOMM_DECLARE_FIELD)
+  bool operator==(NvlWorkspaceShape const&) const = default;
 };
 
 struct NvlWorkspace {

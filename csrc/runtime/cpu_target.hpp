@@ -1,15 +1,14 @@
 #pragma once
-// How the cpu runtime runs a kernel entry (the Target of intranode_entries.hpp): the grid of this
-// rank runs to completion on the calling thread through the SIMT layer; the kernel writes its
-// ErrorSlot straight into host memory. Serves the intranode (cpu_intranode.cpp) and internode
-// (cpu_internode.cpp) entries.
+// How the cpu runtime runs a kernel entry (a Target of kernel_entries.hpp): the grid of this rank
+// runs to completion on the calling thread through the SIMT layer; the kernel writes its ErrorSlot
+// straight into host memory. Serves the intranode and internode entries (cpu_entries.cpp).
 
 #include <string>
 
 #include "../kernels/internode.hpp"
 #include "../kernels/intranode.hpp"
 #include "device_runtime.hpp"
-#include "intranode_entries.hpp"
+#include "kernel_entries.hpp"
 
 namespace epcomm::runtime {
 
@@ -26,9 +25,8 @@ struct CpuTarget {
   };
 
   template <class Args>
-  static intranode_entries::LaunchOutcome launch(char const* name, Args const& args, KernelCall const& /*cpu streams
-                                                 run now, here*/) {
-    simt::ConcurrentLaunch grid(kernels::default_launch_options(name, args.comm.timeout_cycles));
+  static entries::LaunchOutcome launch(Args const& args, KernelCall const& /*cpu streams run now, here*/) {
+    simt::ConcurrentLaunch grid(kernels::default_launch_options(Args::kName, args.comm.timeout_cycles));
     add_grid(grid, args);
     simt::LaunchStatus const status = grid.try_run();
     if (status.ok()) return {};
@@ -57,5 +55,6 @@ struct CpuTarget {
     kernels::add_internode_combine(grid, args);
   }
 };
+static_assert(entries::DeviceTarget<CpuTarget>);
 
 }  // namespace epcomm::runtime

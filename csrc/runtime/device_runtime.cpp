@@ -3,6 +3,7 @@
 
 #include "device_runtime.hpp"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -73,60 +74,46 @@ void DeviceRuntime::barrier(Stream& stream, double timeout_s) {
 /// Kernel registry
 
 namespace {
+struct RegisteredEntry {
+  std::string name;
+  std::shared_ptr<void const> entry;  // a KernelEntry<Params> const
+};
 std::mutex& registry_mutex() {
   static std::mutex mutex;
   return mutex;
 }
-std::map<std::pair<std::string, std::string>, KernelEntry>& registry() {
-  static std::map<std::pair<std::string, std::string>, KernelEntry> entries;
+std::map<std::pair<std::string, std::type_index>, RegisteredEntry>& registry() {
+  static std::map<std::pair<std::string, std::type_index>, RegisteredEntry> entries;
   return entries;
 }
 }  // namespace
 
-void register_kernel(std::string const& kind, std::string const& name, KernelEntry entry) {
+namespace detail {
+void register_entry(std::string const& kind, std::type_index params, char const* name, std::shared_ptr<void const> entry) {
   std::lock_guard<std::mutex> lock(registry_mutex());
-  registry()[{kind, name}] = std::move(entry);
+  registry().insert_or_assign({kind, params}, RegisteredEntry{name, std::move(entry)});
 }
+
+std::shared_ptr<void const> find_entry(std::string const& kind, std::type_index params, char const* name) {
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto found = registry().find({kind, params});
+    if (found != registry().end()) return found->second.entry;
+  }
+  std::string known;
+  for (std::string const& n : registered_kernels(kind)) known += (known.empty() ? "" : ", ") + n;
+  throw RuntimeError(ErrorCode::kInvalidArgument, std::string("no kernel '") + name + "' for the " + kind +
+                                                      " runtime; registered: " + (known.empty() ? "none" : known));
+}
+}  // namespace detail
 
 std::vector<std::string> registered_kernels(std::string const& kind) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   std::vector<std::string> names;
   for (auto const& [key, entry] : registry())
-    if (key.first == kind) names.push_back(key.second);
+    if (key.first == kind) names.push_back(entry.name);
+  std::sort(names.begin(), names.end());
   return names;
 }
-
-void DeviceRuntime::run_kernel(std::string const& name, Stream& stream, std::vector<int64_t> const& args,
-                               double timeout_s) {
-  KernelEntry entry;
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex());
-    auto found = registry().find({kind(), name});
-    if (found != registry().end()) entry = found->second;
-  }
-  if (!entry) {
-    std::string known;
-    for (std::string const& n : registered_kernels(kind())) known += (known.empty() ? "" : ", ") + n;
-    throw RuntimeError(ErrorCode::kInvalidArgument, "no kernel '" + name + "' for the " + kind() +
-                                                        " runtime; registered: " + (known.empty() ? "none" : known));
-  }
-  entry(KernelCall{*this, stream, args, timeout_s});
-}
-
-namespace {
-// The peer barrier is a kernel like any other for run_kernel("peer_barrier", ...): no arguments.
-void run_peer_barrier(KernelCall const& call) {
-  if (!call.args.empty())
-    throw RuntimeError(ErrorCode::kInvalidArgument, "peer_barrier takes no arguments, got " +
-                                                        std::to_string(call.args.size()));
-  call.runtime.barrier(call.stream, call.timeout_s);
-}
-struct RegisterPeerBarrier {
-  RegisterPeerBarrier() {
-    register_kernel("cpu", "peer_barrier", run_peer_barrier);
-    register_kernel("cuda", "peer_barrier", run_peer_barrier);
-  }
-} const register_peer_barrier;
-}  // namespace
 
 }  // namespace epcomm::runtime

@@ -14,7 +14,7 @@
 //   ... every rank opened every peer (a collective) ...
 //   runtime->release_names();                      // cpu: shm_unlink, nothing can leak from here on
 //   runtime->barrier(stream, timeout_s);           // a kernel: release/acquire flags in peer memory
-//   runtime->run_kernel("name", stream, args, timeout_s);
+//   runtime->run(stream, spec, params, timeout_s);   // a kernel, chosen by the type of params
 //
 // Buffer layout per rank: [control region: kControlBytes | data region: num_bytes]. The control
 // region belongs to the runtime (the peer barrier's flags); kernels get the data regions through
@@ -33,6 +33,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <typeindex>
 #include <vector>
 
 namespace epcomm::runtime {
@@ -97,15 +98,26 @@ struct RuntimeOptions {
 
 class DeviceRuntime;
 
-// What a registered kernel entry gets: the runtime (peer tables, rank), the stream to launch on,
-// the caller's integer arguments (pointers as integers), and the time limit for peer waits.
+// What a registered kernel entry gets besides its typed spec and params: the runtime (peer
+// tables, rank), the stream to launch on, and the time limit for peer waits.
 struct KernelCall {
   DeviceRuntime& runtime;
   Stream& stream;
-  std::vector<int64_t> const& args;
   double timeout_s;
 };
-using KernelEntry = std::function<void(KernelCall const&)>;
+
+// A kernel is named by the type of its parameters (kernels/intranode.hpp, internode.hpp):
+// `Params` has named fields (the one argument list of that kernel), `Params::Spec` the workspace
+// spec it runs with, `Params::kName` the name errors and listings use. An entry turns them into
+// the kernel's Args (adding the runtime's peer tables and error slot) and launches it.
+template <class Params>
+using KernelEntry = std::function<void(KernelCall const&, typename Params::Spec const&, Params const&)>;
+
+namespace detail {
+void register_entry(std::string const& kind, std::type_index params, char const* name, std::shared_ptr<void const> entry);
+// The entry of `params` for runtimes of `kind`; throws kInvalidArgument naming the registered ones.
+std::shared_ptr<void const> find_entry(std::string const& kind, std::type_index params, char const* name);
+}  // namespace detail
 
 class DeviceRuntime {
  public:
@@ -153,8 +165,13 @@ class DeviceRuntime {
   // peers that did not arrive within timeout_s. Synchronous: returns after the kernel finished.
   void barrier(Stream& stream, double timeout_s);
 
-  // Runs the kernel registered under `name` for this runtime's kind (see register_kernel).
-  void run_kernel(std::string const& name, Stream& stream, std::vector<int64_t> const& args, double timeout_s);
+  // Runs the kernel registered for Params on this runtime's kind (see register_kernel).
+  template <class Params>
+  void run(Stream& stream, typename Params::Spec const& spec, Params const& params, double timeout_s) {
+    auto const entry = std::static_pointer_cast<KernelEntry<Params> const>(
+        detail::find_entry(kind(), typeid(Params), Params::kName));
+    (*entry)(KernelCall{*this, stream, timeout_s}, spec, params);
+  }
 
  protected:
   explicit DeviceRuntime(RuntimeOptions options);
@@ -185,10 +202,15 @@ int cpu_unlink_segments(std::string const& run_token, int num_ranks);
 
 /// Kernel registry
 
-// Makes `name` runnable by run_kernel on runtimes of kind `kind` ("cpu" / "cuda"). The kernels'
-// launchers register themselves here (cpu: through simt::launch, see cpu_launch.hpp; cuda:
-// <<<>>> in a .cu launcher). Registering a name twice replaces the entry.
-void register_kernel(std::string const& kind, std::string const& name, KernelEntry entry);
+// Makes the kernel of Params runnable by DeviceRuntime::run on runtimes of kind `kind` ("cpu" /
+// "cuda"). The entries register themselves (runtime/cpu_entries.cpp, cuda_entries.cu).
+// Registering Params twice for one kind replaces the entry.
+template <class Params>
+void register_kernel(std::string const& kind, KernelEntry<Params> entry) {
+  detail::register_entry(kind, typeid(Params), Params::kName,
+                         std::make_shared<KernelEntry<Params> const>(std::move(entry)));
+}
+// The names (Params::kName) of the kernels registered for `kind`, sorted.
 std::vector<std::string> registered_kernels(std::string const& kind);
 
 }  // namespace epcomm::runtime

@@ -40,12 +40,26 @@
 // by link class (network: peer on another node; nvlink: same node, other rank;
 // self), so tests can prove what crossed the network.
 
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/compat.cuh"
 
 namespace epcomm::transport {
+
+// The concept above, checked where a kernel's Args take a Transport (kernels/internode.hpp).
+template <class T>
+concept DeviceTransport = std::is_trivially_copyable_v<T> && requires(T const t, int i, size_t n, uint64_t u) {
+  { t.rank() } -> std::same_as<int>;
+  { t.num_ranks() } -> std::same_as<int>;
+  { t.local_buffer() } -> std::same_as<char*>;
+  t.put_signal(i, i, n, n, n, i, u);
+  t.signal_add(i, i, i, u);
+  { t.read_signal(i) } -> std::same_as<uint64_t>;
+  t.flush(i);
+};
 
 enum class LinkClass : int { kSelf = 0, kNvlink = 1, kNetwork = 2 };
 inline constexpr int kNumLinkClasses = 3;

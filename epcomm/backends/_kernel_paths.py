@@ -1,19 +1,21 @@
-"""The two kernel paths the kernel backends (``sim``, ``cuda``) drive, as argument lists and sizes.
+"""The two kernel paths the kernel backends (``sim``, ``cuda``) drive, as typed kernel calls.
 
 * :class:`IntranodePath` (one node): ``intranode_notify`` / ``_dispatch`` / ``_combine`` over NVLink
   rings in each rank's NVL buffer (csrc/runtime/intranode_entries.hpp).
 * :class:`InternodePath` (several nodes): the two-hop ``internode_*`` kernels: network rings in a
-  symmetric RDMA region after the NVL region, forwarders, node partials (csrc/runtime/cpu_internode.cpp).
+  symmetric RDMA region after the NVL region, forwarders, node partials (csrc/runtime/internode_entries.hpp).
 
-A :class:`Layout` fixes where every region lives; every rank uses the same one for a call. Its
-``kernel`` part comes from the call's Config, its ``shape`` part from the call's tensors;
-``covering`` grows the shape so that a dispatch's layout also holds its combine (no re-layout in
-between, when it can be avoided).
+A kernel call is ``runtime.run(spec, params, timeout_s)``. Both are structs of the extension whose
+fields are the kernels' own (csrc/kernels/intranode.hpp, internode.hpp): the ``*Spec`` holds the
+kernel config and the workspace shape every rank lays its buffers out with, the ``*Params`` the
+kernel's arguments, set here by name (the extension rejects unknown and missing names). A path
+builds both from tensors; every rank uses the same spec for a call. ``covering`` grows a spec so
+that a dispatch's workspace also holds its combine (no re-layout in between, when it can be avoided).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -21,21 +23,11 @@ from .._agree import X_KINDS
 from ..config import Config
 from ..topology import Topology
 
-__all__ = ["Layout", "IntranodePath", "InternodePath", "ELEMENT_KINDS", "rdma_offset", "row_bytes"]
+__all__ = ["IntranodePath", "InternodePath", "ELEMENT_KINDS", "covering", "rdma_offset", "row_bytes"]
 
 # combine's row element types: kernels/elements.cuh ElementKind (the same codes as the call signature's)
 ELEMENT_KINDS = X_KINDS
 _REGION_ALIGNMENT = 4096  # the RDMA region starts on a page
-
-
-@dataclass(frozen=True)
-class Layout:
-    kernel: tuple[int, ...]  # the path's kernel config
-    shape: tuple[int, ...]  # the path's workspace shape
-
-    def covering(self, shape: tuple[int, ...]) -> "Layout":
-        """This layout grown (element-wise) to hold rows of ``shape`` too."""
-        return Layout(self.kernel, tuple(max(a, b) for a, b in zip(self.shape, shape)))
 
 
 def rdma_offset(nvl_bytes: int) -> int:
@@ -50,11 +42,105 @@ def row_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
     return x.size(1) * x.element_size(), (scales.size(1) * scales.element_size() if scales is not None else 0)
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+def _fields(struct) -> dict:
+    return {name: getattr(struct, name) for name in type(struct).FIELDS}
 
 
-class IntranodePath:
+def covering(spec, other):
+    """``spec`` with every int field of its workspace grown to ``other``'s (element-wise max)."""
+    grown = {name: max(a, b) for (name, a), b in zip(_fields(spec.workspace).items(), _fields(other.workspace).values())}
+    fields = _fields(spec)
+    fields["workspace"] = type(spec.workspace)(**grown)
+    if "nvl_max_row_bytes" in fields:
+        fields["nvl_max_row_bytes"] = max(spec.nvl_max_row_bytes, other.nvl_max_row_bytes)
+    return type(spec)(**fields)
+
+
+def _data_ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, rank_prefix, channel_prefix) -> dict:
+    """The notify fields both paths share; ``in_rank=None``: a barrier only."""
+    return dict(epoch=epoch, exchange_counts=in_rank is not None, is_token_in_rank=_data_ptr(in_rank),
+                num_tokens_per_expert=None, num_tokens=num_tokens, expert_alignment=1,
+                recv_rank_prefix=_data_ptr(rank_prefix), recv_channel_prefix_matrix=_data_ptr(channel_prefix),
+                num_recv_tokens_per_expert=None)
+
+
+def _dispatch_fields(plan, t: dict, recv: dict) -> dict:
+    """The dispatch fields both paths share, from the dispatch's inputs ``t`` and outputs ``recv``."""
+    return dict(x=_data_ptr(t["x"]), hidden_bytes=t["hidden_bytes"], x_scales=_data_ptr(t["scales"]),
+                scale_bytes=t["scale_bytes"], topk_idx=_data_ptr(t["topk_idx"]),
+                topk_weights=_data_ptr(t["topk_weights"]), num_topk=t["num_topk"], num_experts=t["num_experts"],
+                num_tokens=plan.num_tokens, is_token_in_rank=_data_ptr(plan.is_token_in_rank),
+                recv_channel_prefix_matrix=_data_ptr(plan.recv_channel_prefix), recv_x=_data_ptr(recv["x"]),
+                recv_x_scales=_data_ptr(recv["scales"]), recv_topk_idx=_data_ptr(recv["topk_idx"]),
+                recv_topk_weights=_data_ptr(recv["topk_weights"]), recv_src_idx=_data_ptr(recv["src_idx"]))
+
+
+def _combine_fields(plan, x: torch.Tensor, weights, num_topk: int, combined, combined_w) -> dict:
+    """The combine fields both paths share."""
+    return dict(x=_data_ptr(x), element_kind=ELEMENT_KINDS[x.dtype], topk_weights=_data_ptr(weights),
+                hidden=x.size(1), num_topk=num_topk, num_tokens=plan.num_tokens,
+                is_token_in_rank=_data_ptr(plan.is_token_in_rank),
+                recv_channel_prefix_matrix=_data_ptr(plan.recv_channel_prefix), combined_x=_data_ptr(combined),
+                combined_topk_weights=_data_ptr(combined_w))
+
+
+class _KernelPath:
+    """What both paths share: sizing, and the Params of notify, dispatch and combine from tensors.
+
+    A path's kernels take ``<kind>Params`` structs of the extension; a subclass names them and adds
+    its own fields (``_extra_*``)."""
+
+    prefix: str
+    timeout_share: float
+    default_kernel: tuple[int, ...]
+    notify_type: str
+    dispatch_type: str
+    combine_type: str
+
+    def __init__(self, ext: ModuleType, topo: Topology) -> None:
+        self.ext, self.topo = ext, topo
+
+    @staticmethod
+    def num_topk(spec) -> int:
+        return spec.workspace.num_topk
+
+    def region_bytes(self, spec) -> tuple[int, int]:
+        """(NVL bytes, RDMA bytes) per rank; in the buffer the RDMA region starts at rdma_offset()."""
+        nvl, rdma = self.ext.workspace_bytes(spec)
+        return int(nvl), int(rdma)
+
+    def notify_outputs(self, num_channels: int, device) -> tuple:
+        """(recv_rank_prefix [R + 1], recv_channel_prefix_matrix [R, C + 1], forward prefix or None)."""
+        world = self.topo.world_size
+        return (torch.zeros(world + 1, dtype=torch.int32, device=device),
+                torch.zeros(world, num_channels + 1, dtype=torch.int32, device=device), None)
+
+    def notify_params(self, epoch: int, in_rank: torch.Tensor | None = None, num_tokens: int = 0,
+                      outputs: tuple = (None, None, None)):
+        """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier."""
+        rank_prefix, channel_prefix, forward_prefix = outputs
+        fields = _notify_fields(epoch, in_rank, num_tokens, rank_prefix, channel_prefix)
+        return getattr(self.ext, self.notify_type)(**fields, **self._extra_notify(forward_prefix))
+
+    def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict):
+        return getattr(self.ext, self.dispatch_type)(**_dispatch_fields(plan, t, recv), **self._extra(plan, counters))
+
+    def combine_params(self, plan, counters: torch.Tensor | None, x, weights, num_topk: int, combined, combined_w):
+        fields = _combine_fields(plan, x, weights, num_topk, combined, combined_w)
+        return getattr(self.ext, self.combine_type)(**fields, **self._extra(plan, counters))
+
+    def _extra_notify(self, forward_prefix) -> dict:
+        return {}
+
+    def _extra(self, plan, counters: torch.Tensor | None) -> dict:
+        return {}
+
+
+class IntranodePath(_KernelPath):
     """One node: every rank's NVL buffer holds a ring per (channel, source rank)."""
 
     prefix = "intranode"
@@ -62,66 +148,47 @@ class IntranodePath:
     # with no Config: (num_channels, nvl_chunk_send_tokens, nvl_ring_tokens); small, because every rank
     # simulates 2 x channels blocks of 32 x ranks threads on the host's cores
     default_kernel = (2, 6, 32)
+    notify_type, dispatch_type, combine_type = "NotifyParams", "IntranodeDispatchParams", "IntranodeCombineParams"
 
-    def __init__(self, ext, topo: Topology) -> None:
-        self.ext, self.topo = ext, topo
+    def kernel_config(self, config: Config | None):
+        """The call's ``KernelConfig`` (the backend's default without a Config)."""
+        channels, chunk, ring = self.default_kernel if config is None else (
+            config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens)
+        return self.ext.KernelConfig(num_channels=channels, nvl_chunk_send_tokens=chunk, nvl_ring_tokens=ring)
 
-    def kernel_config(self, config: Config | None) -> tuple[int, ...]:
-        if config is None:
-            return self.default_kernel
-        return (config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens)
+    def spec(self, kernel, num_topk: int, max_row_bytes: int):
+        """The ``IntranodeSpec`` of rows up to ``max_row_bytes`` with ``num_topk`` ids each."""
+        shape = self.ext.NvlWorkspaceShape(num_ranks=self.topo.world_size, num_local_experts=0, num_topk=num_topk,
+                                           max_row_bytes=max_row_bytes)
+        return self.ext.IntranodeSpec(config=kernel, workspace=shape)
 
-    def config_problem(self, kernel: tuple[int, ...]) -> str:
-        return self.ext.validate_kernel_config(self.topo.world_size, *kernel)
+    def config_problem(self, kernel) -> str:
+        return self.ext.spec_problem(self.spec(kernel, 0, 4))
 
-    # shape: (num_local_experts (0: Python counts experts), num_topk, max_row_bytes)
-    @staticmethod
-    def dispatch_shape(tensors: dict[str, torch.Tensor], num_topk: int) -> tuple[int, ...]:
+    def dispatch_spec(self, kernel, tensors: dict[str, torch.Tensor], num_topk: int):
         """Room for this dispatch's rows, and for a bf16 combine of the same hidden."""
         hidden_bytes, scale_bytes = row_bytes(tensors)
-        return (0, max(num_topk, 0), max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)))
+        return self.spec(kernel, max(num_topk, 0), max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)))
+
+    def combine_spec(self, kernel, x: torch.Tensor):
+        return self.spec(kernel, 0, x.size(1) * x.element_size())
 
     @staticmethod
-    def combine_shape(x: torch.Tensor) -> tuple[int, ...]:
-        return (0, 0, x.size(1) * x.element_size())
+    def covering(spec, other):
+        return covering(spec, other)
 
     @staticmethod
-    def num_topk(layout: Layout) -> int:
-        return layout.shape[1]
+    def num_channels(spec) -> int:
+        return spec.config.num_channels
 
-    def region_bytes(self, layout: Layout) -> tuple[int, int]:
-        """(NVL bytes, RDMA bytes) per rank."""
-        return int(self.ext.intranode_workspace_bytes(self.topo.world_size, *layout.shape, *layout.kernel)), 0
-
-    def comm_args(self, layout: Layout, epoch: int = 0, counters: torch.Tensor | None = None) -> list[int]:
-        return [*layout.kernel, *layout.shape, epoch]
-
-    def notify_args(self, layout, epoch, in_rank, num_tokens, outputs) -> list[int]:
-        rank_prefix, channel_prefix, _ = outputs
-        return [*self.comm_args(layout, epoch), 1, _ptr(in_rank), 0, num_tokens, 1, _ptr(rank_prefix),
-                _ptr(channel_prefix), 0]
-
-    def barrier_args(self, layout, epoch) -> list[int]:
-        return [*self.comm_args(layout, epoch), 0, 0, 0, 0, 1, 0, 0, 0]
-
-    def notify_outputs(self, num_channels: int, device) -> tuple:
-        world = self.topo.world_size
-        return (torch.zeros(world + 1, dtype=torch.int32, device=device),
-                torch.zeros(world, num_channels + 1, dtype=torch.int32, device=device), None)
-
-    def dispatch_args(self, layout, plan, counters, t, recv) -> list[int]:
-        return [*self.comm_args(layout), _ptr(t["x"]), t["hidden_bytes"], _ptr(t["scales"]), t["scale_bytes"],
-                _ptr(t["topk_idx"]), _ptr(t["topk_weights"]), t["num_topk"], t["num_experts"], plan.num_tokens,
-                _ptr(plan.is_token_in_rank), _ptr(plan.recv_channel_prefix), _ptr(recv["x"]), _ptr(recv["scales"]),
-                _ptr(recv["topk_idx"]), _ptr(recv["topk_weights"]), _ptr(recv["src_idx"])]
-
-    def combine_args(self, layout, plan, counters, x, weights, num_topk, combined, combined_w) -> list[int]:
-        return [*self.comm_args(layout), _ptr(x), ELEMENT_KINDS[x.dtype], _ptr(weights), x.size(1), num_topk,
-                plan.num_tokens, _ptr(plan.is_token_in_rank), _ptr(plan.recv_channel_prefix), _ptr(combined),
-                _ptr(combined_w)]
+    @staticmethod
+    def describe(spec) -> str:
+        """A short text of what sizes ``spec``'s workspace (for errors)."""
+        return (f"{spec.config.num_channels} channels, rings of {spec.config.nvl_ring_tokens} rows of up to "
+                f"{spec.workspace.max_row_bytes} B, top-{spec.workspace.num_topk}")
 
 
-class InternodePath:
+class InternodePath(_KernelPath):
     """Several nodes: two-hop kernels over the NVL region and a symmetric RDMA region after it."""
 
     prefix = "internode"
@@ -130,76 +197,73 @@ class InternodePath:
     timeout_share = 0.5
     # with no Config: NVL (channels, chunk, ring) as intranode, then network (chunk, ring)
     default_kernel = (2, 6, 32, 4, 16)
+    notify_type, dispatch_type, combine_type = ("InternodeNotifyParams", "InternodeDispatchParams",
+                                                "InternodeCombineParams")
 
-    def __init__(self, ext, topo: Topology, max_nodes_per_token: int) -> None:
-        self.ext, self.topo, self.max_nodes_per_token = ext, topo, min(max_nodes_per_token, topo.num_nodes)
+    def __init__(self, ext: ModuleType, topo: Topology, max_nodes_per_token: int) -> None:
+        super().__init__(ext, topo)
+        self.max_nodes_per_token = min(max_nodes_per_token, topo.num_nodes)
 
-    def kernel_config(self, config: Config | None) -> tuple[int, ...]:
-        if config is None:
-            return self.default_kernel
-        return (config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens,
-                config.num_max_rdma_chunked_send_tokens, config.num_max_rdma_chunked_recv_tokens)
+    def kernel_config(self, config: Config | None):
+        """The call's ``InternodeConfig`` (the backend's default without a Config)."""
+        channels, chunk, ring, rdma_chunk, rdma_ring = self.default_kernel if config is None else (
+            config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens,
+            config.num_max_rdma_chunked_send_tokens, config.num_max_rdma_chunked_recv_tokens)
+        nvl = self.ext.KernelConfig(num_channels=channels, nvl_chunk_send_tokens=chunk, nvl_ring_tokens=ring)
+        return self.ext.InternodeConfig(nvl=nvl, rdma_chunk_tokens=rdma_chunk, rdma_ring_tokens=rdma_ring)
 
-    def config_problem(self, kernel: tuple[int, ...]) -> str:
-        try:
-            self._regions((0, 4, 2, 4), kernel)
-        except ValueError as err:
-            return str(err)
-        return ""
+    def spec(self, kernel, num_topk: int, dispatch_row_bytes: int, hidden: int, nvl_max_row_bytes: int):
+        """The ``InternodeSpec`` of dispatch rows up to ``dispatch_row_bytes``, combines of ``hidden``."""
+        topo = self.topo
+        shape = self.ext.RdmaWorkspaceShape(
+            num_nodes=topo.num_nodes, num_nvl_ranks=topo.num_nvl_ranks, num_local_experts=0, num_topk=num_topk,
+            max_row_bytes=dispatch_row_bytes, hidden=hidden, max_nodes_per_token=self.max_nodes_per_token)
+        spec = self.ext.InternodeSpec(config=kernel, workspace=shape, nvl_max_row_bytes=nvl_max_row_bytes,
+                                      rdma_offset=0)
+        if not self.ext.spec_problem(spec):  # the RDMA region follows the NVL region, on a page
+            spec.rdma_offset = rdma_offset(int(self.ext.workspace_bytes(spec)[0]))
+        return spec
 
-    # shape: (num_topk, dispatch row bytes, combine hidden (fp32 partials), combine row bytes)
-    @staticmethod
-    def dispatch_shape(tensors: dict[str, torch.Tensor], num_topk: int) -> tuple[int, ...]:
+    def config_problem(self, kernel) -> str:
+        return self.ext.spec_problem(self.spec(kernel, 0, 4, 2, 4))
+
+    def dispatch_spec(self, kernel, tensors: dict[str, torch.Tensor], num_topk: int):
+        """Room for this dispatch's rows, and for a bf16 combine of the same hidden."""
         hidden_bytes, scale_bytes = row_bytes(tensors)
         hidden = tensors["x"].size(1)
-        return (max(num_topk, 0), hidden_bytes + scale_bytes, hidden, 2 * hidden)
+        return self.spec(kernel, max(num_topk, 0), hidden_bytes + scale_bytes, hidden,
+                         max(hidden_bytes + scale_bytes, 2 * hidden))
+
+    def combine_spec(self, kernel, x: torch.Tensor):
+        return self.spec(kernel, 0, 0, x.size(1), x.size(1) * x.element_size())
+
+    def covering(self, spec, other):
+        grown = covering(spec, other)
+        return self.spec(grown.config, grown.workspace.num_topk, grown.workspace.max_row_bytes,
+                         grown.workspace.hidden, grown.nvl_max_row_bytes)  # moves rdma_offset with the NVL region
 
     @staticmethod
-    def combine_shape(x: torch.Tensor) -> tuple[int, ...]:
-        return (0, 0, x.size(1), x.size(1) * x.element_size())
+    def num_channels(spec) -> int:
+        return spec.config.nvl.num_channels
 
     @staticmethod
-    def num_topk(layout: Layout) -> int:
-        return layout.shape[0]
-
-    def _regions(self, shape, kernel) -> tuple[int, int]:
-        nvl, rdma = self.ext.internode_workspace_bytes(
-            self.topo.world_size, self.topo.num_nvl_ranks, *shape, self.max_nodes_per_token, *kernel)
-        return int(nvl), int(rdma)
-
-    def region_bytes(self, layout: Layout) -> tuple[int, int]:
-        """(NVL bytes, RDMA bytes) per rank; in the buffer the RDMA region starts at rdma_offset()."""
-        return self._regions(layout.shape, layout.kernel)
-
-    def comm_args(self, layout: Layout, epoch: int = 0, counters: torch.Tensor | None = None) -> list[int]:
-        return [*layout.kernel, *layout.shape, self.max_nodes_per_token, self.topo.num_nvl_ranks,
-                rdma_offset(self.region_bytes(layout)[0]), _ptr(counters), epoch]
-
-    def notify_args(self, layout, epoch, in_rank, num_tokens, outputs, counters=None) -> list[int]:
-        rank_prefix, channel_prefix, forward_prefix = outputs
-        return [*self.comm_args(layout, epoch, counters), 1, _ptr(in_rank), num_tokens, _ptr(rank_prefix),
-                _ptr(channel_prefix), _ptr(forward_prefix)]
-
-    def barrier_args(self, layout, epoch) -> list[int]:
-        return [*self.comm_args(layout, epoch), 0, 0, 0, 0, 0, 0]
+    def describe(spec) -> str:
+        """A short text of what sizes ``spec``'s workspaces (for errors)."""
+        return (f"{spec.config.nvl.num_channels} channels, NVL rings of {spec.config.nvl.nvl_ring_tokens} and network "
+                f"rings of {spec.config.rdma_ring_tokens} rows, dispatch rows of up to {spec.workspace.max_row_bytes} B, "
+                f"hidden {spec.workspace.hidden}, top-{spec.workspace.num_topk}")
 
     def notify_outputs(self, num_channels: int, device) -> tuple:
-        world, nodes = self.topo.world_size, self.topo.num_nodes
-        return (torch.zeros(world + 1, dtype=torch.int32, device=device),
-                torch.zeros(world, num_channels + 1, dtype=torch.int32, device=device),
-                torch.zeros(nodes, num_channels + 1, dtype=torch.int32, device=device))
+        rank_prefix, channel_prefix, _ = super().notify_outputs(num_channels, device)
+        return rank_prefix, channel_prefix, torch.zeros(self.topo.num_nodes, num_channels + 1, dtype=torch.int32,
+                                                        device=device)
 
-    def dispatch_args(self, layout, plan, counters, t, recv) -> list[int]:
-        return [*self.comm_args(layout, 0, counters), _ptr(t["x"]), t["hidden_bytes"], _ptr(t["scales"]),
-                t["scale_bytes"], _ptr(t["topk_idx"]), _ptr(t["topk_weights"]), t["num_topk"], t["num_experts"],
-                plan.num_tokens, _ptr(plan.is_token_in_rank), _ptr(plan.recv_channel_prefix),
-                _ptr(plan.forward_channel_prefix), _ptr(recv["x"]), _ptr(recv["scales"]), _ptr(recv["topk_idx"]),
-                _ptr(recv["topk_weights"]), _ptr(recv["src_idx"]), _ptr(plan.forward_peer_masks)]
+    def _extra_notify(self, forward_prefix) -> dict:
+        return dict(forward_channel_prefix_matrix=_data_ptr(forward_prefix))
 
-    def combine_args(self, layout, plan, counters, x, weights, num_topk, combined, combined_w) -> list[int]:
-        return [*self.comm_args(layout, 0, counters), _ptr(x), ELEMENT_KINDS[x.dtype], _ptr(weights), x.size(1),
-                num_topk, plan.num_tokens, _ptr(plan.is_token_in_rank), _ptr(plan.recv_channel_prefix),
-                _ptr(plan.forward_channel_prefix), _ptr(plan.forward_peer_masks), _ptr(combined), _ptr(combined_w)]
+    def _extra(self, plan, counters: torch.Tensor | None) -> dict:
+        return dict(forward_channel_prefix_matrix=_data_ptr(plan.forward_channel_prefix),
+                    forward_peer_masks=_data_ptr(plan.forward_peer_masks), byte_counters=_data_ptr(counters))
 
     def record_bytes(self, num_topk: int) -> int:
         """Bytes of the source record a dispatch row carries over the network (RdmaWorkspace)."""

@@ -1,6 +1,6 @@
 """The ``sim`` backend's runtime plumbing: epcomm's kernels on the CPU, one process per rank.
 
-:class:`SimBackend` sets up the device runtime of ``epcomm._C`` (csrc/runtime/cpu_runtime.cpp) on
+:class:`SimRuntime` sets up the device runtime of ``epcomm._C`` (csrc/runtime/cpu_runtime.cpp) on
 every rank of the group, collectively (all ranks, of every emulated node, map each other's buffers:
 within a node they stand for NVLink peer memory, across nodes for registered network memory):
 
@@ -15,10 +15,9 @@ the buffer's timeout makes every other rank raise :class:`~epcomm.EpcommTimeoutE
 stage. A rank that fails locally (say ``/dev/shm`` is full) makes every rank raise
 :class:`~epcomm.EpcommError` with that rank's message.
 
-Kernels run through :meth:`SimBackend.run_kernel`: ``"peer_barrier"`` (:meth:`SimBackend.barrier`),
-the intranode kernels ``"intranode_notify"``, ``"intranode_dispatch"``, ``"intranode_combine"``
-(csrc/runtime/cpu_intranode.cpp) and the internode ones ``"internode_*"``
-(csrc/runtime/cpu_internode.cpp). :class:`SimDispatchBackend` builds dispatch and combine on them
+Kernels run through :meth:`SimRuntime.run` (typed spec and params, see _kernel_paths.py; the
+entries are csrc/runtime/intranode_entries.hpp and internode_entries.hpp, registered for the cpu
+runtime by cpu_entries.cpp) and the peer barrier through :meth:`SimRuntime.barrier`. :class:`SimDispatchBackend` builds dispatch and combine on them
 with TorchBackend's interface (intranode kernels on one node, two-hop internode kernels across
 nodes); ``Buffer(backend="sim")`` uses it.
 """
@@ -38,15 +37,16 @@ from .._validate import Invalid
 from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError
 from ..topology import LinkClass, Topology
-from ._kernel_paths import InternodePath, IntranodePath, Layout, rdma_offset, row_bytes
+from ._kernel_paths import InternodePath, IntranodePath, rdma_offset, row_bytes
+from .base import BackendOptions, DispatchBackend, DispatchCall
 
-__all__ = ["SimBackend", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
+__all__ = ["SimRuntime", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
 _TOKEN_BYTES = 12  # 24 hex digits in segment names
 _MESSAGE_BYTES = 240  # per-rank failure message carried by the setup exchanges
 
 
-class SimBackend:
+class SimRuntime:
     """One rank's device runtime: its NVL buffer, the peers' buffers, and kernel launches.
 
     Collective: every rank of ``comm``'s group constructs it with the same ``num_nvl_bytes``.
@@ -175,12 +175,12 @@ class SimBackend:
         raw = (ctypes.c_char * nbytes).from_address(self.peer_pointers[rank] + offset)
         return torch.frombuffer(raw, dtype=dtype, count=count)
 
-    def run_kernel(self, name: str, *args: int | torch.Tensor, timeout_s: float | None = None,
-                   op: str | None = None) -> None:
-        """Run the kernel registered as ``name`` on this rank (collective when the kernel waits on peers).
+    def run(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
+        """Run the kernel of ``params`` on this rank (collective when the kernel waits on peers).
 
         Args:
-            args: integers, or tensors (passed as their ``data_ptr()``).
+            spec: the ``IntranodeSpec`` / ``InternodeSpec`` every rank runs this call with.
+            params: the kernel's ``*Params`` (its type picks the kernel; see _kernel_paths.py).
             timeout_s: how long the kernel waits for peers (default: this backend's ``timeout_s``).
             op: the epcomm operation this kernel serves (``"dispatch"``, ...). With it, the kernel is a
                 stage of ``op`` on the progress board: a failure names the operation, the kernel and
@@ -188,18 +188,21 @@ class SimBackend:
         Raises:
             EpcommTimeoutError: a peer did not arrive in time (the message names rank and peers).
             EpcommPeerError: a peer failed first and aborted the kernel (``op`` given).
-            ValueError: no such kernel, or bad arguments.
+            ValueError: no such kernel for this runtime, or bad arguments.
         """
-        values = [a.data_ptr() if isinstance(a, torch.Tensor) else int(a) for a in args]
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
-        if op is None:
-            self.runtime.run_kernel(name, values, limit)
-        else:
-            self.comm.run_local(op, f"kernel {name}", lambda: self.runtime.run_kernel(name, values, limit))
+        self._wait_on_peers(type(params).KERNEL, lambda: self.runtime.run(spec, params, limit), op)
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
-        """All ranks meet in peer memory (the ``peer_barrier`` kernel); writes before it are visible after it."""
-        self.run_kernel("peer_barrier", timeout_s=timeout_s, op=op)
+        """All ranks meet in peer memory (the peer barrier kernel); writes before it are visible after it."""
+        limit = self.timeout_s if timeout_s is None else float(timeout_s)
+        self._wait_on_peers("peer_barrier", lambda: self.runtime.barrier(limit), op)
+
+    def _wait_on_peers(self, kernel: str, launch, op: str | None) -> None:
+        if op is None:
+            launch()
+        else:
+            self.comm.run_local(op, f"kernel {kernel}", launch)
 
     def registered_kernels(self) -> list[str]:
         return list(self._ext.registered_kernels())
@@ -227,7 +230,7 @@ class SimPlan:
     """Routing of one kernel-backend dispatch (kept in the handle)."""
 
     def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor, notify_outputs: tuple,
-                 layout: Layout, recv_counts: list[int]) -> None:
+                 spec, recv_counts: list[int]) -> None:
         self.num_tokens = num_tokens
         self.num_recv = num_recv
         self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous
@@ -240,16 +243,17 @@ class SimPlan:
             self.num_forwarded = int(self.forward_channel_prefix[-1, -1])
             self.forward_peer_masks = torch.zeros(max(self.num_forwarded, 1), dtype=torch.int32,
                                                   device=is_token_in_rank.device)
-        self.layout = layout
+        self.spec = spec  # the workspace spec of the dispatch (calls along this handle cover it)
         self.send_counts = is_token_in_rank.sum(0).tolist()  # rows to each rank
         self.recv_counts = recv_counts  # rows from each rank
 
 
-class SimDispatchBackend:
+class SimDispatchBackend(DispatchBackend):
     """Dispatch/combine through epcomm's kernels on the CPU.
 
-    Same methods and return conventions as :class:`~epcomm.backends.torch_backend.TorchBackend`,
-    bit-identical results. One node runs the intranode kernels, several the two-hop internode
+    The :class:`~epcomm.backends.base.DispatchBackend` operations, bit-identical to
+    :class:`~epcomm.backends.torch_backend.TorchBackend`'s; received ``topk_idx`` are local ids
+    (the kernels localise them). One node runs the intranode kernels, several the two-hop internode
     kernels (network rings between same-index ranks of every node, NVLink forwarding, node
     partials); across nodes a "network" put is a copy into the peer's shared memory, counted by the
     transport. Buffers are allocated at construction when ``num_nvl_bytes`` (and, across nodes,
@@ -263,26 +267,33 @@ class SimDispatchBackend:
     """
 
     name = "sim"
-    runtime_class = SimBackend  # the device runtime the kernels run on
+    local_expert_ids = True
+    runtime_class = SimRuntime  # the device runtime the kernels run on
     device = torch.device("cpu")  # where the kernels read and write tensors
 
-    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int = 0, *, num_rdma_bytes: int = 0,
-                 max_nodes_per_token: int = 4, timeout_s: float | None = None) -> None:
-        self.comm = comm
-        self.topo = topo
-        self.timeout_s = comm.timeout.total_seconds() if timeout_s is None else float(timeout_s)
-        self._ext = load_extension("cpu")
+    def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
+        super().__init__(comm, topo, options)
+        num_nvl_bytes, num_rdma_bytes = options.num_nvl_bytes, options.num_rdma_bytes
+        self.timeout_s = float(options.timeout_s)
+        self._ext = load_extension(self.runtime_class.runtime_kind)  # its types are the ones its runtime runs
         self.path = (IntranodePath(self._ext, topo) if topo.num_nodes == 1
-                     else InternodePath(self._ext, topo, max_nodes_per_token))
+                     else InternodePath(self._ext, topo, options.max_nodes_per_token))
         self.explicit_bytes = (num_nvl_bytes, num_rdma_bytes if topo.num_nodes > 1 else 0)
-        self._sim: SimBackend | None = None
+        self._device_runtime: SimRuntime | None = None
         self._epoch = 0
-        self._last_layout: Layout | None = None
+        self._last_spec = None
         if num_nvl_bytes > 0 or num_rdma_bytes > 0:
             if topo.num_nodes > 1 and (num_nvl_bytes <= 0 or num_rdma_bytes <= 0):
                 raise ValueError(f"the {self.name} backend across nodes needs both num_nvl_bytes and num_rdma_bytes "
                                  f"(got {num_nvl_bytes} and {num_rdma_bytes}), or neither (sized automatically)")
-            self._sim = self._new_runtime(self._total_bytes(self.explicit_bytes))
+            self._device_runtime = self._new_runtime(self._total_bytes(self.explicit_bytes))
+
+    @classmethod
+    def check_options(cls, topo: Topology, options: BackendOptions) -> None:
+        """The kernels run the two-hop path across nodes (raises ValueError for 'flat')."""
+        if topo.num_nodes > 1 and options.algorithm != "two_hop":
+            raise ValueError(f"backend {cls.name!r} runs the two-hop kernels across nodes: pass algorithm="
+                             f"'two_hop' or 'auto' (got {options.algorithm!r}); 'flat' is the torch backend's")
 
     # ------------------------------------------------------------ sizing and checks
     @staticmethod
@@ -290,22 +301,21 @@ class SimDispatchBackend:
         nvl, rdma = regions
         return rdma_offset(nvl) + rdma if rdma else nvl
 
-    def _new_runtime(self, num_bytes: int) -> SimBackend:
+    def _new_runtime(self, num_bytes: int) -> SimRuntime:
         return self.runtime_class(self.comm, self.topo, num_bytes, timeout_s=self.timeout_s)
 
-    def required_bytes(self, layout: Layout) -> int:
-        """Bytes per rank a call of ``layout`` needs (the NVL region, then the RDMA region)."""
-        return self._total_bytes(self.path.region_bytes(layout))
+    def required_bytes(self, spec) -> int:
+        """Bytes per rank a call of ``spec`` needs (the NVL region, then the RDMA region)."""
+        return self._total_bytes(self.path.region_bytes(spec))
 
-    def _check_size(self, layout: Layout, what: str) -> None:
+    def _check_size(self, spec, what: str) -> None:
         if not any(self.explicit_bytes):
             return
         regions = (("num_nvl_bytes", "get_nvl_buffer_size_hint"), ("num_rdma_bytes", "get_rdma_buffer_size_hint"))
-        for ((name, hint), given), need in zip(zip(regions, self.explicit_bytes), self.path.region_bytes(layout)):
+        for ((name, hint), given), need in zip(zip(regions, self.explicit_bytes), self.path.region_bytes(spec)):
             if need > given:
                 raise Invalid(
-                    f"the {self.name} backend needs {name}={need} for this {what} (layout {layout.shape}, kernel config "
-                    f"{layout.kernel}) but Buffer({name}={given}) was given: raise {name} to at least {need} "
+                    f"the {self.name} backend needs {name}={need} for this {what} ({self.path.describe(spec)}) but Buffer({name}={given}) was given: raise {name} to at least {need} "
                     f"(Config.{hint}), or pass 0 to size it automatically")
 
     def _check_kernel_config(self, config: Config | None) -> None:
@@ -329,16 +339,16 @@ class SimDispatchBackend:
                           f"(hidden={tensors['x'].size(1)}, {tensors['x'].dtype}); use an even hidden size")
         if isinstance(plan, SimPlan):
             self._check_cached_config(plan, config, "a cached dispatch")
-            layout = plan.layout.covering(self.path.dispatch_shape(tensors, 0))
+            spec = self.path.covering(plan.spec, self.path.dispatch_spec(plan.spec.config, tensors, 0))
         else:
             self._check_kernel_config(config)
-            layout = Layout(self.path.kernel_config(config), self.path.dispatch_shape(tensors, num_topk))
-        self._check_size(layout, "dispatch")
+            spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
+        self._check_size(spec, "dispatch")
 
     def _check_cached_config(self, plan: SimPlan, config: Config | None, what: str) -> None:
         # received rows are placed per channel: calls along a handle use the dispatch's channels
-        if config is not None and self.path.kernel_config(config) != plan.layout.kernel:
-            raise Invalid(f"{what} runs with its dispatch's kernel config {plan.layout.kernel}, got a Config "
+        if config is not None and self.path.kernel_config(config) != plan.spec.config:
+            raise Invalid(f"{what} runs with its dispatch's kernel config {plan.spec.config}, got a Config "
                           f"asking for {self.path.kernel_config(config)}; pass config=None or the dispatch's Config")
 
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
@@ -352,52 +362,52 @@ class SimDispatchBackend:
             self._check_cached_config(plan, config, "combine")
             # the layout depends on the weights' width, which the ranks do not agree on: pin it to
             # the dispatch's num_topk (agreed), so every rank lays out the buffers alike
-            num_topk = self.path.num_topk(plan.layout)
+            num_topk = self.path.num_topk(plan.spec)
             if weights is not None and weights.size(1) != num_topk:
                 raise Invalid(f"the {self.name} backend's combine takes topk_weights with the dispatch's "
                               f"num_topk={num_topk} columns, got {weights.size(1)}")
-            self._check_size(plan.layout.covering(self.path.combine_shape(x)), "combine")
+            self._check_size(self.path.covering(plan.spec, self.path.combine_spec(plan.spec.config, x)), "combine")
 
     # ------------------------------------------------------------ kernels
-    def _ensure(self, layout: Layout, op: str) -> SimBackend:
-        """Buffers that hold ``layout``, in a state the kernels expect; collective (every rank calls it with
-        the same layout).
+    def _ensure(self, spec, op: str) -> SimRuntime:
+        """Buffers that hold ``spec``'s workspace, in a state the kernels expect; collective (every rank
+        calls it with the same spec).
 
         New (zeroed) buffers when the current ones are too small. When only the layout changed, the
         regions move (the RDMA region starts after the NVL one; barrier signals and ring signals
         persist across calls), so every rank waits for the others to leave the old layout, zeroes its
         buffer and starts counting epochs again, and all meet once more before anyone signals a peer.
         """
-        need = self.required_bytes(layout)
-        if self._sim is None or self._sim.num_nvl_bytes < need:
-            if any(self.explicit_bytes) and self._sim is not None:
-                raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._sim.num_nvl_bytes} bytes, "
+        need = self.required_bytes(spec)
+        if self._device_runtime is None or self._device_runtime.num_nvl_bytes < need:
+            if any(self.explicit_bytes) and self._device_runtime is not None:
+                raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._device_runtime.num_nvl_bytes} bytes, "
                                   f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
-            if self._sim is not None:
-                self._sim.barrier(op=op)  # nobody still uses the old buffers
-                self._sim.close()
-                self._sim = None
-            self._sim = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
+            if self._device_runtime is not None:
+                self._device_runtime.barrier(op=op)  # nobody still uses the old buffers
+                self._device_runtime.close()
+                self._device_runtime = None
+            self._device_runtime = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
             self._epoch = 0
-        elif self._last_layout is not None and layout != self._last_layout:
-            self._sim.barrier(op=op)
-            self._sim.runtime.zero(0, self._sim.num_nvl_bytes)
+        elif self._last_spec is not None and spec != self._last_spec:
+            self._device_runtime.barrier(op=op)
+            self._device_runtime.runtime.zero(0, self._device_runtime.num_nvl_bytes)
             self._epoch = 0
-            self._sim.barrier(op=op)
-        self._last_layout = layout
-        return self._sim
+            self._device_runtime.barrier(op=op)
+        self._last_spec = spec
+        return self._device_runtime
 
     def _next_epoch(self) -> int:
         """One more per notify on these buffers, the same on every rank."""
         self._epoch += 1
         return self._epoch
 
-    def _run(self, sim: SimBackend, kernel: str, args: list[int], op: str) -> None:
-        sim.run_kernel(f"{self.path.prefix}_{kernel}", *args, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
+    def _run(self, runtime: SimRuntime, spec, params, op: str) -> None:
+        runtime.run(spec, params, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
 
-    def _barrier(self, sim: SimBackend, layout: Layout, op: str) -> None:
+    def _barrier(self, runtime: SimRuntime, spec, op: str) -> None:
         """notify without counts: all ranks meet and reset their NVL ring counters."""
-        self._run(sim, "notify", self.path.barrier_args(layout, self._next_epoch()), op)
+        self._run(runtime, spec, self.path.notify_params(self._next_epoch()), op)
 
     def _counters(self) -> torch.Tensor | None:
         """Bytes the internode transport puts per link class (self, nvlink, network), or None (intranode)."""
@@ -409,38 +419,30 @@ class SimDispatchBackend:
             if rows:
                 self.comm.traffic.record(op, self.topo.link_to(peer), rows, rows * payload_bytes, rows * meta_bytes)
 
-    def dispatch(self, tensors, fmt, is_token_in_rank, counts, node_counts, num_experts: int = -1,
-                 config: Config | None = None):
-        """See TorchBackend.dispatch; rows ordered by source rank, then token.
-
-        ``num_experts`` (needed with ``topk_idx``): the kernel turns expert ids into this rank's
-        local ids; they are turned back into global ids here, as the torch backend returns them.
-        """
+    def dispatch(self, call: DispatchCall):
+        """See :meth:`DispatchBackend.dispatch`; rows ordered by source rank, then token; ``topk_idx``
+        as this rank's local ids (the kernel localises them with ``call.placement``)."""
+        tensors, config, counts = call.tensors, call.config, call.counts
         world, me = self.topo.world_size, self.topo.rank
         num_topk = tensors["topk_idx"].size(1) if "topk_idx" in tensors else 0
-        layout = Layout(self.path.kernel_config(config), self.path.dispatch_shape(tensors, num_topk))
-        sim = self._ensure(layout, "dispatch")
-        in_rank = is_token_in_rank.contiguous()
+        spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
+        runtime = self._ensure(spec, "dispatch")
+        in_rank = call.is_token_in_rank.contiguous()
         num_tokens = in_rank.size(0)
-        outputs = self.path.notify_outputs(layout.kernel[0], self.device)
-        self._run(sim, "notify", self.path.notify_args(layout, self._next_epoch(), in_rank, num_tokens, outputs),
-                  "dispatch")
+        outputs = self.path.notify_outputs(self.path.num_channels(spec), self.device)
+        self._run(runtime, spec, self.path.notify_params(self._next_epoch(), in_rank, num_tokens, outputs), "dispatch")
         num_recv = int(outputs[0][world])
         expected = int(counts[:, me].sum())
         if num_recv != expected:
             raise EpcommError(f"epcomm {self.name} dispatch on rank {me}: notify counted {num_recv} rows to receive, "
                               f"the agreed counts say {expected}")
-        plan = SimPlan(num_tokens, num_recv, in_rank, outputs, layout, counts[:, me].tolist())
-        recv = self._dispatch_rows(sim, tensors, plan, num_topk, num_experts, op="dispatch")
-        if num_topk:
-            experts_per_rank = num_experts // world
-            local = recv["topk_idx"]
-            recv["topk_idx"] = torch.where(local >= 0, local + me * experts_per_rank, local)
-        return recv, plan
+        plan = SimPlan(num_tokens, num_recv, in_rank, outputs, spec, counts[:, me].tolist())
+        num_experts = call.placement.num_experts if call.placement is not None else 0
+        return self._dispatch_rows(runtime, tensors, plan, num_topk, num_experts, op="dispatch"), plan
 
-    def _dispatch_rows(self, sim: SimBackend, tensors, plan: SimPlan, num_topk: int, num_experts: int = 0, *,
-                       layout: Layout | None = None, op: str) -> dict[str, torch.Tensor]:
-        layout = layout or plan.layout
+    def _dispatch_rows(self, runtime: SimRuntime, tensors, plan: SimPlan, num_topk: int, num_experts: int = 0, *,
+                       spec=None, op: str) -> dict[str, torch.Tensor]:
+        spec = spec or plan.spec
         contiguous = lambda name: tensors[name].contiguous() if name in tensors else None  # noqa: E731
         x, scales = contiguous("x"), contiguous("scales")
         hidden_bytes, scale_bytes = row_bytes(tensors)
@@ -455,13 +457,13 @@ class SimDispatchBackend:
                     topk_weights=new(m, num_topk, dtype=torch.float32) if inputs["topk_weights"] is not None else None,
                     src_idx=new(m, dtype=torch.int32))
         counters = self._counters()
-        self._run(sim, "dispatch", self.path.dispatch_args(layout, plan, counters, inputs, recv), op)
+        self._run(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv), op)
         if counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
             self._record(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
         else:
-            self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, self.path.num_topk(layout))
+            self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, self.path.num_topk(spec))
         recv.pop("src_idx")
         return {name: t for name, t in recv.items() if t is not None}
 
@@ -478,29 +480,30 @@ class SimDispatchBackend:
         if to_peers:
             self.comm.traffic.record(op, LinkClass.NVLINK, to_peers, to_peers * row_bytes_, 0)
 
-    def dispatch_cached(self, tensors, fmt, plan: SimPlan, op: str = "cached dispatch", config: Config | None = None):
+    def dispatch_cached(self, tensors, plan: SimPlan, config: Config | None = None):
         """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
+        op = "cached dispatch"
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
-        layout = plan.layout.covering(self.path.dispatch_shape(rows, 0))
-        sim = self._ensure(layout, op)
-        self._barrier(sim, layout, op)
-        return self._dispatch_rows(sim, rows, plan, 0, layout=layout, op=op)
+        spec = self.path.covering(plan.spec, self.path.dispatch_spec(plan.spec.config, rows, 0))
+        runtime = self._ensure(spec, op)
+        self._barrier(runtime, spec, op)
+        return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op)
 
-    def combine(self, tensors, fmt, plan: SimPlan, config: Config | None = None) -> dict[str, torch.Tensor]:
+    def combine(self, tensors, plan: SimPlan, config: Config | None = None) -> dict[str, torch.Tensor]:
         """Per field, [num_tokens, width] sums: x's dtype for ``x`` (fp32 sums rounded once), fp32 weights."""
         x = tensors["x"].contiguous()
         weights = tensors.get("topk_weights")
         weights = weights.contiguous() if weights is not None else None
         num_topk = weights.size(1) if weights is not None else 0
-        layout = plan.layout.covering(self.path.combine_shape(x))  # num_topk == layout's (check_combine)
-        sim = self._ensure(layout, "combine")
-        self._barrier(sim, layout, "combine")
+        spec = self.path.covering(plan.spec, self.path.combine_spec(plan.spec.config, x))  # num_topk: check_combine
+        runtime = self._ensure(spec, "combine")
+        self._barrier(runtime, spec, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
         counters = self._counters()
-        self._run(sim, "combine",
-                  self.path.combine_args(layout, plan, counters, x, weights, num_topk, combined, combined_w), "combine")
+        self._run(runtime, spec, self.path.combine_params(plan, counters, x, weights, num_topk, combined, combined_w),
+                  "combine")
         row = x.size(1) * x.element_size()
         if counters is None:
             self._record("combine", plan.recv_counts, row, 4 * num_topk)
@@ -519,7 +522,7 @@ class SimDispatchBackend:
                 forwarder = topo.rank_of(topo.node, topo.local_of(src))
                 self.comm.traffic.record("combine", topo.link_to(forwarder), rows, rows * row, rows * 4 * num_topk)
         # a partial is fp32 [hidden] plus its fp32 weights [the dispatch's num_topk]
-        self._record_puts("combine", counters, 4 * x.size(1), 4 * self.path.num_topk(plan.layout))
+        self._record_puts("combine", counters, 4 * x.size(1), 4 * self.path.num_topk(plan.spec))
 
     def _record_puts(self, op: str, counters: torch.Tensor, payload_bytes: int, meta_bytes: int) -> None:
         """The transport's byte counters (self, nvlink, network) as rows of ``payload + meta`` bytes each."""
@@ -533,6 +536,6 @@ class SimDispatchBackend:
                 self.comm.traffic.record(op, link, rows, rows * payload_bytes, rows * meta_bytes)
 
     def close(self) -> None:
-        if self._sim is not None:
-            self._sim.close()
-            self._sim = None
+        if self._device_runtime is not None:
+            self._device_runtime.close()
+            self._device_runtime = None

@@ -34,6 +34,7 @@ from .._comm import GroupComm
 from .._wire import Field, RowFormat
 from ..layout import token_node_mask
 from ..topology import Topology
+from .base import BackendOptions, DispatchBackend, DispatchCall
 
 __all__ = ["TorchBackend", "FlatPlan", "TwoHopPlan", "release_scratch"]
 
@@ -126,16 +127,27 @@ class TwoHopPlan:
         return sum(self.hop2_recv_counts)
 
 
-class TorchBackend:
+_PAYLOAD = ("x", "scales")  # token data; the other fields are routing metadata
+
+
+def row_format(tensors: dict[str, torch.Tensor]) -> RowFormat:
+    """The wire format of rows carrying ``tensors`` (x first: it is the bulk field)."""
+    return RowFormat([Field(name, t.dtype, t.size(1), payload=name in _PAYLOAD) for name, t in tensors.items()])
+
+
+class TorchBackend(DispatchBackend):
     """Dispatch/combine over a process group. Buffer validates; this moves data."""
 
     name = "torch"
 
-    def __init__(self, comm: GroupComm, topo: Topology, algorithm: str) -> None:
-        self.comm = comm
-        self.topo = topo
-        self.algorithm = algorithm
+    def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
+        super().__init__(comm, topo, options)
+        self.algorithm = options.algorithm
         self.scratch = _SCRATCH
+
+    @classmethod
+    def check_options(cls, topo: Topology, options: BackendOptions) -> None:
+        """Both algorithms run on any topology."""
 
     # ----------------------------------------------------------------- helpers
     def _gather(self, name: str, tensors: dict[str, torch.Tensor], fmt: RowFormat, idx: torch.Tensor):
@@ -170,38 +182,20 @@ class TorchBackend:
         """Backend-specific input limits of combine (raise ``Invalid``); none here."""
 
     # ----------------------------------------------------------------- dispatch
-    def dispatch(
-        self,
-        tensors: dict[str, torch.Tensor],
-        fmt: RowFormat,
-        is_token_in_rank: torch.Tensor,
-        counts: torch.Tensor,
-        node_counts: torch.Tensor,
-        num_experts: int = -1,
-        config: object = None,
-    ) -> tuple[dict[str, torch.Tensor], FlatPlan | TwoHopPlan]:
-        """Send each token's row to every rank in ``is_token_in_rank``.
-
-        Args:
-            tensors: per-token ``[N, width]`` tensors named by ``fmt``'s fields.
-            is_token_in_rank: ``[N, world_size]`` bool.
-            counts: ``[world_size, world_size]`` int64, ``counts[s, d]`` tokens rank s sends rank d.
-            node_counts: ``[world_size, num_nodes]`` int64, tokens rank s sends to node n.
-            num_experts: unused here (the kernel backends need it to localize expert ids).
-            config: unused here (the kernel backends' :class:`~epcomm.Config`).
-        Returns:
-            per field, ``[num_recv, width]`` rows ordered by source rank, then token,
-            and the plan that cached dispatch and combine reuse.
-        """
+    def dispatch(self, call: DispatchCall) -> tuple[dict[str, torch.Tensor], FlatPlan | TwoHopPlan]:
+        """See :meth:`DispatchBackend.dispatch`; ``topk_idx`` comes back as global ids."""
+        fmt = row_format(call.tensors)
         if self.algorithm == "flat":
-            return self._dispatch_flat(tensors, fmt, is_token_in_rank, counts)
-        return self._dispatch_two_hop(tensors, fmt, is_token_in_rank, counts, node_counts)
+            return self._dispatch_flat(call.tensors, fmt, call.is_token_in_rank, call.counts)
+        return self._dispatch_two_hop(call.tensors, fmt, call.is_token_in_rank, call.counts, call.node_counts)
 
-    def dispatch_cached(
-        self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan,
-        op: str = "cached dispatch", config: object = None,
-    ) -> dict[str, torch.Tensor]:
+    def dispatch_cached(self, tensors: dict[str, torch.Tensor], plan: FlatPlan | TwoHopPlan,
+                        config: object = None) -> dict[str, torch.Tensor]:
         """Dispatch along an earlier dispatch's routing (no count exchange)."""
+        return self._dispatch_along(tensors, row_format(tensors), plan, "cached dispatch")
+
+    def _dispatch_along(self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan,
+                        op: str) -> dict[str, torch.Tensor]:
         if isinstance(plan, FlatPlan):
             send = self._gather("a", tensors, fmt, plan.send_token_idx)
             return self.comm.exchange_rows(op, "rows", fmt, send, plan.send_counts, plan.recv_counts)
@@ -218,7 +212,7 @@ class TorchBackend:
             send_counts=counts[me].tolist(),
             recv_counts=counts[:, me].tolist(),
         )
-        return self.dispatch_cached(tensors, fmt, plan, op="dispatch"), plan
+        return self._dispatch_along(tensors, fmt, plan, "dispatch"), plan
 
     def _hop1(self, op, fmt, send, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
         bulk = send[fmt.bulk.name]
@@ -280,18 +274,17 @@ class TorchBackend:
         return {name: t.index_select(0, plan.recv_order) for name, t in hop2.items()}
 
     # ------------------------------------------------------------------ combine
-    def combine(
-        self, tensors: dict[str, torch.Tensor], fmt: RowFormat, plan: FlatPlan | TwoHopPlan, config: object = None
-    ) -> dict[str, torch.Tensor]:
+    def combine(self, tensors: dict[str, torch.Tensor], plan: FlatPlan | TwoHopPlan,
+                config: object = None) -> dict[str, torch.Tensor]:
         """Return each received row to its source and sum per token (fp32, fixed order).
 
         Args:
-            tensors: ``[num_recv, width]`` tensors, rows in dispatch's receive order.
-            fmt: their row format; every field is summed.
+            tensors: ``[num_recv, width]`` tensors, rows in dispatch's receive order; every one is summed.
         Returns:
-            per field, ``float32 [num_tokens, width]`` sums (not yet cast; scratch memory,
+            per tensor, ``float32 [num_tokens, width]`` sums (not yet cast; scratch memory,
             valid until the next call).
         """
+        fmt = row_format(tensors)
         if isinstance(plan, FlatPlan):
             return self._combine_flat(tensors, fmt, plan)
         return self._combine_two_hop(tensors, fmt, plan)

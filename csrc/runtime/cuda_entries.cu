@@ -11,12 +11,13 @@
 #include "../kernels/intranode.hpp"
 #include "device_runtime.hpp"
 #include "intranode_entries.hpp"
+#include "kernel_entries.hpp"
 
 namespace epcomm::runtime {
 
 namespace {
 
-using intranode_entries::LaunchOutcome;
+using entries::LaunchOutcome;
 
 std::string cuda_problem(char const* what, cudaError_t error) {
   return std::string(what) + " failed with " + cudaGetErrorName(error) + ": " + cudaGetErrorString(error);
@@ -45,7 +46,7 @@ struct CudaTarget {
   };
 
   template <class Args>
-  static LaunchOutcome launch(char const* /*name*/, Args const& args, KernelCall const& call) {
+  static LaunchOutcome launch(Args const& args, KernelCall const& call) {
     void* const stream = call.stream.native();
     if (int const error = launch_grid(args, stream); error != int(cudaSuccess))
       return {ErrorCode::kKernelFailed, cuda_problem("kernel launch", cudaError_t(error))};
@@ -64,8 +65,10 @@ struct CudaTarget {
   }
 };
 
+static_assert(entries::DeviceTarget<CudaTarget>);
+
 struct RegisterIntranode {
-  RegisterIntranode() { intranode_entries::register_entries<CudaTarget>(); }
+  RegisterIntranode() { entries::register_intranode_entries<CudaTarget>(); }
 } const register_intranode;
 
 }  // namespace

@@ -1,0 +1,115 @@
+#pragma once
+// The internode (two-hop) kernels (kernels/internode.hpp) as entries of a device runtime, generic
+// over the Target (kernel_entries.hpp) and the Transport (transport/transport.cuh): an entry for a
+// new pair is an instantiation plus, for a new transport, one TransportBinding specialization.
+// Each rank's data region is [NVL workspace | RDMA workspace at spec.rdma_offset].
+//
+// Instantiated today: cpu + ShmTransport (cpu_entries.cpp: every rank's buffer mapped by every
+// rank through POSIX shared memory, ShmTransport's puts standing in for the network). The cuda
+// runtime needs GinTransport (its binding builds the transport from the runtime's NCCL GIN
+// session, runtime/gin_setup.cu) and a Target whose peer-table pointers are device memory.
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../kernels/internode.hpp"
+#include "../kernels/internode_validate.hpp"
+#include "../transport/shm_transport.cuh"
+#include "device_runtime.hpp"
+#include "intranode_entries.hpp"
+#include "kernel_entries.hpp"
+
+namespace epcomm::runtime::entries {
+
+// How a Transport is built for one call: specialize with a `make` that returns the transport,
+// keeping in the binding object whatever it points to for the duration of the launch.
+template <class Transport>
+struct TransportBinding;
+
+// ShmTransport over the runtime's peer table: every rank's RDMA region is mapped in this process.
+template <>
+struct TransportBinding<transport::ShmTransport> {
+  std::vector<char*> rdma_buffers;  // [R] each rank's RDMA region, as mapped here
+
+  transport::ShmTransport make(KernelCall const& call, kernels::InternodeSpec const& spec,
+                               kernels::RdmaWorkspace const& workspace, uint64_t* byte_counters) {
+    DeviceRuntime const& runtime = call.runtime;
+    void* const* peers = runtime.device_peer_data_table();
+    for (int r = 0; r < runtime.num_ranks(); ++r) rdma_buffers.push_back(static_cast<char*>(peers[r]) + spec.rdma_offset);
+    return {runtime.rank(), runtime.num_ranks(), spec.workspace.num_nvl_ranks, rdma_buffers.data(),
+            workspace.signals_offset, byte_counters};
+  }
+};
+
+// Bytes per rank a call of `spec` needs: (NVL region, RDMA region).
+inline std::pair<size_t, size_t> workspace_bytes(kernels::InternodeSpec const& spec) {
+  return {kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl).required_bytes(),
+          kernels::RdmaWorkspace(spec.workspace, spec.config).required_bytes()};
+}
+
+// "" when the internode kernels take `spec`, else the rule it breaks.
+inline std::string spec_problem(kernels::InternodeSpec const& spec) {
+  char const* problem = kernels::validate_rdma_shape(spec.workspace, spec.config);
+  return problem != nullptr ? problem : "";
+}
+
+template <class Transport>
+kernels::InternodeComm<Transport> internode_comm(KernelCall const& call, kernels::InternodeSpec const& spec,
+                                                 kernels::ErrorSlot* slot, TransportBinding<Transport>& binding,
+                                                 uint64_t* byte_counters, char const* name) {
+  DeviceRuntime const& runtime = call.runtime;
+  kernels::RdmaWorkspaceShape const& shape = spec.workspace;
+  if (shape.num_nodes * shape.num_nvl_ranks != runtime.num_ranks())
+    throw invalid_argument(name, "spec.workspace has " + std::to_string(shape.num_nodes) + " nodes x " +
+                                     std::to_string(shape.num_nvl_ranks) + " ranks but the runtime has " +
+                                     std::to_string(runtime.num_ranks()) + " ranks");
+  if (std::string const problem = spec_problem(spec); !problem.empty()) throw invalid_argument(name, problem);
+  kernels::InternodeComm<Transport> comm;
+  comm.rank = runtime.rank();
+  comm.num_ranks = runtime.num_ranks();
+  comm.num_nvl_ranks = shape.num_nvl_ranks;
+  comm.config = spec.config;
+  comm.nvl_workspace = kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl);
+  comm.rdma_workspace = kernels::RdmaWorkspace(shape, spec.config);
+  size_t const nvl_bytes = comm.nvl_workspace.required_bytes(), rdma_bytes = comm.rdma_workspace.required_bytes();
+  if (spec.rdma_offset < 0 || nvl_bytes > size_t(spec.rdma_offset) || size_t(spec.rdma_offset) + rdma_bytes > runtime.num_bytes())
+    throw invalid_argument(name, "the kernels need " + std::to_string(nvl_bytes) + " NVL bytes before rdma_offset=" +
+                                     std::to_string(spec.rdma_offset) + " and " + std::to_string(rdma_bytes) +
+                                     " RDMA bytes after it; the buffer has " + std::to_string(runtime.num_bytes()) +
+                                     " bytes");
+  void* const* peers = runtime.device_peer_data_table();  // [R]: this node's ranks are contiguous
+  comm.nvl_peer_buffers = peers + comm.node() * shape.num_nvl_ranks;
+  comm.transport = binding.make(call, spec, comm.rdma_workspace, byte_counters);
+  comm.error = slot;
+  comm.timeout_cycles = timeout_cycles(call);
+  return comm;
+}
+
+template <class Params>
+uint64_t* byte_counters_of(Params const& params) {
+  if constexpr (requires { params.byte_counters; }) return params.byte_counters;
+  return nullptr;
+}
+
+template <DeviceTarget Target, class Args, class Transport>
+void run_internode(KernelCall const& call, kernels::InternodeSpec const& spec, typename Args::Params const& params) {
+  typename Target::Slot slot;
+  TransportBinding<Transport> binding;
+  Args args;
+  static_cast<typename Args::Params&>(args) = params;
+  args.comm = internode_comm(call, spec, slot.kernel_view(), binding, byte_counters_of(params), Args::kName);
+  if constexpr (requires { args.max_nodes_per_token; }) args.max_nodes_per_token = spec.workspace.max_nodes_per_token;
+  launch_and_finish<Target>(call, args, slot);
+}
+
+template <DeviceTarget Target, class Transport>
+void register_internode_entries() {
+  using namespace kernels;
+  register_kernel<InternodeNotifyParams>(Target::kKind, run_internode<Target, InternodeNotifyArgs<Transport>, Transport>);
+  register_kernel<InternodeDispatchParams>(Target::kKind,
+                                           run_internode<Target, InternodeDispatchArgs<Transport>, Transport>);
+  register_kernel<InternodeCombineParams>(Target::kKind, run_internode<Target, InternodeCombineArgs<Transport>, Transport>);
+}
+
+}  // namespace epcomm::runtime::entries

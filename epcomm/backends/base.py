@@ -1,0 +1,116 @@
+"""What a backend is: the operations :class:`~epcomm.Buffer` drives, and what it hands them.
+
+``Buffer`` validates inputs, agrees with the other ranks (so bad input fails everywhere before
+anything moves) and shapes the results; a backend only moves rows. Each backend module defines one
+:class:`DispatchBackend` subclass and the registry (``epcomm.backends``) names it.
+
+Tensors are passed as a dict of per-token ``[rows, width]`` tensors in this order, each optional
+except ``x``: ``x`` (bf16/fp16/fp32, or FP8 e4m3 data), ``scales`` (float32, FP8 only),
+``topk_idx`` (int64 global expert ids, ``-1`` none), ``topk_weights`` (float32). A backend's wire
+format (how it packs these into rows) is its own business.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .._comm import GroupComm
+from ..config import Config
+from ..placement import ExpertPlacement
+from ..topology import Topology
+
+__all__ = ["BackendOptions", "DispatchBackend", "DispatchCall"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The Buffer's choices a backend is built with (each backend reads what applies to it)."""
+
+    num_nvl_bytes: int = 0  # kernel backends: NVL buffer bytes per rank (0: sized at the first call)
+    num_rdma_bytes: int = 0  # kernel backends: network buffer bytes per rank (0: sized at the first call)
+    algorithm: str = "flat"  # "flat" or "two_hop"
+    max_nodes_per_token: int = 4
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DispatchCall:
+    """One non-cached dispatch, after every rank agreed on it.
+
+    Attributes:
+        tensors: per-token tensors (see the module docs), ``[N, width]`` each.
+        is_token_in_rank: ``[N, world_size]`` bool.
+        counts: ``[world_size, world_size]`` int64, ``counts[s, d]``: tokens rank ``s`` sends rank ``d``
+            (every rank's, from the agreement).
+        node_counts: ``[world_size, num_nodes]`` int64, tokens rank ``s`` sends to node ``n``.
+        placement: where the experts live (with ``topk_idx``), else None.
+        config: the kernel backends' :class:`~epcomm.Config` (None: the backend's default).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    is_token_in_rank: torch.Tensor
+    counts: torch.Tensor
+    node_counts: torch.Tensor
+    placement: ExpertPlacement | None
+    config: Config | None
+
+
+class DispatchBackend(abc.ABC):
+    """Moves the rows of dispatch and combine for one Buffer. All methods but the checks are collective.
+
+    Class attributes:
+        name: the registry name (``Buffer(backend=name)``).
+        local_expert_ids: True when :meth:`dispatch` returns ``topk_idx`` already as this rank's local
+            ids (``-1`` elsewhere, weights zeroed there), False when it returns global ids.
+    """
+
+    name: ClassVar[str]
+    local_expert_ids: ClassVar[bool] = False
+
+    def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
+        self.comm, self.topo, self.options = comm, topo, options
+
+    @abc.abstractmethod
+    def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
+                       config: Config | None = None) -> None:
+        """Raise :class:`~epcomm._validate.Invalid` for inputs this backend cannot take (local, before agreement).
+
+        ``plan``: the handle's plan for a cached dispatch, else None.
+        """
+
+    @abc.abstractmethod
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
+        """As :meth:`check_dispatch`, for combine."""
+
+    @abc.abstractmethod
+    def dispatch(self, call: DispatchCall) -> tuple[dict[str, torch.Tensor], object]:
+        """Send each token's row to every rank in ``call.is_token_in_rank``.
+
+        Returns:
+            per tensor name, ``[num_recv, width]`` rows ordered by source rank, then token
+            (``topk_idx`` global or local ids, see :attr:`local_expert_ids`), and the plan that
+            cached dispatch and combine reuse (kept in the handle).
+        """
+
+    @abc.abstractmethod
+    def dispatch_cached(self, tensors: dict[str, torch.Tensor], plan: object,
+                        config: Config | None = None) -> dict[str, torch.Tensor]:
+        """Dispatch ``x`` (and ``scales``) along an earlier dispatch's routing."""
+
+    @abc.abstractmethod
+    def combine(self, tensors: dict[str, torch.Tensor], plan: object,
+                config: Config | None = None) -> dict[str, torch.Tensor]:
+        """Return each received row (``x``, optional ``topk_weights``) to its source and sum per token.
+
+        Returns:
+            per tensor name, ``[num_tokens, width]`` sums: ``x`` in float32 or x's dtype (the caller
+            casts once), ``topk_weights`` float32. They may live in the backend's scratch memory,
+            valid until its next call.
+        """
+
+    def close(self) -> None:
+        """Release buffers (collective only where the backend says so). Idempotent."""

@@ -1,0 +1,71 @@
+"""Host round trips per operation, counted exactly (``buffer.traffic.round_trips``).
+
+Times are noisy on shared machines; the number of collectives a call issues and the number of
+kernel launches it waits for are not. These are the per-call fixed costs ``bench/host_overhead.py``
+times; a change that adds one fails here.
+
+torch backend: one agreement all_gather, then per exchange one all_to_all for the bulk rows and one
+for the side fields (top-k ids/weights, the forwarding mask) when there are any. Two-hop exchanges
+twice (network hop, NVLink hop). Kernel backends: one agreement all_gather, then two kernels
+(notify, which exchanges the counts or is a barrier, and the dispatch or combine kernel).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import epcomm
+from cases import Case, make_input
+
+# (backend, nodes, ranks per node) -> {operation: (collectives, kernels)}
+EXPECTED = {
+    ("torch", 1, 4): {"dispatch": (3, 0), "cached dispatch": (2, 0), "combine": (2, 0)},
+    ("torch", 2, 2): {"dispatch": (5, 0), "cached dispatch": (3, 0), "combine": (3, 0)},
+    ("sim", 1, 4): {"dispatch": (1, 2), "cached dispatch": (1, 2), "combine": (1, 2)},
+    ("sim", 2, 2): {"dispatch": (1, 2), "cached dispatch": (1, 2), "combine": (1, 2)},
+}
+
+
+def count_round_trips(rank: int, world: int, backend: str, case: Case) -> dict[str, tuple[int, int]]:
+    inp = make_input(case, rank)
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=case.nvl)
+    layout = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    counts = {}
+    for repeat in range(2):  # the second round runs on buffers sized by the first
+        buf.reset_traffic()
+        recv_x, _, _, _, handle, _ = buf.dispatch(
+            inp.x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], num_tokens_per_expert=layout[2],
+            is_token_in_rank=layout[3], topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
+        buf.dispatch(inp.x, handle=handle)
+        buf.combine(recv_x, handle)
+        counts = {op: (trips["collective"], trips["kernel"]) for op, trips in buf.traffic.round_trips.items()}
+    return counts
+
+
+@pytest.mark.parametrize("backend,nodes,nvl", sorted(EXPECTED))
+def test_round_trips_per_operation(pools, backend, nodes, nvl):
+    case = Case(num_nodes=nodes, nvl=nvl, tokens=(12, 7, 0, 9), hidden=128, num_experts=16, topk=3)
+    for rank, counts in enumerate(pools(case.world).run(count_round_trips, backend, case)):
+        assert counts == EXPECTED[backend, nodes, nvl], f"rank {rank}: {counts}"
+
+
+def test_counter_sees_a_bad_call_as_one_agreement(pools):
+    """A call rejected on one rank costs the agreement and the error report on every rank, nothing else."""
+    results = pools(2).run(_bad_call)
+    for rank, trips in enumerate(results):
+        assert trips == {"collective": 2}, f"rank {rank}: {trips}"
+
+
+def _bad_call(rank: int, world: int) -> dict[str, int]:
+    buf = epcomm.Buffer(None, backend="torch")
+    topk_idx = torch.zeros(4, 2, dtype=torch.int64)
+    layout = buf.get_dispatch_layout(topk_idx, 4)
+    x = torch.zeros(4, 64, *([1] if rank == 0 else []), dtype=torch.bfloat16)  # rank 0's x is 3-D: refused there
+    buf.reset_traffic()
+    try:
+        buf.dispatch(x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                     num_tokens_per_expert=layout[2], topk_idx=topk_idx)
+    except epcomm.EpcommInputError:
+        pass
+    return dict(buf.traffic.round_trips["dispatch"])
