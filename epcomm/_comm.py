@@ -94,6 +94,12 @@ class GroupComm:
                 ) from err
             raise EpcommPeerError(f"{where}: a peer failed; {peers}. Backend said: {text}") from err
 
+    def record_rows_to_peers(self, op: str, rows_to_peer: list[int], payload_bytes: int, meta_bytes: int) -> None:
+        """Count ``rows_to_peer[r]`` rows of ``payload_bytes + meta_bytes`` sent to rank ``r``, per link class."""
+        for peer, rows in enumerate(rows_to_peer):
+            if rows:
+                self.traffic.record(op, self.topo.link_to(peer), rows, rows * payload_bytes, rows * meta_bytes)
+
     def all_gather(self, op: str, stage: str, tensor: torch.Tensor) -> torch.Tensor:
         """``[world_size, *tensor.shape]``: every rank's ``tensor``."""
         flat = tensor.contiguous().flatten()
@@ -140,9 +146,7 @@ class GroupComm:
         side_out = None
         if side_send is not None:
             side_out = torch.empty((num_recv, fmt.side_bytes), dtype=torch.uint8, device=send_bulk.device)
-        for peer, rows in enumerate(send_counts):
-            if rows:
-                self.traffic.record(op, self.topo.link_to(peer), rows, rows * fmt.payload_bytes, rows * fmt.meta_bytes)
+        self.record_rows_to_peers(op, send_counts, fmt.payload_bytes, fmt.meta_bytes)
 
         def start() -> list[dist.Work]:
             works = [

@@ -120,7 +120,7 @@ def test_fp8_bytes_and_stability(tmp_path):
 def test_unavailable_backend_exits_nonzero(tmp_path):
     out = _run(tmp_path, "--backend", "cuda", ranks=2)  # no GPU here
     assert out.returncode != 0
-    assert "EpcommBackendUnavailable" in out.stderr and "no usable CUDA GPU on 2 of 2 ranks" in out.stderr, out.stderr
+    assert "EpcommBackendUnavailable" in out.stderr and "backend 'cuda' is unavailable on 2 of 2 ranks" in out.stderr, out.stderr
 
 
 def test_cluster_model_traffic_matches_closed_forms():

@@ -22,6 +22,8 @@
 #include "elements.cuh"
 #include "internode_common.cuh"
 #include "internode_dispatch.cuh"
+#include "network_ring.cuh"
+#include "ordered_reduce.cuh"
 #include "ring_rows.cuh"
 
 namespace epcomm::kernels {
@@ -61,7 +63,7 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
   NvlWorkspace const& nvl = comm.nvl_workspace;
   RdmaWorkspace const& rdma = comm.rdma_workspace;
   Transport const& transport = comm.transport;
-  int const thread = int(threadIdx.x), num_threads = int(blockDim.x), warp = thread / 32, lane = thread % 32;
+  int const thread = int(threadIdx.x), warp = thread / 32, lane = thread % 32;
   int const num_nvl_ranks = comm.num_nvl_ranks, num_channels = comm.config.nvl.num_channels;
   char* const local = transport.local_buffer();
   void* const own_nvl = comm.nvl_peer_buffers[comm.local_rank()];
@@ -69,7 +71,6 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
   int const ring_peer = thread;
   int consumed = 0, needed = 0;  // ring lane: rows of its NVL ring consumed / needed so far
   int const batch_tokens = internode_forwarder_batch_tokens(comm.config);
-  int const ring_tokens = comm.config.rdma_ring_tokens;
   if (thread == 0) failed = 0;
   __syncthreads();
 
@@ -77,9 +78,9 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
     ForwardRange const rows = forward_range(args.forward_channel_prefix_matrix, num_channels, dst_node, channel);
     if (rows.num_rows == 0) continue;
     int const dst = dst_node * num_nvl_ranks + comm.local_rank();
-    int const head_signal = rdma.combine_head_signal(channel, dst_node);
-    uint64_t sent = *rdma.signal_base(local, head_signal);  // rows of this network ring of all time
-    uint64_t slot_limit = 0;                                 // warp 1: rows [.., slot_limit) may be written
+    // every thread follows the ring's count (staging slots); warp 1 waits for credits and puts
+    NetworkRingSender<Transport> ring(transport, rdma, rdma.combine_head_signal(channel, dst_node),
+                                      comm.config.rdma_ring_tokens);
     for (int batch_begin = 0; batch_begin < rows.num_rows; batch_begin += batch_tokens) {
       int const num_batch_tokens = min_int(batch_tokens, rows.num_rows - batch_begin);
       if (is_ring_lane) {
@@ -95,60 +96,44 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
           if (!wait_at_least(context, needed, [&] { return ptx::ld_acquire_sys_global(tail); }, nullptr))
             atomicOr(&failed, 1);
         }
-      } else if (warp == 1 && sent + num_batch_tokens > slot_limit) {
-        // Wait for free network slots for the whole batch
+      } else if (warp == 1) {
+        // Free network slots for the whole batch
         WaitContext const context =
             internode_wait_context(comm, KernelId::kInternodeCombine, Role::kCombineForwarder, channel, dst);
-        uint64_t const wanted = sent + num_batch_tokens > uint64_t(ring_tokens) ? sent + num_batch_tokens - ring_tokens : 0;
-        uint64_t head = 0;
-        if (warp_wait_signal(context, transport, head_signal, wanted, lane, &head)) {
-          slot_limit = head + ring_tokens;
-        } else if (lane == 0) {
+        if (!ring.reserve(context, transport, num_batch_tokens, num_batch_tokens, lane) && lane == 0)
           atomicOr(&failed, 1);
-        }
       }
       __syncthreads();
       if (failed != 0) return;
 
-      // Reduce: peers ascending, fp32 from +0.0, into the staged partial rows
-      for (int i = 0; i < num_batch_tokens; ++i) {
-        char* staged = local + rdma.combine_staging_slot(channel, dst_node, sent + i);
-        for (int j = thread; j < args.hidden; j += num_threads) {
-          float partial = 0.0f;
-          for (int p = 0; p < num_nvl_ranks; ++p) {
-            int const row = ring_rows[i][p];
-            if (row >= 0) partial += load_element(nvl.slot(own_nvl, channel, p, row), j, args.element_kind);
-          }
-          RdmaWorkspace::combine_partial(staged)[j] = partial;
-        }
-        for (int k = thread; k < args.num_topk; k += num_threads) {
-          // weights travel when num_topk > 0 (the same on every rank); this rank's own topk_weights may be
-          // null when it received no rows, while its peers' rows still carry theirs
-          float partial = 0.0f;
-          for (int p = 0; p < num_nvl_ranks; ++p) {
-            int const row = ring_rows[i][p];
-            if (row >= 0) partial += nvl.slot_topk_weights(nvl.slot(own_nvl, channel, p, row))[k];
-          }
-          rdma.combine_weights(staged)[k] = partial;
-        }
-      }
+      // Reduce: peers ascending, fp32 from +0.0, into the staged partial rows. Weights travel when
+      // num_topk > 0 (the same on every rank); this rank's own topk_weights may be null when it
+      // received no rows, while its peers' rows still carry theirs.
+      auto const staged = [&](int i) { return local + rdma.combine_staging_slot(channel, dst_node, ring.sent + i); };
+      reduce_batch_in_order(
+          ring_rows, num_batch_tokens, num_nvl_ranks, args.hidden,
+          [&](int p, int row, int j) { return load_element(nvl.slot(own_nvl, channel, p, row), j, args.element_kind); },
+          [&](int i, int j, float sum) { RdmaWorkspace::combine_partial(staged(i))[j] = sum; });
+      reduce_batch_in_order(
+          ring_rows, num_batch_tokens, num_nvl_ranks, args.num_topk,
+          [&](int p, int row, int k) { return nvl.slot_topk_weights(nvl.slot(own_nvl, channel, p, row))[k]; },
+          [&](int i, int k, float sum) { rdma.combine_weights(staged(i))[k] = sum; });
       __syncthreads();
 
       // Put the partials (warp 1); free the NVL rows (warp 0)
       if (warp == 1) {
         for (int i = 0; i < num_batch_tokens; ++i)
-          transport.put_signal(lane, dst, rdma.combine_ring_slot(channel, comm.node(), sent + i),
-                               rdma.combine_staging_slot(channel, dst_node, sent + i), rdma.combine_put_bytes(),
+          transport.put_signal(lane, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i),
+                               rdma.combine_staging_slot(channel, dst_node, ring.sent + i), rdma.combine_put_bytes(),
                                rdma.combine_tail_signal(channel, comm.node()), 1);
       }
       if (is_ring_lane && needed > consumed) {
         ptx::st_release_sys_global(nvl.ring_head(own_nvl, channel, ring_peer), int32_t(needed));
         consumed = needed;
       }
-      sent += uint64_t(num_batch_tokens);
+      ring.advance(num_batch_tokens);
     }
-    // The next kernel continues this network ring's row count from here
-    if (thread == 32) *rdma.signal_base(local, head_signal) = sent;
+    if (warp == 1) ring.save(lane);  // the next kernel continues this network ring's row count from here
   }
   if (warp == 1) transport.flush(lane);
 }
@@ -163,7 +148,7 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
   InternodeComm<Transport> const& comm = args.comm;
   RdmaWorkspace const& rdma = comm.rdma_workspace;
   Transport const& transport = comm.transport;
-  int const thread = int(threadIdx.x), num_threads = int(blockDim.x), lane = thread % 32;
+  int const thread = int(threadIdx.x), lane = thread % 32;
   int const num_nodes = comm.num_nodes(), num_nvl_ranks = comm.num_nvl_ranks;
   char* const local = transport.local_buffer();
   bool const is_ring_lane = thread < num_nodes;  // warp 0, lane n: network ring (channel, n)
@@ -198,27 +183,20 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
     if (failed != 0) return;
 
     // Reduce: nodes ascending, fp32 from +0.0, one rounding to the rows' dtype
-    for (int i = 0; i < num_batch_tokens; ++i) {
-      int64_t const token = batch_begin + i;
-      for (int j = thread; j < args.hidden; j += num_threads) {
-        float acc = 0.0f;
-        for (int n = 0; n < num_nodes; ++n) {
-          int const row = ring_rows[i][n];
-          if (row >= 0)
-            acc += RdmaWorkspace::combine_partial(local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row)))[j];
-        }
-        store_element(args.combined_x, token * args.hidden + j, acc, args.element_kind);
-      }
-      if (args.combined_topk_weights == nullptr) continue;
-      for (int k = thread; k < args.num_topk; k += num_threads) {
-        float acc = 0.0f;
-        for (int n = 0; n < num_nodes; ++n) {
-          int const row = ring_rows[i][n];
-          if (row >= 0) acc += rdma.combine_weights(local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row)))[k];
-        }
-        args.combined_topk_weights[token * args.num_topk + k] = acc;
-      }
-    }
+    auto const partial = [&](int n, int row) {
+      return local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row));
+    };
+    reduce_batch_in_order(
+        ring_rows, num_batch_tokens, num_nodes, args.hidden,
+        [&](int n, int row, int j) { return RdmaWorkspace::combine_partial(partial(n, row))[j]; },
+        [&](int i, int j, float sum) {
+          store_element(args.combined_x, int64_t(batch_begin + i) * args.hidden + j, sum, args.element_kind);
+        });
+    if (args.combined_topk_weights != nullptr)
+      reduce_batch_in_order(
+          ring_rows, num_batch_tokens, num_nodes, args.num_topk,
+          [&](int n, int row, int k) { return rdma.combine_weights(partial(n, row))[k]; },
+          [&](int i, int k, float sum) { args.combined_topk_weights[int64_t(batch_begin + i) * args.num_topk + k] = sum; });
     __syncthreads();
 
     // Return the batch's slots to each forwarding node

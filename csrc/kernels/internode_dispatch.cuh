@@ -23,6 +23,7 @@
 #include "../common/ptx.cuh"
 #include "channel.cuh"
 #include "internode_common.cuh"
+#include "network_ring.cuh"
 #include "ring_rows.cuh"
 
 namespace epcomm::kernels {
@@ -89,11 +90,9 @@ EPCOMM_DEVICE void network_sender(InternodeDispatchArgs<Transport> const& args, 
   int const lane = int(ptx::get_lane_id());
   int const forwarder = node * comm.num_nvl_ranks + comm.local_rank();
   char* const local = transport.local_buffer();
-  int const head_signal = rdma.dispatch_head_signal(channel, node);
   int const tail_signal = rdma.dispatch_tail_signal(channel, comm.node());
-  int const ring_tokens = comm.config.rdma_ring_tokens, chunk_tokens = comm.config.rdma_chunk_tokens;
-  uint64_t sent = *rdma.signal_base(local, head_signal);  // rows of this ring of all time
-  uint64_t slot_limit = 0;                                 // rows [.., slot_limit) may be written
+  NetworkRingSender<Transport> ring(transport, rdma, rdma.dispatch_head_signal(channel, node),
+                                    comm.config.rdma_ring_tokens);
 
   TokenRange const range = channel_token_range(args.num_tokens, comm.config.nvl.num_channels, channel);
   for (int token = range.begin; token < range.end; ++token) {
@@ -104,27 +103,20 @@ EPCOMM_DEVICE void network_sender(InternodeDispatchArgs<Transport> const& args, 
         lane < comm.num_nvl_ranks && args.is_token_in_rank[int64_t(token) * comm.num_ranks + node * comm.num_nvl_ranks + lane];
     uint32_t const peer_mask = ptx::ballot_sync(kFullWarpMask, needed);
     if (peer_mask == 0) continue;
-    // Wait for a chunk of free slots
-    if (sent >= slot_limit) {
-      uint64_t head = 0;
-      uint64_t const wanted = sent + chunk_tokens > uint64_t(ring_tokens) ? sent + chunk_tokens - ring_tokens : 0;
-      if (!warp_wait_signal(
-              internode_wait_context(comm, KernelId::kInternodeDispatch, Role::kNetworkSender, channel, forwarder),
-              transport, head_signal, wanted, lane, &head))
-        return;
-      slot_limit = head + ring_tokens;
-    }
+    // A free slot (waiting, when there is none, for a chunk of them)
+    if (!ring.reserve(internode_wait_context(comm, KernelId::kInternodeDispatch, Role::kNetworkSender, channel, forwarder),
+                      transport, 1, comm.config.rdma_chunk_tokens, lane))
+      return;
     // Stage the record and row, then put them into the forwarder's ring with tail += 1
-    size_t const staging = rdma.dispatch_staging_slot(channel, node, sent);
+    size_t const staging = rdma.dispatch_staging_slot(channel, node, ring.sent);
     network_stage_row(args, local + staging, token, peer_mask, lane);
     ptx::syncwarp();
-    transport.put_signal(lane, forwarder, rdma.dispatch_ring_slot(channel, comm.node(), sent), staging,
+    transport.put_signal(lane, forwarder, rdma.dispatch_ring_slot(channel, comm.node(), ring.sent), staging,
                          rdma.dispatch_put_bytes(args.hidden_bytes + args.scale_bytes), tail_signal, 1);
-    ++sent;
+    ring.advance(1);
   }
   transport.flush(lane);
-  // The next kernel continues this ring's row count from here
-  if (lane == 0) *rdma.signal_base(local, head_signal) = sent;
+  ring.save(lane);  // the next kernel continues this ring's row count from here
 }
 
 // Copies network slot `slot` (a row from source node `src_node`) into NVL slot `nvl_slot`.

@@ -18,6 +18,7 @@
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
 #include "internode_common.cuh"
+#include "prefix.cuh"
 
 namespace epcomm::kernels {
 
@@ -144,39 +145,21 @@ EPCOMM_DEVICE void internode_build_prefixes(InternodeNotifyArgs<Transport> const
   int const num_channels = comm.config.nvl.num_channels;
   if (threadIdx.x == 0) {
     // Received rows: by source rank, then channel
-    int row = 0;
-    for (int src = 0; src < comm.num_ranks; ++src) {
-      int32_t const* counts = internode_received_counts(comm, parity, src).channel_counts;
-      args.recv_rank_prefix[src] = row;
-      int32_t* prefix = args.recv_channel_prefix_matrix + int64_t(src) * (num_channels + 1);
-      for (int channel = 0; channel < num_channels; ++channel) {
-        prefix[channel] = row;
-        row += counts[channel];
-      }
-      prefix[num_channels] = row;
-    }
-    args.recv_rank_prefix[comm.num_ranks] = row;
+    build_channel_prefix(
+        comm.num_ranks, num_channels, [&](int src) { return internode_received_counts(comm, parity, src).channel_counts; },
+        args.recv_channel_prefix_matrix, args.recv_rank_prefix);
   } else if (threadIdx.x == 32) {
     // Forwarded rows: by source node (its rank with this local index), then channel
-    int row = 0;
-    for (int node = 0; node < comm.num_nodes(); ++node) {
-      int const src = node * comm.num_nvl_ranks + comm.local_rank();
-      int32_t const* counts = internode_received_counts(comm, parity, src).node_counts;
-      int32_t* prefix = args.forward_channel_prefix_matrix + int64_t(node) * (num_channels + 1);
-      for (int channel = 0; channel < num_channels; ++channel) {
-        prefix[channel] = row;
-        row += counts[channel];
-      }
-      prefix[num_channels] = row;
-    }
+    auto const forwarded_counts = [&](int node) {
+      return internode_received_counts(comm, parity, node * comm.num_nvl_ranks + comm.local_rank()).node_counts;
+    };
+    build_channel_prefix(comm.num_nodes(), num_channels, forwarded_counts, args.forward_channel_prefix_matrix,
+                         static_cast<int32_t*>(nullptr));
   }
   if (args.num_recv_tokens_per_expert == nullptr) return;
-  for (int expert = int(threadIdx.x); expert < comm.rdma_workspace.num_local_experts; expert += int(blockDim.x)) {
-    int total = 0;
-    for (int src = 0; src < comm.num_ranks; ++src) total += internode_received_counts(comm, parity, src).expert_counts[expert];
-    args.num_recv_tokens_per_expert[expert] =
-        (total + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
-  }
+  sum_expert_counts(comm.rdma_workspace.num_local_experts, comm.num_ranks, args.expert_alignment,
+                    [&](int src) { return internode_received_counts(comm, parity, src).expert_counts; },
+                    args.num_recv_tokens_per_expert);
 }
 
 template <class Transport>

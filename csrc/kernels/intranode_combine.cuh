@@ -17,6 +17,7 @@
 #include "channel.cuh"
 #include "elements.cuh"
 #include "intranode.hpp"
+#include "ordered_reduce.cuh"
 #include "ring_rows.cuh"
 
 namespace epcomm::kernels {
@@ -51,7 +52,7 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
   NvlWorkspace const& ws = comm.workspace;
   int const num_ranks = comm.num_ranks;
   void* const own_buffer = comm.peer_buffers[comm.rank];
-  int const thread = int(threadIdx.x), num_threads = int(blockDim.x);
+  int const thread = int(threadIdx.x);
   bool const is_ring_lane = thread < num_ranks;  // warp 0, lane d: ring (channel, d)
   int const ring_src = thread;
   int consumed = 0;  // ring lane: rows of its ring consumed so far
@@ -79,27 +80,18 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
     __syncthreads();
     if (failed != 0) return;
 
-    // Reduce: ascending source rank, fp32, starting from +0.0
-    for (int i = 0; i < num_batch_tokens; ++i) {
-      int64_t const token = batch_begin + i;
-      for (int j = thread; j < args.hidden; j += num_threads) {
-        float partial = 0.0f;
-        for (int d = 0; d < num_ranks; ++d) {
-          int const row = ring_rows[i][d];
-          if (row >= 0) partial += load_element(ws.slot(own_buffer, channel, d, row), j, args.element_kind);
-        }
-        store_element(args.combined_x, token * args.hidden + j, 0.0f + partial, args.element_kind);
-      }
-      if (args.combined_topk_weights == nullptr) continue;
-      for (int k = thread; k < args.num_topk; k += num_threads) {
-        float partial = 0.0f;
-        for (int d = 0; d < num_ranks; ++d) {
-          int const row = ring_rows[i][d];
-          if (row >= 0) partial += ws.slot_topk_weights(ws.slot(own_buffer, channel, d, row))[k];
-        }
-        args.combined_topk_weights[token * args.num_topk + k] = 0.0f + partial;
-      }
-    }
+    // Reduce: ascending source rank, fp32, starting from +0.0, one rounding to the rows' dtype
+    reduce_batch_in_order(
+        ring_rows, num_batch_tokens, num_ranks, args.hidden,
+        [&](int d, int row, int j) { return load_element(ws.slot(own_buffer, channel, d, row), j, args.element_kind); },
+        [&](int i, int j, float sum) {
+          store_element(args.combined_x, int64_t(batch_begin + i) * args.hidden + j, sum, args.element_kind);
+        });
+    if (args.combined_topk_weights != nullptr)
+      reduce_batch_in_order(
+          ring_rows, num_batch_tokens, num_ranks, args.num_topk,
+          [&](int d, int row, int k) { return ws.slot_topk_weights(ws.slot(own_buffer, channel, d, row))[k]; },
+          [&](int i, int k, float sum) { args.combined_topk_weights[int64_t(batch_begin + i) * args.num_topk + k] = sum; });
     __syncthreads();
 
     // Free the batch's rows

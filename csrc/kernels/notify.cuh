@@ -13,6 +13,7 @@
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
 #include "intranode.hpp"
+#include "prefix.cuh"
 
 namespace epcomm::kernels {
 
@@ -62,29 +63,14 @@ EPCOMM_DEVICE void notify_build_prefixes(NotifyArgs const& args, int parity) {
   CommArgs const& comm = args.comm;
   void* const own_buffer = comm.peer_buffers[comm.rank];
   int const num_channels = comm.config.num_channels;
-  if (threadIdx.x == 0) {
-    int row = 0;
-    for (int src = 0; src < comm.num_ranks; ++src) {
-      int32_t const* counts = comm.workspace.channel_counts(own_buffer, parity, src);
-      args.recv_rank_prefix[src] = row;
-      int32_t* prefix = args.recv_channel_prefix_matrix + int64_t(src) * (num_channels + 1);
-      for (int channel = 0; channel < num_channels; ++channel) {
-        prefix[channel] = row;
-        row += counts[channel];
-      }
-      prefix[num_channels] = row;
-    }
-    args.recv_rank_prefix[comm.num_ranks] = row;
-  }
+  if (threadIdx.x == 0)
+    build_channel_prefix(
+        comm.num_ranks, num_channels, [&](int src) { return comm.workspace.channel_counts(own_buffer, parity, src); },
+        args.recv_channel_prefix_matrix, args.recv_rank_prefix);
   if (args.num_recv_tokens_per_expert == nullptr) return;
-  for (int local_expert = int(threadIdx.x); local_expert < comm.workspace.num_local_experts;
-       local_expert += int(blockDim.x)) {
-    int total = 0;
-    for (int src = 0; src < comm.num_ranks; ++src)
-      total += comm.workspace.expert_counts(own_buffer, parity, src)[local_expert];
-    args.num_recv_tokens_per_expert[local_expert] =
-        (total + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
-  }
+  sum_expert_counts(comm.workspace.num_local_experts, comm.num_ranks, args.expert_alignment,
+                    [&](int src) { return comm.workspace.expert_counts(own_buffer, parity, src); },
+                    args.num_recv_tokens_per_expert);
 }
 
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS(kNotifyThreads) notify_kernel(NotifyArgs args) {

@@ -138,19 +138,10 @@ class CpuRuntime final : public DeviceRuntime {
 
   void open_peers(std::vector<IpcHandle> const& handles) override {
     check_state("open_peers", true, false);
-    if (peers_open_) throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: already called");
-    if (handles.size() != size_t(num_ranks()))
-      throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: expected " + std::to_string(num_ranks()) +
-                                                          " handles (one per rank), got " + std::to_string(handles.size()));
+    std::vector<CpuHandle> decoded = decode_peer_handles<CpuHandle>(handles, kCpuHandleMagic, kCpuHandleVersion, "cpu");
     for (int peer = 0; peer < num_ranks(); ++peer) {
-      CpuHandle handle;
-      std::memcpy(&handle, handles[size_t(peer)].data(), sizeof(handle));
+      CpuHandle& handle = decoded[size_t(peer)];
       std::string const where = "open_peers: rank " + std::to_string(peer) + "'s handle";
-      if (handle.magic != kCpuHandleMagic || handle.version != kCpuHandleVersion)
-        throw RuntimeError(ErrorCode::kInvalidArgument, where + " is not a cpu runtime handle (a cuda handle, or garbage?)");
-      if (handle.rank != peer)
-        throw RuntimeError(ErrorCode::kInvalidArgument, where + " says it is rank " + std::to_string(handle.rank) +
-                                                            " (handles must be ordered by rank)");
       handle.name[kSegmentNameBytes - 1] = '\0';
       std::string const expected_name = cpu_segment_name(options_.run_token, peer);
       if (expected_name != handle.name)

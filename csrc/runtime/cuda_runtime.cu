@@ -137,20 +137,15 @@ class CudaRuntime final : public DeviceRuntime {
 
   void open_peers(std::vector<IpcHandle> const& handles) override {
     check_state("open_peers", true, false);
-    if (peers_open_) throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: already called");
-    if (handles.size() != size_t(num_ranks()))
-      throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: expected " + std::to_string(num_ranks()) +
-                                                          " handles (one per rank), got " + std::to_string(handles.size()));
+    std::vector<CudaHandle> const decoded =
+        decode_peer_handles<CudaHandle>(handles, kCudaHandleMagic, kCudaHandleVersion, "cuda");
     for (int peer = 0; peer < num_ranks(); ++peer) {
-      CudaHandle handle;
-      std::memcpy(&handle, handles[size_t(peer)].data(), sizeof(handle));
-      std::string const where = "open_peers: rank " + std::to_string(peer) + "'s handle";
-      if (handle.magic != kCudaHandleMagic || handle.version != kCudaHandleVersion)
-        throw RuntimeError(ErrorCode::kInvalidArgument, where + " is not a cuda runtime handle");
-      if (handle.rank != peer || handle.total_bytes != total_bytes_)
-        throw RuntimeError(ErrorCode::kInvalidArgument, where + " has rank " + std::to_string(handle.rank) + " and " +
-                                                            std::to_string(handle.total_bytes) + " bytes, expected rank " +
-                                                            std::to_string(peer) + " and " + std::to_string(total_bytes_));
+      CudaHandle const& handle = decoded[size_t(peer)];
+      if (handle.total_bytes != total_bytes_)
+        throw RuntimeError(ErrorCode::kInvalidArgument,
+                           "open_peers: rank " + std::to_string(peer) + "'s buffer has " +
+                               std::to_string(handle.total_bytes) + " bytes, this rank's " + std::to_string(total_bytes_) +
+                               " (every rank allocates the same size)");
       if (peer == rank()) continue;
       void* base = nullptr;
       check_cuda(cudaIpcOpenMemHandle(&base, handle.ipc, cudaIpcMemLazyEnablePeerAccess),

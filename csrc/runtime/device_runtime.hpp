@@ -29,6 +29,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -180,6 +181,31 @@ class DeviceRuntime {
   // This rank's barrier flags (control region), read back after a timeout to name the missing peers.
   virtual std::vector<uint64_t> read_own_flags() = 0;
   void check_state(char const* call, bool need_allocated, bool need_peers) const;
+
+  // The checks of open_peers both implementations share: called once, one handle per rank, each an
+  // implementation `Handle` (fields magic, version, rank) of this `kind` naming its own rank, in order.
+  template <class Handle>
+  std::vector<Handle> decode_peer_handles(std::vector<IpcHandle> const& handles, uint32_t magic, uint32_t version,
+                                          char const* kind) const {
+    static_assert(sizeof(Handle) <= kHandleBytes, "an implementation's handle must fit an IpcHandle");
+    if (peers_open_) throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: already called");
+    if (handles.size() != size_t(num_ranks()))
+      throw RuntimeError(ErrorCode::kInvalidArgument, "open_peers: expected " + std::to_string(num_ranks()) +
+                                                          " handles (one per rank), got " + std::to_string(handles.size()));
+    std::vector<Handle> decoded(handles.size());
+    for (int peer = 0; peer < num_ranks(); ++peer) {
+      Handle& handle = decoded[size_t(peer)];
+      std::memcpy(&handle, handles[size_t(peer)].data(), sizeof(handle));
+      std::string const where = "open_peers: rank " + std::to_string(peer) + "'s handle";
+      if (handle.magic != magic || handle.version != version)
+        throw RuntimeError(ErrorCode::kInvalidArgument,
+                           where + " is not a " + kind + " runtime handle (another runtime's, or garbage?)");
+      if (handle.rank != peer)
+        throw RuntimeError(ErrorCode::kInvalidArgument, where + " says it is rank " + std::to_string(handle.rank) +
+                                                            " (handles must be ordered by rank)");
+    }
+    return decoded;
+  }
 
   RuntimeOptions options_;
   size_t num_bytes_ = 0;

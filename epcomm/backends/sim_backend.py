@@ -413,12 +413,6 @@ class SimDispatchBackend(DispatchBackend):
         """Bytes the internode transport puts per link class (self, nvlink, network), or None (intranode)."""
         return torch.zeros(3, dtype=torch.int64) if isinstance(self.path, InternodePath) else None
 
-    def _record(self, op: str, counts: list[int], payload_bytes: int, meta_bytes: int) -> None:
-        """Rows this rank's kernels wrote into each peer's rings (its own included), per link class."""
-        for peer, rows in enumerate(counts):
-            if rows:
-                self.comm.traffic.record(op, self.topo.link_to(peer), rows, rows * payload_bytes, rows * meta_bytes)
-
     def dispatch(self, call: DispatchCall):
         """See :meth:`DispatchBackend.dispatch`; rows ordered by source rank, then token; ``topk_idx``
         as this rank's local ids (the kernel localises them with ``call.placement``)."""
@@ -461,7 +455,7 @@ class SimDispatchBackend(DispatchBackend):
         if counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
-            self._record(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
+            self.comm.record_rows_to_peers(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
         else:
             self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, self.path.num_topk(spec))
         recv.pop("src_idx")
@@ -506,7 +500,7 @@ class SimDispatchBackend(DispatchBackend):
                   "combine")
         row = x.size(1) * x.element_size()
         if counters is None:
-            self._record("combine", plan.recv_counts, row, 4 * num_topk)
+            self.comm.record_rows_to_peers("combine", plan.recv_counts, row, 4 * num_topk)
         else:
             self._record_two_hop_combine(plan, counters, x, num_topk)
         out = {"x": combined}

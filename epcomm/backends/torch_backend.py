@@ -18,7 +18,7 @@ Speed: the token data moves without packing copies (see ``_wire``), and the
 large temporaries (send rows, float32 partials and accumulators) live in a
 process-wide scratch of a few slots, reused across calls instead of being
 allocated and page-faulted afresh each time. Slot use per step:
-dispatch ``a`` send rows, ``b`` hop-1 arrivals, ``c`` hop-2 arrivals (hop-2 send
+dispatch ``a`` send rows, ``b`` network-hop arrivals, ``c`` hop-2 arrivals (hop-2 send
 rows reuse ``a``); combine ``a`` rows going back (then the float32 partials
 arriving), ``b`` rows arriving at the forwarder (flat: node partials), ``c``
 forwarder partials, ``acc:*`` per-token sums.
@@ -109,22 +109,22 @@ class TwoHopPlan:
 
     num_tokens: int
     # hop 1, source -> forwarder (same local index on each destination node)
-    hop1_token_idx: torch.Tensor  # [num_hop1_sent] int64, grouped by destination node ascending
-    hop1_send_counts: list[int]
-    hop1_recv_counts: list[int]
+    network_token_idx: torch.Tensor  # [num_network_sent] int64, grouped by destination node ascending
+    network_send_counts: list[int]
+    network_recv_counts: list[int]
     # hop 2, forwarder -> destination rank inside the node
-    fwd_row_idx: torch.Tensor  # [num_hop2_sent] positions in the hop-1 rows, grouped by destination
-    hop2_send_counts: list[int]
-    hop2_recv_counts: list[int]
+    fwd_row_idx: torch.Tensor  # [num_nvlink_sent] positions in the network-hop rows, grouped by destination
+    nvlink_send_counts: list[int]
+    nvlink_recv_counts: list[int]
     recv_order: torch.Tensor  # hop-2 arrival position of each received row, in final order
 
     @property
-    def num_hop1_recv(self) -> int:
-        return sum(self.hop1_recv_counts)
+    def num_network_recv(self) -> int:
+        return sum(self.network_recv_counts)
 
     @property
     def num_recv(self) -> int:
-        return sum(self.hop2_recv_counts)
+        return sum(self.nvlink_recv_counts)
 
 
 _PAYLOAD = ("x", "scales")  # token data; the other fields are routing metadata
@@ -199,9 +199,9 @@ class TorchBackend(DispatchBackend):
         if isinstance(plan, FlatPlan):
             send = self._gather("a", tensors, fmt, plan.send_token_idx)
             return self.comm.exchange_rows(op, "rows", fmt, send, plan.send_counts, plan.recv_counts)
-        send = self._gather("a", tensors, fmt, plan.hop1_token_idx)
-        hop1 = self._hop1(op, fmt, send, plan)
-        return self._forward(op, hop1, fmt, plan)
+        send = self._gather("a", tensors, fmt, plan.network_token_idx)
+        network_rows = self._network_hop(op, fmt, send, plan)
+        return self._forward(op, network_rows, fmt, plan)
 
     def _dispatch_flat(self, tensors, fmt, is_token_in_rank, counts):
         me = self.topo.rank
@@ -214,11 +214,11 @@ class TorchBackend(DispatchBackend):
         )
         return self._dispatch_along(tensors, fmt, plan, "dispatch"), plan
 
-    def _hop1(self, op, fmt, send, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
+    def _network_hop(self, op, fmt, send, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
         bulk = send[fmt.bulk.name]
-        out = self.scratch.get("b", plan.num_hop1_recv, fmt.bulk.width, bulk.dtype, bulk.device)
+        out = self.scratch.get("b", plan.num_network_recv, fmt.bulk.width, bulk.dtype, bulk.device)
         return self.comm.exchange_rows(
-            op, "network hop", fmt, send, plan.hop1_send_counts, plan.hop1_recv_counts, bulk_out=out
+            op, "network hop", fmt, send, plan.network_send_counts, plan.network_recv_counts, bulk_out=out
         )
 
     def _dispatch_two_hop(self, tensors, fmt, is_token_in_rank, counts, node_counts):
@@ -227,14 +227,14 @@ class TorchBackend(DispatchBackend):
 
         # Hop 1: one row per (token, destination node), to this rank's rail peer there.
         node_token = token_node_mask(is_token_in_rank, topo).t().nonzero()  # (node, token), node-major
-        hop1_token_idx, hop1_node = node_token[:, 1].contiguous(), node_token[:, 0]
+        network_token_idx, network_node = node_token[:, 1].contiguous(), node_token[:, 0]
         rail = set(topo.rail_ranks(topo.local_rank))
         # rows reaching me from source (m, l) arrive via forwarder (my node, l), node m ascending
         from_source = counts[:, me].view(topo.num_nodes, nvl)  # [source node, source local]
         node_ranks = topo.node_ranks(topo.node)
-        hop2_recv_counts = [0] * topo.world_size
+        nvlink_recv_counts = [0] * topo.world_size
         for local in range(nvl):
-            hop2_recv_counts[node_ranks[local]] = int(from_source[:, local].sum())
+            nvlink_recv_counts[node_ranks[local]] = int(from_source[:, local].sum())
         # Arrival order is (forwarder local l, source node m); final order is source rank m*L + l.
         chunk_start = _exclusive_cumsum(from_source.sum(0))  # [L]
         block_start = chunk_start.unsqueeze(0) + _exclusive_cumsum(from_source)  # [M, L]
@@ -243,35 +243,35 @@ class TorchBackend(DispatchBackend):
         within = torch.arange(int(lengths.sum())) - _exclusive_cumsum(lengths).repeat_interleave(lengths)
         plan = TwoHopPlan(
             num_tokens=num_tokens,
-            hop1_token_idx=hop1_token_idx,
-            hop1_send_counts=[int(node_counts[me, topo.node_of(r)]) if r in rail else 0 for r in range(topo.world_size)],
-            hop1_recv_counts=[int(node_counts[s, topo.node]) if s in rail else 0 for s in range(topo.world_size)],
+            network_token_idx=network_token_idx,
+            network_send_counts=[int(node_counts[me, topo.node_of(r)]) if r in rail else 0 for r in range(topo.world_size)],
+            network_recv_counts=[int(node_counts[s, topo.node]) if s in rail else 0 for s in range(topo.world_size)],
             fwd_row_idx=torch.empty(0, dtype=torch.int64),  # known once hop 1 has arrived
-            hop2_send_counts=[0] * topo.world_size,
-            hop2_recv_counts=hop2_recv_counts,
+            nvlink_send_counts=[0] * topo.world_size,
+            nvlink_recv_counts=nvlink_recv_counts,
             recv_order=(starts + within).to(is_token_in_rank.device),
         )
-        hop1_fmt = fmt.with_field(Field(NVL_MASK, torch.uint8, nvl))
-        send = self._gather("a", tensors, fmt, hop1_token_idx)
-        send[NVL_MASK] = is_token_in_rank.view(num_tokens, topo.num_nodes, nvl)[hop1_token_idx, hop1_node].to(torch.uint8)
-        hop1 = self._hop1("dispatch", hop1_fmt, send, plan)
+        network_fmt = fmt.with_field(Field(NVL_MASK, torch.uint8, nvl))
+        send = self._gather("a", tensors, fmt, network_token_idx)
+        send[NVL_MASK] = is_token_in_rank.view(num_tokens, topo.num_nodes, nvl)[network_token_idx, network_node].to(torch.uint8)
+        network_rows = self._network_hop("dispatch", network_fmt, send, plan)
 
         # Hop 2: the forwarder sends each arrived row to the ranks of its node that need it.
-        dest_row = hop1.pop(NVL_MASK).t().nonzero()  # (local dest, hop-1 row)
+        dest_row = network_rows.pop(NVL_MASK).t().nonzero()  # (local dest, network-hop row)
         plan.fwd_row_idx = dest_row[:, 1].contiguous()
         per_local_dest = torch.bincount(dest_row[:, 0], minlength=nvl).tolist()
         for local in range(nvl):
-            plan.hop2_send_counts[node_ranks[local]] = per_local_dest[local]
-        return self._forward("dispatch", hop1, fmt, plan), plan
+            plan.nvlink_send_counts[node_ranks[local]] = per_local_dest[local]
+        return self._forward("dispatch", network_rows, fmt, plan), plan
 
-    def _forward(self, op: str, hop1: dict[str, torch.Tensor], fmt: RowFormat, plan: TwoHopPlan):
-        send = self._gather("a", hop1, fmt, plan.fwd_row_idx)  # hop-1 send rows are done
+    def _forward(self, op: str, network_rows: dict[str, torch.Tensor], fmt: RowFormat, plan: TwoHopPlan):
+        send = self._gather("a", network_rows, fmt, plan.fwd_row_idx)  # network-hop send rows are done
         bulk = send[fmt.bulk.name]
         arrived = self.scratch.get("c", plan.num_recv, fmt.bulk.width, bulk.dtype, bulk.device)
-        hop2 = self.comm.exchange_rows(
-            op, "nvlink hop", fmt, send, plan.hop2_send_counts, plan.hop2_recv_counts, bulk_out=arrived
+        nvlink_rows = self.comm.exchange_rows(
+            op, "nvlink hop", fmt, send, plan.nvlink_send_counts, plan.nvlink_recv_counts, bulk_out=arrived
         )
-        return {name: t.index_select(0, plan.recv_order) for name, t in hop2.items()}
+        return {name: t.index_select(0, plan.recv_order) for name, t in nvlink_rows.items()}
 
     # ------------------------------------------------------------------ combine
     def combine(self, tensors: dict[str, torch.Tensor], plan: FlatPlan | TwoHopPlan,
@@ -323,26 +323,26 @@ class TorchBackend(DispatchBackend):
             out[plan.recv_order] = t.reshape(-1, f.width)
             arrival[f.name] = out
         back2 = self.comm.exchange_rows(
-            "combine", "nvlink hop", fmt, arrival, plan.hop2_recv_counts, plan.hop2_send_counts,
-            bulk_out=self.scratch.get("b", sum(plan.hop2_send_counts), fmt.bulk.width, x.dtype, x.device),
+            "combine", "nvlink hop", fmt, arrival, plan.nvlink_recv_counts, plan.nvlink_send_counts,
+            bulk_out=self.scratch.get("b", sum(plan.nvlink_send_counts), fmt.bulk.width, x.dtype, x.device),
         )
         # The forwarder's node-local partial sum, in fp32, destination ranks ascending.
         partial_fmt = RowFormat([Field(f.name, torch.float32, f.width, f.payload) for f in fmt.fields])
         partial = {}
         for f in fmt.fields:
-            acc = self._zeros("c" if f.name == fmt.bulk.name else f"c:{f.name}", plan.num_hop1_recv, f.width, x.device)
-            for lo, hi in _segments([c for c in plan.hop2_send_counts if c]):
+            acc = self._zeros("c" if f.name == fmt.bulk.name else f"c:{f.name}", plan.num_network_recv, f.width, x.device)
+            for lo, hi in _segments([c for c in plan.nvlink_send_counts if c]):
                 self._sum_rows_into(acc, plan.fwd_row_idx[lo:hi], back2[f.name][lo:hi])
             partial[f.name] = acc
         back1 = self.comm.exchange_rows(
-            "combine", "network hop", partial_fmt, partial, plan.hop1_recv_counts, plan.hop1_send_counts,
-            bulk_out=self.scratch.get("a", sum(plan.hop1_send_counts), fmt.bulk.width, torch.float32, x.device),  # arrival is sent
+            "combine", "network hop", partial_fmt, partial, plan.network_recv_counts, plan.network_send_counts,
+            bulk_out=self.scratch.get("a", sum(plan.network_send_counts), fmt.bulk.width, torch.float32, x.device),  # arrival is sent
         )
         # Across nodes at the source: node partials ascending.
         out = {}
         for f in fmt.fields:
             acc = self._zeros(f"acc:{f.name}", plan.num_tokens, f.width, x.device)
-            for lo, hi in _segments([c for c in plan.hop1_send_counts if c]):
-                acc.index_add_(0, plan.hop1_token_idx[lo:hi], back1[f.name][lo:hi])
+            for lo, hi in _segments([c for c in plan.network_send_counts if c]):
+                acc.index_add_(0, plan.network_token_idx[lo:hi], back1[f.name][lo:hi])
             out[f.name] = acc
         return out
