@@ -29,6 +29,8 @@
 
 namespace epcomm::kernels {
 
+using transport::WarpCoop;  // who takes part in a transport call (transport/transport.cuh)
+
 // The parts every internode kernel shares.
 template <class Transport>
 struct InternodeComm {

@@ -123,7 +123,7 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
       // Put the partials (warp 1); free the NVL rows (warp 0)
       if (warp == 1) {
         for (int i = 0; i < num_batch_tokens; ++i)
-          transport.put_signal(lane, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i),
+          transport.put_signal(WarpCoop{lane}, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i),
                                rdma.combine_staging_slot(channel, dst_node, ring.sent + i), rdma.combine_put_bytes(),
                                rdma.combine_tail_signal(channel, comm.node()), 1);
       }
@@ -135,7 +135,7 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
     }
     if (warp == 1) ring.save(lane);  // the next kernel continues this network ring's row count from here
   }
-  if (warp == 1) transport.flush(lane);
+  if (warp == 1) transport.flush(WarpCoop{lane});
 }
 
 // Reduces the partials of every node into the channel's combined tokens.
@@ -206,7 +206,7 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
         int const node = __ffs(int(pending)) - 1;
         pending &= pending - 1;
         int const add = ptx::shfl_sync(kFullWarpMask, needed - consumed, node);
-        transport.signal_add(lane, node * num_nvl_ranks + comm.local_rank(), rdma.combine_head_signal(channel, comm.node()),
+        transport.signal_add(WarpCoop{lane}, node * num_nvl_ranks + comm.local_rank(), rdma.combine_head_signal(channel, comm.node()),
                              uint64_t(add));
       }
       consumed = needed;

@@ -90,7 +90,7 @@ EPCOMM_DEVICE void internode_abort_watcher(InternodeComm<Transport> const& comm)
     if ((state & 2) != 0 && !forwarded) {
       // This node failed: tell every rank of every other node
       for (int peer = 0; peer < comm.num_ranks; ++peer)
-        if (peer / comm.num_nvl_ranks != comm.node()) transport.signal_add(lane, peer, rdma.abort_signal(), 1);
+        if (peer / comm.num_nvl_ranks != comm.node()) transport.signal_add(WarpCoop{lane}, peer, rdma.abort_signal(), 1);
       forwarded = true;
     }
     if ((state & 1) != 0) break;

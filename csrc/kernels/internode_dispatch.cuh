@@ -111,11 +111,11 @@ EPCOMM_DEVICE void network_sender(InternodeDispatchArgs<Transport> const& args, 
     size_t const staging = rdma.dispatch_staging_slot(channel, node, ring.sent);
     network_stage_row(args, local + staging, token, peer_mask, lane);
     ptx::syncwarp();
-    transport.put_signal(lane, forwarder, rdma.dispatch_ring_slot(channel, comm.node(), ring.sent), staging,
+    transport.put_signal(WarpCoop{lane}, forwarder, rdma.dispatch_ring_slot(channel, comm.node(), ring.sent), staging,
                          rdma.dispatch_put_bytes(args.hidden_bytes + args.scale_bytes), tail_signal, 1);
     ring.advance(1);
   }
-  transport.flush(lane);
+  transport.flush(WarpCoop{lane});
   ring.save(lane);  // the next kernel continues this ring's row count from here
 }
 
@@ -239,7 +239,7 @@ EPCOMM_DEVICE void forwarder_coordinator(InternodeDispatchArgs<Transport> const&
       pending &= pending - 1;
       int const add = ptx::shfl_sync(kFullWarpMask, freed - returned, node);
 #if !defined(EPCOMM_PLANT_COORDINATOR_NO_RETURN)
-      transport.signal_add(lane, node * comm.num_nvl_ranks + comm.local_rank(), rdma.dispatch_head_signal(channel, comm.node()),
+      transport.signal_add(WarpCoop{lane}, node * comm.num_nvl_ranks + comm.local_rank(), rdma.dispatch_head_signal(channel, comm.node()),
                            uint64_t(add));
 #else
       (void)add;

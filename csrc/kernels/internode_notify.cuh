@@ -73,11 +73,11 @@ EPCOMM_DEVICE void internode_send_counts(InternodeNotifyArgs<Transport> const& a
     internode_fill_count_message(args, dst, message, message + num_channels, message + 2 * num_channels, lane);
     if (dst == comm.rank) continue;
     ptx::syncwarp();  // every lane's part of the message is written before any lane copies it
-    comm.transport.put_signal(lane, dst, rdma.count_message_offset(parity, comm.rank),
+    comm.transport.put_signal(WarpCoop{lane}, dst, rdma.count_message_offset(parity, comm.rank),
                               rdma.count_staging_message_offset(dst), rdma.count_message_bytes(),
                               rdma.barrier_signal(comm.rank), 1);
   }
-  comm.transport.flush(lane);
+  comm.transport.flush(WarpCoop{lane});
 }
 
 // Step 3. Returns false (in every thread) when a rank never arrived.
@@ -90,7 +90,7 @@ EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args)
   // Remote ranks without counts: a bare signal (ordered after this rank's earlier puts)
   if (!args.exchange_counts) {
     for (int dst = warp; dst < comm.num_ranks; dst += num_warps)
-      if (dst / comm.num_nvl_ranks != comm.node()) comm.transport.signal_add(lane, dst, comm.rdma_workspace.barrier_signal(comm.rank), 1);
+      if (dst / comm.num_nvl_ranks != comm.node()) comm.transport.signal_add(WarpCoop{lane}, dst, comm.rdma_workspace.barrier_signal(comm.rank), 1);
   }
   // Publish on the node: everything this block wrote (counters reset, counts) happens-before the signal
   __syncthreads();

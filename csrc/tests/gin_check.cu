@@ -24,7 +24,7 @@ EPCOMM_GLOBAL EPCOMM_LAUNCH_BOUNDS(32) void row_exchange_kernel(Transport transp
 
   // Stage the row (the put orders these writes before its work request).
   for (size_t i = lane; i < row_bytes; i += 32) buffer[i] = char(rank + i);
-  transport.put_signal(lane, next, row_bytes, 0, row_bytes, signal, 1);
+  transport.put_signal(transport::WarpCoop{lane}, next, row_bytes, 0, row_bytes, signal, 1);
 
   // Every lane acquires the signal itself, so each lane's reads of the row come after it.
   while (transport.read_signal(signal) < expected) ptx::nanosleep_ns(64);
@@ -32,7 +32,7 @@ EPCOMM_GLOBAL EPCOMM_LAUNCH_BOUNDS(32) void row_exchange_kernel(Transport transp
   for (size_t i = lane; i < row_bytes; i += 32) wrong += buffer[row_bytes + i] != char(previous + i);
   if (wrong != 0) atomicAdd(mismatches, wrong);
 
-  transport.flush(lane);
+  transport.flush(transport::WarpCoop{lane});
 }
 
 // The launcher instantiates the kernel for the GIN transport, as the internode launchers will.

@@ -50,9 +50,9 @@ EPCOMM_GLOBAL void ping_kernel(ShmTransport transport, Layout layout, int* error
       int32_t* staging = reinterpret_cast<int32_t*>(local + layout.staging(peer));
       for (int i = lane; i < kWords; i += 32) staging[i] = payload(rank, m, i);
       ptx::syncwarp();
-      transport.put_signal(lane, peer, layout.inbox(rank), layout.staging(peer), 4 * kWords, rank, 1);
+      transport.put_signal(transport::WarpCoop{lane}, peer, layout.inbox(rank), layout.staging(peer), 4 * kWords, rank, 1);
     }
-    transport.flush(lane);
+    transport.flush(transport::WarpCoop{lane});
   } else {
     int const source = peer;
     int32_t const* inbox = reinterpret_cast<int32_t const*>(local + layout.inbox(source));
@@ -62,7 +62,7 @@ EPCOMM_GLOBAL void ping_kernel(ShmTransport transport, Layout layout, int* error
       ptx::syncwarp();
       for (int i = lane; i < kWords; i += 32)
         if (inbox[i] != payload(source, m, i)) atomicAdd(errors, 1);
-      transport.signal_add(lane, source, num_ranks + rank, 1);
+      transport.signal_add(transport::WarpCoop{lane}, source, num_ranks + rank, 1);
     }
   }
 }

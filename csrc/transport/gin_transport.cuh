@@ -42,13 +42,15 @@
 // backends then release at device scope at least (gin_gdaki.h:93 "DOCA guarantees SCOPE_GPU";
 // the proxy fences at system scope, gin_proxy.h:218-220), enough for a device-memory buffer.
 // Flush spreads the peers over the 32 lanes. So all 32 lanes must call, converged, with the same
-// arguments, as the concept already requires; `lane` is unused (NCCL reads %laneid itself).
+// arguments, as the concept already requires; WarpCoop says so (as ncclCoopWarp), its lane is unused
+// (NCCL reads %laneid itself).
 
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #include "../common/compat.cuh"
+#include "transport.cuh"
 
 #if !EPCOMM_TARGET_CUDA
 #error "gin_transport.cuh needs nvcc (NCCL's GIN device API); the CPU target uses shm_transport.cuh"
@@ -90,15 +92,13 @@ struct GinTransport {
   EPCOMM_DEVICE int num_ranks() const { return world_size; }
   EPCOMM_DEVICE char* local_buffer() const { return buffer; }
 
-  EPCOMM_DEVICE void put_signal(int lane, int peer, size_t dst_offset, size_t src_offset, size_t bytes, int signal,
-                                uint64_t add) const {
-    (void)lane;
+  EPCOMM_DEVICE void put_signal(WarpCoop /*warp: ncclCoopWarp*/, int peer, size_t dst_offset, size_t src_offset,
+                                size_t bytes, int signal, uint64_t add) const {
     gin().put(world(), peer, window, dst_offset, window, src_offset, bytes,
               ncclGin_StrongSignalAdd{signal_id(signal), add}, ncclGin_None{}, ncclCoopWarp{});
   }
 
-  EPCOMM_DEVICE void signal_add(int lane, int peer, int signal, uint64_t add) const {
-    (void)lane;
+  EPCOMM_DEVICE void signal_add(WarpCoop /*warp: ncclCoopWarp*/, int peer, int signal, uint64_t add) const {
     gin().signal(world(), peer, ncclGin_StrongSignalAdd{signal_id(signal), add}, ncclCoopWarp{});
   }
 
@@ -112,8 +112,7 @@ struct GinTransport {
     return gin().readSignal(signal_id(signal), 64, cuda::memory_order_acquire);
   }
 
-  EPCOMM_DEVICE void flush(int lane) const {
-    (void)lane;
+  EPCOMM_DEVICE void flush(WarpCoop /*warp: ncclCoopWarp*/) const {
     gin().flush(ncclCoopWarp{}, cuda::memory_order_acquire);
   }
 

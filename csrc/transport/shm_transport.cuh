@@ -37,8 +37,9 @@ struct ShmTransport {
   EPCOMM_DEVICE int num_ranks() const { return num_ranks_; }
   EPCOMM_DEVICE char* local_buffer() const { return buffers_[rank_]; }
 
-  EPCOMM_DEVICE void put_signal(int lane, int peer, size_t dst_offset, size_t src_offset, size_t bytes, int signal,
-                                uint64_t add) const {
+  EPCOMM_DEVICE void put_signal(WarpCoop warp, int peer, size_t dst_offset, size_t src_offset, size_t bytes,
+                                int signal, uint64_t add) const {
+    int const lane = warp.thread_rank();
     // Copy the words
     int32_t* dst = reinterpret_cast<int32_t*>(buffers_[peer] + dst_offset);
     int32_t const* src = reinterpret_cast<int32_t const*>(buffers_[rank_] + src_offset);
@@ -46,18 +47,17 @@ struct ShmTransport {
     for (int i = lane; i < num_words; i += 32) dst[i] = src[i];
     count_bytes(lane, peer, bytes);
     // Order every lane's copy before lane 0's release add
-    signal_add(lane, peer, signal, add);
+    signal_add(warp, peer, signal, add);
   }
 
-  EPCOMM_DEVICE void signal_add(int lane, int peer, int signal, uint64_t add) const {
+  EPCOMM_DEVICE void signal_add(WarpCoop warp, int peer, int signal, uint64_t add) const {
     ptx::syncwarp();
-    if (lane == 0) ptx::atomic_add_release_sys_global(signal_ptr(peer, signal), add);
+    if (warp.thread_rank() == 0) ptx::atomic_add_release_sys_global(signal_ptr(peer, signal), add);
   }
 
   EPCOMM_DEVICE uint64_t read_signal(int signal) const { return ptx::ld_acquire_sys_global(signal_ptr(rank_, signal)); }
 
-  EPCOMM_DEVICE void flush(int lane) const {
-    (void)lane;
+  EPCOMM_DEVICE void flush(WarpCoop /*warp: puts are synchronous copies*/) const {
     ptx::syncwarp();
   }
 

@@ -18,22 +18,22 @@
 //   int rank() const; int num_ranks() const;
 //   char* local_buffer() const;
 //       this rank's RDMA buffer (stage sends here, read receives here).
-//   void put_signal(int lane, int peer, size_t dst_offset, size_t src_offset, size_t bytes,
+//   void put_signal(WarpCoop warp, int peer, size_t dst_offset, size_t src_offset, size_t bytes,
 //                   int signal, uint64_t add) const;
-//       Warp-collective (every lane calls it with the same arguments; `lane` is the caller's
-//       lane id). Copies [src_offset, +bytes) of this rank's buffer to [dst_offset, +bytes)
+//       Warp-collective (every lane calls it with the same arguments; `warp` says who takes part,
+//       as NCCL's ncclCoopWarp, and which lane the caller is). Copies [src_offset, +bytes) of this rank's buffer to [dst_offset, +bytes)
 //       of `peer`'s, then adds `add` to `peer`'s signal `signal`. Strong: a reader that
 //       observes the add also observes these bytes and every earlier put from this rank
 //       to `peer`. The source bytes may be overwritten only after flush(). The caller orders
 //       its lanes' writes of the source bytes before the call (__syncwarp): lanes may copy
 //       words other lanes wrote.
-//   void signal_add(int lane, int peer, int signal, uint64_t add) const;
+//   void signal_add(WarpCoop warp, int peer, int signal, uint64_t add) const;
 //       Warp-collective. Adds to `peer`'s signal, ordered after every earlier put from
 //       this rank to `peer` (same strong guarantee, no data).
 //   uint64_t read_signal(int signal) const;
 //       This rank's signal, with acquire order: data guarded by it may be read after.
 //       A sync point on the CPU target, so it may be polled (see wait_at_least).
-//   void flush(int lane) const;
+//   void flush(WarpCoop warp) const;
 //       Warp-collective: every put this warp issued has left its source buffer.
 //
 // Counting: implementations that can (the CPU one) count the bytes of every put
@@ -49,16 +49,25 @@
 
 namespace epcomm::transport {
 
+// Who takes part in a warp-collective transport call: all 32 lanes of the calling warp (NCCL's
+// ncclCoopWarp), each passing its own lane id, which the CPU transport needs to split the work.
+struct WarpCoop {
+  int lane;
+  EPCOMM_HOST_DEVICE int thread_rank() const { return lane; }
+  static constexpr int size() { return 32; }
+};
+
 // The concept above, checked where a kernel's Args take a Transport (kernels/internode.hpp).
 template <class T>
-concept DeviceTransport = std::is_trivially_copyable_v<T> && requires(T const t, int i, size_t n, uint64_t u) {
+concept DeviceTransport = std::is_trivially_copyable_v<T> && requires(T const t, WarpCoop w, int i, size_t n,
+                                                                       uint64_t u) {
   { t.rank() } -> std::same_as<int>;
   { t.num_ranks() } -> std::same_as<int>;
   { t.local_buffer() } -> std::same_as<char*>;
-  t.put_signal(i, i, n, n, n, i, u);
-  t.signal_add(i, i, i, u);
+  t.put_signal(w, i, n, n, n, i, u);
+  t.signal_add(w, i, i, u);
   { t.read_signal(i) } -> std::same_as<uint64_t>;
-  t.flush(i);
+  t.flush(w);
 };
 
 enum class LinkClass : int { kSelf = 0, kNvlink = 1, kNetwork = 2 };
