@@ -5,7 +5,7 @@ can switch: :class:`Buffer`, ``get_dispatch_layout``, ``dispatch`` (bf16 or FP8
 tuples, cached mode via handles) and ``combine``.
 """
 
-from . import fp8, routing
+from . import eplb, fp8, routing
 from . import moe, ops  # differentiable custom ops ("epcomm::*") and MoE layer helpers
 from .buffer import Buffer, FP8Tensor
 from .config import Config
@@ -38,6 +38,7 @@ __all__ = [
     "LinkTraffic",
     "Topology",
     "TrafficStats",
+    "eplb",
     "fp8",
     "moe",
     "ops",
