@@ -115,9 +115,8 @@ def main() -> None:
                 print(f"{backend:8} {op:16} {r['median_ms']:10.2f} {r['collectives']:12g} {r['kernels']:8g}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"world": world, "nvl_ranks": args.nvl_ranks, "args": {**vars(args), "json": os.path.basename(args.json)},
-                           "results": table}, f,
-                          indent=1)
+                record = {**vars(args), "json": os.path.basename(args.json)}  # no machine paths in results
+                json.dump({"world": world, "nvl_ranks": args.nvl_ranks, "args": record, "results": table}, f, indent=1)
     dist.destroy_process_group()
 
 

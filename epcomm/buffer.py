@@ -249,7 +249,7 @@ class Buffer:
         gathered = agree(self._comm, op, problem, signature, counts, self._device_of(x))
         world, nodes = self.group_size, self.num_nodes
         tensors = prepared["tensors"]
-        placement = ExpertPlacement.uniform(prepared["num_experts"], world) if "topk_idx" in tensors else None
+        placement = prepared["placement"]  # None without topk_idx
         recv, plan = self._impl.dispatch(DispatchCall(
             tensors, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
             placement, config))
@@ -298,12 +298,14 @@ class Buffer:
         num_experts = -1
         num_topk = -1
         expected = None
+        placement = None
         if topk_idx is not None:
             if num_tokens_per_expert is None:
                 raise Invalid("num_tokens_per_expert (from get_dispatch_layout) is required with topk_idx")
             check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32,), ndim=1, device=device)
             num_experts = num_tokens_per_expert.numel()
             self._check_num_experts(num_experts)
+            placement = ExpertPlacement.uniform(num_experts, self.group_size)
             check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2, shape=(num_tokens, None), device=device)
             check_topk_idx(topk_idx, num_experts)
             num_topk = topk_idx.size(1)
@@ -328,7 +330,7 @@ class Buffer:
             "counts": counts,
             "num_tokens": num_tokens,
             "hidden": hidden,
-            "num_experts": num_experts,
+            "placement": placement,
             "signature": dict(num_experts=num_experts, hidden=hidden, x_kind=x_kind, num_topk=num_topk,
                               has_topk_weights=int(topk_weights is not None)),
         }

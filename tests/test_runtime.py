@@ -312,6 +312,19 @@ def test_runtime_rejects_misuse():
     spec.workspace = ext.NvlWorkspaceShape(num_ranks=2, num_local_experts=0, num_topk=8, max_row_bytes=64)
     with pytest.raises(ValueError, match="spec.workspace.num_ranks=2 but the runtime has 1 ranks"):
         runtime.run(spec, ext.NotifyParams(**barrier), 1.0)
+    rdma = ext.RdmaWorkspaceShape(num_nodes=2, num_nvl_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=64,
+                                  hidden=32, max_nodes_per_token=2)
+    internode = ext.InternodeSpec(config=ext.InternodeConfig(nvl=config, rdma_chunk_tokens=2, rdma_ring_tokens=8),
+                                  workspace=rdma, nvl_max_row_bytes=64, rdma_offset=4096)
+    with pytest.raises(ValueError, match="spec.workspace has 2 nodes x 1 ranks but the runtime has 1 ranks"):
+        runtime.run(internode, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None), 1.0)
+    # sizing refuses what the kernels would refuse, naming the rule
+    bad = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=8, nvl_ring_tokens=4)
+    with pytest.raises(ValueError, match="intranode kernels: nvl_ring_tokens must be >= nvl_chunk_send_tokens"):
+        ext.workspace_bytes(ext.IntranodeSpec(config=bad, workspace=spec.workspace))
+    internode.config = ext.InternodeConfig(nvl=config, rdma_chunk_tokens=4, rdma_ring_tokens=2)
+    with pytest.raises(ValueError, match="internode kernels: .*rdma_ring_tokens"):
+        ext.workspace_bytes(internode)
     runtime.barrier(1.0)
     runtime.close()
     with pytest.raises(ValueError, match="DeviceRuntime|num_ranks"):

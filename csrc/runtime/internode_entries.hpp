@@ -42,16 +42,18 @@ struct TransportBinding<transport::ShmTransport> {
   }
 };
 
-// Bytes per rank a call of `spec` needs: (NVL region, RDMA region).
-inline std::pair<size_t, size_t> workspace_bytes(kernels::InternodeSpec const& spec) {
-  return {kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl).required_bytes(),
-          kernels::RdmaWorkspace(spec.workspace, spec.config).required_bytes()};
-}
-
 // "" when the internode kernels take `spec`, else the rule it breaks.
 inline std::string spec_problem(kernels::InternodeSpec const& spec) {
   char const* problem = kernels::validate_rdma_shape(spec.workspace, spec.config);
   return problem != nullptr ? problem : "";
+}
+
+// Bytes per rank a call of `spec` needs: (NVL region, RDMA region). Refuses a spec the kernels cannot take.
+inline std::pair<size_t, size_t> workspace_bytes(kernels::InternodeSpec const& spec) {
+  if (std::string const problem = spec_problem(spec); !problem.empty())
+    throw RuntimeError(ErrorCode::kInvalidArgument, "internode kernels: " + problem);
+  return {kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl).required_bytes(),
+          kernels::RdmaWorkspace(spec.workspace, spec.config).required_bytes()};
 }
 
 template <class Transport>

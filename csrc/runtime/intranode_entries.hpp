@@ -14,15 +14,17 @@
 
 namespace epcomm::runtime::entries {
 
-// Bytes per rank a call of `spec` needs: (NVL region, RDMA region = 0).
-inline std::pair<size_t, size_t> workspace_bytes(kernels::IntranodeSpec const& spec) {
-  return {kernels::NvlWorkspace(spec.workspace, spec.config).required_bytes(), 0};
-}
-
 // "" when the intranode kernels take `spec`, else the rule it breaks.
 inline std::string spec_problem(kernels::IntranodeSpec const& spec) {
   char const* problem = kernels::validate_config(spec.config, spec.workspace.num_ranks);
   return problem != nullptr ? problem : "";
+}
+
+// Bytes per rank a call of `spec` needs: (NVL region, RDMA region = 0). Refuses a spec the kernels cannot take.
+inline std::pair<size_t, size_t> workspace_bytes(kernels::IntranodeSpec const& spec) {
+  if (std::string const problem = spec_problem(spec); !problem.empty())
+    throw RuntimeError(ErrorCode::kInvalidArgument, "intranode kernels: " + problem);
+  return {kernels::NvlWorkspace(spec.workspace, spec.config).required_bytes(), 0};
 }
 
 inline kernels::CommArgs intranode_comm(KernelCall const& call, kernels::IntranodeSpec const& spec,

@@ -33,6 +33,7 @@ class BackendEntry:
         target: ``"module:Class"`` of its :class:`~epcomm.backends.base.DispatchBackend`, imported on first use.
         devices: device types its tensors may live on.
         unavailable: returns why it cannot run on this rank (``None``: it can); must not communicate.
+            ``None`` instead of a function: it runs wherever torch.distributed runs (nothing to agree on).
         auto_rank: position in ``"auto"``'s preference (lower first); ``None``: never chosen by ``"auto"``.
         instead: what to use where it is unavailable (ends the error message).
     """
@@ -40,13 +41,9 @@ class BackendEntry:
     name: str
     target: str
     devices: tuple[str, ...]
-    unavailable: Callable[[], str | None]
+    unavailable: Callable[[], str | None] | None
     auto_rank: int | None = None
     instead: str = "Use backend='torch'."
-
-
-def _always() -> str | None:
-    return None
 
 
 def _extension_missing(kind: str) -> str | None:
@@ -75,7 +72,7 @@ def register_backend(entry: BackendEntry) -> None:
     BACKENDS[entry.name] = entry
 
 
-register_backend(BackendEntry("torch", "epcomm.backends.torch_backend:TorchBackend", ("cpu", "cuda"), _always, 0))
+register_backend(BackendEntry("torch", "epcomm.backends.torch_backend:TorchBackend", ("cpu", "cuda"), None, 0))
 register_backend(BackendEntry("sim", "epcomm.backends.sim_backend:SimDispatchBackend", ("cpu",),
                               lambda: _extension_missing("cpu")))
 register_backend(BackendEntry("cuda", "epcomm.backends.cuda_backend:CudaDispatchBackend", ("cuda",), _cuda_missing,
@@ -91,10 +88,10 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         ranked = sorted((e for e in BACKENDS.values() if e.auto_rank is not None), key=lambda e: e.auto_rank)
         for entry in ranked:
-            if entry.unavailable() is None:
+            if backend_unavailable_reason(entry.name) is None:
                 return entry.name
         raise EpcommBackendUnavailable("no backend chosen by 'auto' can run here: "
-                                       + "; ".join(f"{e.name}: {e.unavailable()}" for e in ranked))
+                                       + "; ".join(f"{e.name}: {backend_unavailable_reason(e.name)}" for e in ranked))
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
     return name
@@ -102,7 +99,8 @@ def resolve_backend(name: str) -> str:
 
 def backend_unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run on this rank, or None."""
-    return BACKENDS[name].unavailable()
+    check = BACKENDS[name].unavailable
+    return None if check is None else check()
 
 
 def backend_class(name: str):
@@ -117,8 +115,11 @@ _MESSAGE_BYTES = 400
 def agree_available(comm, name: str) -> None:
     """Collective: raise :class:`~epcomm.EpcommBackendUnavailable` on every rank unless ``name`` runs on all.
 
-    One all-gather of each rank's reason (a ``GroupComm`` stage, so a missing peer is a named timeout).
+    One all-gather of each rank's reason (a ``GroupComm`` stage, so a missing peer is a named timeout);
+    none for a backend that has no availability check.
     """
+    if BACKENDS[name].unavailable is None:
+        return
     reason = backend_unavailable_reason(name) or ""
     from .._progress import BUFFER_CONSTRUCTION
 

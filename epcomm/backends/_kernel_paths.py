@@ -108,6 +108,14 @@ class _KernelPath:
     def num_topk(spec) -> int:
         return spec.workspace.num_topk
 
+    def spec_for_cached_dispatch(self, spec, tensors: dict[str, torch.Tensor]):
+        """A dispatch's ``spec`` grown to hold a cached dispatch of ``tensors`` (its kernel config kept)."""
+        return self.covering(spec, self.dispatch_spec(spec.config, tensors, 0))
+
+    def spec_for_combine(self, spec, x: torch.Tensor):
+        """A dispatch's ``spec`` grown to hold a combine of rows ``x`` (its kernel config and num_topk kept)."""
+        return self.covering(spec, self.combine_spec(spec.config, x))
+
     def region_bytes(self, spec) -> tuple[int, int]:
         """(NVL bytes, RDMA bytes) per rank; in the buffer the RDMA region starts at rdma_offset()."""
         nvl, rdma = self.ext.workspace_bytes(spec)

@@ -74,6 +74,14 @@ class DispatchBackend(abc.ABC):
     def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
         self.comm, self.topo, self.options = comm, topo, options
 
+    @classmethod
+    def check_options(cls, topo: Topology, options: BackendOptions) -> None:
+        """Raise (ValueError, or EpcommBackendUnavailable) for a topology or option this backend cannot run.
+
+        Called before construction on every rank with the same arguments, so every rank decides alike.
+        The default takes everything.
+        """
+
     @abc.abstractmethod
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
                        config: Config | None = None) -> None:

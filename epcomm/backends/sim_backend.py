@@ -17,9 +17,10 @@ stage. A rank that fails locally (say ``/dev/shm`` is full) makes every rank rai
 
 Kernels run through :meth:`SimRuntime.run` (typed spec and params, see _kernel_paths.py; the
 entries are csrc/runtime/intranode_entries.hpp and internode_entries.hpp, registered for the cpu
-runtime by cpu_entries.cpp) and the peer barrier through :meth:`SimRuntime.barrier`. :class:`SimDispatchBackend` builds dispatch and combine on them
-with TorchBackend's interface (intranode kernels on one node, two-hop internode kernels across
-nodes); ``Buffer(backend="sim")`` uses it.
+runtime by cpu_entries.cpp) and the peer barrier through :meth:`SimRuntime.barrier`.
+:class:`SimDispatchBackend` builds dispatch and combine on them (the DispatchBackend protocol,
+epcomm/backends/base.py): intranode kernels on one node, two-hop internode kernels across nodes;
+``Buffer(backend="sim")`` uses it.
 """
 
 from __future__ import annotations
@@ -315,7 +316,8 @@ class SimDispatchBackend(DispatchBackend):
         for ((name, hint), given), need in zip(zip(regions, self.explicit_bytes), self.path.region_bytes(spec)):
             if need > given:
                 raise Invalid(
-                    f"the {self.name} backend needs {name}={need} for this {what} ({self.path.describe(spec)}) but Buffer({name}={given}) was given: raise {name} to at least {need} "
+                    f"the {self.name} backend needs {name}={need} for this {what} ({self.path.describe(spec)}) "
+                    f"but Buffer({name}={given}) was given: raise {name} to at least {need} "
                     f"(Config.{hint}), or pass 0 to size it automatically")
 
     def _check_kernel_config(self, config: Config | None) -> None:
@@ -339,7 +341,7 @@ class SimDispatchBackend(DispatchBackend):
                           f"(hidden={tensors['x'].size(1)}, {tensors['x'].dtype}); use an even hidden size")
         if isinstance(plan, SimPlan):
             self._check_cached_config(plan, config, "a cached dispatch")
-            spec = self.path.covering(plan.spec, self.path.dispatch_spec(plan.spec.config, tensors, 0))
+            spec = self.path.spec_for_cached_dispatch(plan.spec, tensors)
         else:
             self._check_kernel_config(config)
             spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
@@ -366,7 +368,7 @@ class SimDispatchBackend(DispatchBackend):
             if weights is not None and weights.size(1) != num_topk:
                 raise Invalid(f"the {self.name} backend's combine takes topk_weights with the dispatch's "
                               f"num_topk={num_topk} columns, got {weights.size(1)}")
-            self._check_size(self.path.covering(plan.spec, self.path.combine_spec(plan.spec.config, x)), "combine")
+            self._check_size(self.path.spec_for_combine(plan.spec, x), "combine")
 
     # ------------------------------------------------------------ kernels
     def _ensure(self, spec, op: str) -> SimRuntime:
@@ -478,7 +480,7 @@ class SimDispatchBackend(DispatchBackend):
         """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
         op = "cached dispatch"
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
-        spec = self.path.covering(plan.spec, self.path.dispatch_spec(plan.spec.config, rows, 0))
+        spec = self.path.spec_for_cached_dispatch(plan.spec, rows)
         runtime = self._ensure(spec, op)
         self._barrier(runtime, spec, op)
         return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op)
@@ -489,7 +491,7 @@ class SimDispatchBackend(DispatchBackend):
         weights = tensors.get("topk_weights")
         weights = weights.contiguous() if weights is not None else None
         num_topk = weights.size(1) if weights is not None else 0
-        spec = self.path.covering(plan.spec, self.path.combine_spec(plan.spec.config, x))  # num_topk: check_combine
+        spec = self.path.spec_for_combine(plan.spec, x)  # num_topk == the dispatch's (check_combine)
         runtime = self._ensure(spec, "combine")
         self._barrier(runtime, spec, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)

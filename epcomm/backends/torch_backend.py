@@ -145,10 +145,6 @@ class TorchBackend(DispatchBackend):
         self.algorithm = options.algorithm
         self.scratch = _SCRATCH
 
-    @classmethod
-    def check_options(cls, topo: Topology, options: BackendOptions) -> None:
-        """Both algorithms run on any topology."""
-
     # ----------------------------------------------------------------- helpers
     def _gather(self, name: str, tensors: dict[str, torch.Tensor], fmt: RowFormat, idx: torch.Tensor):
         """The rows ``idx`` of every field; the bulk field lands in scratch ``name``."""
