@@ -11,6 +11,10 @@
 namespace epcomm::kernels {
 
 using transport::ShmTransport;
+static_assert(kFitsKernelParams<InternodeNotifyArgs<ShmTransport>> &&
+                  kFitsKernelParams<InternodeDispatchArgs<ShmTransport>> &&
+                  kFitsKernelParams<InternodeCombineArgs<ShmTransport>>,
+              "internode kernel Args (ShmTransport) exceed the 4 KiB of kernel parameters");
 
 int cuda_launch_internode_notify(InternodeNotifyArgs<ShmTransport> const& args, void* stream) {
   if (validate(args) != nullptr) return int(cudaErrorInvalidValue);

@@ -137,6 +137,14 @@ struct IntranodeCombineArgs : WithComm<CommArgs>, IntranodeCombineParams {
   using Params = IntranodeCombineParams;
 };
 
+// Args travel to a kernel by value; CUDA's classic limit for kernel parameters is 4 KiB.
+inline constexpr size_t kMaxKernelParamBytes = 4096;
+template <class Args>
+inline constexpr bool kFitsKernelParams = sizeof(Args) <= kMaxKernelParamBytes;
+static_assert(kFitsKernelParams<NotifyArgs> && kFitsKernelParams<IntranodeDispatchArgs> &&
+                  kFitsKernelParams<IntranodeCombineArgs>,
+              "intranode kernel Args exceed the 4 KiB of kernel parameters");
+
 // Threads per block and blocks per grid of each kernel (the same on both targets).
 inline constexpr int kLayoutThreads = 256;
 inline constexpr int kNotifyThreads = 256;

@@ -12,6 +12,10 @@
 namespace epcomm::kernels {
 
 using transport::GinTransport;
+static_assert(kFitsKernelParams<InternodeNotifyArgs<GinTransport>> &&
+                  kFitsKernelParams<InternodeDispatchArgs<GinTransport>> &&
+                  kFitsKernelParams<InternodeCombineArgs<GinTransport>>,
+              "internode kernel Args (GinTransport) exceed the 4 KiB of kernel parameters");
 
 int gin_launch_internode_notify(InternodeNotifyArgs<GinTransport> const& args, cudaStream_t stream) {
   internode_notify_kernel<GinTransport><<<kInternodeNotifyBlocks, kInternodeNotifyThreads, 0, stream>>>(args);
