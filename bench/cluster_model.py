@@ -47,6 +47,14 @@ ranks). Row bytes: FP8 dispatch ``H + 4 H / 128``, BF16 combine ``2 H``.
 Large EP sizes sample ``--max-sampled-tokens`` tokens in total (EP64 at 4096
 tokens per rank fits exactly; EP128 samples 2048 per rank, EP256 1024) and
 scale the bytes to ``--tokens`` per rank; the tables say when they did.
+
+Low-latency mode (``--ll``): one message per (token, expert) pair (16-byte header + FP8 payload for
+dispatch, a bf16 row for combine), NVLink inside a node, the GPU's NIC across nodes, ``t = fixed +
+max(t_nvl, t_net)`` with each port's busiest GPU, compared with DeepEP's published LL table
+(``DEEPEP_LL_H800``). The fixed term is fitted (one value for all rows) unless ``--ll-fixed-us`` is
+given; the bandwidths are ``--nvl-bw`` / ``--net-bw``. See bench/RESULTS.md, "Low-latency mode".
+
+    python bench/cluster_model.py --ll --json model_ll.json
 """
 
 from __future__ import annotations
@@ -246,6 +254,214 @@ def predict(tm: TrafficMatrices, *, hidden: int, tokens: int, fp8_dispatch: bool
     return out
 
 
+# ----------------------------------------------------------------------------- low-latency (LL) mode
+# DeepEP V1 LL, H800 + CX7 400 Gb/s, 128 tokens/rank, hidden 7168, top-8, FP8 dispatch / BF16 combine
+# (../shared/notes/anchors-ll.md): EP -> (dispatch us, dispatch GB/s, combine us, combine GB/s)
+DEEPEP_LL_H800 = {
+    8: (77.0, 98.0, 114.0, 127.0),
+    16: (118.0, 63.0, 195.0, 74.0),
+    32: (155.0, 48.0, 273.0, 53.0),
+    64: (173.0, 43.0, 314.0, 46.0),
+    128: (192.0, 39.0, 369.0, 39.0),
+    256: (194.0, 39.0, 360.0, 40.0),
+}
+LL_HEADER_BYTES = 16  # a kernel message's header (epcomm.low_latency.LowLatencyLayout; DeepEP's is 16 B too)
+
+
+def ll_message_bytes(hidden: int, fp8_dispatch: bool = True) -> dict[str, int]:
+    """Bytes of one (token, expert) message on the wire: dispatch header + payload, combine a bf16 row."""
+    return {"dispatch": LL_HEADER_BYTES + (fp8_row_bytes(hidden) if fp8_dispatch else 2 * hidden),
+            "combine": 2 * hidden}
+
+
+def ll_port_messages(tm: TrafficMatrices, allow_nvlink: bool = True) -> dict:
+    """Messages on the busiest port of each class, per op: ``max over GPUs of max(sent, received)``.
+
+    One message per (token, expert) pair; combine is dispatch reversed. Without ``allow_nvlink`` every
+    message to another GPU goes through the NIC (DeepEP with ``allow_nvlink_for_low_latency_mode=False``).
+    Self messages are free.
+    """
+    link = tm.link if allow_nvlink else torch.where(tm.link == 1, torch.full_like(tm.link, 2), tm.link)
+    out = {}
+    for op in ("dispatch", "combine"):
+        mat = tm.expert_count if op == "dispatch" else tm.expert_count.t()
+        out[op] = {}
+        for name, c in (("nvl", 1), ("net", 2)):
+            masked = torch.where(link == c, mat, torch.zeros_like(mat))
+            out[op][name] = int(torch.maximum(masked.sum(1), masked.sum(0)).max()) if masked.sum() else 0
+    return out
+
+
+def ll_link_times(port_messages: dict, *, hidden: int, fp8_dispatch: bool, nvl_GBps: float, net_GBps: float,
+                  msg_overhead_us: float = 0.0) -> dict:
+    """Link-bound us of an LL dispatch and combine from :func:`ll_port_messages`.
+
+    A port (one NVLink, one NIC per GPU, full duplex) takes ``messages * (message bytes / rate +
+    msg_overhead)`` for its busiest GPU (all of an op's messages have one size); NVLink and network run at
+    the same time, so an op takes ``max(t_nvl, t_net)``.
+    """
+    out = {}
+    for op, msg in ll_message_bytes(hidden, fp8_dispatch).items():
+        n = port_messages[op]
+        t_nvl = n["nvl"] * (msg / (nvl_GBps * 1e3) + msg_overhead_us)
+        t_net = n["net"] * (msg / (net_GBps * 1e3) + msg_overhead_us)
+        out[op] = {"t_nvl_us": t_nvl, "t_net_us": t_net, "t_link_us": max(t_nvl, t_net),
+                   "bound": "NVLink" if t_nvl >= t_net else "network", "port_messages": dict(n)}
+    return out
+
+
+def ll_torch_reference_us(world: int, nvl: int, *, hidden: int, experts: int, num_max: int, fp8_dispatch: bool,
+                          nvl_GBps: float, net_GBps: float) -> dict[str, float]:
+    """Link-bound us of epcomm's torch LL reference on the same links: every rank sends its whole fixed slot
+    array to every other rank (dispatch ``4 E_loc + E_loc M (4 + payload)`` B, combine ``E_loc M 2H`` B per peer)."""
+    e_loc = experts // world
+    payload = fp8_row_bytes(hidden) if fp8_dispatch else 2 * hidden
+    chunks = {"dispatch": 4 * e_loc + e_loc * num_max * (4 + payload), "combine": e_loc * num_max * 2 * hidden}
+    nodes = world // nvl
+    return {op: max((nvl - 1) * c / (nvl_GBps * 1e9), (world - nvl) * c / (net_GBps * 1e9) if nodes > 1 else 0.0) * 1e6
+            for op, c in chunks.items()}
+
+
+def _fit_fixed_us(link_us: list[float], published_us: list[float]) -> float:
+    """The one fixed term f minimising sum(((f + link) - published) / published)^2 (closed form)."""
+    w = [1 / p**2 for p in published_us]
+    return sum((p - l) * wi for p, l, wi in zip(published_us, link_us, w)) / sum(w)
+
+
+def run_ll_model(args) -> dict:
+    """LL latency at EP sizes ``args.ep`` vs DeepEP's published table (see bench/RESULTS.md, "Low-latency mode")."""
+    eps = [int(e) for e in args.ep.split(",")]
+    fp8 = not args.bf16_dispatch
+    matrices = {}
+    for ep in eps:
+        nvl = min(args.nvl_ranks, ep)
+        max_nodes = args.ll_max_nodes or ep // nvl
+        topk_all = global_topk_idx(args.ll_routing, world=ep, nvl=nvl, tokens=args.ll_tokens, experts=args.experts,
+                                   topk=args.topk, max_nodes=max_nodes, seed=args.seed, zipf_alpha=args.zipf_alpha,
+                                   khot_ranks=args.khot_ranks, khot_frac=args.khot_frac)
+        matrices[ep] = traffic_matrices(topk_all, args.experts, nvl)
+        del topk_all
+
+    ports = {allow: {ep: ll_port_messages(tm, allow) for ep, tm in matrices.items()} for allow in (True, False)}
+
+    def link_times(msg_us: float, allow_nvlink: bool = True) -> dict:
+        return {ep: ll_link_times(n, hidden=args.hidden, fp8_dispatch=fp8, nvl_GBps=args.nvl_bw, net_GBps=args.net_bw,
+                                  msg_overhead_us=msg_us) for ep, n in ports[allow_nvlink].items()}
+
+    comparable = args.ll_tokens == 128 and args.hidden == 7168 and args.topk == 8 and fp8
+    pub = {ep: DEEPEP_LL_H800[ep] for ep in eps if ep in DEEPEP_LL_H800 and comparable}
+
+    def fitted(times: dict, ops: tuple[str, ...] = ("dispatch", "combine")) -> float:
+        link, published = [], []
+        for ep, (d_us, _, c_us, _) in pub.items():
+            for op, p_us in (("dispatch", d_us), ("combine", c_us)):
+                if op in ops:
+                    link.append(times[ep][op]["t_link_us"])
+                    published.append(p_us)
+        return _fit_fixed_us(link, published) if published else 0.0
+
+    main_times = link_times(args.ll_msg_us)
+    fixed_us = args.ll_fixed_us if args.ll_fixed_us is not None else fitted(main_times)
+    fixed_source = "given (--ll-fixed-us)" if args.ll_fixed_us is not None else \
+        f"fitted: one value for all {2 * len(pub)} published latencies (least squares of the relative error)"
+
+    def table(times: dict, fixed: float) -> list[dict]:
+        rows = []
+        for ep, tm in matrices.items():
+            row = {"ep": ep, "nodes": tm.nodes, "nvl_ranks": tm.nvl,
+                   "messages_per_rank": int(tm.expert_count.sum()) / ep,
+                   "recv_messages_max": int(tm.expert_count.sum(0).max()),
+                   "remote_node_messages_per_rank": int(tm.expert_count[tm.link == 2].sum()) / ep}
+            for op in ("dispatch", "combine"):
+                e = dict(times[ep][op], t_us=times[ep][op]["t_link_us"] + fixed)
+                if ep in pub:
+                    d_us, d_gbps, c_us, c_gbps = pub[ep]
+                    p_us, p_gbps = (d_us, d_gbps) if op == "dispatch" else (c_us, c_gbps)
+                    e.update(published_us=p_us, published_GBps=p_gbps, error_pct=100 * (e["t_us"] - p_us) / p_us,
+                             # DeepEP's GB/s = (token, expert) pairs x message bytes / time: check the anchor's pairs
+                             published_bytes_per_rank_implied=p_gbps * 1e3 * p_us)
+                row[op] = e
+            row["torch_reference_link_us"] = ll_torch_reference_us(
+                ep, tm.nvl, hidden=args.hidden, experts=args.experts, num_max=args.ll_tokens, fp8_dispatch=fp8,
+                nvl_GBps=args.nvl_bw, net_GBps=args.net_bw)
+            rows.append(row)
+        return rows
+
+    def summary(rows: list[dict]) -> dict | None:
+        errs = [abs(r[op]["error_pct"]) for r in rows for op in ("dispatch", "combine") if "error_pct" in r[op]]
+        return {"mean_abs_error_pct": sum(errs) / len(errs), "max_abs_error_pct": max(errs)} if errs else None
+
+    variants = {}
+    for name, msg_us, allow, fixed in (
+            ("link-bound only (no fixed term)", args.ll_msg_us, True, 0.0),
+            ("fixed term fitted on the 6 dispatch rows only (combine out of sample)", args.ll_msg_us, True,
+             fitted(main_times, ("dispatch",))),
+            ("network only, no NVLink (fixed term as fitted above)", args.ll_msg_us, False, fixed_us)):
+        rows = table(link_times(msg_us, allow), fixed)
+        comb = [abs(r["combine"]["error_pct"]) for r in rows if "error_pct" in r["combine"]]
+        variants[name] = {"fixed_us": fixed, "summary": summary(rows),
+                          "combine_mean_abs_error_pct": sum(comb) / len(comb) if comb else None,
+                          "t_us": {r["ep"]: [r["dispatch"]["t_us"], r["combine"]["t_us"]] for r in rows}}
+    # sensitivity: both a fixed term and a per-message overhead fitted (grid over the overhead)
+    best = None
+    for i in range(0, 201):
+        msg_us = 0.001 * i
+        times = link_times(msg_us)
+        f = fitted(times)
+        s = summary(table(times, f))
+        if s and (best is None or s["mean_abs_error_pct"] < best[2]["mean_abs_error_pct"]):
+            best = (msg_us, f, s)
+    if best:
+        variants["fixed term + per-message overhead, both fitted"] = {
+            "msg_overhead_us": best[0], "fixed_us": best[1], "summary": best[2]}
+    rows = table(main_times, fixed_us)
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "constants": {
+            "nvl_GBps": (args.nvl_bw, "NVLink per GPU per direction, effective (the normal-mode model's; DeepEP "
+                                      "normal mode measures 153-158 GB/s on H800)"),
+            "net_GBps": (args.net_bw, "NIC per GPU per direction: 400 Gb/s CX7 line rate, from the spec"),
+            "msg_overhead_us": (args.ll_msg_us, "per message on a port (given; 0 = none)"),
+            "fixed_us": (fixed_us, fixed_source),
+            "message_bytes": ll_message_bytes(args.hidden, fp8),
+        },
+        "model": "t = fixed + max(t_nvl, t_net); t_port = max over GPUs of max(sent, received) of "
+                 "(bytes / rate + messages * msg_overhead); one message per (token, expert) pair, self free; "
+                 "combine is dispatch's traffic reversed with bf16 rows",
+        "rows": rows, "summary": summary(rows), "variants": variants,
+    }
+
+
+def print_ll_model(result: dict, file=sys.stdout) -> None:
+    cfg, k = result["config"], result["constants"]
+    print(f"LL model: {cfg['ll_tokens']} tokens/rank, hidden {cfg['hidden']}, top-{cfg['topk']} of {cfg['experts']} "
+          f"experts, routing {cfg['ll_routing']} ({'no node limit' if not cfg['ll_max_nodes'] else '<= %d nodes' % cfg['ll_max_nodes']}), "
+          f"{cfg['nvl_ranks']} GPUs per node; messages: dispatch {k['message_bytes']['dispatch']} B, combine "
+          f"{k['message_bytes']['combine']} B", file=file)
+    print(f"constants: NVLink {k['nvl_GBps'][0]:g} GB/s, NIC {k['net_GBps'][0]:g} GB/s, per-message "
+          f"{k['msg_overhead_us'][0]:g} us, fixed {k['fixed_us'][0]:.1f} us ({k['fixed_us'][1]})", file=file)
+    print(f"{'EP':>4} {'nodes':>5} {'remote msg':>10} {'max recv':>8} {'op':<8} {'t_nvl':>7} {'t_net':>7} {'bound':<8} "
+          f"{'pred us':>8} {'pub us':>7} {'error':>7} {'torch ref us':>12}", file=file)
+    for r in result["rows"]:
+        for op in ("dispatch", "combine"):
+            e = r[op]
+            pub = f"{e['published_us']:7.0f} {e['error_pct']:+6.0f}%" if "published_us" in e else f"{'-':>7} {'-':>7}"
+            print(f"{r['ep']:>4} {r['nodes']:>5} {r['remote_node_messages_per_rank']:>10.0f} {r['recv_messages_max']:>8} "
+                  f"{op:<8} {e['t_nvl_us']:7.1f} {e['t_net_us']:7.1f} {e['bound']:<8} {e['t_us']:8.1f} {pub} "
+                  f"{r['torch_reference_link_us'][op] + k['fixed_us'][0]:12.0f}", file=file)
+    if result["summary"]:
+        s = result["summary"]
+        print(f"error vs DeepEP: mean |error| {s['mean_abs_error_pct']:.1f}%, max {s['max_abs_error_pct']:.1f}%", file=file)
+    for name, v in result["variants"].items():
+        if v["summary"]:
+            extra = f", per-message {v['msg_overhead_us']:.3f} us" if "msg_overhead_us" in v else ""
+            comb = f" (combine alone {v['combine_mean_abs_error_pct']:.1f}%)" if v.get("combine_mean_abs_error_pct") else ""
+            print(f"  variant {name}: fixed {v['fixed_us']:.1f} us{extra}: mean |error| "
+                  f"{v['summary']['mean_abs_error_pct']:.1f}%{comb}, max {v['summary']['max_abs_error_pct']:.1f}%", file=file)
+    print("torch ref us: epcomm's torch LL reference (fixed slot arrays to every peer) on the same links, + the fixed term",
+          file=file)
+
+
 def run_model(args) -> dict:
     eps = [int(e) for e in args.ep.split(",")]
     rows = []
@@ -331,6 +547,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="two-hop combine's node partials on the network (DeepEP: bf16; epcomm torch: fp32)")
     parser.add_argument("--max-sampled-tokens", type=int, default=262144,
                         help="sample at most this many tokens in total and scale (memory/time cap)")
+    parser.add_argument("--ll", action="store_true", help="the low-latency (LL) mode model instead (vs DeepEP's LL table)")
+    parser.add_argument("--ll-tokens", type=int, default=128, help="LL: tokens per rank (= num_max)")
+    parser.add_argument("--ll-routing", default="uniform", choices=("uniform", "zipf", "khot", "gate"),
+                        help="LL: routing (DeepEP's LL test: uniform over all experts)")
+    parser.add_argument("--ll-max-nodes", type=int, default=0, help="LL: most nodes per token (0: no limit)")
+    parser.add_argument("--ll-fixed-us", type=float, default=None,
+                        help="LL: fixed us per op (launch, signalling, receive copy); default: fitted to DeepEP's table")
+    parser.add_argument("--ll-msg-us", type=float, default=0.0, help="LL: per-message overhead on a port, us")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,8 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     add_routing_args(parser)
     parser.add_argument("--json", help="write the full result here")
     args = parser.parse_args(argv)
-    result = run_model(args)
-    print_model(result)
+    if args.ll:
+        result = run_ll_model(args)
+        print_ll_model(result)
+    else:
+        result = run_model(args)
+        print_model(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -35,14 +35,20 @@ SIGNATURE_FIELDS = (
     "config_nvl_recv_tokens",
     "config_rdma_send_tokens",
     "config_rdma_recv_tokens",
+    "num_max_dispatch_tokens",
+    "low_latency_flags",
+    "num_worst_tokens",
 )
 _MESSAGE_BYTES = 480
 
-OPERATION_NAMES = {1: "dispatch", 2: "cached dispatch", 3: "combine"}
+OPERATION_NAMES = {1: "dispatch", 2: "cached dispatch", 3: "combine", 4: "low_latency_dispatch",
+                   5: "low_latency_combine", 6: "clean_low_latency_buffer"}
 # x's kind in the call signature; 1-3 are also the kernels' ElementKind codes (csrc/kernels/elements.cuh)
 X_KINDS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 FP8_KIND = 4
-X_KIND_NAMES = {1: "bfloat16", 2: "float16", 3: "float32", FP8_KIND: "FP8 tuple (float8_e4m3fn, float32 scales)"}
+X_KIND_NAMES = {1: "bfloat16", 2: "float16", 3: "float32", FP8_KIND: "FP8 tuple (float8_e4m3fn, float32 scales)",
+                FP8_KIND + 1: "FP8 tuple (float8_e4m3fn, int32 UE8M0-packed scales)",
+                FP8_KIND + 2: "FP8 tuple (float8_e4m3fn, float32 per-token scales [N])"}
 ALGORITHM_NAMES = {0: "flat", 1: "two_hop"}
 _DESCRIBE = {
     "operation": ("the operation", OPERATION_NAMES),
@@ -54,6 +60,10 @@ _DESCRIBE = {
     "config_nvl_recv_tokens": ("config.num_max_nvl_chunked_recv_tokens (-1: no config)", {}),
     "config_rdma_send_tokens": ("config.num_max_rdma_chunked_send_tokens (-1: no config)", {}),
     "config_rdma_recv_tokens": ("config.num_max_rdma_chunked_recv_tokens (-1: no config)", {}),
+    "num_max_dispatch_tokens": ("num_max_dispatch_tokens_per_rank", {}),
+    "num_worst_tokens": ("num_worst_tokens", {}),
+    "low_latency_flags": ("the LL flags (bits: 1 use_fp8, 2 round_scale, 4 use_ue8m0, 8 return_recv_hook, "
+                          "16 zero_copy, 32 out given)", {}),
 }
 
 

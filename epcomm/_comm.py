@@ -19,7 +19,7 @@ from .topology import Topology
 from ._wire import RowFormat
 from .traffic import TrafficStats
 
-__all__ = ["GroupComm"]
+__all__ = ["GroupComm", "PendingWork"]
 
 # torch 2.14 renamed all_gather_into_tensor; keep older releases working.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -67,6 +67,15 @@ class GroupComm:
 
     def _run(self, op: str, stage: str, start: Callable[[], dist.Work | list[dist.Work] | None],
              post: bool = True) -> None:
+        self.start(op, stage, start, post).wait()
+
+    def start(self, op: str, stage: str, start: Callable[[], dist.Work | list[dist.Work] | None],
+              post: bool = True) -> "PendingWork":
+        """Issue the collective(s) ``start`` makes as a stage of ``op``; wait for them with ``.wait()``.
+
+        Between the two the caller may compute (the low-latency receive hook). Failures at either
+        point are reported as :meth:`run_local` says.
+        """
         if self.broken is not None:
             raise EpcommPeerError(
                 f"epcomm {op}: rank {self.topo.rank}: this buffer's process group failed earlier "
@@ -76,23 +85,26 @@ class GroupComm:
             self.board.enter(op, stage)
         try:
             works = start()
-            works = [w for w in (works if isinstance(works, list) else [works]) if w is not None]
-            # a local wait (run_local: a kernel spinning on peer memory) is one kernel round trip
-            self.traffic.count_round_trip(op, "collective" if post else "kernel", len(works) if post else 1)
-            for work in works:
-                work.wait(timeout=self.timeout)
         except RuntimeError as err:
-            text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-            where = f"epcomm {op}: stage '{stage}' on rank {self.topo.rank}"
-            self.broken = f"{op}/{stage}"
-            timed_out = "timed out" in text.lower() or "timeout" in text.lower()
-            peers = self.board.diagnose(grace_s=min(1.0, self.timeout.total_seconds() / 4))
-            if timed_out:
-                raise EpcommTimeoutError(
-                    f"{where}: a peer did not arrive within {self.timeout.total_seconds():g} s "
-                    f"(Buffer(timeout_s=...) sets this limit); {peers}. Backend said: {text}"
-                ) from err
-            raise EpcommPeerError(f"{where}: a peer failed; {peers}. Backend said: {text}") from err
+            raise self._failure(op, stage, err) from err
+        works = [w for w in (works if isinstance(works, list) else [works]) if w is not None]
+        # a local wait (run_local: a kernel spinning on peer memory) is one kernel round trip
+        self.traffic.count_round_trip(op, "collective" if post else "kernel", len(works) if post else 1)
+        return PendingWork(self, op, stage, works)
+
+    def _failure(self, op: str, stage: str, err: RuntimeError) -> Exception:
+        """The epcomm error for a collective of ``op`` that failed with ``err``; marks the group broken."""
+        text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        where = f"epcomm {op}: stage '{stage}' on rank {self.topo.rank}"
+        self.broken = f"{op}/{stage}"
+        timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+        peers = self.board.diagnose(grace_s=min(1.0, self.timeout.total_seconds() / 4))
+        if timed_out:
+            return EpcommTimeoutError(
+                f"{where}: a peer did not arrive within {self.timeout.total_seconds():g} s "
+                f"(Buffer(timeout_s=...) sets this limit); {peers}. Backend said: {text}"
+            )
+        return EpcommPeerError(f"{where}: a peer failed; {peers}. Backend said: {text}")
 
     def record_rows_to_peers(self, op: str, rows_to_peer: list[int], payload_bytes: int, meta_bytes: int) -> None:
         """Count ``rows_to_peer[r]`` rows of ``payload_bytes + meta_bytes`` sent to rank ``r``, per link class."""
@@ -169,3 +181,19 @@ class GroupComm:
         if side_out is not None:
             received.update(fmt.unpack_side(side_out))
         return received
+
+
+class PendingWork:
+    """Collectives issued by :meth:`GroupComm.start`, not yet waited for."""
+
+    def __init__(self, comm: GroupComm, op: str, stage: str, works: list[dist.Work]) -> None:
+        self._comm, self._op, self._stage, self._works = comm, op, stage, works
+
+    def wait(self) -> None:
+        """Block until every collective finished (idempotent); raises as :meth:`GroupComm.run_local`."""
+        works, self._works = self._works, []
+        try:
+            for work in works:
+                work.wait(timeout=self._comm.timeout)
+        except RuntimeError as err:
+            raise self._comm._failure(self._op, self._stage, err) from err

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import warnings
+import weakref
+from collections.abc import Callable
 from typing import Union
 
 import torch
@@ -17,10 +21,11 @@ from ._agree import ALGORITHM_NAMES, OPERATION_NAMES
 from .backends import agree_available, backend_class, resolve_backend
 from .backends.base import BackendOptions, DispatchCall
 from .config import Config
-from .errors import EpcommInputError
-from .event import EventOverlap
+from .errors import EpcommError, EpcommInputError
+from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
 from .layout import DispatchLayout, compute_layout, token_node_mask
+from .low_latency import LowLatencyHandle, LowLatencyLayout, LowLatencyOps
 from .placement import ExpertPlacement, check_num_experts
 from .topology import Topology
 from .traffic import TrafficStats
@@ -34,6 +39,7 @@ XTensor = Union[torch.Tensor, FP8Tensor]
 _OPERATIONS = {name: code for code, name in OPERATION_NAMES.items()}  # the call signature's codes
 _ALGORITHMS = {name: code for code, name in ALGORITHM_NAMES.items()}
 _buffer_ids = itertools.count(1)
+_live_buffers: dict[int, "weakref.ref[Buffer]"] = {}  # id -> Buffer not yet destroyed (handles check it)
 
 
 class Buffer:
@@ -50,11 +56,22 @@ class Buffer:
     :meth:`ExpertPlacement.uniform <epcomm.placement.ExpertPlacement.uniform>`: split evenly
     and contiguously, expert ``e`` lives on rank ``e // (num_experts // world_size)``.
 
+    The positional arguments are DeepEP's, in DeepEP's order; epcomm's own options are keyword-only.
+
     Args:
-        group: the process group (``None``: the default group).
+        group: the process group (``None``: the default group, or the one ``comm`` maps to).
         num_nvl_bytes: NVLink buffer bytes for the kernel backends (see
             :meth:`Config.get_nvl_buffer_size_hint`); unused by ``"torch"``.
         num_rdma_bytes: network buffer bytes for the kernel backends; unused by ``"torch"``.
+        low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode: DeepEP's low-latency
+            settings, kept as attributes for the low-latency calls.
+        allow_mnnvl, use_fabric, enable_shrink: DeepEP features no epcomm backend has (multi-node
+            NVLink, fabric memory, masking ranks); ``True`` raises ValueError saying so.
+        explicitly_destroy: with ``True``, call :meth:`destroy` (collective) to release the buffers;
+            without it, they are released when the Buffer is garbage-collected or at exit.
+        comm: an ``mpi4py`` communicator instead of ``group``: it must list the ranks of the
+            default torch.distributed group in order (it maps to that group); for any other set of
+            ranks pass the matching torch group as ``group``.
         backend: ``"torch"``, ``"sim"``, ``"cuda"`` or ``"auto"`` (best available;
             read the choice from :attr:`backend`). ``"sim"`` runs epcomm's intranode kernels on
             the CPU (CPU tensors; the intranode kernels on one node, the two-hop internode kernels
@@ -73,6 +90,14 @@ class Buffer:
         group: dist.ProcessGroup | None = None,
         num_nvl_bytes: int = 0,
         num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm: object = None,
         *,
         backend: str = "auto",
         num_nvl_ranks: int | None = None,
@@ -80,8 +105,26 @@ class Buffer:
         algorithm: str = "auto",
         timeout_s: float = 30.0,
     ) -> None:
+        self._impl = None  # set last: a Buffer that failed to construct has nothing to release
+        self._destroyed = False
         if not dist.is_initialized():
             raise RuntimeError("epcomm.Buffer needs torch.distributed: call dist.init_process_group first")
+        for flag, value, why in (("allow_mnnvl", allow_mnnvl, "multi-node NVLink domains"),
+                                 ("use_fabric", use_fabric, "fabric (multi-node NVLink) memory handles"),
+                                 ("enable_shrink", enable_shrink, "masking failed ranks out of the group")):
+            if value:
+                raise ValueError(f"epcomm.Buffer({flag}=True): no epcomm backend supports {why}; pass {flag}=False "
+                                 f"(a rank that fails makes every other rank raise EpcommPeerError/EpcommTimeoutError "
+                                 f"instead; create a new group and Buffer without it)")
+        if num_qps_per_rank < 1:
+            raise ValueError(f"num_qps_per_rank must be >= 1, got {num_qps_per_rank}")
+        self.low_latency_mode = bool(low_latency_mode)
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.enable_shrink = False
+        if group is None and comm is not None:
+            group = _group_of_mpi_comm(comm)
         self.group = group if group is not None else dist.group.WORLD
         world_size = dist.get_world_size(self.group)
         rank = dist.get_rank(self.group)
@@ -116,6 +159,10 @@ class Buffer:
         self._impl = impl_class(self._comm, self.topology, options)
         self._id = next(_buffer_ids)
         self._layout_seq = 0
+        # a handle made by a Buffer that is gone may be used by a Buffer with the same key (see _check_handle)
+        self._key = (self.backend, rank, world_size, num_nvl_ranks, algorithm, max_nodes_per_token,
+                     tuple(dist.get_process_group_ranks(self.group)) if self.group is not dist.group.WORLD else "world")
+        _live_buffers[self._id] = weakref.ref(self)
 
     # ------------------------------------------------------------ properties
     @property
@@ -135,15 +182,122 @@ class Buffer:
     def num_nodes(self) -> int:
         return self.topology.num_nodes
 
+    num_sms: int = 20
+    """SMs the tuned configs use (:meth:`get_dispatch_config`); set with :meth:`set_num_sms`."""
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set :attr:`num_sms` for every Buffer (what :meth:`get_dispatch_config` and
+        :meth:`get_combine_config` put in their configs); even, two blocks per channel."""
+        if not isinstance(new_num_sms, int) or new_num_sms < 2 or new_num_sms % 2:
+            raise ValueError(f"Buffer.set_num_sms needs an even int >= 2 (two blocks per channel), got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """A reasonable dispatch :class:`Config` for ``num_ranks`` ranks."""
-        return Config.default(num_ranks)
+        """DeepEP's tuned dispatch :class:`Config` for ``num_ranks`` ranks, with :attr:`num_sms` SMs
+        (see :meth:`Config.tuned`; other rank counts take the next tabulated count up)."""
+        return Config.tuned("dispatch", num_ranks, Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """A reasonable combine :class:`Config` for ``num_ranks`` ranks."""
-        return Config.default(num_ranks)
+        """DeepEP's tuned combine :class:`Config` for ``num_ranks`` ranks, with :attr:`num_sms` SMs."""
+        return Config.tuned("combine", num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """Whether epcomm's GPU kernels (the ``cuda`` backend's extension, built for sm_90) are installed."""
+        from ._ext import load_extension
+        from .errors import EpcommBackendUnavailable
+
+        try:
+            load_extension("cuda")
+        except EpcommBackendUnavailable:
+            return False
+        return True
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event at the current point of the current stream (complete at once on the CPU)."""
+        return EventOverlap(EventHandle())
+
+    def get_comm_stream(self) -> object:
+        """The stream epcomm's calls run on: the caller's current stream (epcomm has no stream of its
+        own; its calls return with their results ready), ``torch.cuda.current_stream()`` on a GPU,
+        else ``torch.cpu.current_stream()``."""
+        self._check_alive("get_comm_stream")
+        if getattr(self._impl, "device", torch.device("cpu")).type == "cuda":
+            return torch.cuda.current_stream()
+        return torch.cpu.current_stream()
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: torch.Size | None = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """This rank's communication buffer as a tensor (no copy), where the backend has one.
+
+        Args:
+            dtype: element type of the view.
+            size: shape of the view (``None``: every whole element from ``offset`` to the end).
+            offset: where the view starts, in bytes.
+            use_rdma_buffer: the network region (across nodes) instead of the NVLink region.
+        Raises:
+            ValueError: the backend has no such buffer (``torch``), it is not allocated yet (kernel
+                backends allocate at the first call unless ``num_nvl_bytes``/``num_rdma_bytes`` are given),
+                or the view does not fit.
+        """
+        self._check_alive("get_local_buffer_tensor")
+        from .backends._kernel_paths import rdma_offset
+
+        runtime = getattr(self._impl, "_device_runtime", None)
+        if not hasattr(self._impl, "explicit_bytes"):
+            raise ValueError(f"the {self.backend!r} backend moves rows with torch.distributed collectives and has no "
+                             f"communication buffer to view; use backend='sim' (or 'cuda')")
+        if runtime is None:
+            raise ValueError(f"the {self.backend!r} backend allocates its buffer at the first dispatch; pass "
+                             f"num_nvl_bytes (and num_rdma_bytes across nodes) to Buffer to have it from the start")
+        nvl_bytes, rdma_bytes = self._impl.explicit_bytes
+        if use_rdma_buffer:
+            if self.num_nodes == 1 or not rdma_bytes:
+                raise ValueError("this Buffer has no network (RDMA) region: it spans one node, or was sized "
+                                 "automatically (pass num_rdma_bytes)")
+            start, length = rdma_offset(nvl_bytes), rdma_bytes
+        else:
+            start, length = 0, nvl_bytes or runtime.num_nvl_bytes
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset > length:
+            raise ValueError(f"offset={offset} is outside the {length}-byte region")
+        count = (length - offset) // itemsize if size is None else torch.Size(size).numel()
+        if offset + count * itemsize > length:
+            raise ValueError(f"a view of {count} x {dtype} at byte {offset} does not fit the {length}-byte region")
+        view = runtime.peer_view(self.rank, dtype, start + offset, count)
+        return view if size is None else view.view(size)
+
+    @property
+    def runtime(self) -> object:
+        """The backend object that moves the rows (DeepEP's C++ runtime); ``None`` after :meth:`destroy`."""
+        return self._impl
+
+    def destroy(self) -> None:
+        """Release this Buffer's buffers. Collective: every rank calls it; they meet first, so no rank
+        frees memory a peer still reads. Later calls on this Buffer raise; handles it made may be used by
+        a new Buffer on the same group with the same settings."""
+        self._check_alive("destroy")
+        self._comm.all_gather("destroy", "barrier", torch.zeros(1, dtype=torch.int64, device=self._comm.device))
+        impl, self._impl = self._impl, None
+        self._destroyed = True
+        _live_buffers.pop(self._id, None)
+        impl.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_destroyed", True) or getattr(self, "_impl", None) is None:
+            return
+        _live_buffers.pop(getattr(self, "_id", None), None)
+        if self.explicitly_destroy:
+            warnings.warn("epcomm.Buffer(explicitly_destroy=True) was dropped without destroy(); call destroy() on "
+                          "every rank", ResourceWarning, stacklevel=2)
+
+    def _check_alive(self, op: str) -> None:
+        if self._destroyed:
+            raise EpcommError(f"epcomm {op}: this Buffer was destroyed (Buffer.destroy()); create a new Buffer")
 
     def reset_traffic(self) -> None:
         """Zero the byte counters in :attr:`traffic`."""
@@ -194,6 +348,7 @@ class Buffer:
         topk_idx: torch.Tensor | None = None,
         topk_weights: torch.Tensor | None = None,
         expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
         config: Config | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
@@ -205,22 +360,32 @@ class Buffer:
 
         Args:
             x: ``[num_tokens, hidden]`` torch.bfloat16 (float16 and float32 are accepted too), or
-                an FP8 tuple ``(float8_e4m3fn [num_tokens, hidden], float32 scales [num_tokens, hidden // 128])``.
+                an FP8 tuple ``(float8_e4m3fn [num_tokens, hidden], scales)`` with scales float32
+                ``[num_tokens, hidden // 128]``, int32 ``[num_tokens, hidden // 512]`` (UE8M0: four
+                power-of-two exponents per int) or float32 ``[num_tokens]`` (one per token), in any
+                layout (row- or column-major); scales are carried bit for bit.
             handle: from an earlier dispatch: reuse its routing (cached mode; pass no layout tensors).
             num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert:
                 from :meth:`get_dispatch_layout` on the same ``topk_idx``.
             topk_idx: ``[num_tokens, num_topk]`` torch.int64, ``-1`` for none (optional).
             topk_weights: ``[num_tokens, num_topk]`` torch.float32 (optional, needs topk_idx).
             expert_alignment: round each per-expert receive count up to a multiple of this.
+            num_worst_tokens: ``0``, or the row count to pad the outputs to (the same on every rank,
+                at least the rows any rank receives): padded rows are zero, with ``recv_topk_idx``
+                ``-1``, and the per-expert list is empty, as DeepEP's. Cached dispatches along the
+                handle are padded alike and combine takes the padded rows.
             config: kernel tuning (:class:`Config`), the same on every rank; validated, unused by the
                 torch backend; the kernel backends default to their own (see ``README``: Backends).
         Returns:
-            ``recv_x``: ``[num_recv, hidden]`` like ``x`` (an FP8 tuple for FP8 input): one row per
-            (token, this rank) pair, ordered by source rank, then source token index;
+            ``recv_x``: ``[num_recv, hidden]`` like ``x`` (an FP8 tuple for FP8 input, scales row-major in
+            x's scale dtype and shape): one row per (token, this rank) pair, ordered by source rank,
+            then source token index;
             ``recv_topk_idx``: ``[num_recv, num_topk]`` int64, this rank's experts as local ids, others ``-1``;
             ``recv_topk_weights``: ``[num_recv, num_topk]`` float32, ``0`` where recv_topk_idx is ``-1``;
-            ``num_recv_tokens_per_expert_list``: one int per local expert, rounded up to expert_alignment;
-            ``handle``: for cached dispatch and combine;
+            ``num_recv_tokens_per_expert_list``: one int per local expert, rounded up to expert_alignment
+            (from the received ids with topk_idx; without it, the sum of every rank's
+            ``num_tokens_per_expert`` for this rank's experts, or ``[]`` when that is not given either);
+            ``handle``: for cached dispatch and combine (also indexable as DeepEP's tuple);
             ``event``. In cached mode only ``recv_x`` and ``event`` are set; the rest are ``None``.
 
         Every rank ``d`` receives from every rank ``s`` the rows ``x_s[t]`` with
@@ -228,6 +393,7 @@ class Buffer:
 
             recv_x_d = cat([x_s[is_token_in_rank_s[:, d]] for s in range(world_size)])
         """
+        self._check_alive("dispatch")
         self._wait(previous_event)
         if handle is not None:
             return self._cached_dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config)
@@ -237,50 +403,77 @@ class Buffer:
         try:
             prepared = self._prepare_dispatch(
                 x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, config,
+                num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
             )
         except Exception as err:  # any failure here must reach the peers, not strand them
             problem = _problem_text(err)
-        signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config))
+        signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config),
+                         num_worst_tokens=num_worst_tokens if isinstance(num_worst_tokens, int) else -2)
         counts = None
         if prepared is not None:
             signature.update(prepared["signature"])
             counts = prepared["counts"]
         gathered = agree(self._comm, op, problem, signature, counts, self._device_of(x))
+        self._low_latency.note_normal_call()  # LL calls now need clean_low_latency_buffer first
         world, nodes = self.group_size, self.num_nodes
+        _check_worst_tokens(op, num_worst_tokens, gathered[:, :world], world)
         tensors = prepared["tensors"]
         placement = prepared["placement"]  # None without topk_idx
+        expert_counts = None
+        if placement is None and prepared["num_tokens_per_expert"] is not None:
+            # every rank's counts for this rank's experts (DeepEP's notify sums them the same way)
+            every = self._comm.all_gather(op, "expert counts", prepared["num_tokens_per_expert"].to(self._comm.device))
+            local = every.shape[1] // world
+            expert_counts = every[:, self.rank * local : (self.rank + 1) * local].sum(0).cpu().tolist()
         recv, plan = self._impl.dispatch(DispatchCall(
             tensors, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
             placement, config))
         self._layout_seq += 1
-        recv_x = self._unpack_x(recv)
+        num_recv = recv["x"].size(0)
+        recv_x = self._unpack_x(recv, prepared["x_kind"], num_worst_tokens)
         recv_topk_idx = recv_topk_weights = None
         num_recv_per_expert: list[int] = []
         if placement is not None:
             recv_topk_idx, recv_topk_weights, num_recv_per_expert = self._localize_experts(
                 recv["topk_idx"], recv.get("topk_weights"), placement, expert_alignment)
+            recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
+            recv_topk_weights = _pad_rows(recv_topk_weights, num_worst_tokens, 0)
+        elif expert_counts is not None:
+            num_recv_per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment
+                                   for c in expert_counts]
+        if num_worst_tokens:
+            num_recv_per_expert = []  # DeepEP: sizes are not synchronised to the host in this mode
         new_handle = DispatchHandle(
             is_token_in_rank=prepared["is_token_in_rank"],
             num_recv_tokens_per_rank=gathered[:, self.rank].clone(),
             num_tokens=prepared["num_tokens"],
-            num_recv_tokens=recv["x"].size(0),
+            num_recv_tokens=num_recv,
             hidden=prepared["hidden"],
             layout_seq=self._layout_seq,
             buffer_id=self._id,
             plan=plan,
+            counts=gathered[:, :world].clone(),
+            node_counts=gathered[:, world : world + nodes].clone(),
+            num_nvl_ranks=self.topology.num_nvl_ranks,
+            num_channels=(config.num_channels if isinstance(config, Config) else Buffer.num_sms // 2),
+            num_worst_tokens=num_worst_tokens,
+            buffer_key=self._key,
         )
         event = EventOverlap.capture(recv["x"].device)
         return recv_x, recv_topk_idx, recv_topk_weights, num_recv_per_expert, new_handle, event
 
+    internode_dispatch = dispatch  # DeepEP's public name for the multi-node path; dispatch picks the path itself
+
     def _prepare_dispatch(
         self, x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-        num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, config,
+        num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
     ) -> dict:
         topo = self.topology
         _check_config(config)
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
             raise Invalid(f"expert_alignment must be a positive int, got {expert_alignment!r}")
+        if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
+            raise Invalid(f"num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
         tensors, num_tokens, hidden, x_kind = self._prepare_x(x)
         device = tensors["x"].device
         if is_token_in_rank is None or num_tokens_per_rank is None:
@@ -317,6 +510,10 @@ class Buffer:
             expected = compute_layout(topk_idx, num_experts, topo)
         elif topk_weights is not None:
             raise Invalid("topk_weights was given without topk_idx")
+        elif num_tokens_per_expert is not None:
+            check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32,), ndim=1, device=device)
+            num_experts = num_tokens_per_expert.numel()
+            self._check_num_experts(num_experts)
         _check_layout_consistent(expected, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
                                  num_tokens_per_expert, topo)
         self._check_node_cap(is_token_in_rank)
@@ -331,6 +528,9 @@ class Buffer:
             "num_tokens": num_tokens,
             "hidden": hidden,
             "placement": placement,
+            "x_kind": x_kind,
+            "num_tokens_per_expert": (num_tokens_per_expert.to(torch.int64) if num_tokens_per_expert is not None
+                                      else None),
             "signature": dict(num_experts=num_experts, hidden=hidden, x_kind=x_kind, num_topk=num_topk,
                               has_topk_weights=int(topk_weights is not None)),
         }
@@ -354,8 +554,10 @@ class Buffer:
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
                          **_config_signature(config))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
+        self._low_latency.note_normal_call()
         recv = self._impl.dispatch_cached(tensors, handle.plan, config=config)
-        return self._unpack_x(recv), None, None, None, None, EventOverlap.capture(recv["x"].device)
+        recv_x = self._unpack_x(recv, x_kind, handle.num_worst_tokens)
+        return recv_x, None, None, None, None, EventOverlap.capture(recv["x"].device)
 
     # --------------------------------------------------------------- combine
     def combine(
@@ -363,6 +565,7 @@ class Buffer:
         x: torch.Tensor,
         handle: DispatchHandle,
         topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         config: Config | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
@@ -372,18 +575,24 @@ class Buffer:
 
         Args:
             x: ``[num_recv, hidden]`` torch.bfloat16 (float16/float32 accepted), rows in the
-                order dispatch returned them (``handle.num_recv_tokens`` rows).
-            handle: from the dispatch that delivered these rows.
+                order dispatch returned them (``handle.num_recv_tokens`` rows, or the padded
+                ``handle.num_worst_tokens``: padded rows are ignored).
+            handle: from the dispatch that delivered these rows (or from a Buffer that has since been
+                replaced by one on the same group with the same settings).
             topk_weights: ``[num_recv, num_topk]`` torch.float32, summed the same way (optional).
+            bias: ``None``, one tensor or a pair, each ``[num_tokens, hidden]`` in x's dtype, added to
+                the float32 sums (``(sum + bias_0) + bias_1``) before the one cast. On the kernel
+                backends a combine with bias sends float32 rows, so every rank passes bias or none.
         Returns:
             ``combined_x``: ``[num_tokens, hidden]``, x's dtype: for each original token the sum of
             the rows that came from it, accumulated in float32 (nodes ascending, and inside each
             node ranks ascending; see the torch backend's module docs) and cast once;
             ``combined_topk_weights``: ``[num_tokens, num_topk]`` float32 or ``None``; ``event``.
         """
+        self._check_alive("combine")
         self._wait(previous_event)
         op = "combine"
-        problem, tensors, x_kind, hidden = None, {}, -1, -1
+        problem, tensors, x_kind, hidden, biases = None, {}, -1, -1, []
         try:
             self._check_handle(handle)
             _check_config(config)
@@ -393,13 +602,21 @@ class Buffer:
                     f"combine's x must be a bfloat16, float16 or float32 tensor, got {describe(x)}"
                     + (" (combine takes no FP8 tuple; send expert outputs in bf16)" if isinstance(x, tuple) else "")
                 )
-            check_tensor("x", x, dtypes=tuple(_X_KINDS), ndim=2, shape=(handle.num_recv_tokens, None))
-            x_kind, hidden = _X_KINDS[dtype], x.size(1)
-            tensors["x"] = x
+            rows = handle.num_recv_tokens
+            if handle.num_worst_tokens and x.dim() == 2 and x.size(0) == handle.num_worst_tokens:
+                rows = handle.num_worst_tokens
+            check_tensor("x", x, dtypes=tuple(_X_KINDS), ndim=2, shape=(rows, None))
+            hidden = x.size(1)
+            biases = _check_bias(bias, handle.num_tokens, hidden, x.dtype, x.device)
+            rows_x = x[: handle.num_recv_tokens]
+            if biases and self.backend != "torch":
+                rows_x = rows_x.float()  # the kernels round their sums to x's dtype: send fp32 to add bias first
+            x_kind = _X_KINDS[rows_x.dtype]
+            tensors["x"] = rows_x
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
-                             shape=(handle.num_recv_tokens, None), device=x.device)
-                tensors["topk_weights"] = topk_weights
+                             shape=(rows, None), device=x.device)
+                tensors["topk_weights"] = topk_weights[: handle.num_recv_tokens]
             self._impl.check_combine(tensors, handle.plan, config=config)
         except Exception as err:
             problem = _problem_text(err)
@@ -408,11 +625,117 @@ class Buffer:
                          has_topk_weights=int(topk_weights is not None), **self._common_signature(),
                          **_config_signature(config))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
+        self._low_latency.note_normal_call()
         sums = self._impl.combine(tensors, handle.plan, config=config)
-        # copy=True: the sums live in the backend's scratch, reused by the next call
-        combined_x = sums["x"].to(x.dtype, copy=True)
+        if biases:
+            total = sums["x"].float()
+            for b in biases:
+                total = total + b.float()
+            combined_x = total.to(x.dtype)
+        else:
+            # copy=True: the sums live in the backend's scratch, reused by the next call
+            combined_x = sums["x"].to(x.dtype, copy=True)
         combined_weights = sums["topk_weights"].clone() if "topk_weights" in sums else None
         return combined_x, combined_weights, EventOverlap.capture(combined_x.device)
+
+    internode_combine = combine  # DeepEP's public name for the multi-node path; combine picks the path itself
+
+    # ------------------------------------------------------- low-latency mode
+    # (owned by epcomm/low_latency.py; methods here only delegate)
+    @property
+    def _low_latency(self) -> LowLatencyOps:
+        ops = self.__dict__.get("_ll_ops")
+        if ops is None:
+            ops = self.__dict__["_ll_ops"] = LowLatencyOps(self)
+        return ops
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Exact bytes per rank of the kernel backends' LL workspace (two slots, double buffering):
+        pass at least this as ``num_rdma_bytes``. See :class:`epcomm.low_latency.LowLatencyLayout`."""
+        return LowLatencyLayout(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).rdma_bytes
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: reset the LL buffers (needed after normal-mode calls, before the next LL call).
+        Results and handles of earlier LL dispatches become invalid."""
+        self._low_latency.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[XTensor, torch.Tensor, LowLatencyHandle, EventOverlap, Callable[[], None] | None]:
+        """Low-latency dispatch (decode): fixed-shape outputs, no host synchronization on kernel backends.
+
+        Args:
+            x: ``[N, H]`` torch.bfloat16, ``N <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: ``[N, K]`` torch.int64 global expert ids, ``-1`` for none, an expert at most once per row.
+            num_max_dispatch_tokens_per_rank: ``M``, the same on every rank.
+            num_experts: ``E``, a multiple of the world size ``R``; ``E_loc = E // R`` per rank.
+            cumulative_local_expert_recv_stats: int32 ``[E_loc]``, rows received per local expert are added.
+            dispatch_wait_recv_cost_stats: int64 ``[R]``, receive wait time per source rank is added
+                (torch backend: nanoseconds, the same for every source).
+            use_fp8: cast to FP8 e4m3 with one float32 scale per 128 values (amax / 448) while sending.
+            round_scale: round each scale up to a power of two. use_ue8m0: return the scales as int32
+                ``[E_loc, R*M, H/512]`` packed exponents (needs round_scale, ``H % 512 == 0``).
+            async_finish: return at once with an event (exclusive with return_recv_hook).
+            return_recv_hook: only send; the returned ``hook()`` receives (compute in between).
+        Returns:
+            ``recv_x``: ``[E_loc, R*M, H]`` bf16, or with use_fp8 ``(float8_e4m3fn [E_loc, R*M, H], scales)``
+            (scales float32 ``[E_loc, R*M, H/128]``, token index fastest); ``recv_count`` int32 ``[E_loc]``;
+            ``handle`` (:class:`~epcomm.low_latency.LowLatencyHandle`: ``handle[0]`` src_info int32
+            ``[E_loc, R*M]``, ``handle[1]`` layout_range int64 ``[E_loc, R]``); ``event``; ``hook`` or None.
+            Rows past ``recv_count[j]`` are unspecified. Valid until the next-but-one LL dispatch.
+        """
+        return self._low_latency.dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                          cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                          use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None] | None]:
+        """Low-latency combine: ``[N, H]`` bf16, ``sum_k topk_weights[n, k] * expert_output(n, k)``.
+
+        Args:
+            x: ``[E_loc, R*M, H]`` torch.bfloat16 expert outputs, row for row as dispatch delivered them
+                (rows past recv_count are never read); with zero_copy, the tensor
+                :meth:`get_next_low_latency_combine_buffer` returned, already written.
+            topk_idx, topk_weights: ``[N, K]`` int64 (the dispatch's) and float32.
+            handle: from the LL dispatch of these rows.
+            use_logfmt: not implemented (raises). out: ``[N, H]`` bf16 to write and return.
+        Returns:
+            ``combined_x`` (float32 accumulation over valid k ascending, from 0, rounded once;
+            ``-1`` slots skipped whatever their weight), ``event``, ``hook`` or None.
+        """
+        return self._low_latency.combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+                                         return_recv_hook, out)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The bf16 ``[E_loc, R*M, H]`` buffer a ``zero_copy=True`` combine of ``handle`` sends from."""
+        try:
+            return self._low_latency.combine_buffer(handle)
+        except Invalid as err:
+            raise EpcommInputError("get_next_low_latency_combine_buffer", {self.rank: str(err)}, self.group_size) from None
+    # ------------------------------------------------ end of low-latency mode
 
     # --------------------------------------------------------------- helpers
     def _common_signature(self) -> dict[str, int]:
@@ -424,9 +747,18 @@ class Buffer:
 
     def _check_handle(self, handle: object) -> None:
         if not isinstance(handle, DispatchHandle):
-            raise Invalid(f"handle must be the DispatchHandle returned by dispatch, got {describe(handle)}")
-        if handle.buffer_id != self._id:
+            hint = (" (a tuple of its tensors is not enough: pass the handle object itself)"
+                    if isinstance(handle, (tuple, list)) else "")
+            raise Invalid(f"handle must be the DispatchHandle returned by dispatch, got {describe(handle)}{hint}")
+        if handle.buffer_id == self._id:
+            return
+        if _maker_alive(handle.buffer_id):
             raise Invalid("handle was made by a different Buffer; use the Buffer that dispatched")
+        if handle.buffer_key != self._key:  # its Buffer is gone: a Buffer with the same settings may take over
+            names = ("backend", "rank", "world size", "ranks per node", "algorithm", "max_nodes_per_token", "group")
+            diffs = [f"{n} {a!r} vs {b!r}" for n, a, b in zip(names, handle.buffer_key, self._key) if a != b]
+            raise Invalid("handle was made by a Buffer that no longer exists, with other settings than this one ("
+                          + "; ".join(diffs) + "); use a handle from this Buffer's dispatch")
 
     def _check_node_cap(self, is_token_in_rank: torch.Tensor) -> None:
         if self.num_nodes <= self.max_nodes_per_token or is_token_in_rank.size(0) == 0:
@@ -443,29 +775,56 @@ class Buffer:
             )
 
     def _prepare_x(self, x: object) -> tuple[dict[str, torch.Tensor], int, int, int]:
-        """Tensors (``x``, and ``scales`` for FP8), num_tokens, hidden and kind code of dispatch's ``x``."""
+        """Tensors (``x``, and ``scales`` for FP8), num_tokens, hidden and kind code of dispatch's ``x``.
+
+        FP8 scales reach the backends as contiguous float32 ``[N, S]`` whatever the caller's layout:
+        float32 ``[N, H/128]`` (row- or column-major), int32 UE8M0 ``[N, H/512]`` (reinterpreted, bit for
+        bit) or float32 ``[N]``; the kind code (:data:`_FP8_KIND` + 0, 1, 2) says which, to undo it.
+        """
         if is_fp8_pair(x):
             data, scales = x
             check_tensor("x[0] (FP8 data)", data, dtypes=(torch.float8_e4m3fn,), ndim=2)
             num_tokens, hidden = data.shape
             check_hidden_for_fp8(hidden)
-            check_tensor("x[1] (FP8 scales)", scales, dtypes=(torch.float32,), ndim=2,
+            if not isinstance(scales, torch.Tensor):
+                raise Invalid(f"x[1] (FP8 scales) must be a torch.Tensor, got {describe(scales)}")
+            scales = scales.contiguous()  # DeepEP callers pass column-major scales (scales.T.contiguous().T)
+            if scales.dtype == torch.int32:
+                if hidden % 512:
+                    raise Invalid(f"UE8M0 scales (int32, four exponents per int) need hidden % 512 == 0, got {hidden}")
+                check_tensor("x[1] (FP8 scales)", scales, dtypes=(torch.int32,), ndim=2,
+                             shape=(num_tokens, hidden // 512), device=data.device)
+                return {"x": data, "scales": scales.view(torch.float32)}, num_tokens, hidden, _FP8_KIND + 1
+            if scales.dtype == torch.float32 and scales.dim() == 1:
+                check_tensor("x[1] (FP8 scales)", scales, dtypes=(torch.float32,), ndim=1, shape=(num_tokens,),
+                             device=data.device)
+                return {"x": data, "scales": scales.view(num_tokens, 1)}, num_tokens, hidden, _FP8_KIND + 2
+            check_tensor("x[1] (FP8 scales)", scales, dtypes=(torch.float32, torch.int32), ndim=2,
                          shape=(num_tokens, hidden // 128), device=data.device)
             return {"x": data, "scales": scales}, num_tokens, hidden, _FP8_KIND
         if isinstance(x, tuple):
             raise Invalid(
-                "x as a tuple must be (float8_e4m3fn data [N, H], float32 scales [N, H/128]); got "
-                + ", ".join(describe(t) for t in x)
+                "x as a tuple must be (float8_e4m3fn data [N, H], float32 scales [N, H/128] or int32 UE8M0 "
+                "scales [N, H/512]); got " + ", ".join(describe(t) for t in x)
             )
         check_tensor("x", x, dtypes=tuple(_X_KINDS), ndim=2)
         num_tokens, hidden = x.shape
         return {"x": x}, num_tokens, hidden, _X_KINDS[x.dtype]
 
     @staticmethod
-    def _unpack_x(recv: dict[str, torch.Tensor]) -> XTensor:
-        if "scales" in recv:
-            return recv["x"], recv["scales"]
-        return recv["x"]
+    def _unpack_x(recv: dict[str, torch.Tensor], x_kind: int = -1, num_worst_tokens: int = 0) -> XTensor:
+        """recv_x as the caller passed x: scales back in their dtype and shape (row-major, as DeepEP
+        returns them), padded to ``num_worst_tokens`` rows when given."""
+        data = _pad_rows(recv["x"], num_worst_tokens, 0)
+        if "scales" not in recv:
+            return data
+        scales = recv["scales"]
+        if x_kind == _FP8_KIND + 1:
+            scales = scales.view(torch.int32)
+        scales = _pad_rows(scales, num_worst_tokens, 0)
+        if x_kind == _FP8_KIND + 2:
+            scales = scales.reshape(-1)
+        return data, scales
 
     def _localize_experts(
         self, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, placement: ExpertPlacement,
@@ -504,6 +863,67 @@ class Buffer:
     def _device_of(x: object) -> torch.device:
         t = x[0] if isinstance(x, tuple) and x and isinstance(x[0], torch.Tensor) else x
         return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+
+
+def _maker_alive(buffer_id: int) -> bool:
+    """Whether the Buffer ``buffer_id`` still exists and was not destroyed (collects garbage once: a
+    replaced Buffer may linger in a reference cycle)."""
+    ref = _live_buffers.get(buffer_id)
+    if ref is None or ref() is None:
+        return False
+    gc.collect()
+    return buffer_id in _live_buffers and _live_buffers[buffer_id]() is not None
+
+
+def _pad_rows(t: torch.Tensor | None, rows: int, fill: float) -> torch.Tensor | None:
+    """``t`` with rows of ``fill`` appended up to ``rows`` (``t`` itself when rows is 0)."""
+    if t is None or not rows or t.size(0) >= rows:
+        return t
+    out = torch.full((rows, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+    out[: t.size(0)] = t
+    return out
+
+
+def _check_worst_tokens(op: str, num_worst_tokens: object, counts: torch.Tensor, world: int) -> None:
+    """After agreement (every rank has the same counts and num_worst_tokens): every rank's rows must fit."""
+    if not isinstance(num_worst_tokens, int) or num_worst_tokens <= 0:
+        return
+    received = counts.sum(0).tolist()
+    need = max(received)
+    problems = {d: f"num_worst_tokens={num_worst_tokens} but this rank receives {n} rows; pass at least {need} "
+                   f"(the most any rank receives)" for d, n in enumerate(received) if n > num_worst_tokens}
+    if problems:
+        raise EpcommInputError(op, problems, world)
+
+
+def _check_bias(bias: object, num_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> list:
+    """combine's bias: None, a tensor, or a pair (either may be None), each ``[num_tokens, hidden]`` of x's dtype."""
+    if bias is None:
+        return []
+    parts = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+    if isinstance(bias, (tuple, list)) and len(parts) != 2:
+        raise Invalid(f"bias as a tuple must hold two tensors (either may be None), got {len(parts)}")
+    out = []
+    for i, b in enumerate(parts):
+        if b is not None:
+            out.append(check_tensor(f"bias[{i}]" if len(parts) > 1 else "bias", b, dtypes=(dtype,), ndim=2,
+                                    shape=(num_tokens, hidden), device=device))
+    return out
+
+
+def _group_of_mpi_comm(comm: object) -> dist.ProcessGroup:
+    """The torch group of an mpi4py communicator: the default group when ``comm`` lists its ranks in order."""
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "allgather")):
+        raise TypeError(f"comm must be an mpi4py communicator (Get_rank, Get_size, allgather), got {type(comm).__name__}")
+    if not dist.is_initialized():
+        raise RuntimeError("epcomm.Buffer(comm=...) moves data with torch.distributed: call dist.init_process_group "
+                           "first (for example with epcomm.launch), then pass comm or the matching group")
+    ranks = list(comm.allgather(dist.get_rank()))
+    if ranks != list(range(dist.get_world_size())):
+        raise ValueError(f"epcomm.Buffer(comm=...): this communicator holds torch ranks {ranks}, not the default group "
+                         f"0..{dist.get_world_size() - 1} in order; create the group on every rank with "
+                         f"dist.new_group({ranks}) and pass it as Buffer(group, ...)")
+    return dist.group.WORLD
 
 
 def _check_config(config: object) -> None:

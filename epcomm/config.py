@@ -48,8 +48,43 @@ class Config:
     def num_channels(self) -> int:
         return self.num_sms // 2
 
-    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_nvl_ranks: int, num_topk: int = 8) -> int:
-        """Exact bytes of NVLink buffer each rank needs for calls with this config.
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_topk: int = 8, *,
+                                 num_nvl_ranks: int | None = None) -> int:
+        """Bytes of NVLink buffer each rank needs, from the group's TOTAL rank count (DeepEP's signature).
+
+        ``Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(hidden_bytes, group.size()))``
+        works as with DeepEP. The size is the kernels' exact workspace
+        (:meth:`get_nvl_buffer_size_hint_for_node` of ``num_nvl_ranks`` ranks per node): like DeepEP's,
+        it is dominated by one ring of ``num_max_nvl_chunked_recv_tokens`` rows per (channel, peer).
+
+        Args:
+            hidden_bytes: bytes of the largest row moved (see :meth:`get_nvl_buffer_size_hint_for_node`).
+            num_ranks: ranks of the whole group (all nodes).
+            num_topk: top-k of the routing (DeepEP's hint has no such argument; 8 covers DeepSeek-V3).
+            num_nvl_ranks: ranks per node; default ``min(num_ranks, 8)`` (DeepEP's fixed 8), pass the
+                Buffer's ``num_nvl_ranks`` when it differs.
+        """
+        nvl, _ = _split_ranks(num_ranks, num_nvl_ranks)
+        return self.get_nvl_buffer_size_hint_for_node(hidden_bytes, nvl, num_topk)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_topk: int = 8, *,
+                                  num_nvl_ranks: int | None = None, max_nodes_per_token: int = 4) -> int:
+        """Bytes of network buffer each rank needs, from the group's TOTAL rank count (DeepEP's signature).
+
+        ``0`` when the group is one node. The size is the two-hop kernels' exact region
+        (:meth:`get_rdma_buffer_size_hint_for_nodes`).
+
+        Args:
+            hidden_bytes: bytes of the largest dispatch row (``2 * hidden`` for bf16).
+            num_ranks: ranks of the whole group; num_topk: top-k of the routing.
+            num_nvl_ranks: ranks per node; default ``min(num_ranks, 8)``.
+            max_nodes_per_token: the Buffer's node cap.
+        """
+        nvl, nodes = _split_ranks(num_ranks, num_nvl_ranks)
+        return self.get_rdma_buffer_size_hint_for_nodes(hidden_bytes, nodes, num_topk, nvl, max_nodes_per_token)
+
+    def get_nvl_buffer_size_hint_for_node(self, hidden_bytes: int, num_nvl_ranks: int, num_topk: int = 8) -> int:
+        """Exact bytes of NVLink buffer each rank needs for calls with this config, from the ranks PER NODE.
 
         ``Buffer(num_nvl_bytes=hint)`` takes every dispatch and combine whose rows fit in
         ``hidden_bytes`` and whose top-k is at most ``num_topk``; one byte less is rejected on every
@@ -80,11 +115,12 @@ class Config:
             raise ValueError(f"{self} does not fit the intranode kernels with {num_nvl_ranks} ranks: {problem}")
         return path.region_bytes(path.spec(kernel, num_topk, hidden_bytes))[0]
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8,
-                                  num_nvl_ranks: int = 8, max_nodes_per_token: int = 4) -> int:
-        """Exact bytes of network-registered buffer each rank needs for the two-hop kernels (0 on one node).
+    def get_rdma_buffer_size_hint_for_nodes(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8,
+                                            num_nvl_ranks: int = 8, max_nodes_per_token: int = 4) -> int:
+        """Exact bytes of network-registered buffer each rank needs for the two-hop kernels, from the NODE
+        count (0 on one node).
 
-        ``Buffer(num_nvl_bytes=get_nvl_buffer_size_hint(...), num_rdma_bytes=hint)`` takes every
+        ``Buffer(num_nvl_bytes=get_nvl_buffer_size_hint_for_node(...), num_rdma_bytes=hint)`` takes every
         dispatch whose rows fit ``hidden_bytes`` and every bf16 combine of ``hidden_bytes // 2``
         elements; one byte less is refused on every rank with the size to ask for. The region holds
         the signals (barrier, ring heads and tails, abort), count messages, and per (channel, node) a
@@ -120,3 +156,42 @@ class Config:
     def default(num_ranks: int) -> "Config":
         """A reasonable config for ``num_ranks`` ranks."""
         return Config(num_sms=20 if num_ranks <= 8 else 24)
+
+    @staticmethod
+    def tuned(op: str, num_ranks: int, num_sms: int = 20) -> "Config":
+        """DeepEP's tuned normal-mode config for ``op`` (``"dispatch"`` or ``"combine"``) at ``num_ranks`` ranks.
+
+        DeepEP tabulates 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144 and 160 ranks and refuses other
+        counts; epcomm runs any count, so another count takes the entry of the next tabulated count
+        up (the largest beyond 160, the 2-rank entry for 1 rank).
+        """
+        table = {"dispatch": _DISPATCH_TUNED, "combine": _COMBINE_TUNED}.get(op)
+        if table is None:
+            raise ValueError(f"op must be 'dispatch' or 'combine', got {op!r}")
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+        key = next((r for r in sorted(table) if r >= num_ranks), max(table))
+        return Config(num_sms, *table[key])
+
+
+# DeepEP's published tuning (normal mode, by rank count): (NVL send chunk, NVL ring, RDMA send chunk, RDMA ring)
+_DISPATCH_TUNED = {
+    2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128), 16: (36, 288, 20, 128),
+    24: (32, 288, 8, 128), 32: (32, 288, 8, 128), 48: (32, 288, 8, 128), 64: (32, 288, 8, 128),
+    96: (20, 480, 12, 128), 128: (20, 560, 12, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128),
+}
+_COMBINE_TUNED = {
+    2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128), 16: (4, 288, 12, 128),
+    24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 48: (1, 288, 8, 128), 64: (1, 288, 8, 128),
+    96: (1, 480, 8, 128), 128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128),
+}
+
+
+def _split_ranks(num_ranks: int, num_nvl_ranks: int | None) -> tuple[int, int]:
+    """(ranks per node, nodes) of a group of ``num_ranks`` (DeepEP: 8 ranks per node at most)."""
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1 (the total number of ranks), got {num_ranks}")
+    nvl = min(num_ranks, 8) if num_nvl_ranks is None else num_nvl_ranks
+    if nvl < 1 or num_ranks % nvl:
+        raise ValueError(f"num_nvl_ranks={nvl} must divide num_ranks={num_ranks} (ranks per node of the whole group)")
+    return nvl, num_ranks // nvl

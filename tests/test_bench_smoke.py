@@ -161,3 +161,89 @@ def test_sim_backend_runs_the_suite(tmp_path):
     assert result["config"]["backend"] == "sim" and result["main"]["verified"]["flat"]
     assert all(e["bytes_match"] for e in ops.values() if "bytes_match" in e)
     assert ops["flat dispatch"]["traffic"]["rdma"]["rows"] == 0 and ops["flat dispatch"]["traffic"]["nvl"]["rows"] > 0
+
+
+# ----------------------------------------------------------------------------- low-latency mode (bench/latency.py)
+LL_TOKENS, LL_TOPK = 8, 4
+
+
+def _run_latency(tmp_path: Path, *extra: str, ranks: int = RANKS) -> subprocess.CompletedProcess:
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, str(BENCH / "latency.py"), "--nvl-ranks", str(NVL),
+           "--tokens", str(LL_TOKENS), "--hidden", str(H), "--topk", str(LL_TOPK), "--experts", str(EXPERTS // 2),
+           "--reps", "2", *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@needs_mpi
+def test_latency_bench_bytes_and_checks(tmp_path):
+    """Tiny LL run: every op's bytes equal the routing's, the checks pass, the baselines move what they claim."""
+    out = _run_latency(tmp_path, "--backend", "torch", "--sync-free", "--json", "ll.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads((tmp_path / "ll.json").read_text())
+    ops, main = r["main"]["ops"], r["main"]
+    assert set(ops) == {"ll dispatch", "ll combine", "ll dispatch (host_sync_free)", "ll combine (host_sync_free)",
+                        "bare dispatch (fixed slots)", "bare combine (fixed slots)",
+                        "bare dispatch (valid messages)", "bare combine (valid messages)"}
+    for name, e in ops.items():
+        assert len(e["times_s"]) == 2 and e["p10_s"] <= e["median_s"] <= e["p90_s"], name
+        assert e["bytes_match"], (name, e["traffic"], e.get("expected"))
+        if name.startswith("ll "):
+            assert e["x_bare"] > 0 and e["x_bare_valid"] > 0
+    assert main["verified_all_ranks"] and all(main["verified"].values())
+    # closed forms: the torch reference sends a fixed array to every rank; kernels one message per (token, expert)
+    e_loc, p = EXPERTS // 2 // RANKS, H + 4 * H // 128
+    pairs = RANKS * LL_TOKENS * LL_TOPK  # gate routing: no -1 entries
+    disp, comb = ops["ll dispatch"]["traffic"], ops["ll combine"]["traffic"]
+    assert sum(disp[k]["payload_bytes"] + disp[k]["meta_bytes"] for k in LINKS) == \
+        RANKS * RANKS * (4 * e_loc + e_loc * LL_TOKENS * (4 + p))
+    assert sum(comb[k]["payload_bytes"] + comb[k]["meta_bytes"] for k in LINKS) == RANKS * RANKS * e_loc * LL_TOKENS * 2 * H
+    assert sum(disp[k]["rows"] for k in LINKS) == sum(comb[k]["rows"] for k in LINKS) == pairs
+    kernel = main["expected_bytes"]["kernel"]
+    assert sum(v["bytes"] for v in kernel["dispatch"].values()) == pairs * (16 + p)
+    assert ops["bare dispatch (valid messages)"]["bytes_by_link"] == {k: v["bytes"] for k, v in kernel["dispatch"].items()}
+    assert "torch/kernel" in out.stdout and "bytes == computed from the routing: all 8 ops" in out.stdout
+
+
+@needs_mpi
+def test_latency_bench_backend_without_ll_exits_cleanly(tmp_path):
+    """--backend sim: runs if the backend has LL mode, else one clear message and a non-zero exit (no traceback)."""
+    out = _run_latency(tmp_path, "--backend", "sim", "--nvl-ranks", str(RANKS))
+    if out.returncode != 0:
+        assert out.returncode == 3 and "bench: " in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_ll_model_against_deepep_table():
+    """Single process: the LL model's constants, message bytes and comparison with DeepEP's published table."""
+    import argparse
+
+    import torch
+    from cluster_model import (DEEPEP_LL_H800, add_model_args, ll_port_messages, run_ll_model, traffic_matrices)
+    from _routing import add_routing_args, global_topk_idx
+    from latency import ll_expected_bytes
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    add_routing_args(parser)
+    result = run_ll_model(parser.parse_args(["--ll", "--ep", "8,16"]))
+    assert result["constants"]["message_bytes"] == {"dispatch": 16 + 7168 + 4 * 56, "combine": 2 * 7168}
+    assert 0 < result["constants"]["fixed_us"][0] < 100  # one fitted constant for all rows
+    for row in result["rows"]:
+        for op, k in (("dispatch", 0), ("combine", 2)):
+            e = row[op]
+            assert e["published_us"] == DEEPEP_LL_H800[row["ep"]][k] and abs(e["error_pct"]) < 50
+            # DeepEP's GB/s is 128 x 8 messages per rank x message bytes / time (to the anchors' rounding)
+            msg = result["constants"]["message_bytes"][op]
+            assert abs(e["published_bytes_per_rank_implied"] / (128 * 8 * msg) - 1) < 0.03
+    assert result["rows"][0]["dispatch"]["bound"] == "NVLink" and result["rows"][1]["dispatch"]["bound"] == "network"
+    # the bench's byte formula and the model's message counts agree with direct counting on a small routing
+    world, nvl, experts = 4, 2, 16
+    topk_all = global_topk_idx("uniform", world=world, nvl=nvl, tokens=6, experts=experts, topk=3)
+    tm = traffic_matrices(topk_all, experts, nvl)
+    exp = ll_expected_bytes(tm.expert_count, tm.link, hidden=256, num_local_experts=experts // world, num_max=6, fp8=True)
+    rdma = sum(int((topk_all[s] // (experts // world) == d).sum()) for s in range(world) for d in range(world)
+               if s // nvl != d // nvl)
+    assert exp["kernel"]["dispatch"]["rdma"] == {"messages": rdma, "bytes": rdma * (16 + 256 + 8)}
+    sent = torch.tensor([[int((topk_all[s] // (experts // world) == d).sum()) if s // nvl != d // nvl else 0
+                          for d in range(world)] for s in range(world)])
+    assert ll_port_messages(tm)["dispatch"]["net"] == int(torch.maximum(sent.sum(1), sent.sum(0)).max())

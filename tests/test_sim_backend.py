@@ -240,7 +240,7 @@ def buffers_at_hints(rank, world, nvl_slack, rdma_slack):
 
     case = Case(num_nodes=2, nvl=2, tokens=(9, 4, 0, 13), hidden=256, topk=4, max_nodes=2, seed=5)
     nvl = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, 2, case.topk)
-    rdma = SIM_DEFAULT_CONFIG.get_rdma_buffer_size_hint(2 * case.hidden, 2, case.topk, 2, 2)
+    rdma = SIM_DEFAULT_CONFIG.get_rdma_buffer_size_hint_for_nodes(2 * case.hidden, 2, case.topk, 2, 2)
     buf = epcomm.Buffer(None, nvl + nvl_slack, rdma + rdma_slack, backend="sim", num_nvl_ranks=2,
                         max_nodes_per_token=2, timeout_s=60)
     try:

@@ -108,6 +108,14 @@ class _KernelPath:
     def num_topk(spec) -> int:
         return spec.workspace.num_topk
 
+    def along_handle(self, spec, config: Config | None):
+        """The spec of a call along a dispatch's handle: the dispatch's ``spec`` (workspace and channels:
+        received rows are placed per channel), with the chunk and ring sizes of ``config`` when given."""
+        if config is None:
+            return spec
+        kernel = self.kernel_config(config, self.num_channels(spec))
+        return self.with_kernel(spec, kernel)
+
     def spec_for_cached_dispatch(self, spec, tensors: dict[str, torch.Tensor]):
         """A dispatch's ``spec`` grown to hold a cached dispatch of ``tensors`` (its kernel config kept)."""
         return self.covering(spec, self.dispatch_spec(spec.config, tensors, 0))
@@ -158,10 +166,12 @@ class IntranodePath(_KernelPath):
     default_kernel = (2, 6, 32)
     notify_type, dispatch_type, combine_type = "NotifyParams", "IntranodeDispatchParams", "IntranodeCombineParams"
 
-    def kernel_config(self, config: Config | None):
-        """The call's ``KernelConfig`` (the backend's default without a Config)."""
+    def kernel_config(self, config: Config | None, num_channels: int | None = None):
+        """The call's ``KernelConfig`` (the backend's default without a Config); ``num_channels``
+        overrides the config's (calls along a handle keep its dispatch's channels)."""
         channels, chunk, ring = self.default_kernel if config is None else (
             config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens)
+        channels = channels if num_channels is None else num_channels
         return self.ext.KernelConfig(num_channels=channels, nvl_chunk_send_tokens=chunk, nvl_ring_tokens=ring)
 
     def spec(self, kernel, num_topk: int, max_row_bytes: int):
@@ -184,6 +194,10 @@ class IntranodePath(_KernelPath):
     @staticmethod
     def covering(spec, other):
         return covering(spec, other)
+
+    def with_kernel(self, spec, kernel):
+        """``spec`` with another kernel config (the workspace re-laid out for it)."""
+        return self.ext.IntranodeSpec(config=kernel, workspace=spec.workspace)
 
     @staticmethod
     def num_channels(spec) -> int:
@@ -212,11 +226,13 @@ class InternodePath(_KernelPath):
         super().__init__(ext, topo)
         self.max_nodes_per_token = min(max_nodes_per_token, topo.num_nodes)
 
-    def kernel_config(self, config: Config | None):
-        """The call's ``InternodeConfig`` (the backend's default without a Config)."""
+    def kernel_config(self, config: Config | None, num_channels: int | None = None):
+        """The call's ``InternodeConfig`` (the backend's default without a Config); ``num_channels``
+        overrides the config's (calls along a handle keep its dispatch's channels)."""
         channels, chunk, ring, rdma_chunk, rdma_ring = self.default_kernel if config is None else (
             config.num_channels, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens,
             config.num_max_rdma_chunked_send_tokens, config.num_max_rdma_chunked_recv_tokens)
+        channels = channels if num_channels is None else num_channels
         nvl = self.ext.KernelConfig(num_channels=channels, nvl_chunk_send_tokens=chunk, nvl_ring_tokens=ring)
         return self.ext.InternodeConfig(nvl=nvl, rdma_chunk_tokens=rdma_chunk, rdma_ring_tokens=rdma_ring)
 
@@ -244,6 +260,11 @@ class InternodePath(_KernelPath):
 
     def combine_spec(self, kernel, x: torch.Tensor):
         return self.spec(kernel, 0, 0, x.size(1), x.size(1) * x.element_size())
+
+    def with_kernel(self, spec, kernel):
+        """``spec`` with another kernel config (the workspace re-laid out for it)."""
+        ws = spec.workspace
+        return self.spec(kernel, ws.num_topk, ws.max_row_bytes, ws.hidden, spec.nvl_max_row_bytes)
 
     def covering(self, spec, other):
         grown = covering(spec, other)

@@ -120,5 +120,11 @@ class DispatchBackend(abc.ABC):
             valid until its next call.
         """
 
+    def low_latency(self) -> object:
+        """This backend's low-latency engine (``dispatch``, ``combine``, ``combine_buffer``, ``clean``;
+        see ``torch_low_latency.TorchLowLatency``). Raises ``NotImplementedError`` saying why where it
+        has none; the Buffer reports that on every rank."""
+        raise NotImplementedError(f"the {self.name!r} backend has no low-latency mode yet; use Buffer(backend='torch')")
+
     def close(self) -> None:
         """Release buffers (collective only where the backend says so). Idempotent."""

@@ -340,18 +340,23 @@ class SimDispatchBackend(DispatchBackend):
             raise Invalid(f"the {self.name} backend moves rows in 4-byte words: x rows are {hidden_bytes} bytes "
                           f"(hidden={tensors['x'].size(1)}, {tensors['x'].dtype}); use an even hidden size")
         if isinstance(plan, SimPlan):
-            self._check_cached_config(plan, config, "a cached dispatch")
-            spec = self.path.spec_for_cached_dispatch(plan.spec, tensors)
+            spec = self.path.spec_for_cached_dispatch(self._along(plan, config, "a cached dispatch"), tensors)
         else:
             self._check_kernel_config(config)
             spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
         self._check_size(spec, "dispatch")
 
-    def _check_cached_config(self, plan: SimPlan, config: Config | None, what: str) -> None:
-        # received rows are placed per channel: calls along a handle use the dispatch's channels
-        if config is not None and self.path.kernel_config(config) != plan.spec.config:
-            raise Invalid(f"{what} runs with its dispatch's kernel config {plan.spec.config}, got a Config "
-                          f"asking for {self.path.kernel_config(config)}; pass config=None or the dispatch's Config")
+    def _along(self, plan: SimPlan, config: Config | None, what: str = ""):
+        """The spec of a call along ``plan``'s handle: the dispatch's channels (received rows are placed per
+        channel), the chunk and ring sizes of ``config`` when one is given (a tuning loop's), else the
+        dispatch's. Raises Invalid (``what`` given) when the kernels cannot run that config."""
+        spec = self.path.along_handle(plan.spec, config)
+        if what and config is not None:
+            problem = self.path.config_problem(spec.config)
+            if problem:
+                raise Invalid(f"{what} keeps its dispatch's {self.path.num_channels(plan.spec)} channels; with "
+                              f"config {config} the {self.path.prefix} kernels cannot run: {problem}")
+        return spec
 
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
         self._check_device(tensors)
@@ -361,14 +366,14 @@ class SimDispatchBackend(DispatchBackend):
                           f"{x.size(1) * x.element_size()} bytes (hidden={x.size(1)}, {x.dtype}); use an even hidden size")
         weights = tensors.get("topk_weights")
         if isinstance(plan, SimPlan):
-            self._check_cached_config(plan, config, "combine")
+            base = self._along(plan, config, "combine")
             # the layout depends on the weights' width, which the ranks do not agree on: pin it to
             # the dispatch's num_topk (agreed), so every rank lays out the buffers alike
             num_topk = self.path.num_topk(plan.spec)
             if weights is not None and weights.size(1) != num_topk:
                 raise Invalid(f"the {self.name} backend's combine takes topk_weights with the dispatch's "
                               f"num_topk={num_topk} columns, got {weights.size(1)}")
-            self._check_size(self.path.spec_for_combine(plan.spec, x), "combine")
+            self._check_size(self.path.spec_for_combine(base, x), "combine")
 
     # ------------------------------------------------------------ kernels
     def _ensure(self, spec, op: str) -> SimRuntime:
@@ -480,7 +485,7 @@ class SimDispatchBackend(DispatchBackend):
         """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
         op = "cached dispatch"
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
-        spec = self.path.spec_for_cached_dispatch(plan.spec, rows)
+        spec = self.path.spec_for_cached_dispatch(self._along(plan, config), rows)
         runtime = self._ensure(spec, op)
         self._barrier(runtime, spec, op)
         return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op)
@@ -491,7 +496,7 @@ class SimDispatchBackend(DispatchBackend):
         weights = tensors.get("topk_weights")
         weights = weights.contiguous() if weights is not None else None
         num_topk = weights.size(1) if weights is not None else 0
-        spec = self.path.spec_for_combine(plan.spec, x)  # num_topk == the dispatch's (check_combine)
+        spec = self.path.spec_for_combine(self._along(plan, config), x)  # num_topk == the dispatch's (check_combine)
         runtime = self._ensure(spec, "combine")
         self._barrier(runtime, spec, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)

@@ -140,6 +140,13 @@ class TorchBackend(DispatchBackend):
 
     name = "torch"
 
+    def low_latency(self) -> "TorchLowLatency":
+        from .torch_low_latency import TorchLowLatency
+
+        if getattr(self, "_low_latency", None) is None:
+            self._low_latency = TorchLowLatency(self.comm, self.topo)
+        return self._low_latency
+
     def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
         super().__init__(comm, topo, options)
         self.algorithm = options.algorithm

@@ -1,0 +1,554 @@
+"""Low-latency mode: DeepEP's LL invariants, checked against a reference built from every rank's inputs.
+
+Every rank generates every rank's inputs from the same seeds, so the expected result of each rank is
+computed here without communication (independent of the backends' code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import epcomm
+from epcomm.low_latency import LowLatencyLayout, host_sync_free
+
+BACKENDS = ["torch"]
+# (world size, ranks per node): the LL contract ignores nodes; the link classes of the bytes do not
+TOPOLOGIES = {"1x4": (4, 4), "2x2": (4, 2), "4x2": (8, 2), "8x1": (8, 1)}
+E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class LLCase:
+    world: int
+    nvl: int
+    num_max: int = 12
+    hidden: int = 512
+    experts_per_rank: int = 3
+    topk: int = 4
+    seed: int = 7
+
+    @property
+    def num_experts(self) -> int:
+        return self.world * self.experts_per_rank
+
+    def tokens(self, rank: int) -> int:
+        # one rank sends nothing, one sends the maximum, the others something in between
+        return [0, self.num_max, 5, 9, 1, 11, 7, 3][rank % 8] if self.world > 1 else self.num_max
+
+    def inputs(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x bf16 [N, H], topk_idx int64 [N, K] (some -1), topk_weights float32 [N, K] of ``rank``."""
+        g = torch.Generator().manual_seed(self.seed * 1000 + rank)
+        n = self.tokens(rank)
+        x = (torch.randn(n, self.hidden, generator=g) * 3).bfloat16()
+        if n:
+            x[0, :128] = 0  # an all-zero FP8 block
+        topk = torch.stack([torch.randperm(self.num_experts, generator=g)[: self.topk] for _ in range(n)]) \
+            if n else torch.empty(0, self.topk, dtype=torch.int64)
+        drop = torch.rand(n, self.topk, generator=g) < 0.2
+        topk = torch.where(drop, -1, topk)
+        weights = torch.rand(n, self.topk, generator=g)
+        weights = torch.where(drop, float("nan"), weights)  # -1 slots are skipped whatever their weight
+        return x, topk, weights
+
+
+def _buffer(case: LLCase, backend: str) -> epcomm.Buffer:
+    return epcomm.Buffer(None, 0, 0, True, backend=backend, num_nvl_ranks=case.nvl)
+
+
+def _expected_slices(case: LLCase, rank: int) -> list[list[list[int]]]:
+    """[local expert][source rank] -> the source's token indices routed to that expert, ascending."""
+    e_loc = case.experts_per_rank
+    out = [[[] for _ in range(case.world)] for _ in range(e_loc)]
+    for src in range(case.world):
+        _, topk, _ = case.inputs(src)
+        for j in range(e_loc):
+            expert = rank * e_loc + j
+            out[j][src] = (topk == expert).any(1).nonzero().flatten().tolist()
+    return out
+
+
+def _reference_scales(block: torch.Tensor, round_scale: bool) -> torch.Tensor:
+    """amax / 448 per 128 values (amax clamped at 1e-4), rounded up to a power of two if asked."""
+    amax = block.float().abs().amax(-1).clamp_min(1e-4)
+    scale = amax / E4M3_MAX
+    if round_scale:
+        scale = torch.tensor([2.0 ** math.ceil(math.log2(s)) for s in scale.tolist()])
+        assert (scale >= amax / E4M3_MAX).all()
+    return scale
+
+
+def _decode_ue8m0(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., B/4] -> float32 [..., B]: byte i%4 of word i//4 is block i's exponent + 127."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    exps = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], -1).flatten(-2)
+    return torch.pow(2.0, (exps - 127).double()).float()
+
+
+# ----------------------------------------------------------------------------- dispatch invariants
+
+def dispatch_invariants(rank, world, case: LLCase, backend: str, use_fp8: bool, round_scale: bool, use_ue8m0: bool,
+                        hook: bool):
+    buf = _buffer(case, backend)
+    x, topk, _ = case.inputs(rank)
+    e_loc, rows = case.experts_per_rank, case.world * case.num_max
+    stats = torch.full((e_loc,), 5, dtype=torch.int32)
+    waits = torch.zeros(world, dtype=torch.int64)
+    recv_x, count, handle, event, recv_hook = buf.low_latency_dispatch(
+        x, topk, case.num_max, case.num_experts, stats, waits, use_fp8=use_fp8, round_scale=round_scale,
+        use_ue8m0=use_ue8m0, return_recv_hook=hook)
+    assert (recv_hook is not None) == hook
+    if hook:
+        recv_hook()
+    expected = _expected_slices(case, rank)
+    data, scales = recv_x if use_fp8 else (recv_x, None)
+    assert data.shape == (e_loc, rows, case.hidden)
+    assert data.dtype == (torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+    assert count.dtype == torch.int32 and count.shape == (e_loc,)
+    src_info, layout_range = handle[0], handle[1]
+    assert handle[2:] == (case.num_max, case.hidden, case.num_experts)
+    assert src_info.shape == (e_loc, rows) and src_info.dtype == torch.int32
+    assert layout_range.shape == (e_loc, world) and layout_range.dtype == torch.int64
+    if use_fp8:
+        blocks = case.hidden // (512 if use_ue8m0 else 128)
+        assert scales.shape == (e_loc, rows, blocks)
+        assert scales.dtype == (torch.int32 if use_ue8m0 else torch.float32)
+        assert scales.stride()[1] == 1, "scales must be column-major: token index fastest"
+    for j in range(e_loc):
+        want_counts = [len(t) for t in expected[j]]
+        assert int(count[j]) == sum(want_counts)
+        assert int(stats[j]) == 5 + sum(want_counts)
+        begin = 0
+        for src in range(world):
+            r = int(layout_range[j, src])
+            assert (r >> 32, r & 0xFFFFFFFF) == (begin, want_counts[src]), (j, src)
+            tokens = expected[j][src]
+            got_tokens = src_info[j, begin : begin + len(tokens)].tolist()
+            assert got_tokens == tokens, (j, src)
+            x_src, _, _ = case.inputs(src)
+            for row, t in zip(range(begin, begin + len(tokens)), tokens):
+                if not use_fp8:
+                    assert torch.equal(data[j, row], x_src[t])
+                    continue
+                _check_fp8_row(data[j, row], scales[j, row], x_src[t], round_scale, use_ue8m0)
+            begin += len(tokens)
+    assert (waits >= 0).all()
+    return hashlib.sha256(b"".join(_valid_rows_bytes(recv_x, count, handle))).hexdigest()
+
+
+def _check_fp8_row(q: torch.Tensor, scale_row: torch.Tensor, x: torch.Tensor, round_scale: bool, ue8m0: bool) -> None:
+    blocks = x.float().view(-1, 128)
+    want = _reference_scales(blocks, round_scale)
+    got = _decode_ue8m0(scale_row) if ue8m0 else scale_row
+    assert torch.equal(got, want), (got, want)
+    deq = q.float().view(-1, 128) * got.view(-1, 1)
+    assert not deq.isnan().any()
+    # e4m3 round to nearest: relative error <= 2^-4 of normals, absolute <= 2^-10 * scale below
+    err = (deq - blocks).abs()
+    assert (err <= blocks.abs() * 2.0**-4 + got.view(-1, 1) * 2.0**-9 + 1e-30).all()
+    # values exactly representable round-trip exactly
+    exact = (blocks / got.view(-1, 1)).to(torch.float8_e4m3fn).float() * got.view(-1, 1)
+    assert torch.equal(deq, exact)
+
+
+def _valid_rows_bytes(recv_x, count, handle):
+    data, scales = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
+    for j in range(count.numel()):
+        c = int(count[j])
+        yield data[j, :c].contiguous().view(torch.uint8).numpy().tobytes()
+        if scales is not None:
+            yield scales[j, :c].contiguous().numpy().tobytes()
+        yield handle[0][j, :c].numpy().tobytes()
+    yield handle[1].numpy().tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "fp8-round", "fp8-ue8m0"])
+def test_dispatch_invariants(pools, backend, topology, mode):
+    world, nvl = TOPOLOGIES[topology]
+    case = LLCase(world, nvl, hidden=128 if topology == "8x1" and mode != "fp8-ue8m0" else 512)
+    fp8, rnd, ue8 = mode != "bf16", mode in ("fp8-round", "fp8-ue8m0"), mode == "fp8-ue8m0"
+    pools(world).run(dispatch_invariants, case, backend, fp8, rnd, ue8, hook=(mode == "fp8"))
+
+
+# ----------------------------------------------------------------------------- combine
+
+def _reference_combine(case: LLCase, rank: int, expert_rows) -> torch.Tensor:
+    """bf16(sum over valid k ascending of w * row), float32 from 0, one rounding."""
+    x, topk, weights = case.inputs(rank)
+    acc = torch.zeros(x.size(0), case.hidden, dtype=torch.float32)
+    for k in range(case.topk):
+        for n in range(x.size(0)):
+            e = int(topk[n, k])
+            if e >= 0:
+                acc[n] = acc[n] + weights[n, k] * expert_rows(e, rank, n).float()
+    return acc.bfloat16()
+
+
+def _expert_output(e: int, x_row: torch.Tensor) -> torch.Tensor:
+    """A different function per expert, so rows returned to the wrong (token, k) are caught."""
+    return (x_row.float() * (1 + (e % 5)) / 4 - (e % 3)).bfloat16()
+
+
+def combine_round(rank, world, case: LLCase, backend: str, variant: str, rounds: int):
+    buf = _buffer(case, backend)
+    x, topk, weights = case.inputs(rank)
+    e_loc = case.experts_per_rank
+    digests = []
+    for _ in range(rounds):
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+        if variant == "zero_copy":
+            y = buf.get_next_low_latency_combine_buffer(handle)
+            assert y.shape == recv_x.shape and y.dtype == torch.bfloat16
+        else:
+            y = torch.empty_like(recv_x)
+        y.fill_(float("nan"))  # rows past recv_count: garbage that must never be read
+        for j in range(e_loc):
+            c = int(count[j])
+            y[j, :c] = _expert_output(rank * e_loc + j, recv_x[j, :c])
+        out = torch.full((x.size(0), case.hidden), 7.0, dtype=torch.bfloat16) if variant == "out" else None
+        combined, _, hook = buf.low_latency_combine(y, topk, weights, handle, zero_copy=(variant == "zero_copy"),
+                                                    return_recv_hook=(variant == "hook"), out=out)
+        if variant == "hook":
+            hook()
+        if out is not None:
+            assert combined is out
+        assert combined.shape == (x.size(0), case.hidden) and combined.dtype == torch.bfloat16
+        want = _reference_combine(case, rank, lambda e, src, n: _expert_output(e, case.inputs(src)[0][n]))
+        assert torch.equal(combined.view(torch.int16), want.view(torch.int16)), (combined - want).abs().max()
+        digests.append(hashlib.sha256(combined.view(torch.int16).numpy().tobytes()).hexdigest())
+    assert len(set(digests)) == 1
+    return digests[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_combine_weighted_sum_bit_exact(pools, backend, topology):
+    world, nvl = TOPOLOGIES[topology]
+    pools(world).run(combine_round, LLCase(world, nvl), backend, "plain", 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["hook", "zero_copy", "out"])
+def test_combine_paths(pools, backend, variant):
+    pools(4).run(combine_round, LLCase(4, 2), backend, variant, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_twenty_rounds_bitwise_identical(pools, backend):
+    """Order-strict determinism: 20 identical calls, identical outputs (dispatch and combine)."""
+    case = LLCase(4, 2, seed=11)
+    first = pools(4).run(dispatch_invariants, case, backend, True, True, False, False)
+    for _ in range(19):
+        assert pools(4).run(dispatch_invariants, case, backend, True, True, False, False) == first
+    pools(4).run(combine_round, case, backend, "plain", 20)
+
+
+# ----------------------------------------------------------------------------- double buffering, modes
+
+def double_buffering(rank, world, case: LLCase, backend: str):
+    buf = _buffer(case, backend)
+    x, topk, weights = case.inputs(rank)
+    args = (case.num_max, case.num_experts)
+    a = buf.low_latency_dispatch(x, topk, *args, use_fp8=False)
+    b = buf.low_latency_dispatch(x, topk, *args, use_fp8=False)
+    out_a, _, _ = buf.low_latency_combine(a[0], topk, weights, a[2])  # two alive: fine
+    c = buf.low_latency_dispatch(x, topk, *args, use_fp8=False)
+    errors = []
+    for what, call in (("combine", lambda: buf.low_latency_combine(a[0], topk, weights, a[2])),
+                       ("zero-copy buffer", lambda: buf.get_next_low_latency_combine_buffer(a[2]))):
+        try:
+            call()
+            errors.append(f"{what}: no error")
+        except epcomm.EpcommInputError as err:
+            assert "stale" in str(err) and "dispatch #3 reused" in str(err), str(err)
+    out_b, _, _ = buf.low_latency_combine(b[0], topk, weights, b[2])
+    out_c, _, _ = buf.low_latency_combine(c[0], topk, weights, c[2])
+    assert torch.equal(out_a, out_b) and torch.equal(out_b, out_c)
+    # a hook called after its slot was reused
+    d = buf.low_latency_dispatch(x, topk, *args, use_fp8=False, return_recv_hook=True)
+    buf.low_latency_dispatch(x, topk, *args, use_fp8=False)
+    buf.low_latency_dispatch(x, topk, *args, use_fp8=False)
+    try:
+        d[4]()
+        errors.append("late hook: no error")
+    except RuntimeError as err:
+        assert "reused its buffer slot" in str(err)
+    return errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_third_result_is_a_clear_error(pools, backend):
+    for errors in pools(4).run(double_buffering, LLCase(4, 2), backend):
+        assert errors == []
+
+
+def mode_switch(rank, world, case: LLCase, backend: str):
+    buf = _buffer(case, backend)
+    x, topk, weights = case.inputs(rank)
+    buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts)
+    layout = buf.get_dispatch_layout(topk, case.num_experts)
+    buf.dispatch(x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
+                 num_tokens_per_expert=layout[2], topk_idx=topk, topk_weights=weights)
+    try:
+        buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts)
+        return "no error"
+    except epcomm.EpcommInputError as err:
+        assert "clean_low_latency_buffer" in str(err) and len(err.problems) == world, str(err)
+    buf.clean_low_latency_buffer(case.num_max, case.hidden, case.num_experts)
+    recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    combined, _, _ = buf.low_latency_combine(recv_x, topk, weights, handle)
+    return "ok"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normal_mode_then_clean_before_low_latency(pools, backend):
+    assert pools(4).run(mode_switch, LLCase(4, 2), backend) == ["ok"] * 4
+
+
+def needs_low_latency_mode(rank, world, backend):
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=2)
+    x, topk, _ = LLCase(world, 2).inputs(rank)
+    with pytest.raises(epcomm.EpcommInputError, match="low_latency_mode=True"):
+        buf.low_latency_dispatch(x, topk, 12, 12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_latency_needs_the_constructor_flag(pools, backend):
+    pools(4).run(needs_low_latency_mode, backend)
+
+
+# ----------------------------------------------------------------------------- bad input on one rank
+
+def _bad_dispatch(mutation: str, case: LLCase, x, topk):
+    kwargs = dict(num_max_dispatch_tokens_per_rank=case.num_max, num_experts=case.num_experts)
+    if mutation == "too many tokens":
+        x = torch.cat([x, x, x])[: case.num_max + 1]
+        topk = torch.cat([topk, topk, topk])[: case.num_max + 1]
+        if x.size(0) <= case.num_max:  # a rank with few tokens: pad
+            x = torch.zeros(case.num_max + 1, case.hidden, dtype=torch.bfloat16)
+            topk = torch.full((case.num_max + 1, case.topk), -1)
+    elif mutation == "expert out of range":
+        topk = topk.clone()
+        topk[0, 0] = case.num_experts
+    elif mutation == "expert twice":
+        topk = topk.clone()
+        topk[0, 1] = topk[0, 0] = 1
+    elif mutation == "x dtype":
+        x = x.float()
+    elif mutation == "fp8 hidden":
+        x = torch.zeros(x.size(0), 200, dtype=torch.bfloat16)
+    elif mutation == "ue8m0 without round_scale":
+        kwargs["use_ue8m0"] = True
+    elif mutation == "hook and async":
+        kwargs.update(return_recv_hook=True, async_finish=True)
+    elif mutation == "stats shape":
+        kwargs["cumulative_local_expert_recv_stats"] = torch.zeros(99, dtype=torch.int32)
+    else:
+        raise AssertionError(mutation)
+    return x, topk, kwargs
+
+
+BAD_DISPATCH = {
+    "too many tokens": "more than num_max_dispatch_tokens_per_rank",
+    "expert out of range": "is not an expert id",
+    "expert twice": "names an expert twice",
+    "x dtype": "x must have dtype torch.bfloat16",
+    "fp8 hidden": "multiple of 128",
+    "ue8m0 without round_scale": "use_ue8m0=True needs round_scale=True",
+    "hook and async": "exclude each other",
+    "stats shape": "cumulative_local_expert_recv_stats must have shape",
+}
+
+
+def dispatch_with_bad_rank(rank, world, case: LLCase, backend: str, mutation: str, bad_rank: int):
+    buf = _buffer(case, backend)
+    x, topk, weights = LLCase(world, case.nvl, seed=3).inputs(1)  # every rank: a rank with tokens
+    kwargs = dict(num_max_dispatch_tokens_per_rank=case.num_max, num_experts=case.num_experts)
+    if rank == bad_rank:
+        x, topk, kwargs = _bad_dispatch(mutation, case, x, topk)
+    try:
+        buf.low_latency_dispatch(x, topk, **kwargs)
+        outcome = ("no error", None, None)
+    except epcomm.EpcommInputError as err:
+        outcome = ("input error", str(err), sorted(err.problems))
+    # the buffer stays usable
+    x, topk, weights = case.inputs(rank)
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    buf.low_latency_combine(recv_x, topk, weights, handle)
+    return outcome
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mutation", list(BAD_DISPATCH))
+def test_bad_dispatch_on_one_rank_fails_every_rank(pools, backend, mutation):
+    bad = 2
+    for rank, (kind, message, ranks) in enumerate(pools(4).run(dispatch_with_bad_rank, LLCase(4, 2), backend,
+                                                               mutation, bad)):
+        assert kind == "input error", f"rank {rank}: no error for {mutation!r}"
+        assert ranks == [bad] and f"rank {bad}:" in message and BAD_DISPATCH[mutation] in message, message
+
+
+def combine_with_bad_rank(rank, world, case: LLCase, backend: str, mutation: str, bad_rank: int):
+    buf = _buffer(case, backend)
+    x, topk, weights = case.inputs(rank)
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    args = dict(x=recv_x, topk_idx=topk, topk_weights=weights, handle=handle)
+    if rank == bad_rank:
+        if mutation == "other topk_idx":
+            args["topk_idx"] = torch.where(topk >= 0, (topk + 1) % case.num_experts, -1)
+        elif mutation == "logfmt":
+            args["use_logfmt"] = True
+        elif mutation == "x shape":
+            args["x"] = recv_x[:, :-1].contiguous()
+        elif mutation == "zero_copy with another x":
+            args["zero_copy"] = True
+        elif mutation == "weights dtype":
+            args["topk_weights"] = weights.double()
+    try:
+        buf.low_latency_combine(**args)
+        return ("no error", None, None)
+    except epcomm.EpcommInputError as err:
+        return ("input error", str(err), sorted(err.problems))
+
+
+BAD_COMBINE = {
+    "other topk_idx": "topk_idx differs",
+    "logfmt": "use_logfmt=True is not implemented",
+    "x shape": "x must have shape",
+    "zero_copy with another x": "zero_copy=True takes as x",
+    "weights dtype": "topk_weights must have dtype torch.float32",
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mutation", list(BAD_COMBINE))
+def test_bad_combine_on_one_rank_fails_every_rank(pools, backend, mutation):
+    bad = 1
+    case = LLCase(4, 2)
+    for rank, (kind, message, ranks) in enumerate(pools(4).run(combine_with_bad_rank, case, backend, mutation, bad)):
+        assert kind == "input error", f"rank {rank}: no error for {mutation!r}"
+        assert ranks == [bad] and BAD_COMBINE[mutation] in message, message
+
+
+# ----------------------------------------------------------------------------- no host synchronization
+
+class _NoHostReads:
+    """Makes every host read of a tensor value raise inside the block (what graph capture forbids)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+        def forbid(name):
+            def read(*_a, **_k):
+                raise AssertionError(f"host read of a tensor value (Tensor.{name}) inside a host-sync-free LL call")
+            return read
+
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, forbid(name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def host_sync_free_step(rank, world, case: LLCase, backend: str):
+    buf = _buffer(case, backend)
+    x, topk, weights = case.inputs(rank)
+    eager = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    want, _, _ = buf.low_latency_combine(eager[0], topk, weights, eager[2])
+    want = want.clone()
+    buf.reset_traffic()
+    with host_sync_free(), _NoHostReads():
+        recv_x, count, handle, _, hook = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts,
+                                                                  use_fp8=False, return_recv_hook=True)
+        hook()
+        got, _, hook = buf.low_latency_combine(recv_x, topk, weights, handle, return_recv_hook=True)
+        hook()
+    trips = {op: dict(c) for op, c in buf.traffic.round_trips.items()}
+    assert torch.equal(got, want)
+    return trips
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step_reads_nothing_on_the_host(pools, backend):
+    """The call sequence a CUDA graph would capture: no host read of a tensor, no agreement round."""
+    for trips in pools(4).run(host_sync_free_step, LLCase(4, 2), backend):
+        expected_kind = "collective" if backend == "torch" else "kernel"
+        assert trips["low_latency_dispatch"] == {expected_kind: 1}, trips
+        assert trips["low_latency_combine"] == {expected_kind: 1}, trips
+
+
+# ----------------------------------------------------------------------------- bytes and sizes
+
+def traffic_of_one_call(rank, world, case: LLCase, backend: str):
+    buf = _buffer(case, backend)
+    x, topk, weights = case.inputs(rank)
+    buf.reset_traffic()
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=True)
+    buf.low_latency_combine(torch.zeros(recv_x[0].shape, dtype=torch.bfloat16), topk, weights, handle)
+    return buf.traffic.as_dict()
+
+
+def test_torch_traffic_counts_every_byte(pools):
+    """Valid messages as rows/payload; the fixed slot arrays' rest as meta; per link class."""
+    case = LLCase(4, 2)
+    e_loc, m, h = case.experts_per_rank, case.num_max, case.hidden
+    fp8_payload = h + 4 * (h // 128)
+    for rank, stats in enumerate(pools(4).run(traffic_of_one_call, case, "torch")):
+        _, topk, _ = case.inputs(rank)
+        per_link = {}
+        for dest in range(4):
+            link = "self" if dest == rank else ("nvl" if dest // 2 == rank // 2 else "rdma")
+            rows = int(((topk // e_loc) == dest).logical_and(topk >= 0).sum())
+            d = per_link.setdefault(link, [0, 0, 0, 0, 0, 0])
+            d[0] += rows
+            d[1] += rows * fp8_payload
+            d[2] += 4 * e_loc + e_loc * m * (4 + fp8_payload) - rows * fp8_payload
+            _, dest_topk, _ = case.inputs(dest)  # combine returns the rows dest sent here
+            back = int(((dest_topk // e_loc) == rank).logical_and(dest_topk >= 0).sum())
+            d[3] += back
+            d[4] += back * 2 * h
+            d[5] += e_loc * m * 2 * h - back * 2 * h
+        for link, (r, p, meta, cr, cp, cmeta) in per_link.items():
+            assert stats["low_latency_dispatch"][link] == {"rows": r, "payload_bytes": p, "meta_bytes": meta}
+            assert stats["low_latency_combine"][link] == {"rows": cr, "payload_bytes": cp, "meta_bytes": cmeta}
+
+
+def test_size_hint_is_the_exact_workspace():
+    hint = epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    msg = 16 + 2 * 7168
+    slot = (128 * msg + 32 * 8 * 128 * msg + 4 * 32 * 8 + 32 * 8 * 128 * 2 * 7168 + 256 * 128 * 2 * 7168
+            + 8 * (32 * 8 + 8))
+    assert hint == 2 * slot
+    assert LowLatencyLayout(128, 7168, 8, 256).slot_regions()["combine_send"] == 32 * 8 * 128 * 2 * 7168
+    with pytest.raises(ValueError, match="multiple of the 8 ranks"):
+        epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 250)
+
+
+# ----------------------------------------------------------------------------- the decode example
+
+def test_decode_step_example_runs_under_mpiexec():
+    """examples/decode_step.py: two micro-batches with the hook and zero-copy combine, vs a dense model."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    if mpiexec is None:
+        pytest.skip("needs mpiexec in the venv")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([mpiexec, "-n", "4", sys.executable, str(root / "examples" / "decode_step.py"),
+                           "--steps", "2", "--hidden", "128"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout
