@@ -68,6 +68,7 @@ def _extensions() -> tuple[list, dict]:
                 "csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cpu_runtime.cpp",
                 f"{runtime}/cpu_entries.cpp", "csrc/kernels/intranode_launch_simt.cpp",
                 "csrc/kernels/internode_launch_simt.cpp",
+                "csrc/kernels/low_latency_launch_simt.cpp",
             ],
             include_dirs=[str(CSRC)],
             extra_compile_args=[*common, "-pthread", "-DEPCOMM_WITH_CPU_RUNTIME=1"],

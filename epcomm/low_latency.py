@@ -59,6 +59,7 @@ __all__ = [
 #: Largest top-k the LL path takes (DeepEP's kernels stop at 9; decoding models use up to 8).
 MAX_TOPK = 16
 _HEADER_BYTES = 16  # a message's header: the source token index, padded to one 16-byte vector
+_REGION_ALIGN = 128  # every region of the kernels' LL workspace starts 128-byte aligned
 
 _host_sync_free: contextvars.ContextVar[bool] = contextvars.ContextVar("epcomm_ll_host_sync_free", default=False)
 
@@ -87,20 +88,16 @@ class LowLatencyLayout:
     """The fixed shapes of LL calls and the exact bytes the kernel backends' LL workspace takes.
 
     A *message* is one (token, expert) row on the wire: a 16-byte header (the source token index)
-    and the payload, sized for bf16 (FP8 messages are smaller and use the same slots).
+    and the payload; its slot is sized for bf16 (FP8 messages use the first bytes of the same slots).
+    The kernels' layout (``csrc/kernels/low_latency.hpp``, ``LowLatencyLayout``), mirrored here so the
+    size hint needs no extension; ``tests/test_low_latency.py`` checks that both agree. Every region
+    starts 128-byte aligned:
 
-    Per buffer slot (two slots, for double buffering), in this order, each region 16-byte aligned:
-
-    * dispatch staging ``[M, message]``: each token once (quantized), the source of its puts;
-    * dispatch receive ``[E_loc, R, M, message]``: slot ``(j, s, p)`` takes source ``s``'s ``p``-th
-      token for local expert ``j``;
-    * dispatch counts ``[E_loc, R]`` int32 (padded to 16 bytes);
-    * combine send ``[E_loc, R * M, H]`` bf16: the zero-copy buffer of
-      :meth:`Buffer.get_next_low_latency_combine_buffer`;
-    * combine receive ``[E, M, H]`` bf16: row ``(e, p)`` is the expert output for this rank's
-      ``p``-th token routed to global expert ``e``;
-    * signals: ``E_loc * R`` (dispatch, one per (local expert, source)) + ``R`` (combine, one per
-      expert owner) uint64 counters.
+    * signals: uint64 ``[4E + 1]`` (dispatch ``[2][E_loc][R]``, combine ``[2][E]``, abort);
+    * two slots (double buffering), each: count staging int32 ``[E]``, counts int32 ``[E_loc, R]``,
+      dispatch staging ``[M]`` messages (each token once, quantized), dispatch receive
+      ``[E_loc, R, M]`` messages, combine send bf16 ``[E_loc, R * M, H]`` (the zero-copy buffer of
+      :meth:`Buffer.get_next_low_latency_combine_buffer`), combine receive bf16 ``[E, M, H]``.
     """
 
     num_max_dispatch_tokens_per_rank: int
@@ -133,30 +130,34 @@ class LowLatencyLayout:
 
     @property
     def message_bytes(self) -> int:
-        """One message slot: header + bf16 payload (the largest)."""
-        return _HEADER_BYTES + self.payload_bytes(False)
+        """One message slot: header + bf16 payload (the largest), 16-byte aligned."""
+        return _align(_HEADER_BYTES + self.payload_bytes(False), 16)
+
+    @property
+    def signals_bytes(self) -> int:
+        return 8 * (4 * self.num_experts + 1)
 
     def slot_regions(self) -> dict[str, int]:
         """Bytes of each region of one buffer slot, in layout order."""
         m, r, e, e_loc, h = (self.num_max_dispatch_tokens_per_rank, self.num_ranks, self.num_experts,
                              self.num_local_experts, self.hidden)
         return {
+            "count_staging": 4 * e,
+            "counts": 4 * e_loc * r,
             "dispatch_staging": m * self.message_bytes,
             "dispatch_recv": e_loc * r * m * self.message_bytes,
-            "dispatch_counts": _align(4 * e_loc * r),
             "combine_send": e_loc * r * m * 2 * h,
             "combine_recv": e * m * 2 * h,
-            "signals": 8 * (e_loc * r + r),
         }
 
     @property
     def slot_bytes(self) -> int:
-        return sum(_align(v) for v in self.slot_regions().values())
+        return sum(_align(v, _REGION_ALIGN) for v in self.slot_regions().values())
 
     @property
     def rdma_bytes(self) -> int:
-        """Exact bytes of the LL workspace on each rank: two slots."""
-        return 2 * self.slot_bytes
+        """Exact bytes of the LL workspace on each rank: the signals and two slots."""
+        return _align(self.signals_bytes, _REGION_ALIGN) + 2 * self.slot_bytes
 
 
 def _align(n: int, to: int = 16) -> int:
@@ -206,8 +207,7 @@ class LowLatencyDispatchCall:
 
     Attributes:
         x: bf16 ``[N, H]``; topk_idx: int64 ``[N, K]``.
-        layout: the call's shapes. slot: the buffer slot (0/1). generation: LL dispatches issued on
-            this slot since the buffer was cleaned, this one included (the same on every rank).
+        layout: the call's shapes. slot: the buffer slot (0/1), alternating per dispatch.
         use_fp8, round_scale, use_ue8m0: DeepEP's flags.
         recv_stats: int32 ``[E_loc]`` to add received rows to, or None.
         wait_stats: int64 ``[R]`` to add receive wait time to, or None.
@@ -217,7 +217,6 @@ class LowLatencyDispatchCall:
     topk_idx: torch.Tensor
     layout: LowLatencyLayout
     slot: int
-    generation: int
     use_fp8: bool
     round_scale: bool
     use_ue8m0: bool
@@ -242,7 +241,7 @@ class LowLatencyDispatchResult:
 class LowLatencyCombineCall:
     """One LL combine after validation: ``x`` bf16 ``[E_loc, R*M, H]``, the dispatch's ``topk_idx``
     and ``token_slots`` ``[N, K]``, ``topk_weights`` float32 ``[N, K]``, the dispatch's
-    ``layout_range``, its ``slot`` and ``generation``, and ``out`` bf16 ``[N, H]`` to write."""
+    ``layout_range``, its ``slot``, and ``out`` bf16 ``[N, H]`` to write."""
 
     x: torch.Tensor
     topk_idx: torch.Tensor
@@ -251,7 +250,6 @@ class LowLatencyCombineCall:
     layout_range: torch.Tensor
     layout: LowLatencyLayout
     slot: int
-    generation: int
     out: torch.Tensor
     zero_copy: bool
 
@@ -261,7 +259,6 @@ class LowLatencyState:
     """A Buffer's LL bookkeeping, identical on every rank (LL calls are collective)."""
 
     dispatches: int = 0  # LL dispatches since construction
-    generations: list[int] = field(default_factory=lambda: [0, 0])  # per slot, since the last clean
     needs_clean: bool = False  # a normal-mode call ran since the last clean (DeepEP's rule)
     cleans: int = 0  # clean_low_latency_buffer calls
     pending: dict[int, str] = field(default_factory=dict)  # dispatch seq -> what it waits for ("hook")
@@ -349,7 +346,7 @@ def check_combine_inputs(handle: object, x: object, topk_idx: object, topk_weigh
     layout: LowLatencyLayout = handle.layout
     e_loc, rows, hidden = layout.num_local_experts, layout.recv_rows, layout.hidden
     check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=3, shape=(e_loc, rows, hidden))
-    if zero_copy and x is not zero_copy_buffer(handle):
+    if zero_copy and x.data_ptr() != zero_copy_buffer(handle).data_ptr():
         raise Invalid("zero_copy=True takes as x the tensor get_next_low_latency_combine_buffer(handle) returned "
                       "(write the expert outputs into it); got another tensor")
     dispatched = handle.topk_idx
@@ -454,6 +451,8 @@ class LowLatencyOps:
             layout = check_dispatch_inputs(x, topk_idx, num_max, num_experts, self._buffer.group_size, use_fp8,
                                            round_scale, use_ue8m0, async_finish, return_recv_hook, recv_stats,
                                            wait_stats, read_values)
+            self._engine.check_dispatch(layout, {"x": x, "topk_idx": topk_idx, "cumulative_local_expert_recv_stats":
+                                                 recv_stats, "dispatch_wait_recv_cost_stats": wait_stats})
         except Exception as err:
             problem = _problem_text(err)
         self._agree(op, problem, _device_of(x), num_experts=_int_or(num_experts), num_max_dispatch_tokens=_int_or(num_max),
@@ -465,12 +464,11 @@ class LowLatencyOps:
         seq = state.dispatches + 1
         slot = (seq - 1) % 2
         state.dispatches = seq
-        state.generations[slot] += 1
-        call = LowLatencyDispatchCall(x, topk_idx, layout, slot, state.generations[slot], use_fp8, round_scale,
-                                      use_ue8m0, recv_stats, wait_stats)
+        call = LowLatencyDispatchCall(x, topk_idx, layout, slot, use_fp8, round_scale, use_ue8m0, recv_stats,
+                                      wait_stats)
         result = self._engine.dispatch(call)
         handle = LowLatencyHandle(result.src_info, result.layout_range, layout, seq=seq, slot=slot,
-                                  generation=state.generations[slot], cleans=state.cleans, buffer_id=self._buffer.id,
+                                  cleans=state.cleans, buffer_id=self._buffer.id,
                                   topk_idx=topk_idx.clone(), token_slots=result.token_slots)
         recv_x = result.recv_x if result.recv_scales is None else (result.recv_x, result.recv_scales)
         hook = self._hook(seq, result.receive, op)
@@ -510,6 +508,7 @@ class LowLatencyOps:
             handle = check_combine_inputs(handle, x, topk_idx, topk_weights, out, zero_copy, use_logfmt, async_finish,
                                           return_recv_hook, self._buffer.id, self.state, self.combine_buffer,
                                           read_values)
+            self._engine.check_combine(handle.layout, {"x": x, "topk_weights": topk_weights, "out": out})
         except Exception as err:
             problem = _problem_text(err)
         ok = problem is None
@@ -521,7 +520,7 @@ class LowLatencyOps:
         if out is None:
             out = torch.empty((topk_idx.size(0), layout.hidden), dtype=torch.bfloat16, device=x.device)
         call = LowLatencyCombineCall(x, info["topk_idx"], topk_weights, info["token_slots"], handle.layout_range,
-                                     layout, info["slot"], info["generation"], out, zero_copy)
+                                     layout, info["slot"], out, zero_copy)
         receive = self._engine.combine(call)
         seq = info["seq"]
         state = self.state
@@ -571,9 +570,8 @@ class LowLatencyOps:
             problem = _problem_text(err)
         self._agree(op, problem, torch.device("cpu"), num_max_dispatch_tokens=_int_or(num_max), hidden=_int_or(hidden),
                     num_experts=_int_or(num_experts))
-        self._engine.clean()
+        self._engine.clean(LowLatencyLayout(num_max, hidden, self._buffer.group_size, num_experts))
         state = self.state
-        state.generations = [0, 0]
         state.needs_clean = False
         state.cleans += 1
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import epcomm
+import epcomm._ext
 from epcomm.low_latency import LowLatencyLayout, host_sync_free
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "sim"]
 # (world size, ranks per node): the LL contract ignores nodes; the link classes of the bytes do not
 TOPOLOGIES = {"1x4": (4, 4), "2x2": (4, 2), "4x2": (8, 2), "8x1": (8, 1)}
 E4M3_MAX = 448.0
@@ -482,19 +483,21 @@ def host_sync_free_step(rank, world, case: LLCase, backend: str):
 def test_decode_step_reads_nothing_on_the_host(pools, backend):
     """The call sequence a CUDA graph would capture: no host read of a tensor, no agreement round."""
     for trips in pools(4).run(host_sync_free_step, LLCase(4, 2), backend):
-        expected_kind = "collective" if backend == "torch" else "kernel"
-        assert trips["low_latency_dispatch"] == {expected_kind: 1}, trips
-        assert trips["low_latency_combine"] == {expected_kind: 1}, trips
+        # torch: the one exchange; sim: the send kernel and the receive kernel, nothing else
+        expected = {"collective": 1} if backend == "torch" else {"kernel": 2}
+        assert trips["low_latency_dispatch"] == expected, trips
+        assert trips["low_latency_combine"] == expected, trips
 
 
 # ----------------------------------------------------------------------------- bytes and sizes
 
-def traffic_of_one_call(rank, world, case: LLCase, backend: str):
+def traffic_of_one_call(rank, world, case: LLCase, backend: str, use_fp8: bool = True):
     buf = _buffer(case, backend)
     x, topk, weights = case.inputs(rank)
     buf.reset_traffic()
-    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=True)
-    buf.low_latency_combine(torch.zeros(recv_x[0].shape, dtype=torch.bfloat16), topk, weights, handle)
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=use_fp8)
+    shape = recv_x[0].shape if use_fp8 else recv_x.shape
+    buf.low_latency_combine(torch.zeros(shape, dtype=torch.bfloat16), topk, weights, handle)
     return buf.traffic.as_dict()
 
 
@@ -523,15 +526,107 @@ def test_torch_traffic_counts_every_byte(pools):
             assert stats["low_latency_combine"][link] == {"rows": cr, "payload_bytes": cp, "meta_bytes": cmeta}
 
 
+def sim_traffic_of_one_call(rank, world, case: LLCase, use_fp8: bool):
+    return traffic_of_one_call(rank, world, case, "sim", use_fp8)
+
+
+def test_sim_transport_counts_only_the_messages(pools):
+    """The kernels put exactly one message per (token, expert) pair (16-byte header + payload) and one
+    4-byte count per (expert, this rank); combine one bf16 row back per pair. Counted by the transport."""
+    case = LLCase(4, 2)
+    e_loc, h = case.experts_per_rank, case.hidden
+    for use_fp8 in (False, True):
+        payload = h + 4 * (h // 128) if use_fp8 else 2 * h
+        for rank, stats in enumerate(pools(4).run(sim_traffic_of_one_call, case, use_fp8)):
+            _, topk, _ = case.inputs(rank)
+            want: dict[str, list[int]] = {}
+            for dest in range(4):
+                link = "self" if dest == rank else ("nvl" if dest // 2 == rank // 2 else "rdma")
+                rows = int(((topk // e_loc) == dest).logical_and(topk >= 0).sum())
+                _, dest_topk, _ = case.inputs(dest)
+                back = int(((dest_topk // e_loc) == rank).logical_and(dest_topk >= 0).sum())
+                d = want.setdefault(link, [0, 0, 0, 0, 0, 0])
+                d[0:3] = [d[0] + rows, d[1] + rows * payload, d[2] + rows * 16 + 4 * e_loc]
+                d[3:6] = [d[3] + back, d[4] + back * 2 * h, d[5]]
+            for link, (r, p, meta, cr, cp, cmeta) in want.items():
+                assert stats["low_latency_dispatch"][link] == {"rows": r, "payload_bytes": p, "meta_bytes": meta}
+                got = stats["low_latency_combine"].get(link, {"rows": 0, "payload_bytes": 0, "meta_bytes": 0})
+                assert got == {"rows": cr, "payload_bytes": cp, "meta_bytes": cmeta}
+
+
+def both_backends_round(rank, world, case: LLCase, mode: str):
+    """The same calls on the torch and the sim backend: digests of every valid output byte."""
+    x, topk, weights = case.inputs(rank)
+    fp8, rnd, ue8 = mode != "bf16", mode in ("fp8-round", "fp8-ue8m0"), mode == "fp8-ue8m0"
+    digests = []
+    for backend in ("torch", "sim"):
+        buf = _buffer(case, backend)
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=fp8,
+                                                               round_scale=rnd, use_ue8m0=ue8)
+        data = recv_x[0] if fp8 else recv_x
+        y = torch.zeros(data.shape, dtype=torch.bfloat16)
+        for j in range(case.experts_per_rank):
+            c = int(count[j])
+            y[j, :c] = data[j, :c].float().bfloat16() if fp8 else data[j, :c]
+        combined, _, _ = buf.low_latency_combine(y, topk, weights, handle)
+        digests.append((b"".join(_valid_rows_bytes(recv_x, count, handle)), combined.view(torch.int16).numpy().tobytes()))
+    assert digests[0] == digests[1], f"rank {rank}: sim and torch differ"
+    return True
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "fp8-ue8m0"])
+def test_sim_and_torch_agree_bit_for_bit(pools, topology, mode):
+    world, nvl = TOPOLOGIES[topology]
+    pools(world).run(both_backends_round, LLCase(world, nvl, seed=5), mode)
+
+
+def missing_sender(rank, world, case: LLCase, absent: int):
+    buf = epcomm.Buffer(None, 0, 0, True, backend="sim", num_nvl_ranks=case.nvl, timeout_s=3.0)
+    x, topk, _ = case.inputs(rank)
+    buf.clean_low_latency_buffer(case.num_max, case.hidden, case.num_experts)  # the region exists everywhere
+    if rank == absent:
+        with host_sync_free():  # (no agreement: the absent rank's peers wait in the receive kernel)
+            return "absent"
+    try:
+        with host_sync_free():
+            buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    except (epcomm.EpcommTimeoutError, epcomm.EpcommPeerError) as err:
+        return str(err)
+    return "no error"
+
+
+def test_sim_receiver_names_the_rank_that_never_sent(pools):
+    """Without the agreement (host-sync-free), a rank that never sends makes every receiver time out
+    in the receive kernel, naming the kernel, its role and the missing peer, instead of hanging."""
+    case = LLCase(4, 2)
+    pool = pools(4)
+    outcomes = pool.run(missing_sender, case, 3, timeout=90)
+    pool.close()  # the group is broken by design after a timeout
+    for rank, text in enumerate(outcomes):
+        if rank == 3:
+            continue
+        assert "low_latency_dispatch_recv" in text and "peer=3" in text.replace(" ", ""), text
+
+
 def test_size_hint_is_the_exact_workspace():
+    """The hint is the kernels' own layout (csrc/kernels/low_latency.hpp), byte for byte."""
     hint = epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    a = lambda n: (n + 127) // 128 * 128  # noqa: E731
     msg = 16 + 2 * 7168
-    slot = (128 * msg + 32 * 8 * 128 * msg + 4 * 32 * 8 + 32 * 8 * 128 * 2 * 7168 + 256 * 128 * 2 * 7168
-            + 8 * (32 * 8 + 8))
-    assert hint == 2 * slot
-    assert LowLatencyLayout(128, 7168, 8, 256).slot_regions()["combine_send"] == 32 * 8 * 128 * 2 * 7168
+    slot = (a(4 * 256) + a(4 * 32 * 8) + a(128 * msg) + a(32 * 8 * 128 * msg) + a(32 * 8 * 128 * 2 * 7168)
+            + a(256 * 128 * 2 * 7168))
+    assert hint == a(8 * (4 * 256 + 1)) + 2 * slot
     with pytest.raises(ValueError, match="multiple of the 8 ranks"):
         epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 250)
+    try:
+        ext = epcomm._ext.load_extension("cpu")
+    except epcomm.EpcommBackendUnavailable:
+        pytest.skip("the cpu extension is not built")
+    for m, h, r, e in ((128, 7168, 8, 256), (1, 8, 1, 1), (12, 136, 4, 12), (33, 512, 2, 6)):
+        spec = ext.LowLatencySpec(num_max_tokens=m, hidden=h, num_local_experts=e // r, region_offset=0,
+                                  num_nvl_ranks=1)
+        assert ext.low_latency_workspace_bytes(spec, r) == epcomm.Buffer.get_low_latency_rdma_size_hint(m, h, r, e)
 
 
 # ----------------------------------------------------------------------------- the decode example

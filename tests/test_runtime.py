@@ -253,8 +253,9 @@ def test_cuda_extension_carries_the_intranode_kernels():
         ext = load_extension("cuda")
     except epcomm.EpcommBackendUnavailable as err:
         pytest.skip(f"the cuda extension is not built here: {err}")
-    cpu = {name for name in load_extension("cpu").registered_kernels() if not name.startswith("internode_")}
-    assert set(ext.registered_kernels()) == cpu  # internode on GPUs waits for the GIN transport
+    cpu = {name for name in load_extension("cpu").registered_kernels()
+           if not name.startswith(("internode_", "low_latency_"))}
+    assert set(ext.registered_kernels()) == cpu  # internode and low-latency on GPUs wait for the GIN transport
 
 
 def cuda_buffer_without_gpu(rank, world):
@@ -293,7 +294,9 @@ def test_runtime_rejects_misuse():
     runtime.open_peers([runtime.export_handle()])
     runtime.release_names()
     assert list(ext.registered_kernels()) == ["internode_combine", "internode_dispatch", "internode_notify",
-                                              "intranode_combine", "intranode_dispatch", "intranode_notify"]
+                                              "intranode_combine", "intranode_dispatch", "intranode_notify",
+                                              "low_latency_combine_recv", "low_latency_combine_send",
+                                              "low_latency_dispatch_recv", "low_latency_dispatch_send"]
     config = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=6, nvl_ring_tokens=32)
     spec = ext.IntranodeSpec(config=config, workspace=ext.NvlWorkspaceShape(
         num_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=1 << 20))

@@ -19,6 +19,7 @@
 
 #include "../runtime/device_runtime.hpp"
 #include "../runtime/internode_entries.hpp"
+#include "../runtime/low_latency_entries.hpp"
 #include "../runtime/intranode_entries.hpp"
 #include "kernel_types.hpp"
 
@@ -195,6 +196,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("timeout_s"), Release())
       .def("run", &PyRuntime::run<kernels::InternodeCombineParams>, py::arg("spec"), py::arg("params"),
            py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::LowLatencyDispatchSendParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::LowLatencyDispatchRecvParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::LowLatencyCombineSendParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::LowLatencyCombineRecvParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
       .def_property_readonly("clock_ticks_per_second", [](PyRuntime& self) { return self.get().clock_ticks_per_second(); });
 
   m.def("registered_kernels", [] { return registered_kernels(kKind); });
@@ -204,6 +213,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(NVL region bytes, RDMA region bytes = 0) each rank's buffer needs for the intranode kernels.");
   m.def("workspace_bytes", py::overload_cast<kernels::InternodeSpec const&>(&entries::workspace_bytes), py::arg("spec"),
         "(NVL region bytes, RDMA region bytes) each rank's buffer needs for the internode kernels.");
+  m.def("low_latency_workspace_bytes", &entries::low_latency_workspace_bytes, py::arg("spec"), py::arg("num_ranks"),
+        "Byte each rank's buffer must reach for the low-latency kernels of `spec` (region_offset + both slots).");
+  m.def("low_latency_layout",
+        [](kernels::LowLatencySpec const& spec, int num_ranks, int slot) {
+          kernels::LowLatencyLayout const layout = kernels::low_latency_layout(spec, num_ranks);
+          return py::dict(py::arg("combine_send_buffer") = layout.combine_send_buffer(slot),
+                          py::arg("counters_end") = size_t(spec.region_offset) + layout.counters_end(),
+                          py::arg("total_bytes") = size_t(spec.region_offset) + layout.required_bytes());
+        },
+        py::arg("spec"), py::arg("num_ranks"), py::arg("slot"),
+        "Absolute byte offsets of the LL layout Python needs: the slot's zero-copy combine buffer, the end of "
+        "the signals (zeroing [region_offset, counters_end) is a clean), the region's end.");
   m.def("spec_problem", py::overload_cast<kernels::IntranodeSpec const&>(&entries::spec_problem), py::arg("spec"),
         "'' when the intranode kernels take this spec, else the rule it breaks.");
   m.def("spec_problem", py::overload_cast<kernels::InternodeSpec const&>(&entries::spec_problem), py::arg("spec"),

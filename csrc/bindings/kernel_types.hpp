@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../kernels/internode.hpp"
+#include "../kernels/low_latency.hpp"
 #include "../kernels/intranode.hpp"
 
 namespace epcomm::bindings {
@@ -136,6 +137,16 @@ inline void bind_kernel_types(py::module_& m) {
                      "internode_dispatch (kernels/internode.hpp).");
   EPCOMM_BIND_STRUCT(m, InternodeCombineParams, EPCOMM_INTERNODE_COMBINE_FIELDS,
                      "internode_combine (kernels/internode.hpp).");
+  EPCOMM_BIND_STRUCT(m, LowLatencySpec, EPCOMM_LOW_LATENCY_SPEC_FIELDS,
+                     "What a low-latency kernel runs with besides its Params (kernels/low_latency.hpp).");
+  EPCOMM_BIND_STRUCT(m, LowLatencyDispatchSendParams, EPCOMM_LL_DISPATCH_SEND_FIELDS,
+                     "low_latency_dispatch_send (kernels/low_latency.hpp).");
+  EPCOMM_BIND_STRUCT(m, LowLatencyDispatchRecvParams, EPCOMM_LL_DISPATCH_RECV_FIELDS,
+                     "low_latency_dispatch_recv (kernels/low_latency.hpp).");
+  EPCOMM_BIND_STRUCT(m, LowLatencyCombineSendParams, EPCOMM_LL_COMBINE_SEND_FIELDS,
+                     "low_latency_combine_send (kernels/low_latency.hpp).");
+  EPCOMM_BIND_STRUCT(m, LowLatencyCombineRecvParams, EPCOMM_LL_COMBINE_RECV_FIELDS,
+                     "low_latency_combine_recv (kernels/low_latency.hpp).");
 }
 
 #undef EPCOMM_BIND_STRUCT

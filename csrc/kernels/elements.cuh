@@ -60,6 +60,41 @@ EPCOMM_HOST_DEVICE uint16_t float_to_fp16_bits(float value) {
   return sign | uint16_t((rounded - 0x38000000u) >> 13);  // rebias 127 -> 15
 }
 
+// fp32 -> e4m3 (OCP E4M3FN: bias 7, no infinities, 0x7f NaN): round to nearest even, saturating at
+// +-448 (inf too); NaN -> 0x7f with the sign. Plain bit arithmetic: the same bits on both targets.
+EPCOMM_HOST_DEVICE uint8_t float_to_e4m3_bits(float value) {
+  uint32_t const bits = float_to_bits(value);
+  uint8_t const sign = uint8_t((bits >> 24) & 0x80u);
+  uint32_t const magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return uint8_t(sign | 0x7fu);  // NaN
+  if (magnitude >= 0x43e00000u) return uint8_t(sign | 0x7eu);  // >= 448: saturate
+  if (magnitude < 0x3c800000u) {                               // below 2^-6: subnormal e4m3
+    // 16384.0f has an ulp of 2^-9, the subnormal step: the float add rounds to nearest even for us
+    return uint8_t(sign | (float_to_bits(bits_to_float(magnitude) + 16384.0f) - 0x46800000u));
+  }
+  uint32_t const rounded = magnitude + 0x7ffffu + ((magnitude >> 20) & 1u);
+  uint32_t const code = (rounded - (120u << 23)) >> 20;  // rebias 127 -> 7, keep 3 mantissa bits
+  return uint8_t(sign | (code > 0x7eu ? 0x7eu : code));
+}
+
+// a * b and a + b rounded once each, never contracted into an fma (nvcc contracts by default):
+// sums that must match a host reference bit for bit use these.
+EPCOMM_DEVICE float mul_rn(float a, float b) {
+#if EPCOMM_TARGET_CUDA
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+EPCOMM_DEVICE float add_rn(float a, float b) {
+#if EPCOMM_TARGET_CUDA
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // Element `index` of a row of `kind`, widened to fp32.
 EPCOMM_HOST_DEVICE float load_element(void const* row, int64_t index, ElementKind kind) {
   switch (kind) {

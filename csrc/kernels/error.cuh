@@ -18,6 +18,8 @@ enum class ErrorCode : int32_t {
   kTimeout = 1,      // this thread waited longer than timeout_cycles
   kPeerAborted = 2,  // another rank (or thread) failed first and raised the abort flag
   kBadRouting = 3,   // a token needs more nodes than the buffers were sized for (expected = limit, observed = nodes)
+  kBadInput = 4,     // low-latency: an expert id out of range or repeated in a row (expected = num_experts,
+                     // observed = the id), or a layout_range slice out of bounds (expected = bound, observed = end)
 };
 
 enum class KernelId : int32_t {
@@ -28,6 +30,10 @@ enum class KernelId : int32_t {
   kInternodeNotify = 4,
   kInternodeDispatch = 5,
   kInternodeCombine = 6,
+  kLowLatencyDispatchSend = 7,
+  kLowLatencyDispatchRecv = 8,
+  kLowLatencyCombineSend = 9,
+  kLowLatencyCombineRecv = 10,
 };
 
 enum class Role : int32_t {
@@ -46,6 +52,11 @@ enum class Role : int32_t {
   kCombineNvlSender = 11,        // combine: waits for free slots in the forwarder's NVL ring
   kCombineForwarder = 12,        // combine: waits for NVL rows, then for free network slots
   kCombineNetworkReceiver = 13,  // combine: waits for partial rows from a forwarding node
+  // low-latency (channel = the expert: local in dispatch, global in combine; peer = the rank waited on)
+  kLlRowSender = 14,       // dispatch send: checks each token's expert ids (kBadInput), quantizes and puts rows
+  kLlSliceReceiver = 15,   // dispatch receive: waits for (expert, source) slices of every source <= its own
+  kLlCombineSender = 16,   // combine send: checks its layout_range slice (kBadInput), puts rows back
+  kLlReducer = 17,         // combine receive: waits for the rows of every expert of its token
 };
 
 inline constexpr int32_t kErrorSlotClaimed = -1;  // `code` while the first failing thread fills the slot
@@ -68,6 +79,7 @@ inline char const* error_code_name(int32_t code) {
     case ErrorCode::kTimeout: return "timeout";
     case ErrorCode::kPeerAborted: return "peer_aborted";
     case ErrorCode::kBadRouting: return "bad_routing";
+    case ErrorCode::kBadInput: return "bad_input";
   }
   return "unknown";
 }
@@ -81,6 +93,10 @@ inline char const* kernel_name(int32_t kernel) {
     case KernelId::kInternodeNotify: return "internode_notify";
     case KernelId::kInternodeDispatch: return "internode_dispatch";
     case KernelId::kInternodeCombine: return "internode_combine";
+    case KernelId::kLowLatencyDispatchSend: return "low_latency_dispatch_send";
+    case KernelId::kLowLatencyDispatchRecv: return "low_latency_dispatch_recv";
+    case KernelId::kLowLatencyCombineSend: return "low_latency_combine_send";
+    case KernelId::kLowLatencyCombineRecv: return "low_latency_combine_recv";
   }
   return "unknown";
 }
@@ -101,6 +117,10 @@ inline char const* role_name(int32_t role) {
     case Role::kCombineNvlSender: return "combine_nvl_sender";
     case Role::kCombineForwarder: return "combine_forwarder";
     case Role::kCombineNetworkReceiver: return "combine_network_receiver";
+    case Role::kLlRowSender: return "ll_row_sender";
+    case Role::kLlSliceReceiver: return "ll_slice_receiver";
+    case Role::kLlCombineSender: return "ll_combine_sender";
+    case Role::kLlReducer: return "ll_reducer";
   }
   return "unknown";
 }

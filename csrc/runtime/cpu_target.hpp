@@ -1,12 +1,13 @@
 #pragma once
 // How the cpu runtime runs a kernel entry (a Target of kernel_entries.hpp): the grid of this rank
 // runs to completion on the calling thread through the SIMT layer; the kernel writes its ErrorSlot
-// straight into host memory. Serves the intranode and internode entries (cpu_entries.cpp).
+// straight into host memory. Serves the intranode, internode and low-latency entries (cpu_entries.cpp).
 
 #include <string>
 
 #include "../kernels/internode.hpp"
 #include "../kernels/intranode.hpp"
+#include "../kernels/low_latency.hpp"
 #include "device_runtime.hpp"
 #include "kernel_entries.hpp"
 
@@ -53,6 +54,18 @@ struct CpuTarget {
   }
   static void add_grid(simt::ConcurrentLaunch& grid, kernels::InternodeCombineArgs<Shm> const& args) {
     kernels::add_internode_combine(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::LowLatencyDispatchSendArgs<Shm> const& args) {
+    kernels::add_low_latency_dispatch_send(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::LowLatencyDispatchRecvArgs<Shm> const& args) {
+    kernels::add_low_latency_dispatch_recv(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::LowLatencyCombineSendArgs<Shm> const& args) {
+    kernels::add_low_latency_combine_send(grid, args);
+  }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::LowLatencyCombineRecvArgs<Shm> const& args) {
+    kernels::add_low_latency_combine_recv(grid, args);
   }
 };
 static_assert(entries::DeviceTarget<CpuTarget>);

@@ -61,6 +61,12 @@ class CudaDispatchBackend(SimDispatchBackend):
     name = "cuda"
     runtime_class = CudaRuntime
 
+    def low_latency(self):
+        raise NotImplementedError(
+            "the 'cuda' backend has no low-latency mode yet: the LL kernels build for sm_90 (make -C csrc "
+            "kernels-check) but the cuda runtime does not register them (they need a GIN signal range and "
+            "device peer tables); use Buffer(backend='torch') on NCCL")
+
     @classmethod
     def check_options(cls, topo: Topology, options: BackendOptions) -> None:
         if topo.num_nodes != 1:

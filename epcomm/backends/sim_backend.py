@@ -289,6 +289,14 @@ class SimDispatchBackend(DispatchBackend):
                                  f"(got {num_nvl_bytes} and {num_rdma_bytes}), or neither (sized automatically)")
             self._device_runtime = self._new_runtime(self._total_bytes(self.explicit_bytes))
 
+    def low_latency(self):
+        """The LL kernels' engine (``sim_low_latency.SimLowLatency``), created at the first LL call."""
+        from .sim_low_latency import SimLowLatency
+
+        if getattr(self, "_low_latency", None) is None:
+            self._low_latency = SimLowLatency(self)
+        return self._low_latency
+
     @classmethod
     def check_options(cls, topo: Topology, options: BackendOptions) -> None:
         """The kernels run the two-hop path across nodes (raises ValueError for 'flat')."""

@@ -36,7 +36,7 @@ from ..fp8 import per_token_cast_to_fp8
 from ..low_latency import LowLatencyCombineCall, LowLatencyDispatchCall, LowLatencyDispatchResult, LowLatencyLayout
 from ..topology import Topology
 
-__all__ = ["TorchLowLatency", "pack_ue8m0", "token_slots"]
+__all__ = ["TorchLowLatency", "SlotTensors", "dispatch_outputs", "pack_ue8m0", "token_slots"]
 
 _INDEX_BYTES = 4  # the message header here: the int32 source token index
 
@@ -68,7 +68,7 @@ def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
     return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
 
 
-class _SlotTensors:
+class SlotTensors:
     """One buffer slot's result tensors, reallocated only when the call's shapes change."""
 
     def __init__(self) -> None:
@@ -81,13 +81,34 @@ class _SlotTensors:
         return self.tensors
 
 
+def dispatch_outputs(layout: LowLatencyLayout, use_fp8: bool, use_ue8m0: bool, device,
+                 scales_ue8m0_only: bool = False) -> dict[str, torch.Tensor]:
+    """One slot's LL dispatch result tensors (scales token-fastest; float32 ones omitted with
+    ``scales_ue8m0_only`` and UE8M0, where nothing produces them)."""
+    e_loc, rows, hidden = layout.num_local_experts, layout.recv_rows, layout.hidden
+    out = {
+        "x": torch.empty((e_loc, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                         device=device),
+        "count": torch.empty(e_loc, dtype=torch.int32, device=device),
+        "src_info": torch.empty((e_loc, rows), dtype=torch.int32, device=device),
+        "layout_range": torch.empty((e_loc, layout.num_ranks), dtype=torch.int64, device=device),
+    }
+    if use_fp8 and not (use_ue8m0 and scales_ue8m0_only):  # token index fastest (for TMA reads by grouped GEMMs)
+        out["scales"] = torch.empty((e_loc, hidden // 128, rows), dtype=torch.float32, device=device).transpose(1, 2)
+    if use_fp8:
+        if use_ue8m0:
+            out["scales_ue8m0"] = torch.empty((e_loc, hidden // 512, rows), dtype=torch.int32,
+                                              device=device).transpose(1, 2)
+    return out
+
+
 class TorchLowLatency:
     """The LL engine of the torch backend (see the module docs)."""
 
     def __init__(self, comm: GroupComm, topo: Topology) -> None:
         self.comm, self.topo = comm, topo
-        self._dispatch_slots = [_SlotTensors(), _SlotTensors()]
-        self._combine_send = [_SlotTensors(), _SlotTensors()]
+        self._dispatch_slots = [SlotTensors(), SlotTensors()]
+        self._combine_send = [SlotTensors(), SlotTensors()]
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, call: LowLatencyDispatchCall) -> LowLatencyDispatchResult:
@@ -128,7 +149,7 @@ class TorchLowLatency:
 
         out = self._dispatch_slots[call.slot].get(
             (hidden, m, e_loc, world, call.use_fp8, call.use_ue8m0, device),
-            lambda: self._dispatch_outputs(layout, call.use_fp8, call.use_ue8m0, device))
+            lambda: dispatch_outputs(layout, call.use_fp8, call.use_ue8m0, device))
         token_slots_i32 = torch.where(valid, slots, -1).to(torch.int32)
 
         def receive() -> None:
@@ -143,23 +164,6 @@ class TorchLowLatency:
         scales_out = out.get("scales_ue8m0" if call.use_ue8m0 else "scales")
         return LowLatencyDispatchResult(out["x"], scales_out, out["count"], out["src_info"], out["layout_range"],
                                         token_slots_i32, receive)
-
-    @staticmethod
-    def _dispatch_outputs(layout: LowLatencyLayout, use_fp8: bool, use_ue8m0: bool, device) -> dict[str, torch.Tensor]:
-        e_loc, rows, hidden = layout.num_local_experts, layout.recv_rows, layout.hidden
-        out = {
-            "x": torch.empty((e_loc, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-                             device=device),
-            "count": torch.empty(e_loc, dtype=torch.int32, device=device),
-            "src_info": torch.empty((e_loc, rows), dtype=torch.int32, device=device),
-            "layout_range": torch.empty((e_loc, layout.num_ranks), dtype=torch.int64, device=device),
-        }
-        if use_fp8:  # column-major per expert: token index fastest (for TMA reads by grouped GEMMs)
-            out["scales"] = torch.empty((e_loc, hidden // 128, rows), dtype=torch.float32, device=device).transpose(1, 2)
-            if use_ue8m0:
-                out["scales_ue8m0"] = torch.empty((e_loc, hidden // 512, rows), dtype=torch.int32,
-                                                  device=device).transpose(1, 2)
-        return out
 
     def _unpack_dispatch(self, call: LowLatencyDispatchCall, recv: torch.Tensor, out: dict[str, torch.Tensor],
                          message: int) -> None:
@@ -179,9 +183,10 @@ class TorchLowLatency:
         begin_sj, counts_sj = begin.t().unsqueeze(2), counts.t().unsqueeze(2)  # [R, E_loc, 1]
         target = torch.arange(e_loc, device=device).view(1, e_loc, 1) * rows + begin_sj + p
         target = torch.where(p < counts_sj, target, e_loc * rows).flatten()
-        packed = torch.empty((e_loc * rows + 1, message), dtype=torch.uint8, device=device)
-        packed.index_copy_(0, target, recv[:, 4 * e_loc :].reshape(world * e_loc * m, message))
-        packed = packed[:-1]
+        # (moved as int32 words: messages are multiples of 4 bytes, and word copies are ~4x faster)
+        packed = torch.empty((e_loc * rows + 1, message // 4), dtype=torch.int32, device=device)
+        packed.index_copy_(0, target, recv[:, 4 * e_loc :].reshape(world * e_loc * m, message).view(torch.int32))
+        packed = packed[:-1].view(torch.uint8)
         out["src_info"].copy_(packed[:, :_INDEX_BYTES].contiguous().view(torch.int32).view(e_loc, rows))
         if call.use_fp8:
             out["x"].view(torch.uint8).copy_(packed[:, _INDEX_BYTES : _INDEX_BYTES + hidden].reshape(e_loc, rows, hidden))
@@ -231,7 +236,13 @@ class TorchLowLatency:
 
         return receive
 
-    def clean(self) -> None:
+    def check_dispatch(self, layout: LowLatencyLayout, tensors: dict) -> None:
+        """Any shape, any device the process group takes: nothing to add to the Buffer's checks."""
+
+    def check_combine(self, layout: LowLatencyLayout, tensors: dict) -> None:
+        """As :meth:`check_dispatch`."""
+
+    def clean(self, layout: LowLatencyLayout) -> None:
         """Nothing persists between calls here but result tensors (no counters to reset)."""
 
     # ------------------------------------------------------------------ bytes

@@ -1,0 +1,89 @@
+#pragma once
+// The low-latency kernels (kernels/low_latency.hpp) as entries of a device runtime, generic over the
+// Target (kernel_entries.hpp) and the Transport. Each rank's data region holds the LL region at
+// spec.region_offset (the sim backend puts it at 0: LL and normal mode share the buffer, hence
+// DeepEP's "clean before LL" rule); the transport's "RDMA buffer" of rank r is rank r's whole data
+// region, so the layout's absolute offsets name the same place on every rank.
+//
+// Instantiated today: cpu + ShmTransport (cpu_entries.cpp). The cuda runtime would need a
+// LowLatencyTransportBinding<GinTransport> giving LL its own signal range (the layout's 4E + 1
+// signals) in the GIN session, and device-memory peer tables; not registered yet.
+
+#include <string>
+#include <vector>
+
+#include "../kernels/low_latency.hpp"
+#include "../kernels/low_latency_validate.hpp"
+#include "../transport/shm_transport.cuh"
+#include "device_runtime.hpp"
+#include "kernel_entries.hpp"
+
+namespace epcomm::runtime::entries {
+
+template <class Transport>
+struct LowLatencyTransportBinding;
+
+// ShmTransport over the runtime's peer table (every rank's data region is mapped in this process).
+template <>
+struct LowLatencyTransportBinding<transport::ShmTransport> {
+  transport::ShmTransport make(KernelCall const& call, kernels::LowLatencySpec const& spec,
+                               kernels::LowLatencyLayout const& layout, uint64_t* byte_counters) {
+    DeviceRuntime const& runtime = call.runtime;
+    return {runtime.rank(), runtime.num_ranks(), spec.num_nvl_ranks,
+            reinterpret_cast<char* const*>(runtime.device_peer_data_table()), layout.signals_buffer_offset(),
+            byte_counters};
+  }
+};
+
+// Bytes per rank the LL region of `spec` ends at (region_offset + both slots), with `num_ranks` ranks.
+inline size_t low_latency_workspace_bytes(kernels::LowLatencySpec const& spec, int num_ranks) {
+  if (spec.num_max_tokens < 1 || spec.hidden < 8 || spec.hidden % 8 || spec.num_local_experts < 1 || num_ranks < 1 ||
+      spec.region_offset < 0 || spec.region_offset % 128)
+    throw RuntimeError(ErrorCode::kInvalidArgument,
+                       "low-latency kernels: num_max_tokens, num_local_experts >= 1, hidden a positive multiple of 8, "
+                       "region_offset a multiple of 128");
+  return size_t(spec.region_offset) + kernels::low_latency_layout(spec, num_ranks).required_bytes();
+}
+
+template <class Params>
+uint64_t* low_latency_counters(Params const& params) {
+  if constexpr (requires { params.byte_counters; }) return params.byte_counters;
+  return nullptr;
+}
+
+template <DeviceTarget Target, class Args, class Transport>
+void run_low_latency(KernelCall const& call, kernels::LowLatencySpec const& spec, typename Args::Params const& params) {
+  DeviceRuntime const& runtime = call.runtime;
+  size_t const need = low_latency_workspace_bytes(spec, runtime.num_ranks());
+  if (need > runtime.num_bytes())
+    throw invalid_argument(Args::kName, "the LL region ends at byte " + std::to_string(need) + " but the buffer has " +
+                                            std::to_string(runtime.num_bytes()) + " bytes");
+  if (spec.num_nvl_ranks < 1 || runtime.num_ranks() % spec.num_nvl_ranks)
+    throw invalid_argument(Args::kName, "spec.num_nvl_ranks must divide the " + std::to_string(runtime.num_ranks()) + " ranks");
+  typename Target::Slot slot;
+  LowLatencyTransportBinding<Transport> binding;
+  Args args;
+  static_cast<typename Args::Params&>(args) = params;
+  args.comm.rank = runtime.rank();
+  args.comm.num_ranks = runtime.num_ranks();
+  args.comm.layout = kernels::low_latency_layout(spec, runtime.num_ranks());
+  args.comm.transport = binding.make(call, spec, args.comm.layout, low_latency_counters(params));
+  args.comm.error = slot.kernel_view();
+  args.comm.timeout_cycles = timeout_cycles(call);
+  launch_and_finish<Target>(call, args, slot);
+}
+
+template <DeviceTarget Target, class Transport>
+void register_low_latency_entries() {
+  using namespace kernels;
+  register_kernel<LowLatencyDispatchSendParams>(
+      Target::kKind, run_low_latency<Target, LowLatencyDispatchSendArgs<Transport>, Transport>);
+  register_kernel<LowLatencyDispatchRecvParams>(
+      Target::kKind, run_low_latency<Target, LowLatencyDispatchRecvArgs<Transport>, Transport>);
+  register_kernel<LowLatencyCombineSendParams>(
+      Target::kKind, run_low_latency<Target, LowLatencyCombineSendArgs<Transport>, Transport>);
+  register_kernel<LowLatencyCombineRecvParams>(
+      Target::kKind, run_low_latency<Target, LowLatencyCombineRecvArgs<Transport>, Transport>);
+}
+
+}  // namespace epcomm::runtime::entries

@@ -1,0 +1,219 @@
+"""Low-latency mode on epcomm's kernels (``csrc/kernels/low_latency*.cuh``), run by the sim backend.
+
+Four kernels, one send and one receive phase per operation, so the receive hook is real: the send
+kernel only puts into the peers' buffers and returns; the receive kernel (run now, or when the
+caller runs the hook) waits for the peers' signals. Nothing is read on the host between them and
+no collective runs: every count travels as a transport signal.
+
+The LL region sits at the start of each rank's data region, shared with normal mode as in DeepEP:
+a normal-mode call may overwrite it (``clean_low_latency_buffer`` is then required, and checked by
+the Buffer), and an LL call makes the next normal-mode call re-lay its buffers. The region is
+sized for the first LL shape (or the one given to ``clean_low_latency_buffer``); another shape needs
+a clean first, which also invalidates the tensors returned by
+:meth:`~epcomm.Buffer.get_next_low_latency_combine_buffer` (views into the region).
+
+Signals only grow; each call adds one unit to each of its signals and the receive kernels wait for
+``generation`` units, where the generation is counted per slot here (dispatches and combines
+separately) and restarts at 0 when the region is cleaned or re-allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .._validate import Invalid
+from ..low_latency import (
+    LowLatencyCombineCall,
+    LowLatencyDispatchCall,
+    LowLatencyDispatchResult,
+    LowLatencyLayout,
+    is_host_sync_free,
+)
+from ..topology import LinkClass
+from .torch_low_latency import SlotTensors, dispatch_outputs
+
+__all__ = ["SimLowLatency"]
+
+_LINKS = (LinkClass.SELF, LinkClass.NVLINK, LinkClass.NETWORK)  # the transport's counter order
+_NOT_NORMAL_MODE = "low-latency"  # what the normal path's last spec becomes after an LL call (forces a re-lay)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class SimLowLatency:
+    """The LL engine of the sim backend (see the module docs)."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.ext = backend._ext
+        self.topo = backend.topo
+        self.layout: LowLatencyLayout | None = None
+        self._dispatches = [0, 0]
+        self._combines = [0, 0]
+        self._outputs = [SlotTensors(), SlotTensors()]
+
+    # ------------------------------------------------------------------ checks (before the agreement)
+    def check_dispatch(self, layout: LowLatencyLayout, tensors: dict[str, torch.Tensor | None]) -> None:
+        self._check_layout(layout)
+        self._check_tensors(tensors)
+
+    def check_combine(self, layout: LowLatencyLayout, tensors: dict[str, torch.Tensor | None]) -> None:
+        self._check_layout(layout)
+        self._check_tensors(tensors)
+
+    def _check_layout(self, layout: LowLatencyLayout) -> None:
+        if self.layout is not None and layout != self.layout:
+            raise Invalid(f"the {self.backend.name} backend's LL region is laid out for {_shape(self.layout)}; this "
+                          f"call has {_shape(layout)}: call clean_low_latency_buffer with the new shape first")
+        given = self.backend._total_bytes(self.backend.explicit_bytes)
+        if any(self.backend.explicit_bytes) and layout.rdma_bytes > given:
+            raise Invalid(f"the {self.backend.name} backend's LL region needs {layout.rdma_bytes} bytes for "
+                          f"{_shape(layout)} but the Buffer holds {given}: pass num_rdma_bytes="
+                          f"Buffer.get_low_latency_rdma_size_hint(...) (or 0 to size it automatically)")
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if t.device != self.backend.device:
+                raise Invalid(f"the {self.backend.name} backend's kernels run on {self.backend.device}: {name} is on "
+                              f"{t.device}; move it there or use backend='torch'")
+            if t.data_ptr() % 16:
+                raise Invalid(f"the LL kernels move 16-byte vectors: {name} must start 16-byte aligned (got address "
+                              f"{t.data_ptr():#x}; use a fresh tensor or .clone())")
+
+    # ------------------------------------------------------------------ the region
+    def _spec(self, layout: LowLatencyLayout):
+        return self.ext.LowLatencySpec(num_max_tokens=layout.num_max_dispatch_tokens_per_rank, hidden=layout.hidden,
+                                       num_local_experts=layout.num_local_experts, region_offset=0,
+                                       num_nvl_ranks=self.topo.num_nvl_ranks)
+
+    def _runtime(self, layout: LowLatencyLayout, op: str):
+        """The device runtime holding ``layout``'s region (allocated at the first LL call). Collective."""
+        backend = self.backend
+        if self.layout is None:
+            self._allocate(layout, op)
+        backend._last_spec = _NOT_NORMAL_MODE
+        return backend._device_runtime
+
+    def _allocate(self, layout: LowLatencyLayout, op: str) -> None:
+        backend = self.backend
+        need = layout.rdma_bytes
+        runtime = backend._device_runtime
+        if runtime is None or runtime.num_nvl_bytes < need:
+            if runtime is not None:
+                runtime.barrier(op=op)  # nobody still uses the old buffers
+                runtime.close()
+                backend._device_runtime = None
+            backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
+            backend._epoch = 0
+        else:  # reuse: the signals must start from zero on every rank before anyone signals a peer
+            runtime.barrier(op=op)
+            runtime.runtime.zero(0, need)
+            runtime.barrier(op=op)
+        self.layout = layout
+        self._dispatches, self._combines = [0, 0], [0, 0]
+
+    def clean(self, layout: LowLatencyLayout) -> None:
+        self.layout = None
+        self._allocate(layout, "clean_low_latency_buffer")
+        self.backend._last_spec = _NOT_NORMAL_MODE
+
+    def combine_buffer(self, slot: int, layout: LowLatencyLayout) -> torch.Tensor:
+        runtime = self._runtime(layout, "get_next_low_latency_combine_buffer")
+        where = self.ext.low_latency_layout(self._spec(layout), self.topo.world_size, slot)
+        count = layout.num_local_experts * layout.recv_rows * layout.hidden
+        view = runtime.peer_view(self.topo.rank, torch.bfloat16, where["combine_send_buffer"], count)
+        return view.view(layout.num_local_experts, layout.recv_rows, layout.hidden)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, call: LowLatencyDispatchCall) -> LowLatencyDispatchResult:
+        op = "low_latency_dispatch"
+        layout = call.layout
+        runtime = self._runtime(layout, op)
+        spec = self._spec(layout)
+        num_tokens, num_topk = call.topk_idx.shape
+        slot_of = torch.empty((num_tokens, num_topk), dtype=torch.int32)
+        counters = torch.zeros(3, dtype=torch.int64)
+        runtime.run(spec, self.ext.LowLatencyDispatchSendParams(
+            slot=call.slot, x=call.x.data_ptr(), num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
+            num_topk=num_topk, use_fp8=call.use_fp8, round_scale=call.round_scale, use_ue8m0=call.use_ue8m0,
+            slot_of=slot_of.data_ptr(), byte_counters=counters.data_ptr()), op=op, timeout_s=self.backend.timeout_s)
+        self._record(op, counters, call.topk_idx // layout.num_local_experts, layout.payload_bytes(call.use_fp8)
+                     if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
+        self._dispatches[call.slot] += 1
+        generation = self._dispatches[call.slot]
+        out = self._outputs[call.slot].get(
+            (layout, call.use_fp8, call.use_ue8m0),
+            lambda: dispatch_outputs(layout, call.use_fp8, call.use_ue8m0, self.backend.device, scales_ue8m0_only=True))
+        scales = out.get("scales_ue8m0" if call.use_ue8m0 else "scales")
+
+        def receive() -> None:
+            runtime.run(spec, self.ext.LowLatencyDispatchRecvParams(
+                slot=call.slot, generation=generation, use_fp8=call.use_fp8, use_ue8m0=call.use_ue8m0,
+                recv_x=out["x"].data_ptr(), recv_x_scales=_ptr(scales), recv_count=out["count"].data_ptr(),
+                src_info=out["src_info"].data_ptr(), layout_range=out["layout_range"].data_ptr(),
+                cumulative_local_expert_recv_stats=_ptr(call.recv_stats),
+                dispatch_wait_recv_cost_stats=_ptr(call.wait_stats)), op=op, timeout_s=self.backend.timeout_s)
+
+        return LowLatencyDispatchResult(out["x"], scales, out["count"], out["src_info"], out["layout_range"], slot_of,
+                                        receive)
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, call: LowLatencyCombineCall) -> Callable[[], None]:
+        op = "low_latency_combine"
+        layout = call.layout
+        runtime = self._runtime(layout, op)
+        spec = self._spec(layout)
+        counters = torch.zeros(3, dtype=torch.int64)
+        runtime.run(spec, self.ext.LowLatencyCombineSendParams(
+            slot=call.slot, x=call.x.data_ptr(), layout_range=call.layout_range.data_ptr(),
+            byte_counters=counters.data_ptr()), op=op, timeout_s=self.backend.timeout_s)
+        if not is_host_sync_free():
+            rows_back = (call.layout_range & 0xFFFFFFFF).sum(0)  # [R]: rows going back to each source
+            self._record_rows(op, counters, rows_back, 2 * layout.hidden)
+        else:
+            self._record_rows(op, counters, None, 2 * layout.hidden)
+        self._combines[call.slot] += 1
+        generation = self._combines[call.slot]
+        num_tokens, num_topk = call.topk_idx.shape
+
+        def receive() -> None:
+            runtime.run(spec, self.ext.LowLatencyCombineRecvParams(
+                slot=call.slot, generation=generation, num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
+                topk_weights=call.topk_weights.data_ptr(), num_topk=num_topk, slot_of=call.token_slots.data_ptr(),
+                out=call.out.data_ptr()), op=op, timeout_s=self.backend.timeout_s)
+
+        return receive
+
+    # ------------------------------------------------------------------ bytes
+    def _record(self, op: str, counters: torch.Tensor, dest_rank: torch.Tensor, payload: int) -> None:
+        rows = None
+        if not is_host_sync_free():
+            valid = dest_rank >= 0
+            rows = torch.bincount(dest_rank[valid], minlength=self.topo.world_size)
+        self._record_rows(op, counters, rows, payload)
+
+    def _record_rows(self, op: str, counters: torch.Tensor, rows_to_peer: torch.Tensor | None, payload: int) -> None:
+        """What the transport counted per link class; rows and their payload from the routing (eager calls),
+        the rest (message headers, count messages) as metadata. Not recorded in host-sync-free calls (the
+        counters are device memory on a GPU)."""
+        if is_host_sync_free():
+            return
+        per_link = {link: 0 for link in _LINKS}
+        if rows_to_peer is not None:
+            for peer, n in enumerate(rows_to_peer.tolist()):
+                per_link[self.topo.link_to(peer)] += n
+        for link, counted in zip(_LINKS, counters.tolist()):
+            rows = per_link[link]
+            if counted or rows:
+                self.backend.comm.traffic.record(op, link, rows, rows * payload, counted - rows * payload)
+
+
+def _shape(layout: LowLatencyLayout) -> str:
+    return (f"num_max_dispatch_tokens_per_rank={layout.num_max_dispatch_tokens_per_rank}, hidden={layout.hidden}, "
+            f"num_experts={layout.num_experts}")
