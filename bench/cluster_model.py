@@ -256,7 +256,7 @@ def predict(tm: TrafficMatrices, *, hidden: int, tokens: int, fp8_dispatch: bool
 
 # ----------------------------------------------------------------------------- low-latency (LL) mode
 # DeepEP V1 LL, H800 + CX7 400 Gb/s, 128 tokens/rank, hidden 7168, top-8, FP8 dispatch / BF16 combine
-# (../shared/notes/anchors-ll.md): EP -> (dispatch us, dispatch GB/s, combine us, combine GB/s)
+# (DeepEP V1 README, low-latency kernels table): EP -> (dispatch us, dispatch GB/s, combine us, combine GB/s)
 DEEPEP_LL_H800 = {
     8: (77.0, 98.0, 114.0, 127.0),
     16: (118.0, 63.0, 195.0, 74.0),

@@ -49,7 +49,28 @@ __all__ = [
     "routing",
     "topk_idx_t",
     "utils",
+    "as_deep_ep",
 ]
 topk_idx_t = torch.int64
 """dtype of ``topk_idx`` (DeepEP's ``deep_ep.topk_idx_t``)."""
 __version__ = "0.1.0"
+
+
+def as_deep_ep():
+    """Make ``import deep_ep`` and ``from deep_ep.utils import EventOverlap`` give epcomm, so code written
+    for DeepEP runs unchanged. Call it before that code imports ``deep_ep``; returns the epcomm module.
+
+    Raises:
+        RuntimeError: another ``deep_ep`` (the real one) is already imported in this process.
+    """
+    import sys
+
+    this = sys.modules[__name__]
+    present = sys.modules.get("deep_ep")
+    if present is not None and present is not this:
+        raise RuntimeError("a different deep_ep module is already imported in this process; call "
+                           "epcomm.as_deep_ep() before anything imports deep_ep, or use `import epcomm as deep_ep`")
+    sys.modules["deep_ep"] = this
+    sys.modules["deep_ep.utils"] = utils
+    return this
+

@@ -114,3 +114,24 @@ def test_instance_attributes(pools):
     for rank, (attributes, buf_rank, size) in enumerate(pools(2).run(api_on_a_live_buffer)):
         assert all(attributes.values()), attributes
         assert (buf_rank, size) == (rank, 2)
+
+
+def test_as_deep_ep_makes_deep_ep_imports_work():
+    import sys
+    import types
+
+    saved = {name: sys.modules.pop(name) for name in ("deep_ep", "deep_ep.utils") if name in sys.modules}
+    try:
+        assert epcomm.as_deep_ep() is epcomm
+        import deep_ep  # noqa: F401
+        from deep_ep.utils import EventOverlap
+
+        assert deep_ep is epcomm and EventOverlap is epcomm.utils.EventOverlap
+        assert epcomm.as_deep_ep() is epcomm  # idempotent
+        sys.modules["deep_ep"] = types.ModuleType("deep_ep")  # "the real one"
+        with pytest.raises(RuntimeError, match="a different deep_ep"):
+            epcomm.as_deep_ep()
+    finally:
+        for name in ("deep_ep", "deep_ep.utils"):
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)

@@ -631,8 +631,10 @@ def test_size_hint_is_the_exact_workspace():
 
 # ----------------------------------------------------------------------------- the decode example
 
-def test_decode_step_example_runs_under_mpiexec():
-    """examples/decode_step.py: two micro-batches with the hook and zero-copy combine, vs a dense model."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step_example_runs_under_mpiexec(backend):
+    """examples/decode_step.py: two micro-batches with the hook and zero-copy combine, vs a dense model
+    (2 nodes x 2 ranks; the sim backend with DeepEP's LL-only buffer: num_nvl_bytes=0, num_rdma_bytes=hint)."""
     import os
     import shutil
     import subprocess
@@ -644,6 +646,7 @@ def test_decode_step_example_runs_under_mpiexec():
         pytest.skip("needs mpiexec in the venv")
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([mpiexec, "-n", "4", sys.executable, str(root / "examples" / "decode_step.py"),
-                           "--steps", "2", "--hidden", "128"], capture_output=True, text=True, timeout=300)
+                           "--steps", "2", "--hidden", "128", "--backend", backend], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout

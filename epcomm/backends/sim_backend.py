@@ -284,8 +284,10 @@ class SimDispatchBackend(DispatchBackend):
         self._epoch = 0
         self._last_spec = None
         if num_nvl_bytes > 0 or num_rdma_bytes > 0:
-            if topo.num_nodes > 1 and (num_nvl_bytes <= 0 or num_rdma_bytes <= 0):
-                raise ValueError(f"the {self.name} backend across nodes needs both num_nvl_bytes and num_rdma_bytes "
+            # (num_nvl_bytes=0 with num_rdma_bytes: DeepEP's low-latency-only buffer; normal calls on it are refused
+            # before anything moves, naming num_nvl_bytes)
+            if topo.num_nodes > 1 and num_rdma_bytes <= 0:
+                raise ValueError(f"the {self.name} backend across nodes needs num_rdma_bytes with num_nvl_bytes "
                                  f"(got {num_nvl_bytes} and {num_rdma_bytes}), or neither (sized automatically)")
             self._device_runtime = self._new_runtime(self._total_bytes(self.explicit_bytes))
 
