@@ -1,12 +1,15 @@
 // The intranode kernels as cuda-runtime entries (intranode_entries.hpp), for the cuda backend
 // (epcomm/backends/cuda_backend.py): grids are launched on the call's stream (the launchers of
 // kernels/intranode_launch.cu) and waited for, so a call returns with its outputs written or
-// with the kernel's own error. The ErrorSlot is pinned, mapped host memory: the kernel writes
-// it over PCIe, the host reads it after the stream is synchronized. No torch headers here.
+// with the kernel's own error. The ErrorSlot is pinned, mapped host memory from a pool (allocated
+// once, reused: no allocation, free or device-wide synchronization per call): the kernel writes it
+// over PCIe, the host reads it after the stream is synchronized. No torch headers here.
 
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "../kernels/intranode.hpp"
 #include "device_runtime.hpp"
@@ -23,26 +26,67 @@ std::string cuda_problem(char const* what, cudaError_t error) {
   return std::string(what) + " failed with " + cudaGetErrorName(error) + ": " + cudaGetErrorString(error);
 }
 
+// Mapped ErrorSlots, allocated once and reused by every later call (of every runtime of the process).
+// Why not one cudaHostAlloc/cudaFreeHost pair per call: cudaFreeHost synchronizes the whole device
+// (torch's compute streams and NCCL's included), which costs milliseconds, forbids overlap, and can
+// deadlock ranks when another stream holds an in-flight collective. A slot is taken for a call and
+// given back when the call has finished with it (launch_and_finish synchronizes the call's stream
+// first), so the pool holds as many slots as calls ever ran at once. They are never freed: a few
+// hundred bytes of pinned memory per concurrent call, released with the process (freeing them from
+// a static destructor would race the CUDA runtime's own teardown).
+class ErrorSlotPool {
+ public:
+  struct Mapped {
+    kernels::ErrorSlot* host = nullptr;
+    kernels::ErrorSlot* device = nullptr;
+  };
+
+  static ErrorSlotPool& instance() {
+    static ErrorSlotPool* const pool = new ErrorSlotPool;  // never destroyed (see above)
+    return *pool;
+  }
+
+  Mapped take() {
+    {
+      std::lock_guard<std::mutex> const lock(mutex_);
+      if (!free_.empty()) {
+        Mapped const slot = free_.back();
+        free_.pop_back();
+        return slot;
+      }
+    }
+    Mapped slot;  // the first call (or more calls at once than ever before): one allocation
+    cudaError_t error = cudaHostAlloc(reinterpret_cast<void**>(&slot.host), sizeof(kernels::ErrorSlot), cudaHostAllocMapped);
+    if (error == cudaSuccess) error = cudaHostGetDevicePointer(reinterpret_cast<void**>(&slot.device), slot.host, 0);
+    if (error != cudaSuccess) throw RuntimeError(ErrorCode::kSystem, cuda_problem("cudaHostAlloc(ErrorSlot)", error));
+    return slot;
+  }
+
+  void give_back(Mapped slot) {
+    std::lock_guard<std::mutex> const lock(mutex_);
+    free_.push_back(slot);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Mapped> free_;
+};
+
 struct CudaTarget {
   static constexpr char const* kKind = "cuda";
 
+  // A pooled mapped ErrorSlot, zeroed (a plain host store, complete before the launch is issued).
   class Slot {
    public:
-    Slot() {
-      cudaError_t error = cudaHostAlloc(reinterpret_cast<void**>(&host_), sizeof(kernels::ErrorSlot), cudaHostAllocMapped);
-      if (error == cudaSuccess) error = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0);
-      if (error != cudaSuccess) throw RuntimeError(ErrorCode::kSystem, cuda_problem("cudaHostAlloc(ErrorSlot)", error));
-      *host_ = kernels::ErrorSlot{};
-    }
-    ~Slot() { cudaFreeHost(host_); }
+    Slot() : slot_(ErrorSlotPool::instance().take()) { *slot_.host = kernels::ErrorSlot{}; }
+    ~Slot() { ErrorSlotPool::instance().give_back(slot_); }
     Slot(Slot const&) = delete;
     Slot& operator=(Slot const&) = delete;
-    kernels::ErrorSlot* kernel_view() { return device_; }
-    kernels::ErrorSlot read() const { return *host_; }  // after the stream synchronized
+    kernels::ErrorSlot* kernel_view() { return slot_.device; }
+    kernels::ErrorSlot read() const { return *slot_.host; }  // after the stream synchronized
 
    private:
-    kernels::ErrorSlot* host_ = nullptr;
-    kernels::ErrorSlot* device_ = nullptr;
+    ErrorSlotPool::Mapped slot_;
   };
 
   template <class Args>
