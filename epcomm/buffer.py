@@ -285,7 +285,7 @@ class Buffer:
         impl, self._impl = self._impl, None
         self._destroyed = True
         _live_buffers.pop(self._id, None)
-        impl.close()
+        impl.close(collective=True)
 
     def __del__(self) -> None:
         if getattr(self, "_destroyed", True) or getattr(self, "_impl", None) is None:

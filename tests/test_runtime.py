@@ -332,3 +332,32 @@ def test_runtime_rejects_misuse():
     runtime.close()
     with pytest.raises(ValueError, match="DeviceRuntime|num_ranks"):
         ext.DeviceRuntime(0, 0, "ab")
+
+
+# ---------------------------------------------------------------- teardown order
+def collective_teardown(rank, world):
+    """close_peers drops the peers' mappings but keeps this rank's buffer; the collective close frees it
+    only after every rank closed its mappings (the host meeting between); abandon is the non-collective path."""
+    sim = _backend(rank, world)
+    runtime = sim.runtime
+    runtime.close_peers()
+    import ctypes
+
+    own = torch.frombuffer((ctypes.c_char * 128).from_address(sim.local_pointer), dtype=torch.int64)  # still mapped
+    own.fill_(rank)
+    peers_gone = False
+    try:
+        runtime.peer_ptrs  # the peers' mappings are gone: asking for them is an error
+    except (RuntimeError, ValueError):
+        peers_gone = True
+    kept = int(own.sum())
+    sim._runtime = runtime  # (close() below runs the whole protocol; close_peers again is a no-op)
+    sim.close(collective=True, op="teardown test")
+    second = _backend(rank, world)
+    second.close()  # abandon: no peer meeting, nothing freed that a peer may map (cpu: unmapped)
+    return peers_gone, kept, sim._runtime is None and second._runtime is None
+
+
+def test_collective_teardown_closes_peers_before_freeing(pools):
+    for rank, (peers_gone, kept, closed) in enumerate(pools(2).run(collective_teardown)):
+        assert peers_gone and kept == 16 * rank and closed

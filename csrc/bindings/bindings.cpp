@@ -78,6 +78,12 @@ class PyRuntime {
   void close() {
     if (runtime_) runtime_->close();
   }
+  void close_peers() {
+    if (runtime_) runtime_->close_peers();
+  }
+  void abandon() {
+    if (runtime_) runtime_->abandon();
+  }
   template <class Params>
   void run(typename Params::Spec const& spec, Params const& params, double timeout_s) {
     get().run(get().default_stream(), spec, params, timeout_s);
@@ -163,7 +169,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            },
            py::arg("handles"))
       .def("release_names", [](PyRuntime& self) { self.get().release_names(); })
-      .def("close", &PyRuntime::close, "Unmap and free everything; idempotent.")
+      .def("close", &PyRuntime::close,
+           "Unmap and free everything; idempotent. Only after every peer's close_peers() (a host barrier between).")
+      .def("close_peers", &PyRuntime::close_peers,
+           "Unmap every peer's buffer; this rank's own stays (the first step of a collective teardown).")
+      .def("abandon", &PyRuntime::abandon,
+           "Teardown without the peers: never frees memory a peer may still map (see device_runtime.hpp).")
       .def_property_readonly("peer_ptrs",
                              [](PyRuntime& self) {
                                std::vector<uintptr_t> pointers;

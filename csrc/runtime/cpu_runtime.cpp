@@ -173,6 +173,21 @@ class CpuRuntime final : public DeviceRuntime {
     if (shm_unlink(name_.c_str()) != 0 && errno != ENOENT) throw_system("shm_unlink(" + name_ + ")", errno);
   }
 
+  void close_peers() override {
+    for (int peer = 0; peer < int(mappings_.size()); ++peer) {
+      Mapping& mapping = mappings_[size_t(peer)];
+      if (peer == rank() || mapping.base == nullptr) continue;
+      munmap(mapping.base, mapping.bytes);
+      mapping = Mapping{};
+      peer_data_[size_t(peer)] = nullptr;
+      peer_flags_[size_t(peer)] = nullptr;
+    }
+    peers_open_ = false;
+  }
+
+  // munmap of this rank's own segment is safe while peers map it (the pages live until the last unmap)
+  void abandon() override { close(); }
+
   void close() override {
     if (closed_) return;
     closed_ = true;

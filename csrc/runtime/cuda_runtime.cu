@@ -102,7 +102,7 @@ class CudaRuntime final : public DeviceRuntime {
                "cudaHostGetDevicePointer");
   }
   ~CudaRuntime() override {
-    close();
+    abandon();  // a no-op after close(); otherwise never free what a peer may still map
     if (status_ != nullptr) cudaFreeHost(status_);
   }
 
@@ -166,15 +166,32 @@ class CudaRuntime final : public DeviceRuntime {
 
   void release_names() override {}  // IPC handles need no cleanup: the allocation owns them
 
-  void close() override {
-    if (closed_) return;
-    closed_ = true;
-    for (int peer = 0; peer < int(bases_.size()); ++peer)
-      if (peer != rank() && bases_[size_t(peer)] != nullptr) cudaIpcCloseMemHandle(bases_[size_t(peer)]);
+  // Peers' IPC mappings and the device peer tables (which point into them); this rank's buffer stays.
+  void close_peers() override {
+    for (int peer = 0; peer < int(bases_.size()); ++peer) {
+      if (peer == rank() || bases_[size_t(peer)] == nullptr) continue;
+      cudaIpcCloseMemHandle(bases_[size_t(peer)]);
+      bases_[size_t(peer)] = nullptr;
+      if (size_t(peer) < peer_data_.size()) peer_data_[size_t(peer)] = nullptr;
+    }
     if (device_data_table_ != nullptr) cudaFree(device_data_table_);
     if (device_flag_table_ != nullptr) cudaFree(device_flag_table_);
-    if (local_base_ != nullptr) cudaFree(local_base_);
-    device_data_table_ = device_flag_table_ = local_base_ = nullptr;
+    device_data_table_ = device_flag_table_ = nullptr;
+    peers_open_ = false;
+  }
+
+  // After every peer's close_peers (a host barrier between): the own buffer can be freed.
+  void close() override { release(/*free_own=*/true); }
+
+  // Without the peers: they may still map this buffer, so it is not freed (the process's exit releases it).
+  void abandon() override { release(/*free_own=*/false); }
+
+  void release(bool free_own) {
+    if (closed_) return;
+    closed_ = true;
+    close_peers();
+    if (free_own && local_base_ != nullptr) cudaFree(local_base_);
+    local_base_ = nullptr;
     bases_.clear();
     peer_data_.clear();
     allocated_ = peers_open_ = false;

@@ -139,8 +139,21 @@ class DeviceRuntime {
   // Call once every rank has opened every peer: drops the names peers opened the buffer by
   // (cpu: shm_unlink), so nothing outlives the processes. Mappings stay valid.
   virtual void release_names() = 0;
-  // Unmaps and frees everything (also done by the destructor). Idempotent.
+  // Teardown. No rank may free its buffer while a peer still maps it (for CUDA IPC that is undefined
+  // behaviour), so a collective teardown is: every rank close_peers(), a host barrier, every rank
+  // close() (SimRuntime.close(collective=True) in Python). A rank that cannot meet its peers
+  // (garbage collection, a failed peer) calls abandon() instead.
+  //
+  // Unmaps every peer's buffer (and the device peer tables); this rank's own stays. Idempotent.
+  virtual void close_peers() = 0;
+  // Unmaps and frees everything. Only once every peer has closed its mappings of this buffer (see
+  // above), or when no peer ever mapped it. Idempotent.
   virtual void close() = 0;
+  // Teardown without the peers: closes the peer mappings and drops this rank's buffer without freeing
+  // memory a peer may still map (cuda: the allocation is left to the process's exit; cpu: munmap, as
+  // POSIX keeps the pages while a peer maps them). Also what the destructor does when close() was not
+  // called. Idempotent.
+  virtual void abandon() = 0;
 
   size_t num_bytes() const { return num_bytes_; }
   bool peers_open() const { return peers_open_; }

@@ -126,5 +126,7 @@ class DispatchBackend(abc.ABC):
         has none; the Buffer reports that on every rank."""
         raise NotImplementedError(f"the {self.name!r} backend has no low-latency mode yet; use Buffer(backend='torch')")
 
-    def close(self) -> None:
-        """Release buffers (collective only where the backend says so). Idempotent."""
+    def close(self, collective: bool = False) -> None:
+        """Release buffers. Idempotent. ``collective``: every rank calls it together (``Buffer.destroy``), so
+        a backend may meet its peers first (the kernel backends free nothing a peer still maps); otherwise
+        (garbage collection) it must not wait for anyone."""

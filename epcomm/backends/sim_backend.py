@@ -130,7 +130,7 @@ class SimRuntime:
 
     def _clean_up_failed_setup(self) -> None:
         if self._runtime is not None:
-            self._runtime.close()
+            self._runtime.abandon()  # some peer may have mapped it
             self._runtime = None
         if self.run_token is not None and self.runtime_kind == "cpu":
             # Names follow from the token: remove every rank's segment, a dead peer's included.
@@ -208,11 +208,31 @@ class SimRuntime:
     def registered_kernels(self) -> list[str]:
         return list(self._ext.registered_kernels())
 
-    def close(self) -> None:
-        """Unmap every buffer; idempotent. Peers may still be using theirs."""
-        if self._runtime is not None:
-            self._runtime.close()
-            self._runtime = None
+    def close(self, collective: bool = False, op: str | None = None) -> None:
+        """Release the buffers; idempotent.
+
+        Args:
+            collective: every rank calls it together: each closes its mappings of the peers' buffers, all
+                meet on the host, then each frees its own, so no rank frees memory a peer still maps
+                (undefined behaviour for CUDA IPC). Otherwise (garbage collection, a failed peer) the
+                buffers are abandoned: peers' mappings closed, this rank's buffer never freed while a peer
+                may map it (cuda: left to the process's exit; cpu: unmapped, POSIX keeps the pages alive).
+            op: the operation a collective close serves (names it in errors).
+        """
+        runtime, self._runtime = self._runtime, None
+        if runtime is None:
+            return
+        if not collective:
+            runtime.abandon()
+            return
+        runtime.close_peers()
+        try:
+            self.comm.all_gather(op or f"{self.backend_name} backend teardown", "close buffers",
+                                 torch.zeros(1, dtype=torch.int64, device=self.comm.device))
+        except BaseException:
+            runtime.abandon()  # a peer did not arrive: it may still map this buffer
+            raise
+        runtime.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +421,7 @@ class SimDispatchBackend(DispatchBackend):
                 raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._device_runtime.num_nvl_bytes} bytes, "
                                   f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
             if self._device_runtime is not None:
-                self._device_runtime.barrier(op=op)  # nobody still uses the old buffers
-                self._device_runtime.close()
+                self._device_runtime.close(collective=True, op=op)  # nobody uses or maps the old buffers after
                 self._device_runtime = None
             self._device_runtime = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
             self._epoch = 0
@@ -546,7 +565,8 @@ class SimDispatchBackend(DispatchBackend):
                                       f"not a whole number of {row}-byte rows")
                 self.comm.traffic.record(op, link, rows, rows * payload_bytes, rows * meta_bytes)
 
-    def close(self) -> None:
+    def close(self, collective: bool = False) -> None:
+        """Release the buffers (see :meth:`SimRuntime.close`); ``collective`` when every rank closes together."""
         if self._device_runtime is not None:
-            self._device_runtime.close()
+            self._device_runtime.close(collective=collective, op="destroy")
             self._device_runtime = None

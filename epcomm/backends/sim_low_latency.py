@@ -106,8 +106,7 @@ class SimLowLatency:
         runtime = backend._device_runtime
         if runtime is None or runtime.num_nvl_bytes < need:
             if runtime is not None:
-                runtime.barrier(op=op)  # nobody still uses the old buffers
-                runtime.close()
+                runtime.close(collective=True, op=op)  # nobody uses or maps the old buffers after
                 backend._device_runtime = None
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
             backend._epoch = 0
