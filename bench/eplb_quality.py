@@ -31,6 +31,25 @@ it reports the most loaded GPU divided by the mean GPU load (``sum(load) / P``):
 ``pol/bnd``  policy / bound (1.00 = provably optimal).
 
 Each figure is the mean over the layers; the JSON has every layer's values.
+
+``--section routing`` (or ``all``) measures replica *routing* per step instead
+(:func:`epcomm.eplb.logical_to_physical`): ``P`` ranks (8 per node) each route
+``--routing-tokens`` tokens through the node-limited gate, ``n`` = ``--routing-experts``
+logical experts, ``P`` redundant slots (one per GPU), the placement computed by
+:func:`~epcomm.eplb.rebalance_experts` from ``--warmup`` steps and then kept for
+``--steps`` measured steps. ``skewed``: fixed per-expert popularity (std
+``--routing-skew`` on the logits), so only sampling noise differs between steps;
+``shifting``: the popularity takes a random step of std ``--drift`` every step, so
+the placement grows stale. Per step, max rank load / mean rank load for
+
+``before``   no replicas (contiguous placement);
+``local``    the static policy (own rank, own node, then spread);
+``dynamic``  ``policy="dynamic"`` from the step's ``[world, n]`` counts (its plan: the
+             exact min-max split of the step's counts over the replicas);
+
+with the share of (token, expert) pairs sent to another node (each such pair is not
+always a network row, as two-hop dispatch merges a token's pairs per node) and the
+time :func:`~epcomm.eplb.dynamic_plan` takes per step on one rank.
 """
 
 from __future__ import annotations
@@ -42,7 +61,16 @@ import time
 
 import torch
 
-from epcomm.eplb import Placement, fractional_lower_bound, greedy_baseline, rebalance_experts
+from epcomm.eplb import (
+    Placement,
+    dynamic_plan,
+    fractional_lower_bound,
+    greedy_baseline,
+    logical_counts,
+    logical_to_physical,
+    rank_loads,
+    rebalance_experts,
+)
 from epcomm.routing import node_limited_gate
 
 GPUS_PER_NODE = 8
@@ -153,6 +181,102 @@ def print_table(result: dict, file=sys.stdout) -> None:
           f"{sum(x <= 1.001 for x in ratios)} of {len(ratios)} within 0.1%", file=file)
 
 
+# ---------------------------------------------------------------- replica routing per step
+
+
+def routing_steps(n: int, gpus: int, tokens: int, steps: int, skew: float, drift: float,
+                  generator: torch.Generator) -> list[list[torch.Tensor]]:
+    """``steps`` lists of ``gpus`` logical ``topk_idx`` ``[tokens, TOP_K]`` from the node-limited gate.
+
+    The per-expert popularity offset starts at std ``skew`` and takes a Gaussian step of std ``drift``
+    after every step (0: stationary).
+    """
+    popularity = torch.randn(n, generator=generator) * skew
+    out = []
+    for _ in range(steps):
+        out.append([node_limited_gate(torch.randn(tokens, n, generator=generator) + popularity, None, top_k=TOP_K,
+                                      num_nodes=NUM_GROUPS, max_nodes=MAX_GROUPS_PER_TOKEN).topk_idx
+                    for _ in range(gpus)])
+        popularity = popularity + torch.randn(n, generator=generator) * drift
+    return out
+
+
+def measure_routing(steps: list[list[torch.Tensor]], warmup: int, n: int, gpus: int, hierarchical: bool) -> dict:
+    """One routing row: per-step max/mean rank load of no replicas, the local and the dynamic policy."""
+    nvl = min(GPUS_PER_NODE, gpus)
+    nodes = gpus // nvl
+    counts = [torch.stack([logical_counts(idx, n) for idx in ranks]) for ranks in steps]
+    warm = sum(counts[:warmup]).sum(0, keepdim=True).double()
+    groups, placement_nodes = (NUM_GROUPS, nodes) if hierarchical else (1, 1)
+    placement = Placement.rebalance(warm, n + gpus, groups, placement_nodes, gpus).layer(0)
+    before_p = Placement.contiguous(n, gpus)
+    node_of = torch.arange(gpus) // nvl
+    per_step: dict[str, list[float]] = {k: [] for k in ("before", "local", "dynamic", "local_xnode", "dynamic_xnode",
+                                                          "plan_ms")}
+    for ranks, c in zip(steps[warmup:], counts[warmup:]):
+        mean = float(c.sum()) / gpus
+        per_step["before"].append(float(before_p.gpu_loads(c.sum(0)).max()) / mean)
+        local = torch.zeros(gpus, dtype=torch.int64)
+        cross = 0
+        for r, idx in enumerate(ranks):
+            # a global placement ignores the gate's groups, so a token may reach every node: no cap there
+            phys = logical_to_physical(idx, placement, r, num_nvl_ranks=nvl,
+                                       max_nodes_per_token=MAX_GROUPS_PER_TOKEN if hierarchical else nodes)
+            local += rank_loads(phys, placement)
+            dest = phys[phys >= 0] // placement.slots_per_gpu
+            cross += int((node_of[dest] != node_of[r]).sum())
+        per_step["local"].append(float(local.max()) / mean)
+        per_step["local_xnode"].append(cross / float(c.sum()))
+        t0 = time.perf_counter()
+        plan = dynamic_plan(c, placement, num_nvl_ranks=nvl)  # what every rank computes, once per step
+        per_step["plan_ms"].append((time.perf_counter() - t0) * 1e3)
+        per_step["dynamic"].append(float(plan.sum((0, 1)).max()) / mean)
+        sent = plan.sum(1)  # [source rank, destination GPU]
+        per_step["dynamic_xnode"].append(float(sent[node_of[:, None] != node_of[None, :]].sum()) / float(c.sum()))
+    row = {"gpus": gpus, "nodes": nodes, "redundant": gpus, "placement": "hier" if hierarchical else "global"}
+    row.update({k: sum(v) / len(v) for k, v in per_step.items()})
+    row["local_worst"] = max(per_step["local"])
+    row["dynamic_worst"] = max(per_step["dynamic"])
+    row["per_step"] = per_step
+    return row
+
+
+def run_routing(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    n = args.routing_experts
+    for kind, drift in (("skewed", 0.0), ("shifting", args.drift)):
+        for gpus in args.routing_gpus:
+            steps = routing_steps(n, gpus, args.routing_tokens, args.warmup + args.steps, args.routing_skew, drift,
+                                  generator)
+            for hierarchical in (True, False):
+                rows.append({"routing": kind, "experts": n, **measure_routing(steps, args.warmup, n, gpus,
+                                                                              hierarchical)})
+    return {"config": {"experts": n, "tokens_per_rank": args.routing_tokens, "warmup": args.warmup,
+                       "steps": args.steps, "skew": args.routing_skew, "drift": args.drift, "top_k": TOP_K,
+                       "gpus_per_node": GPUS_PER_NODE, "seed": args.seed},
+            "rows": rows, "elapsed_s": time.perf_counter() - started}
+
+
+def print_routing_table(result: dict, file=sys.stdout) -> None:
+    cfg = result["config"]
+    print(f"replica routing: max/mean rank load per step (mean over {cfg['steps']} steps, worst step in brackets); "
+          f"{cfg['experts']} logical experts, top-{cfg['top_k']} node-limited gate, {cfg['tokens_per_rank']} "
+          f"tokens/rank, popularity skew {cfg['skew']}, drift {cfg['drift']}/step (shifting); placement from "
+          f"{cfg['warmup']} warm-up steps, one redundant slot per GPU; {cfg['gpus_per_node']} GPUs per node", file=file)
+    print(file=file)
+    print("| routing | placement | GPUs | nodes | before | local | dynamic | cross-node pairs local | dynamic | "
+          "plan ms |", file=file)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", file=file)
+    for r in result["rows"]:
+        print(f"| {r['routing']} | {r['placement']} | {r['gpus']} | {r['nodes']} | {r['before']:.2f} | "
+              f"{r['local']:.2f} ({r['local_worst']:.2f}) | {r['dynamic']:.3f} ({r['dynamic_worst']:.3f}) | "
+              f"{100 * r['local_xnode']:.1f}% | {100 * r['dynamic_xnode']:.1f}% | {r['plan_ms']:.0f} |", file=file)
+    print(file=file)
+    print(f"{len(result['rows'])} rows in {result['elapsed_s']:.1f} s", file=file)
+
+
 def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -168,13 +292,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-skew", type=float, default=0.3,
                         help="std of the per-expert logit offset (expert popularity) for the gate loads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--section", choices=("placement", "routing", "all"), default="placement",
+                        help="placement quality (the default), replica routing per step, or both")
+    parser.add_argument("--routing-experts", type=int, default=256, help="routing: logical experts")
+    parser.add_argument("--routing-gpus", type=parse_ints, default=[16, 32, 64], help="routing: GPUs (comma list)")
+    parser.add_argument("--routing-tokens", type=int, default=256, help="routing: tokens per rank per step")
+    parser.add_argument("--routing-skew", type=float, default=0.5, help="routing: std of the popularity offset")
+    parser.add_argument("--drift", type=float, default=0.15, help="routing: popularity random-walk std per step")
+    parser.add_argument("--warmup", type=int, default=2, help="routing: steps the placement is computed from")
+    parser.add_argument("--steps", type=int, default=4, help="routing: measured steps")
     parser.add_argument("--json", help="write the full result here")
     args = parser.parse_args(argv)
-    result = run(args)
-    print_table(result)
+    result: dict = {}
+    if args.section in ("placement", "all"):
+        result["placement"] = run(args)
+        print_table(result["placement"])
+    if args.section in ("routing", "all"):
+        if args.section == "all":
+            print()
+        result["routing"] = run_routing(args)
+        print_routing_table(result["routing"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(result["placement"] if args.section == "placement" else result, f, indent=1)
     return 0
 
 

@@ -987,3 +987,31 @@ class Placement:
         ]
         out = torch.stack(rows)
         return out if self.layered else out[0]
+
+
+# --------------------------------------------------------------------------
+# re-exports: replica routing and live statistics (separate modules; imported
+# last because they import Placement from here)
+# --------------------------------------------------------------------------
+
+from .replica_routing import (  # noqa: E402
+    dynamic_plan,
+    gather_expert_counts,
+    logical_counts,
+    logical_to_physical,
+    optimal_max_load,
+    rank_loads,
+)
+from .load_monitor import LoadMonitor, check_placement_agrees, placement_digest  # noqa: E402
+
+__all__ += [
+    "LoadMonitor",
+    "check_placement_agrees",
+    "dynamic_plan",
+    "gather_expert_counts",
+    "logical_counts",
+    "logical_to_physical",
+    "optimal_max_load",
+    "placement_digest",
+    "rank_loads",
+]

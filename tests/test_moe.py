@@ -136,6 +136,30 @@ def test_example_moe_layer_on_the_sim_kernels(pools, nvl_ranks):
     assert [[loss for loss, _ in r] for r in sim] == [[loss for loss, _ in r] for r in ref]
 
 
+def tiny_rebalancing_example(rank, world, backend, nvl_ranks, max_nodes):
+    from examples.moe_layer import Settings, phases, run
+
+    s = Settings(tokens=12, hidden=32, ffn=16, shared_ffn=16, experts=8, topk=3, max_nodes=max_nodes,
+                 nvl_ranks=nvl_ranks, steps=4, skew=2.0, redundant_experts=4, backend=backend)
+    logs = run(rank, world, s)
+    return [log.max_rel_err for log in logs], [(p.num_slots, p.rank_max_over_mean) for p in phases(s, logs)]
+
+
+@pytest.mark.parametrize("backend,nvl_ranks,max_nodes", [("torch", 2, 1), ("sim", 2, 1), ("sim", 4, 1)],
+                         ids=["torch-2x2-hierarchical", "sim-2x2-hierarchical", "sim-1x4-global"])
+def test_example_moe_layer_rebalances_redundant_experts(pools, backend, nvl_ranks, max_nodes):
+    """examples/moe_layer.py --redundant-experts 4 on skewed routing: two steps on 8 slots, then a placement
+    with 12 slots from the observed loads, moved live; every step still matches the dense model (replicas
+    stay identical) and the per-rank load gets more even. 2 nodes x 2 with one node per token keeps expert
+    groups on nodes (hierarchical policy); one node places replicas anywhere (global policy)."""
+    results = pools(4).run(tiny_rebalancing_example, backend, nvl_ranks, max_nodes)
+    for errors, (before, after) in results:
+        assert all(err <= 2e-5 for err in errors), errors
+        assert before[0] == 8 and after[0] == 12
+        assert after[1] < before[1], (before, after)
+    assert len({str(r[1]) for r in results}) == 1  # the same loads on every rank
+
+
 def unavailable_backend(rank, world):
     import epcomm
     from examples.moe_layer import Settings, run
