@@ -33,7 +33,8 @@ loaded port bounds it; self copies are free).
   other): ``t = t_net(hop1) + t_nvl(hop2)``.
 * combine is the same traffic reversed; two-hop combine sends one node partial
   per (token, node) over the network, ``--combine-partial`` bytes per element
-  (bf16 = 2 like DeepEP's kernels; epcomm's torch backend sends fp32 = 4).
+  (bf16 = 2 like DeepEP's kernels and epcomm's default; fp32 = 4 with
+  ``Buffer(combine_node_partials="float32")``).
 
 A fixed ``--overhead-us`` per operation (launch, notify, barrier) can be added;
 it defaults to 0, so the predictions are pure link-bound lower bounds on time
@@ -544,7 +545,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overhead-us", type=float, default=0.0, help="fixed time added to every operation")
     parser.add_argument("--bf16-dispatch", action="store_true", help="BF16 instead of FP8 dispatch rows")
     parser.add_argument("--combine-partial", choices=("bf16", "fp32"), default="bf16",
-                        help="two-hop combine's node partials on the network (DeepEP: bf16; epcomm torch: fp32)")
+                        help="two-hop combine's node partials on the network (DeepEP and epcomm's default: bf16; "
+                             "epcomm with combine_node_partials='float32': fp32)")
     parser.add_argument("--max-sampled-tokens", type=int, default=262144,
                         help="sample at most this many tokens in total and scale (memory/time cap)")
     parser.add_argument("--ll", action="store_true", help="the low-latency (LL) mode model instead (vs DeepEP's LL table)")

@@ -38,6 +38,8 @@ SIGNATURE_FIELDS = (
     "num_max_dispatch_tokens",
     "low_latency_flags",
     "num_worst_tokens",
+    "combine_node_partials",
+    "async_finish",
 )
 _MESSAGE_BYTES = 480
 
@@ -50,11 +52,14 @@ X_KIND_NAMES = {1: "bfloat16", 2: "float16", 3: "float32", FP8_KIND: "FP8 tuple 
                 FP8_KIND + 1: "FP8 tuple (float8_e4m3fn, int32 UE8M0-packed scales)",
                 FP8_KIND + 2: "FP8 tuple (float8_e4m3fn, float32 per-token scales [N])"}
 ALGORITHM_NAMES = {0: "flat", 1: "two_hop"}
+NODE_PARTIAL_NAMES = {0: "rows_dtype", 1: "float32"}
 _DESCRIBE = {
     "operation": ("the operation", OPERATION_NAMES),
     "handle": ("the handle (dispatch call number)", {}),
     "x_kind": ("x's dtype", X_KIND_NAMES),
     "algorithm": ("the algorithm", ALGORITHM_NAMES),
+    "combine_node_partials": ("Buffer(combine_node_partials=...)", NODE_PARTIAL_NAMES),
+    "async_finish": ("async_finish", {0: "False", 1: "True"}),
     "config_num_sms": ("config.num_sms (-1: no config)", {}),
     "config_nvl_send_tokens": ("config.num_max_nvl_chunked_send_tokens (-1: no config)", {}),
     "config_nvl_recv_tokens": ("config.num_max_nvl_chunked_recv_tokens (-1: no config)", {}),

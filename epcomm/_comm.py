@@ -138,8 +138,14 @@ class GroupComm:
         send_counts: list[int],
         recv_counts: list[int],
         bulk_out: torch.Tensor | None = None,
+        pack: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Exchange rows: ``send_counts[r]`` consecutive rows go to rank ``r``.
+
+        The bulk field moves as it is and the side fields packed beside it: two collectives. With
+        ``pack`` (small calls, where a collective costs more than copying the rows) bulk and side
+        fields travel as one packed row: one collective, a copy on each side. Every rank must pass
+        the same ``pack`` (it changes the number of collectives).
 
         Args:
             fmt: the row's fields; ``send[name]`` is ``[sum(send_counts), width]``, grouped by
@@ -155,6 +161,8 @@ class GroupComm:
         if bulk_out is None:
             bulk_out = torch.empty((num_recv, bulk.width), dtype=bulk.dtype, device=send_bulk.device)
         side_send = fmt.pack_side(send)
+        if pack and side_send is not None:
+            return self._exchange_packed(op, stage, fmt, send_bulk, side_send, send_counts, recv_counts, bulk_out)
         side_out = None
         if side_send is not None:
             side_out = torch.empty((num_recv, fmt.side_bytes), dtype=torch.uint8, device=send_bulk.device)
@@ -181,6 +189,19 @@ class GroupComm:
         if side_out is not None:
             received.update(fmt.unpack_side(side_out))
         return received
+
+    def _exchange_packed(self, op: str, stage: str, fmt: RowFormat, send_bulk: torch.Tensor, side_send: torch.Tensor,
+                         send_counts: list[int], recv_counts: list[int], bulk_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`exchange_rows` in one collective: ``uint8 [rows, bulk bytes + side bytes]`` rows."""
+        bulk_bytes = fmt.bulk.nbytes
+        packed = torch.cat([send_bulk.contiguous().view(torch.uint8), side_send], dim=1)
+        out = torch.empty((bulk_out.size(0), fmt.row_bytes), dtype=torch.uint8, device=packed.device)
+        self.record_rows_to_peers(op, send_counts, fmt.payload_bytes, fmt.meta_bytes)
+        self._run(op, stage, lambda: dist.all_to_all_single(
+            out, packed, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group,
+            async_op=True))
+        bulk_out.view(torch.uint8).copy_(out[:, :bulk_bytes])
+        return {fmt.bulk.name: bulk_out, **fmt.unpack_side(out[:, bulk_bytes:])}
 
 
 class PendingWork:

@@ -17,11 +17,12 @@ from ._agree import X_KINDS as _X_KINDS
 from ._agree import agree
 from ._comm import GroupComm
 from ._validate import Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, is_fp8_pair
-from ._agree import ALGORITHM_NAMES, OPERATION_NAMES
+from ._agree import ALGORITHM_NAMES, NODE_PARTIAL_NAMES, OPERATION_NAMES
 from .backends import agree_available, backend_class, resolve_backend
 from .backends.base import BackendOptions, DispatchCall
 from .config import Config
 from .errors import EpcommError, EpcommInputError
+from ._async import AsyncRunner, copy_into, private_group
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
 from .layout import DispatchLayout, compute_layout, token_node_mask
@@ -38,6 +39,7 @@ XTensor = Union[torch.Tensor, FP8Tensor]
 
 _OPERATIONS = {name: code for code, name in OPERATION_NAMES.items()}  # the call signature's codes
 _ALGORITHMS = {name: code for code, name in ALGORITHM_NAMES.items()}
+_NODE_PARTIALS = {name: code for code, name in NODE_PARTIAL_NAMES.items()}
 _buffer_ids = itertools.count(1)
 _live_buffers: dict[int, "weakref.ref[Buffer]"] = {}  # id -> Buffer not yet destroyed (handles check it)
 
@@ -83,6 +85,14 @@ class Buffer:
         algorithm: ``"flat"``, ``"two_hop"``, or ``"auto"`` (two-hop when there is more than one
             node); the kernel backends run two-hop across nodes only.
         timeout_s: how long a rank waits for its peers at any stage before raising.
+        combine_node_partials: how combine sums a token's rows across nodes. Each node's rows are
+            summed in float32 first (ranks ascending); that *node partial* is then
+            ``"rows_dtype"`` (default): rounded to the rows' dtype, which is what crosses the network
+            in two-hop combine (one row per (token, node), the bytes of dispatch and of DeepEP);
+            the destination sums the node partials in float32 (nodes ascending) and rounds again.
+            ``"float32"``: kept in float32 (twice the network bytes for bf16 rows), so the
+            token's sum is rounded once. Either way flat and two-hop, and every backend, give the
+            same bits; a token whose rows all come from one node is rounded once in both modes.
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class Buffer:
         max_nodes_per_token: int = 4,
         algorithm: str = "auto",
         timeout_s: float = 30.0,
+        combine_node_partials: str = "rows_dtype",
     ) -> None:
         self._impl = None  # set last: a Buffer that failed to construct has nothing to release
         self._destroyed = False
@@ -143,6 +154,9 @@ class Buffer:
             algorithm = "two_hop" if self.topology.num_nodes > 1 else "flat"
         if algorithm not in _ALGORITHMS:
             raise ValueError(f"algorithm must be 'flat', 'two_hop' or 'auto', got {algorithm!r}")
+        if combine_node_partials not in _NODE_PARTIALS:
+            raise ValueError(f"combine_node_partials must be 'rows_dtype' or 'float32', got {combine_node_partials!r}")
+        self.combine_node_partials = combine_node_partials
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.max_nodes_per_token = max_nodes_per_token
@@ -152,12 +166,15 @@ class Buffer:
         self.traffic = TrafficStats()
         self._comm = GroupComm(self.group, self.topology, timeout_s, self.traffic)
         options = BackendOptions(num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, algorithm=algorithm,
-                                 max_nodes_per_token=max_nodes_per_token, timeout_s=timeout_s)
+                                 max_nodes_per_token=max_nodes_per_token, timeout_s=timeout_s,
+                                 combine_node_partials=combine_node_partials)
         impl_class = backend_class(self.backend)
         impl_class.check_options(self.topology, options)  # the same verdict on every rank (same arguments)
         agree_available(self._comm, self.backend)  # every rank raises, or none
         self._impl = impl_class(self._comm, self.topology, options)
         self._id = next(_buffer_ids)
+        self._runner = AsyncRunner(f"epcomm-buffer-{self._id}")  # async_finish's data phases (epcomm/_async.py)
+        self._private_group: dist.ProcessGroup | None = None
         self._layout_seq = 0
         # a handle made by a Buffer that is gone may be used by a Buffer with the same key (see _check_handle)
         self._key = (self.backend, rank, world_size, num_nvl_ranks, algorithm, max_nodes_per_token,
@@ -281,24 +298,52 @@ class Buffer:
         frees memory a peer still reads. Later calls on this Buffer raise; handles it made may be used by
         a new Buffer on the same group with the same settings."""
         self._check_alive("destroy")
+        self._runner.close()
         self._comm.all_gather("destroy", "barrier", torch.zeros(1, dtype=torch.int64, device=self._comm.device))
         impl, self._impl = self._impl, None
         self._destroyed = True
         _live_buffers.pop(self._id, None)
         impl.close(collective=True)
+        self._close_private_group()
 
     def __del__(self) -> None:
         if getattr(self, "_destroyed", True) or getattr(self, "_impl", None) is None:
             return
         _live_buffers.pop(getattr(self, "_id", None), None)
+        self._close_private_group()
         if self.explicitly_destroy:
             warnings.warn("epcomm.Buffer(explicitly_destroy=True) was dropped without destroy(); call destroy() on "
                           "every rank", ResourceWarning, stacklevel=2)
 
     def _check_alive(self, op: str) -> None:
+        """Raise if destroyed; then wait for an asynchronous data phase in flight (raising its error), so
+        this Buffer's collectives keep one order on every rank."""
         if self._destroyed:
             raise EpcommError(f"epcomm {op}: this Buffer was destroyed (Buffer.destroy()); create a new Buffer")
+        self._runner.drain()
 
+    def _close_private_group(self) -> None:
+        """Drop the private group async calls made (local for gloo; nothing of it may be in flight)."""
+        group, self._private_group = getattr(self, "_private_group", None), None
+        if group is not None:
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001 - teardown: a group already gone is fine
+                pass
+
+    def _runs_async(self, async_finish: bool) -> bool:
+        """Whether an agreed ``async_finish`` call runs its data phase off the calling thread (CPU
+        process groups; on CUDA the call is stream-ordered as it is, see the README)."""
+        return bool(async_finish) and self._comm.device.type == "cpu"
+
+    def _submit(self, phase: Callable[[], object], outputs: object) -> EventOverlap:
+        """Run the data phase ``phase`` on the worker, copying its results into ``outputs`` (allocated
+        by the caller with the shapes the agreement fixed); the event completes when they are filled.
+        Every rank agreed ``async_finish`` before this, so all of them reach it on the same call."""
+        if self._private_group is None:
+            self._private_group = private_group(self.group, self.timeout_s)
+            self._comm.group = self._private_group  # from now on this Buffer's collectives use it
+        return EventOverlap(self._runner.submit(lambda: copy_into(outputs, phase())))
     def reset_traffic(self) -> None:
         """Zero the byte counters in :attr:`traffic`."""
         self.traffic.reset()
@@ -396,7 +441,8 @@ class Buffer:
         self._check_alive("dispatch")
         self._wait(previous_event)
         if handle is not None:
-            return self._cached_dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config)
+            return self._cached_dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config,
+                                         async_finish)
 
         op = "dispatch"
         problem, prepared = None, None
@@ -408,7 +454,8 @@ class Buffer:
         except Exception as err:  # any failure here must reach the peers, not strand them
             problem = _problem_text(err)
         signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config),
-                         num_worst_tokens=num_worst_tokens if isinstance(num_worst_tokens, int) else -2)
+                         num_worst_tokens=num_worst_tokens if isinstance(num_worst_tokens, int) else -2,
+                         async_finish=int(bool(async_finish)))
         counts = None
         if prepared is not None:
             signature.update(prepared["signature"])
@@ -419,28 +466,47 @@ class Buffer:
         _check_worst_tokens(op, num_worst_tokens, gathered[:, :world], world)
         tensors = prepared["tensors"]
         placement = prepared["placement"]  # None without topk_idx
+        run_async = self._runs_async(async_finish)
         expert_counts = None
-        if placement is None and prepared["num_tokens_per_expert"] is not None:
-            # every rank's counts for this rank's experts (DeepEP's notify sums them the same way)
+        if (placement is None or run_async) and prepared["num_tokens_per_expert"] is not None:
+            # every rank's counts for this rank's experts (DeepEP's notify sums them the same way); an
+            # asynchronous dispatch needs them now, before its rows (which the sync path counts) arrive
             every = self._comm.all_gather(op, "expert counts", prepared["num_tokens_per_expert"].to(self._comm.device))
             local = every.shape[1] // world
             expert_counts = every[:, self.rank * local : (self.rank + 1) * local].sum(0).cpu().tolist()
-        recv, plan = self._impl.dispatch(DispatchCall(
-            tensors, prepared["is_token_in_rank"], gathered[:, :world], gathered[:, world : world + nodes],
-            placement, config))
+        call = DispatchCall(tensors, prepared["is_token_in_rank"], gathered[:, :world],
+                            gathered[:, world : world + nodes], placement, config)
         self._layout_seq += 1
-        num_recv = recv["x"].size(0)
-        recv_x = self._unpack_x(recv, prepared["x_kind"], num_worst_tokens)
-        recv_topk_idx = recv_topk_weights = None
+        num_recv = int(gathered[:, self.rank].sum())  # rows every rank sends this one, as agreed
+        x_kind, has_weights = prepared["x_kind"], "topk_weights" in tensors
+
+        def data_phase():
+            recv, plan = self._impl.dispatch(call)
+            recv_x = self._unpack_x(recv, x_kind, num_worst_tokens)
+            recv_topk_idx = recv_topk_weights = None
+            per_expert: list[int] = []
+            if placement is not None:
+                recv_topk_idx, recv_topk_weights, per_expert = self._localize_experts(
+                    recv["topk_idx"], recv.get("topk_weights"), placement, expert_alignment)
+                recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
+                recv_topk_weights = _pad_rows(recv_topk_weights, num_worst_tokens, 0)
+            return (recv_x, recv_topk_idx, recv_topk_weights), per_expert, plan
+
         num_recv_per_expert: list[int] = []
-        if placement is not None:
-            recv_topk_idx, recv_topk_weights, num_recv_per_expert = self._localize_experts(
-                recv["topk_idx"], recv.get("topk_weights"), placement, expert_alignment)
-            recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
-            recv_topk_weights = _pad_rows(recv_topk_weights, num_worst_tokens, 0)
-        elif expert_counts is not None:
+        if expert_counts is not None:
             num_recv_per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment
                                    for c in expert_counts]
+        if run_async:
+            rows = num_worst_tokens or num_recv
+            num_topk = prepared["signature"]["num_topk"]
+            outputs = (_empty_rows(x, rows),
+                       _empty(rows, num_topk, torch.int64, placement is not None, tensors["x"].device),
+                       _empty(rows, num_topk, torch.float32, placement is not None and has_weights, tensors["x"].device))
+            plan = None
+        else:
+            outputs, counted, plan = data_phase()
+            if placement is not None:
+                num_recv_per_expert = counted
         if num_worst_tokens:
             num_recv_per_expert = []  # DeepEP: sizes are not synchronised to the host in this mode
         new_handle = DispatchHandle(
@@ -459,7 +525,16 @@ class Buffer:
             num_worst_tokens=num_worst_tokens,
             buffer_key=self._key,
         )
-        event = EventOverlap.capture(recv["x"].device)
+        if run_async:
+            def phase_and_plan():
+                results, _, plan = data_phase()
+                new_handle._set_plan(plan)
+                return results
+
+            event = self._submit(phase_and_plan, outputs)
+        else:
+            event = EventOverlap.capture(tensors["x"].device)
+        recv_x, recv_topk_idx, recv_topk_weights = outputs
         return recv_x, recv_topk_idx, recv_topk_weights, num_recv_per_expert, new_handle, event
 
     internode_dispatch = dispatch  # DeepEP's public name for the multi-node path; dispatch picks the path itself
@@ -535,7 +610,7 @@ class Buffer:
                               has_topk_weights=int(topk_weights is not None)),
         }
 
-    def _cached_dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config):
+    def _cached_dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config, async_finish):
         op = "cached dispatch"
         problem, tensors, x_kind = None, None, -1
         try:
@@ -552,12 +627,18 @@ class Buffer:
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
         hidden = tensors["x"].size(1) if tensors is not None else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
-                         **_config_signature(config))
+                         **_config_signature(config), async_finish=int(bool(async_finish)))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
         self._low_latency.note_normal_call()
-        recv = self._impl.dispatch_cached(tensors, handle.plan, config=config)
-        recv_x = self._unpack_x(recv, x_kind, handle.num_worst_tokens)
-        return recv_x, None, None, None, None, EventOverlap.capture(recv["x"].device)
+
+        def data_phase():
+            recv = self._impl.dispatch_cached(tensors, handle.plan, config=config)
+            return self._unpack_x(recv, x_kind, handle.num_worst_tokens)
+
+        if self._runs_async(async_finish):
+            recv_x = _empty_rows(x, handle.num_worst_tokens or handle.num_recv_tokens)
+            return recv_x, None, None, None, None, self._submit(data_phase, recv_x)
+        return data_phase(), None, None, None, None, EventOverlap.capture(tensors["x"].device)
 
     # --------------------------------------------------------------- combine
     def combine(
@@ -623,19 +704,29 @@ class Buffer:
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind,
                          has_topk_weights=int(topk_weights is not None), **self._common_signature(),
-                         **_config_signature(config))
+                         **_config_signature(config), async_finish=int(bool(async_finish)))
         agree(self._comm, op, problem, signature, None, self._device_of(x))
         self._low_latency.note_normal_call()
-        sums = self._impl.combine(tensors, handle.plan, config=config)
-        if biases:
-            total = sums["x"].float()
-            for b in biases:
-                total = total + b.float()
-            combined_x = total.to(x.dtype)
-        else:
-            # copy=True: the sums live in the backend's scratch, reused by the next call
-            combined_x = sums["x"].to(x.dtype, copy=True)
-        combined_weights = sums["topk_weights"].clone() if "topk_weights" in sums else None
+        node_partial_dtype = x.dtype if self.combine_node_partials == "rows_dtype" else torch.float32
+
+        def data_phase():
+            sums = self._impl.combine(tensors, handle.plan, config=config, node_partial_dtype=node_partial_dtype)
+            if biases:
+                total = sums["x"].float()
+                for b in biases:
+                    total = total + b.float()
+                combined_x = total.to(x.dtype)
+            else:
+                # copy=True: the sums live in the backend's scratch, reused by the next call
+                combined_x = sums["x"].to(x.dtype, copy=True)
+            return combined_x, sums["topk_weights"].clone() if "topk_weights" in sums else None
+
+        if self._runs_async(async_finish):
+            outputs = (torch.empty(handle.num_tokens, hidden, dtype=x.dtype, device=x.device),
+                       _empty(handle.num_tokens, topk_weights.size(1) if topk_weights is not None else 0,
+                              torch.float32, topk_weights is not None, x.device))
+            return (*outputs, self._submit(data_phase, outputs))
+        combined_x, combined_weights = data_phase()
         return combined_x, combined_weights, EventOverlap.capture(combined_x.device)
 
     internode_combine = combine  # DeepEP's public name for the multi-node path; combine picks the path itself
@@ -644,6 +735,7 @@ class Buffer:
     # (owned by epcomm/low_latency.py; methods here only delegate)
     @property
     def _low_latency(self) -> LowLatencyOps:
+        self._runner.drain()  # every LL call comes through here: a normal call's data phase finishes first
         ops = self.__dict__.get("_ll_ops")
         if ops is None:
             ops = self.__dict__["_ll_ops"] = LowLatencyOps(self)
@@ -740,7 +832,8 @@ class Buffer:
     # --------------------------------------------------------------- helpers
     def _common_signature(self) -> dict[str, int]:
         return dict(num_nvl_ranks=self.topology.num_nvl_ranks, max_nodes_per_token=self.max_nodes_per_token,
-                    algorithm=_ALGORITHMS[self.algorithm])
+                    algorithm=_ALGORITHMS[self.algorithm],
+                    combine_node_partials=_NODE_PARTIALS[self.combine_node_partials])
 
     def _check_num_experts(self, num_experts: int) -> None:
         check_num_experts(num_experts, self.group_size)  # raises Invalid, agreed across ranks by the caller
@@ -873,6 +966,17 @@ def _maker_alive(buffer_id: int) -> bool:
         return False
     gc.collect()
     return buffer_id in _live_buffers and _live_buffers[buffer_id]() is not None
+
+
+def _empty_rows(like: XTensor, rows: int) -> XTensor:
+    """Uninitialised ``rows`` rows shaped like ``like`` (a tensor, or each tensor of an FP8 tuple)."""
+    if isinstance(like, tuple):
+        return tuple(_empty_rows(t, rows) for t in like)
+    return torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+
+
+def _empty(rows: int, width: int, dtype: torch.dtype, present: bool, device: torch.device) -> torch.Tensor | None:
+    return torch.empty(rows, width, dtype=dtype, device=device) if present else None
 
 
 def _pad_rows(t: torch.Tensor | None, rows: int, fill: float) -> torch.Tensor | None:

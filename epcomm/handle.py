@@ -64,6 +64,10 @@ class DispatchHandle:
     buffer_key: tuple = field(default=(), repr=False)  # what a Buffer must match to adopt this handle
     _tuple: list = field(default_factory=list, repr=False, compare=False)  # as_tuple(), built once
 
+    def _set_plan(self, plan: Any) -> None:
+        """An asynchronous dispatch's plan, set by its data phase (before any call can use the handle)."""
+        object.__setattr__(self, "plan", plan)
+
     # ------------------------------------------------------------ DeepEP's tuple view
     @property
     def rank(self) -> int:

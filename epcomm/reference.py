@@ -83,19 +83,28 @@ def reference_combine(
     num_tokens: int,
     rank: int,
     num_nvl_ranks: int,
+    node_partials: str | torch.dtype = "rows_dtype",
 ) -> torch.Tensor:
-    """``combined_x`` of rank ``rank``: per token, the fp32 sum of its rows, cast once.
+    """``combined_x`` of rank ``rank``: per token, the fp32 sum of its rows per node, then over nodes.
 
     Args:
         recv_sources: per rank ``d``, the (source rank, token) of each row it received.
         expert_outputs: per rank ``d``, ``[num_recv_d, H]`` the rows it sends back.
         num_tokens: tokens rank ``rank`` dispatched.
+        node_partials: ``"rows_dtype"`` rounds each node's partial to the rows' dtype (what
+            two-hop combine sends across nodes), ``"float32"`` keeps it (one rounding in all), a
+            dtype rounds it to that dtype (float32 rows of a bf16 combine with bias).
     Order: ``acc = 0``; for each node ascending: ``partial = 0``; ``partial += float(row_d)``
-    for each rank ``d`` of the node ascending holding a row of the token; ``acc += partial``.
+    for each rank ``d`` of the node ascending holding a row of the token; in ``rows_dtype`` mode,
+    when the group spans several nodes, ``partial = float(dtype(partial))``; ``acc += partial``.
+    Finally ``dtype(acc)``.
     """
+    if node_partials not in ("rows_dtype", "float32") and not isinstance(node_partials, torch.dtype):
+        raise ValueError(f"node_partials must be 'rows_dtype', 'float32' or a dtype, got {node_partials!r}")
     world = len(expert_outputs)
     hidden = expert_outputs[0].size(1)
     dtype = expert_outputs[0].dtype
+    partial_dtype = {"rows_dtype": dtype, "float32": torch.float32}.get(node_partials, node_partials)
     where: dict[int, dict[int, int]] = {t: {} for t in range(num_tokens)}  # token -> {d: row}
     for d in range(world):
         for row, (s, t) in enumerate(recv_sources[d]):
@@ -111,6 +120,8 @@ def reference_combine(
             partial = torch.zeros(hidden, dtype=torch.float32)
             for d in node_ranks:
                 partial = partial + expert_outputs[d][where[t][d]].float()
+            if world > num_nvl_ranks:  # partials cross nodes only when there are several
+                partial = partial.to(partial_dtype).float()
             acc = acc + partial
         out[t] = acc.to(dtype)
     return out

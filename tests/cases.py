@@ -30,6 +30,7 @@ class Case:
     alignment: int = 1
     with_weights: bool = True
     seed: int = 0
+    node_partials: str = "rows_dtype"  # Buffer(combine_node_partials=...)
 
     @property
     def world(self) -> int:
@@ -102,7 +103,7 @@ def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 
                num_nvl_bytes: int = 0) -> RankReport:
     """Dispatch, cached dispatch and combine on this rank; assert each output equals the reference."""
     buf = epcomm.Buffer(None, num_nvl_bytes, backend=backend, num_nvl_ranks=case.nvl, algorithm=algorithm,
-                        max_nodes_per_token=case.max_nodes, timeout_s=60)
+                        max_nodes_per_token=case.max_nodes, timeout_s=60, combine_node_partials=case.node_partials)
     report = RankReport(backend=buf._impl.name)
     for _ in range(rounds):
         digest, report.traffic = check_round(buf, case, rank, world)
@@ -139,10 +140,11 @@ def check_round(buf: "epcomm.Buffer", case: Case, rank: int, world: int) -> tupl
     outputs = [expert_output(r.recv_x, d) for d, r in enumerate(refs)]
     combined, combined_w, _ = buf.combine(outputs[rank], handle, topk_weights=recv_w)
     sources = [r.sources for r in refs]
-    want = reference_combine(sources, outputs, case.tokens[rank], rank, case.nvl)
+    want = reference_combine(sources, outputs, case.tokens[rank], rank, case.nvl, case.node_partials)
     assert same_bits(combined, want), f"rank {rank}: combined_x differs from the reference"
     if case.with_weights:
-        want_w = reference_combine(sources, [r.recv_topk_weights for r in refs], case.tokens[rank], rank, case.nvl)
+        want_w = reference_combine(sources, [r.recv_topk_weights for r in refs], case.tokens[rank], rank, case.nvl,
+                                   case.node_partials)
         assert same_bits(combined_w, want_w), f"rank {rank}: combined_topk_weights differs"
     digest = hashlib.sha256()
     for t in (recv_x if isinstance(recv_x, tuple) else (recv_x,)) + (combined, combined_w if combined_w is not None else combined):

@@ -94,8 +94,9 @@ def test_byte_identities(bf16_result):
     assert sum(pe[link]["rows"] for link in LINKS) == pairs["token_expert_pairs"] == RANKS * TOKENS * TOPK
     assert Fraction(pe["rdma"]["payload_bytes"], ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"]) == \
         Fraction(pairs["token_expert_remote_node_pairs"], pairs["token_remote_node_pairs"])
-    # two-hop combine sends fp32 node partials across nodes
-    assert ops["two_hop combine"]["traffic"]["rdma"]["payload_bytes"] == pairs["token_remote_node_pairs"] * 4 * H
+    # two-hop combine sends bf16 node partials across nodes (the default): dispatch's network bytes
+    assert ops["two_hop combine"]["traffic"]["rdma"]["payload_bytes"] == pairs["token_remote_node_pairs"] * 2 * H \
+        == ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"]
     assert all(main["verified"].values()) and set(main["verified"]) == {"flat", "two_hop", "per_expert"}
     byte_targets = [t for t in result["targets"] if "within" not in t["name"]]  # timing lines are never asserted
     assert byte_targets and all(t["pass"] for t in byte_targets), byte_targets
@@ -161,6 +162,31 @@ def test_sim_backend_runs_the_suite(tmp_path):
     assert result["config"]["backend"] == "sim" and result["main"]["verified"]["flat"]
     assert all(e["bytes_match"] for e in ops.values() if "bytes_match" in e)
     assert ops["flat dispatch"]["traffic"]["rdma"]["rows"] == 0 and ops["flat dispatch"]["traffic"]["nvl"]["rows"] > 0
+
+
+@needs_mpi
+def test_targets_table(tmp_path):
+    """--targets-table: every (tokens, hidden) point gets the six ratios of issue 14, the bare count exchange
+    has the agreement header's size, and the collectives per call are the torch backend's small-call counts."""
+    from epcomm._agree import SIGNATURE_FIELDS
+
+    out = _run(tmp_path, "--targets-table", "--sweep", "16,64", "--sweep-hidden", f"128,{H}", "--sweep-reps", "1",
+               "--no-baselines", "--json", "t.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads((tmp_path / "t.json").read_text())
+    table = r["targets_table"]
+    assert table["count_exchange_int64_words"] == 1 + len(SIGNATURE_FIELDS) + 2 * RANKS
+    assert [(row["tokens"], row["hidden"]) for row in table["rows"]] == [(16, 128), (64, 128), (16, H), (64, H)]
+    trips = {"flat dispatch": 2, "flat cached": 2, "flat combine": 2,  # tests/test_round_trips.py, packed calls
+             "2hop dispatch": 3, "2hop cached": 3, "2hop combine": 3}
+    for row in table["rows"]:
+        assert set(row["columns"]) == set(trips), row
+        for col, e in row["columns"].items():
+            assert e["ratio"] > 0 and e["pass"] == (e["ratio"] <= e["limit"]), (col, e)
+            assert e["round_trips_per_call"] == {"collectives": trips[col], "kernels": 0}, (col, e)
+    assert "ceiling count exchange" in r["main"]["ops"]
+    assert all(e["bytes_match"] for e in r["main"]["ops"].values() if "bytes_match" in e)
+    assert "targets (issue 14)" in out.stdout and ("PASS" in out.stdout or "MISS" in out.stdout)
 
 
 # ----------------------------------------------------------------------------- low-latency mode (bench/latency.py)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cases import Case, algorithms_for, backends_for, check_case, expected_pairs
+from cases import Case, algorithms_for, backends_for, check_case, expected_pairs, make_input
 
 TOPOLOGIES = [(1, 2), (1, 4), (2, 2), (4, 2), (2, 4), (8, 1)]  # (nodes, ranks per node)
 RUNS = [(m, l, b) for m, l in TOPOLOGIES for b in backends_for(m)]  # + the backends each topology runs on
@@ -61,6 +61,60 @@ def test_two_hop_network_bytes_are_exact(pools, backend):
         assert payload == node_pairs * row_bytes
         measured[kind] = payload
     assert measured["fp8"] * 2 * 256 == measured["bf16"] * (256 + 4 * 256 // 128)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sim"])
+def test_two_hop_combine_sends_dispatch_bytes_across_nodes(pools, backend):
+    """Default combine_node_partials="rows_dtype": a node partial crosses the network in the rows' dtype,
+    so combine's network payload equals dispatch's exactly (one bf16 row per (token, remote node), as
+    DeepEP); "float32" sends twice that. Both modes bit-exact against the reference in that mode."""
+    base = dict(num_nodes=4, nvl=2, tokens=(40,) * 8, hidden=256, seed=11)
+    payload = {}
+    for mode in ("rows_dtype", "float32"):
+        reports = pools(8).run(check_case, Case(node_partials=mode, **base), "two_hop", 1, backend)
+        payload[mode] = [sum(r.traffic[op]["rdma"]["payload_bytes"] for r in reports) for op in ("dispatch", "combine")]
+        rows = [sum(r.traffic[op]["rdma"]["rows"] for r in reports) for op in ("dispatch", "combine")]
+        assert rows[0] == rows[1] == expected_pairs(Case(**base))[0]
+    assert payload["rows_dtype"][1] == payload["rows_dtype"][0] > 0
+    assert payload["float32"][1] == 2 * payload["float32"][0]
+
+
+def test_node_partial_modes_agree_across_algorithms_and_differ_from_each_other(pools):
+    """Each mode defines one result: flat == two_hop bit for bit (torch, 2 nodes); the two modes round
+    differently where a token has rows on both nodes, so their results must differ somewhere."""
+    base = dict(num_nodes=2, nvl=2, tokens=(64, 48, 0, 57), hidden=256, seed=4, max_nodes=2)
+    digests = {}
+    for mode in ("rows_dtype", "float32"):
+        for algorithm in ("flat", "two_hop"):
+            reports = pools(4).run(check_case, Case(node_partials=mode, **base), algorithm, 1, "torch")
+            digests[mode, algorithm] = [r.digest[0] for r in reports]
+        assert digests[mode, "flat"] == digests[mode, "two_hop"]
+    assert digests["rows_dtype", "flat"] != digests["float32", "flat"]
+
+
+def test_combine_node_partials_is_checked_and_agreed(pools):
+    """A bad mode is refused at construction; ranks built with different modes refuse combine on every rank."""
+    for rank, outcome in enumerate(pools(4).run(_mixed_node_partials)):
+        assert outcome == "refused on every rank", f"rank {rank}: {outcome}"
+
+
+def _mixed_node_partials(rank: int, world: int) -> str:
+    import epcomm
+
+    with pytest.raises(ValueError, match="combine_node_partials"):
+        epcomm.Buffer(None, backend="torch", num_nvl_ranks=2, combine_node_partials="bf16")
+    mode = "float32" if rank == 1 else "rows_dtype"
+    buf = epcomm.Buffer(None, backend="torch", num_nvl_ranks=2, combine_node_partials=mode)
+    case = Case(num_nodes=2, nvl=2, tokens=(5, 6, 7, 8))
+    inp = make_input(case, rank)
+    layout = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    try:
+        buf.dispatch(inp.x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                     is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=inp.topk_idx)
+    except epcomm.EpcommInputError as err:
+        assert "combine_node_partials" in str(err) and "rank 1" in str(err), str(err)
+        return "refused on every rank"
+    return "accepted"
 
 
 @pytest.mark.parametrize("nodes,backend", [(2, "torch"), (1, "torch"), (1, "sim"), (2, "sim")])

@@ -130,8 +130,9 @@ def combine_with_bias(rank, world, nodes, backend):
     _, _, recv_w, _, handle, _ = buf.dispatch(mine.x, None, per_rank, per_rdma, in_rank, per_expert, mine.topk_idx,
                                               mine.topk_weights)
     outputs = [expert_output(r.recv_x, d) for d, r in enumerate(refs)]
+    # fp32 sums, each node's partial rounded to the rows' bf16 (the default combine_node_partials)
     sums = reference_combine([r.sources for r in refs], [o.float() for o in outputs], case.tokens[rank], rank,
-                             case.nvl)  # exact fp32 sums
+                             case.nvl, node_partials=torch.bfloat16)
     g = torch.Generator().manual_seed(rank)
     b0 = torch.randn(case.tokens[rank], case.hidden, generator=g).to(torch.bfloat16)
     b1 = torch.randn(case.tokens[rank], case.hidden, generator=g).to(torch.bfloat16)

@@ -4,10 +4,17 @@ Times are noisy on shared machines; the number of collectives a call issues and 
 kernel launches it waits for are not. These are the per-call fixed costs ``bench/host_overhead.py``
 times; a change that adds one fails here.
 
-torch backend: one agreement all_gather, then per exchange one all_to_all for the bulk rows and one
-for the side fields (top-k ids/weights, the forwarding mask) when there are any. Two-hop exchanges
-twice (network hop, NVLink hop). Kernel backends: one agreement all_gather, then two kernels
-(notify, which exchanges the counts or is a barrier, and the dispatch or combine kernel).
+torch backend: one agreement all_gather (it carries the counts: dispatch's count exchange), then per
+exchange one all_to_all: small calls (the busiest rank sends at most ``PACK_LIMIT_BYTES``) pack the
+side fields (top-k ids/weights, FP8 scales, the forwarding mask) beside the rows; larger ones send
+them in a second all_to_all, sparing the packing copies. Two-hop exchanges twice (network hop,
+NVLink hop). Kernel backends: one agreement all_gather, then two kernels (notify, which exchanges
+the counts or is a barrier, and the dispatch or combine kernel).
+
+The agreement stays a round of its own even for cached calls, whose sizes the handle already knows:
+a rank that passes another dispatch's handle would post other sizes, and gloo aborts the process on
+a size mismatch inside all_to_all (measured: ``Received data size doesn't match expected size``,
+then ``terminate``) instead of raising, so the sizes must be agreed before they are used.
 """
 
 from __future__ import annotations
@@ -18,16 +25,17 @@ import torch
 import epcomm
 from cases import Case, make_input
 
-# (backend, nodes, ranks per node) -> {operation: (collectives, kernels)}
+# (backend, nodes, ranks per node) -> {operation: (collectives, kernels)}, small calls (packed rows)
 EXPECTED = {
-    ("torch", 1, 4): {"dispatch": (3, 0), "cached dispatch": (2, 0), "combine": (2, 0)},
-    ("torch", 2, 2): {"dispatch": (5, 0), "cached dispatch": (3, 0), "combine": (3, 0)},
+    ("torch", 1, 4): {"dispatch": (2, 0), "cached dispatch": (2, 0), "combine": (2, 0)},
+    ("torch", 2, 2): {"dispatch": (3, 0), "cached dispatch": (3, 0), "combine": (3, 0)},
     ("sim", 1, 4): {"dispatch": (1, 2), "cached dispatch": (1, 2), "combine": (1, 2)},
     ("sim", 2, 2): {"dispatch": (1, 2), "cached dispatch": (1, 2), "combine": (1, 2)},
 }
 
 
-def count_round_trips(rank: int, world: int, backend: str, case: Case) -> dict[str, tuple[int, int]]:
+def count_round_trips(rank: int, world: int, backend: str, case: Case, weighted_combine: bool = False
+                      ) -> dict[str, tuple[int, int]]:
     inp = make_input(case, rank)
     buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=case.nvl)
     layout = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
@@ -38,7 +46,7 @@ def count_round_trips(rank: int, world: int, backend: str, case: Case) -> dict[s
             inp.x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], num_tokens_per_expert=layout[2],
             is_token_in_rank=layout[3], topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
         buf.dispatch(inp.x, handle=handle)
-        buf.combine(recv_x, handle)
+        buf.combine(recv_x, handle, topk_weights=layout_weights(handle, case, rank) if weighted_combine else None)
         counts = {op: (trips["collective"], trips["kernel"]) for op, trips in buf.traffic.round_trips.items()}
     return counts
 
@@ -48,6 +56,27 @@ def test_round_trips_per_operation(pools, backend, nodes, nvl):
     case = Case(num_nodes=nodes, nvl=nvl, tokens=(12, 7, 0, 9), hidden=128, num_experts=16, topk=3)
     for rank, counts in enumerate(pools(case.world).run(count_round_trips, backend, case)):
         assert counts == EXPECTED[backend, nodes, nvl], f"rank {rank}: {counts}"
+
+
+def layout_weights(handle, case: Case, rank: int) -> torch.Tensor:
+    return torch.ones(handle.num_recv_tokens, case.topk)
+
+
+@pytest.mark.parametrize("nodes,nvl", [(1, 4), (2, 2)])
+def test_large_calls_send_side_fields_apart_and_small_ones_packed(pools, nodes, nvl):
+    """Above PACK_LIMIT_BYTES per rank the side fields take a second all_to_all per exchange (no packing
+    copy of the rows); below it, one. A weighted combine carries a side field (the weights) too."""
+    from epcomm.backends.torch_backend import PACK_LIMIT_BYTES
+
+    exchanges = 1 if nodes == 1 else 2
+    big = Case(num_nodes=nodes, nvl=nvl, tokens=(300, 280, 320, 290), hidden=2048, num_experts=16, topk=3)
+    assert 280 * 2 * 2048 > PACK_LIMIT_BYTES
+    small = Case(num_nodes=nodes, nvl=nvl, tokens=(12, 7, 0, 9), hidden=128, num_experts=16, topk=3)
+    for case, per_exchange in ((big, 2), (small, 1)):
+        for rank, counts in enumerate(pools(4).run(count_round_trips, "torch", case, True)):
+            want = {"dispatch": (1 + per_exchange * exchanges, 0), "cached dispatch": (1 + exchanges, 0),
+                    "combine": (1 + per_exchange * exchanges, 0)}
+            assert counts == want, f"rank {rank}, {case.tokens[0]} tokens: {counts}"
 
 
 def test_counter_sees_a_bad_call_as_one_agreement(pools):

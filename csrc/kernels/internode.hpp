@@ -110,13 +110,18 @@ struct InternodeDispatchArgs : WithComm<InternodeComm<Transport>>, InternodeDisp
 };
 
 // internode_combine: out[t] = dtype(0 + P_0 + P_1 + ...) over nodes ascending, P_n = 0 + row_d + ... over
-// the ranks d of node n holding t, ascending (fp32); rows are bf16, fp16 or fp32. Weights likewise. Same
+// the ranks d of node n holding t, ascending (fp32), then rounded to node_partial_kind, the dtype P_n
+// crosses the network in (the rows' dtype: DeepEP's bytes; fp32: one rounding); the sum over nodes is
+// fp32. Rows are bf16, fp16 or fp32. Weights likewise, always fp32. Same
 // blocks as dispatch: 3c (NVL senders), 3c + 1 (forwarder), 3c + 2 (network receiver). The combine fields
 // as intranode (num_topk: the same on every rank; weights travel when num_topk > 0), plus:
 #define EPCOMM_INTERNODE_COMBINE_FIELDS(F)                                                     \
   EPCOMM_COMBINE_FIELDS(F)                                                                     \
   F(int32_t const*, forward_channel_prefix_matrix, nullptr, "[NN, C + 1] of the dispatch")   \
   F(uint32_t const*, forward_peer_masks, nullptr, "of the dispatch")                           \
+  F(ElementKind, node_partial_kind, ElementKind::kFloat32,                                      \
+    "dtype node partials cross the network in: the rows' (DeepEP's bytes), fp32, or the caller's " \
+    "when its rows come as fp32 (combine with bias)")                                           \
   EPCOMM_TRANSPORT_COUNTER_FIELD(F)
 struct InternodeCombineParams {
   using Spec = InternodeSpec;

@@ -7,11 +7,12 @@
 //           rank (m, this local rank) on channel c (dispatch's forward_peer_masks), in batches:
 //           warp 0's lane p waits for the rows of NVL ring (c, p); warp 1 waits for free network
 //           slots; every thread reduces, per token and element, P = 0; P += float(row_p) for the
-//           peers p holding the token, ascending; the fp32 partial row (and weights) is staged and
-//           put into network ring (c, this node) of rank (m, this local rank) with tail += 1.
+//           peers p holding the token, ascending; the partial row, rounded to node_partial_kind (the
+//           rows' dtype, or fp32), and the fp32 weights are staged and put into network ring
+//           (c, this node) of rank (m, this local rank) with tail += 1.
 //   3c + 2  network receiver (whole block): for the channel's tokens in batches, warp 0's lane n
 //           waits for the partials of network ring (c, n) of every node n the token reached; every
-//           thread reduces acc = 0; acc += P_n for n ascending; out = dtype(acc) (one rounding).
+//           thread reduces acc = 0; acc += float(P_n) for n ascending; out = dtype(acc).
 //           Then warp 0 returns the slots to each forwarding node (signal_add on its head).
 // Block 0 (channel 0), warp L: the abort watcher (internode_common.cuh).
 // Batch sizes (internode.hpp) keep every reducer from waiting on a row its producer cannot write.
@@ -106,25 +107,26 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
       __syncthreads();
       if (failed != 0) return;
 
-      // Reduce: peers ascending, fp32 from +0.0, into the staged partial rows. Weights travel when
+      // Reduce: peers ascending, fp32 from +0.0, into the staged partial rows (rounded to the kind they
+      // cross the network in). Weights travel when
       // num_topk > 0 (the same on every rank); this rank's own topk_weights may be null when it
       // received no rows, while its peers' rows still carry theirs.
       auto const staged = [&](int i) { return local + rdma.combine_staging_slot(channel, dst_node, ring.sent + i); };
       reduce_batch_in_order(
           ring_rows, num_batch_tokens, num_nvl_ranks, args.hidden,
           [&](int p, int row, int j) { return load_element(nvl.slot(own_nvl, channel, p, row), j, args.element_kind); },
-          [&](int i, int j, float sum) { RdmaWorkspace::combine_partial(staged(i))[j] = sum; });
+          [&](int i, int j, float sum) { store_element(rdma.combine_partial(staged(i)), j, sum, args.node_partial_kind); });
       reduce_batch_in_order(
           ring_rows, num_batch_tokens, num_nvl_ranks, args.num_topk,
           [&](int p, int row, int k) { return nvl.slot_topk_weights(nvl.slot(own_nvl, channel, p, row))[k]; },
-          [&](int i, int k, float sum) { rdma.combine_weights(staged(i))[k] = sum; });
+          [&](int i, int k, float sum) { RdmaWorkspace::combine_weights(staged(i))[k] = sum; });
       __syncthreads();
 
       // Put the partials (warp 1); free the NVL rows (warp 0)
       if (warp == 1) {
         for (int i = 0; i < num_batch_tokens; ++i)
           transport.put_signal(WarpCoop{lane}, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i),
-                               rdma.combine_staging_slot(channel, dst_node, ring.sent + i), rdma.combine_put_bytes(),
+                               rdma.combine_staging_slot(channel, dst_node, ring.sent + i), rdma.combine_put_bytes(element_bytes(args.node_partial_kind)),
                                rdma.combine_tail_signal(channel, comm.node()), 1);
       }
       if (is_ring_lane && needed > consumed) {
@@ -182,20 +184,20 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
     __syncthreads();
     if (failed != 0) return;
 
-    // Reduce: nodes ascending, fp32 from +0.0, one rounding to the rows' dtype
+    // Reduce: nodes ascending, fp32 from +0.0, then one rounding to the rows' dtype
     auto const partial = [&](int n, int row) {
       return local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row));
     };
     reduce_batch_in_order(
         ring_rows, num_batch_tokens, num_nodes, args.hidden,
-        [&](int n, int row, int j) { return RdmaWorkspace::combine_partial(partial(n, row))[j]; },
+        [&](int n, int row, int j) { return load_element(rdma.combine_partial(partial(n, row)), j, args.node_partial_kind); },
         [&](int i, int j, float sum) {
           store_element(args.combined_x, int64_t(batch_begin + i) * args.hidden + j, sum, args.element_kind);
         });
     if (args.combined_topk_weights != nullptr)
       reduce_batch_in_order(
           ring_rows, num_batch_tokens, num_nodes, args.num_topk,
-          [&](int n, int row, int k) { return rdma.combine_weights(partial(n, row))[k]; },
+          [&](int n, int row, int k) { return RdmaWorkspace::combine_weights(partial(n, row))[k]; },
           [&](int i, int k, float sum) { args.combined_topk_weights[int64_t(batch_begin + i) * args.num_topk + k] = sum; });
     __syncthreads();
 

@@ -125,6 +125,9 @@ char const* validate(InternodeCombineArgs<Transport> const& args) {
                    args.hidden, rdma.hidden);
   if (!is_element_kind(int32_t(args.element_kind)))
     return invalid("internode_combine: element_kind=%d must be 1 (bf16), 2 (fp16) or 3 (fp32)", int(args.element_kind));
+  if (!is_element_kind(int32_t(args.node_partial_kind)))
+    return invalid("internode_combine: node_partial_kind=%d must be 1 (bf16), 2 (fp16) or 3 (fp32)",
+                   int(args.node_partial_kind));
   int const row_bytes = args.hidden * element_bytes(args.element_kind);
   if (row_bytes % 4 != 0)
     return invalid("internode_combine: rows of %d bytes are not whole 4-byte words (use an even hidden)", row_bytes);

@@ -34,7 +34,9 @@
 //   [num_local_experts]  tokens of s that chose each of d's experts
 // Dispatch slot: [src_idx int32][peer_mask uint32][topk_idx int64 x K][topk_weights f32 x K][row bytes]
 //   (record_bytes + row bytes are put; the stride is padded to 16).
-// Combine slot: [partial f32 x hidden][topk_weights f32 x K] (the stride is padded to 16).
+// Combine slot: [topk_weights f32 x K][pad to 16][partial x hidden], the partial in the call's
+//   node_partial_kind (the rows' dtype or fp32: slots have room for fp32); the put stops after the
+//   partial, so bf16 partials cross the network in half the bytes (the stride is padded to 16).
 
 #include <cstddef>
 #include <cstdint>
@@ -65,7 +67,7 @@ struct InternodeConfig {
   F(int, num_local_experts, 0, "experts per rank; 0: no per-expert counts")                  \
   F(int, num_topk, 0, "K a record has room for")                                             \
   F(int, max_row_bytes, 0, "largest dispatch row: x bytes + scale bytes")                    \
-  F(int, hidden, 0, "combine row elements (the node partials travel as fp32)")              \
+  F(int, hidden, 0, "combine row elements (slots have room for fp32 node partials)")        \
   F(int, max_nodes_per_token, kDefaultMaxNodesPerToken, "the routing's bound the rings are sized for")
 struct RdmaWorkspaceShape {
   EPCOMM_RDMA_WORKSPACE_SHAPE_FIELDS(EPCOMM_DECLARE_FIELD)
@@ -113,7 +115,7 @@ struct RdmaWorkspace {
     record_bytes = align_up(8 + size_t(num_topk) * (sizeof(int64_t) + sizeof(float)), 8);
     dispatch_row_bytes = size_t(shape.max_row_bytes);
     dispatch_slot_bytes = align_up(record_bytes + dispatch_row_bytes, 16);
-    combine_slot_bytes = align_up(sizeof(float) * (size_t(hidden) + size_t(num_topk)), 16);
+    combine_slot_bytes = align_up(combine_partial_offset() + sizeof(float) * size_t(hidden), 16);
     size_t offset = 0;
     auto const region = [&](size_t bytes) {
       size_t const start = offset;
@@ -184,7 +186,9 @@ struct RdmaWorkspace {
   }
   // Bytes of a dispatch slot that travel (record + the row actually used).
   EPCOMM_HOST_DEVICE size_t dispatch_put_bytes(int row_bytes) const { return record_bytes + size_t(row_bytes); }
-  EPCOMM_HOST_DEVICE size_t combine_put_bytes() const { return sizeof(float) * (size_t(hidden) + size_t(num_topk)); }
+  EPCOMM_HOST_DEVICE size_t combine_put_bytes(int partial_element_bytes) const {
+    return combine_partial_offset() + size_t(partial_element_bytes) * size_t(hidden);
+  }
 
   // Fields of a dispatch slot.
   EPCOMM_HOST_DEVICE static int32_t* record_src_idx(char* slot) { return reinterpret_cast<int32_t*>(slot); }
@@ -195,10 +199,9 @@ struct RdmaWorkspace {
   }
   EPCOMM_HOST_DEVICE char* record_row(char* slot) const { return slot + record_bytes; }
   // Fields of a combine slot.
-  EPCOMM_HOST_DEVICE static float* combine_partial(char* slot) { return reinterpret_cast<float*>(slot); }
-  EPCOMM_HOST_DEVICE float* combine_weights(char* slot) const {
-    return reinterpret_cast<float*>(slot) + hidden;
-  }
+  EPCOMM_HOST_DEVICE static float* combine_weights(char* slot) { return reinterpret_cast<float*>(slot); }
+  EPCOMM_HOST_DEVICE size_t combine_partial_offset() const { return align_up(sizeof(float) * size_t(num_topk), 16); }
+  EPCOMM_HOST_DEVICE char* combine_partial(char* slot) const { return slot + combine_partial_offset(); }
 
  private:
   EPCOMM_HOST_DEVICE int ring_signal(int kind, int channel, int node) const {

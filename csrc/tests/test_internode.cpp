@@ -45,6 +45,7 @@ struct Shape {
   bool fp8;
   int num_topk = 4, num_local_experts = 2, max_nodes_per_token = 2, rounds = 1;
   uint64_t seed = 1;
+  bool fp32_node_partials = false;  // else node partials cross the network as bf16 (the rows' dtype)
   int num_ranks() const { return num_nodes * num_nvl_ranks; }
 };
 
@@ -459,6 +460,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
       args.forward_peer_masks = o.forward_peer_masks.data();
       args.combined_x = o.combined_x.data();
       args.combined_topk_weights = o.combined_topk_weights.data();
+      args.node_partial_kind = shape.fp32_node_partials ? kernels::ElementKind::kFloat32 : kernels::ElementKind::kBfloat16;
       kernels::add_internode_combine(launch, args);
     }
     cluster.run(launch);
@@ -466,9 +468,11 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   {
     std::vector<uint64_t> bytes = cluster.take_counters();
     result.combine_network_bytes = bytes[int(LinkClass::kNetwork)];
-    CHECK_EQ(result.combine_network_bytes, traffic.network_pairs * cluster.rdma_workspace.combine_put_bytes());
+    CHECK_EQ(result.combine_network_bytes,
+             traffic.network_pairs * cluster.rdma_workspace.combine_put_bytes(shape.fp32_node_partials ? 4 : 2));
   }
-  // Reference: acc = 0; per node n ascending: P = 0, P += float(row_d) for d of n ascending; acc += P; bf16(acc)
+  // Reference: acc = 0; per node n ascending: P = 0, P += float(row_d) for d of n ascending, P rounded to
+  // bf16 unless fp32_node_partials (x only; weights stay fp32); acc += P; bf16(acc)
   for (int s = 0; s < R; ++s) {
     for (int t = 0; t < data[s].num_tokens; ++t) {
       std::vector<std::pair<int, int>> rows;  // (rank d, row on d), d ascending
@@ -487,6 +491,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
               partial = partial + (j < shape.hidden ? ref_bf16_to_float(out[d].expert_out[size_t(m) * shape.hidden + j])
                                                     : out[d].recv_topk_weights[size_t(m) * K + k]);
             }
+            if (any && j < shape.hidden && !shape.fp32_node_partials) partial = ref_bf16_to_float(ref_float_to_bf16(partial));
             if (any) acc = acc + partial;
           }
           if (j < shape.hidden) {
@@ -526,6 +531,7 @@ int const kTokens = test::kSanitized ? 8 : 48;
 // topk, local experts, max nodes per token, rounds, seed.
 EPCOMM_TEST(internode_2x2) {
   run_shape({2, 2, 2, 4, 2, 4, 2, token_counts(4, kTokens, 1), 128, false, 4, 2, 2, 2, 11});
+  run_shape({2, 2, 2, 4, 2, 4, 2, token_counts(4, kTokens, 1), 128, false, 4, 2, 2, 2, 11, /*fp32_node_partials=*/true});
   run_shape({2, 2, 1, 3, 1, 3, 1, token_counts(4, kTokens, 2), 128, true, 3, 3, 2, 1, 12});
 }
 
@@ -726,7 +732,8 @@ EPCOMM_TEST(internode_workspace_and_validation) {
   CHECK_EQ(ws.dispatch_rings_offset % 128, size_t(0));
   CHECK_EQ(ws.record_bytes, size_t(8 + 8 * 12));
   CHECK_EQ(ws.dispatch_slot_bytes, kernels::align_up(8 + 8 * 12 + 7168 + 224, 16));
-  CHECK_EQ(ws.combine_slot_bytes, kernels::align_up(4 * (7168 + 8), 16));
+  CHECK_EQ(ws.combine_slot_bytes, kernels::align_up(4 * 8, 16) + kernels::align_up(4 * 7168, 16));
+  CHECK_EQ(ws.combine_put_bytes(2), size_t(4 * 8 + 2 * 7168));
   size_t const ring_slots = size_t(4) * 32 * 16;
   CHECK_EQ(ws.required_bytes(), kernels::align_up(ws.combine_rings_offset + ring_slots * ws.combine_slot_bytes, 128));
   CHECK_EQ(ws.dispatch_ring_slot(3, 31, 16 + 15), ws.dispatch_rings_offset + ((3 * 32 + 31) * 16 + 15) * ws.dispatch_slot_bytes);

@@ -145,11 +145,16 @@ class _KernelPath:
     def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict):
         return getattr(self.ext, self.dispatch_type)(**_dispatch_fields(plan, t, recv), **self._extra(plan, counters))
 
-    def combine_params(self, plan, counters: torch.Tensor | None, x, weights, num_topk: int, combined, combined_w):
+    def combine_params(self, plan, counters: torch.Tensor | None, x, weights, num_topk: int, combined, combined_w,
+                       node_partial_dtype: torch.dtype | None = None):
         fields = _combine_fields(plan, x, weights, num_topk, combined, combined_w)
-        return getattr(self.ext, self.combine_type)(**fields, **self._extra(plan, counters))
+        return getattr(self.ext, self.combine_type)(**fields, **self._extra(plan, counters),
+                                                    **self._extra_combine(x, node_partial_dtype))
 
     def _extra_notify(self, forward_prefix) -> dict:
+        return {}
+
+    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None) -> dict:
         return {}
 
     def _extra(self, plan, counters: torch.Tensor | None) -> dict:
@@ -222,9 +227,25 @@ class InternodePath(_KernelPath):
     notify_type, dispatch_type, combine_type = ("InternodeNotifyParams", "InternodeDispatchParams",
                                                 "InternodeCombineParams")
 
-    def __init__(self, ext: ModuleType, topo: Topology, max_nodes_per_token: int) -> None:
+    def __init__(self, ext: ModuleType, topo: Topology, max_nodes_per_token: int,
+                 node_partials: str = "rows_dtype") -> None:
         super().__init__(ext, topo)
         self.max_nodes_per_token = min(max_nodes_per_token, topo.num_nodes)
+        self.node_partials = node_partials  # Buffer(combine_node_partials=...)
+
+    def node_partial_dtype(self, x: torch.Tensor, asked: torch.dtype | None = None) -> torch.dtype:
+        """The dtype a node partial of rows ``x`` crosses the network in (``asked``: the Buffer's choice)."""
+        if asked is not None:
+            return asked
+        return x.dtype if self.node_partials == "rows_dtype" else torch.float32
+
+    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None) -> dict:
+        return dict(node_partial_kind=ELEMENT_KINDS[self.node_partial_dtype(x, node_partial_dtype)])
+
+    @staticmethod
+    def combine_partial_offset(num_topk: int) -> int:
+        """Where a combine slot's partial starts: after the fp32 weights, on 16 bytes (rdma_workspace.cuh)."""
+        return -(-4 * num_topk // 16) * 16
 
     def kernel_config(self, config: Config | None, num_channels: int | None = None):
         """The call's ``InternodeConfig`` (the backend's default without a Config); ``num_channels``

@@ -35,6 +35,9 @@ class BackendOptions:
     algorithm: str = "flat"  # "flat" or "two_hop"
     max_nodes_per_token: int = 4
     timeout_s: float = 30.0
+    # two-hop combine: a node's partial sum crosses the network in the rows' dtype ("rows_dtype",
+    # DeepEP's bytes) or in float32 ("float32", one rounding); see Buffer
+    combine_node_partials: str = "rows_dtype"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,16 @@ class DispatchBackend(abc.ABC):
         The default takes everything.
         """
 
+    @classmethod
+    def algorithms(cls, topo: Topology) -> dict[str, str]:
+        """The algorithms this backend accepts on ``topo``, each mapped to the one whose rows it moves.
+
+        A benchmark or test predicting exact traffic uses the value: e.g. the kernel backends run
+        the intranode kernels on one node whichever name is passed, so their rows are flat's.
+        The default accepts both and runs what is asked.
+        """
+        return {"flat": "flat", "two_hop": "two_hop"}
+
     @abc.abstractmethod
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
                        config: Config | None = None) -> None:
@@ -110,9 +123,14 @@ class DispatchBackend(abc.ABC):
         """Dispatch ``x`` (and ``scales``) along an earlier dispatch's routing."""
 
     @abc.abstractmethod
-    def combine(self, tensors: dict[str, torch.Tensor], plan: object,
-                config: Config | None = None) -> dict[str, torch.Tensor]:
+    def combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None,
+                node_partial_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Return each received row (``x``, optional ``topk_weights``) to its source and sum per token.
+
+        ``node_partial_dtype``: what each node's float32 partial of ``x`` is rounded to before the
+        sum over nodes (float32: not rounded); None: x's dtype or float32, as the Buffer's
+        ``combine_node_partials`` says. The Buffer passes the caller's dtype when it sends float32
+        rows (combine with bias on the kernel backends), so every backend rounds alike.
 
         Returns:
             per tensor name, ``[num_tokens, width]`` sums: ``x`` in float32 or x's dtype (the caller

@@ -298,7 +298,7 @@ class SimDispatchBackend(DispatchBackend):
         self.timeout_s = float(options.timeout_s)
         self._ext = load_extension(self.runtime_class.runtime_kind)  # its types are the ones its runtime runs
         self.path = (IntranodePath(self._ext, topo) if topo.num_nodes == 1
-                     else InternodePath(self._ext, topo, options.max_nodes_per_token))
+                     else InternodePath(self._ext, topo, options.max_nodes_per_token, options.combine_node_partials))
         self.explicit_bytes = (num_nvl_bytes, num_rdma_bytes if topo.num_nodes > 1 else 0)
         self._device_runtime: SimRuntime | None = None
         self._epoch = 0
@@ -320,9 +320,14 @@ class SimDispatchBackend(DispatchBackend):
         return self._low_latency
 
     @classmethod
+    def algorithms(cls, topo: Topology) -> dict[str, str]:
+        """One node: the intranode kernels under either name (flat rows); across nodes: two-hop only."""
+        return {"flat": "flat", "two_hop": "flat"} if topo.num_nodes == 1 else {"two_hop": "two_hop"}
+
+    @classmethod
     def check_options(cls, topo: Topology, options: BackendOptions) -> None:
         """The kernels run the two-hop path across nodes (raises ValueError for 'flat')."""
-        if topo.num_nodes > 1 and options.algorithm != "two_hop":
+        if options.algorithm not in cls.algorithms(topo):
             raise ValueError(f"backend {cls.name!r} runs the two-hop kernels across nodes: pass algorithm="
                              f"'two_hop' or 'auto' (got {options.algorithm!r}); 'flat' is the torch backend's")
 
@@ -519,7 +524,8 @@ class SimDispatchBackend(DispatchBackend):
         self._barrier(runtime, spec, op)
         return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op)
 
-    def combine(self, tensors, plan: SimPlan, config: Config | None = None) -> dict[str, torch.Tensor]:
+    def combine(self, tensors, plan: SimPlan, config: Config | None = None,
+                node_partial_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Per field, [num_tokens, width] sums: x's dtype for ``x`` (fp32 sums rounded once), fp32 weights."""
         x = tensors["x"].contiguous()
         weights = tensors.get("topk_weights")
@@ -532,27 +538,30 @@ class SimDispatchBackend(DispatchBackend):
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
         counters = self._counters()
-        self._run(runtime, spec, self.path.combine_params(plan, counters, x, weights, num_topk, combined, combined_w),
-                  "combine")
+        self._run(runtime, spec, self.path.combine_params(plan, counters, x, weights, num_topk, combined, combined_w,
+                                                          node_partial_dtype), "combine")
         row = x.size(1) * x.element_size()
         if counters is None:
             self.comm.record_rows_to_peers("combine", plan.recv_counts, row, 4 * num_topk)
         else:
-            self._record_two_hop_combine(plan, counters, x, num_topk)
+            self._record_two_hop_combine(plan, counters, x, num_topk, node_partial_dtype)
         out = {"x": combined}
         if combined_w is not None:
             out["topk_weights"] = combined_w
         return out
 
-    def _record_two_hop_combine(self, plan: SimPlan, counters: torch.Tensor, x: torch.Tensor, num_topk: int) -> None:
-        """NVLink hop: each received row back to its forwarder; network hop: fp32 partials as counted."""
+    def _record_two_hop_combine(self, plan: SimPlan, counters: torch.Tensor, x: torch.Tensor, num_topk: int,
+                                node_partial_dtype: torch.dtype | None) -> None:
+        """NVLink hop: each received row back to its forwarder; network hop: node partials as counted."""
         topo, row = self.topo, x.size(1) * x.element_size()
         for src, rows in enumerate(plan.recv_counts):  # rows from src went through forwarder (my node, src % L)
             if rows:
                 forwarder = topo.rank_of(topo.node, topo.local_of(src))
                 self.comm.traffic.record("combine", topo.link_to(forwarder), rows, rows * row, rows * 4 * num_topk)
-        # a partial is fp32 [hidden] plus its fp32 weights [the dispatch's num_topk]
-        self._record_puts("combine", counters, 4 * x.size(1), 4 * self.path.num_topk(plan.spec))
+        # a put is the fp32 weights [the dispatch's num_topk] padded to 16 bytes, then the partial [hidden]
+        partial_bytes = x.size(1) * self.path.node_partial_dtype(x, node_partial_dtype).itemsize
+        self._record_puts("combine", counters, partial_bytes,
+                          self.path.combine_partial_offset(self.path.num_topk(plan.spec)))
 
     def _record_puts(self, op: str, counters: torch.Tensor, payload_bytes: int, meta_bytes: int) -> None:
         """The transport's byte counters (self, nvlink, network) as rows of ``payload + meta`` bytes each."""

@@ -7,16 +7,19 @@ every kernel backend is checked against. Two algorithms, identical results:
 * ``two_hop``: a token crosses nodes once per destination node, to the rank
   with the same local index there (its *forwarder*), which forwards it inside
   the node. Combine runs backwards: the forwarder sums its node's rows (fp32)
-  and sends one partial row per (token, node) back across nodes.
+  and sends one partial row per (token, node) back across nodes, in the rows'
+  dtype by default (``combine_node_partials="rows_dtype"``) or in float32.
 
 Combine arithmetic is fixed so both algorithms agree bit for bit: for each
 token, ``acc = 0``; for each node ``n`` ascending, ``partial = 0``, then
 ``partial += float32(row_d)`` for each rank ``d`` of ``n`` ascending that
-holds a row of the token, then ``acc += partial``; finally one cast.
+holds a row of the token; in ``rows_dtype`` mode ``partial = float32(dtype(partial))``
+(only when there are several nodes: with one, the final cast makes it a no-op);
+then ``acc += partial``; finally one cast.
 
 Speed: the token data moves without packing copies (see ``_wire``), and the
 large temporaries (send rows, float32 partials and accumulators) live in a
-process-wide scratch of a few slots, reused across calls instead of being
+per-Buffer scratch of a few slots, reused across calls instead of being
 allocated and page-faulted afresh each time. Slot use per step:
 dispatch ``a`` send rows, ``b`` network-hop arrivals, ``c`` hop-2 arrivals (hop-2 send
 rows reuse ``a``); combine ``a`` rows going back (then the float32 partials
@@ -26,6 +29,7 @@ forwarder partials, ``acc:*`` per-token sums.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +44,15 @@ __all__ = ["TorchBackend", "FlatPlan", "TwoHopPlan", "release_scratch"]
 
 NVL_MASK = "nvl_mask"
 _CHUNK_ROWS = 512  # rows converted to float32 at a time when summing
+# Calls whose busiest rank sends at most this many bytes move their rows packed: one collective per
+# exchange instead of two (bulk, side fields). A collective's fixed cost (~0.1-0.3 ms on gloo, more
+# with NCCL's launch + sync) buys a copy of about this many bytes at memory speed.
+PACK_LIMIT_BYTES = 1 << 20
+
+
+def _pack_rows(counts: torch.Tensor, fmt: RowFormat) -> bool:
+    """Whether a call packs its rows: decided from every rank's agreed counts, so identically everywhere."""
+    return int(counts.sum(1).max()) * fmt.row_bytes <= PACK_LIMIT_BYTES if counts.numel() else True
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -58,13 +71,14 @@ class Scratch:
     """Temporaries reused across calls: a few raw byte slots, each viewed as the dtype a step needs.
 
     Steps that are never live at the same time share a slot, so the memory kept is a few
-    row-buffers, not one per step. One scratch serves every torch-backend Buffer of the
-    process (their operations run one at a time, in stream order); results handed to the
-    caller never live in it.
+    row-buffers, not one per step. Each Buffer has its own: one Buffer runs one operation at a
+    time, but two Buffers' asynchronous operations (``async_finish=True``) run at the same time
+    on their worker threads. Results handed to the caller never live in it.
     """
 
     def __init__(self) -> None:
         self._slots: dict[tuple[str, torch.device], torch.Tensor] = {}
+        _SCRATCHES.add(self)
 
     def get(self, slot: str, rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         nbytes = max(rows * width * dtype.itemsize, 1)
@@ -77,16 +91,18 @@ class Scratch:
         self._slots.clear()
 
 
-_SCRATCH = Scratch()
+_SCRATCHES: "weakref.WeakSet[Scratch]" = weakref.WeakSet()
 
 
 def release_scratch() -> None:
-    """Free the torch backend's reusable temporaries (every Buffer of this process shares them).
+    """Free the reusable temporaries of every torch-backend Buffer of this process.
 
     The next call re-allocates what it needs. Useful between phases of a program whose shapes
-    shrink, like :func:`torch.cuda.empty_cache`; not needed for correctness.
+    shrink, like :func:`torch.cuda.empty_cache`; not needed for correctness. Call it while no
+    ``async_finish`` operation is in flight.
     """
-    _SCRATCH.release()
+    for scratch in list(_SCRATCHES):
+        scratch.release()
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -101,6 +117,7 @@ class FlatPlan:
     send_token_idx: torch.Tensor  # [num_sent] int64, grouped by destination rank ascending
     send_counts: list[int]  # rows to each rank
     recv_counts: list[int]  # rows from each rank
+    pack_rows: bool = False  # small call: fields travel packed, one collective per exchange (every rank alike)
 
 
 @dataclass
@@ -117,6 +134,7 @@ class TwoHopPlan:
     nvlink_send_counts: list[int]
     nvlink_recv_counts: list[int]
     recv_order: torch.Tensor  # hop-2 arrival position of each received row, in final order
+    pack_rows: bool = False  # small call: fields travel packed, one collective per exchange (every rank alike)
 
     @property
     def num_network_recv(self) -> int:
@@ -150,7 +168,8 @@ class TorchBackend(DispatchBackend):
     def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
         super().__init__(comm, topo, options)
         self.algorithm = options.algorithm
-        self.scratch = _SCRATCH
+        self.node_partials = options.combine_node_partials
+        self.scratch = Scratch()
 
     # ----------------------------------------------------------------- helpers
     def _gather(self, name: str, tensors: dict[str, torch.Tensor], fmt: RowFormat, idx: torch.Tensor):
@@ -201,7 +220,8 @@ class TorchBackend(DispatchBackend):
                         op: str) -> dict[str, torch.Tensor]:
         if isinstance(plan, FlatPlan):
             send = self._gather("a", tensors, fmt, plan.send_token_idx)
-            return self.comm.exchange_rows(op, "rows", fmt, send, plan.send_counts, plan.recv_counts)
+            return self.comm.exchange_rows(op, "rows", fmt, send, plan.send_counts, plan.recv_counts,
+                                           pack=plan.pack_rows)
         send = self._gather("a", tensors, fmt, plan.network_token_idx)
         network_rows = self._network_hop(op, fmt, send, plan)
         return self._forward(op, network_rows, fmt, plan)
@@ -214,6 +234,7 @@ class TorchBackend(DispatchBackend):
             send_token_idx=dest_token[:, 1].contiguous(),
             send_counts=counts[me].tolist(),
             recv_counts=counts[:, me].tolist(),
+            pack_rows=_pack_rows(counts, fmt),
         )
         return self._dispatch_along(tensors, fmt, plan, "dispatch"), plan
 
@@ -221,7 +242,8 @@ class TorchBackend(DispatchBackend):
         bulk = send[fmt.bulk.name]
         out = self.scratch.get("b", plan.num_network_recv, fmt.bulk.width, bulk.dtype, bulk.device)
         return self.comm.exchange_rows(
-            op, "network hop", fmt, send, plan.network_send_counts, plan.network_recv_counts, bulk_out=out
+            op, "network hop", fmt, send, plan.network_send_counts, plan.network_recv_counts, bulk_out=out,
+            pack=plan.pack_rows,
         )
 
     def _dispatch_two_hop(self, tensors, fmt, is_token_in_rank, counts, node_counts):
@@ -253,6 +275,7 @@ class TorchBackend(DispatchBackend):
             nvlink_send_counts=[0] * topo.world_size,
             nvlink_recv_counts=nvlink_recv_counts,
             recv_order=(starts + within).to(is_token_in_rank.device),
+            pack_rows=_pack_rows(counts, fmt),
         )
         network_fmt = fmt.with_field(Field(NVL_MASK, torch.uint8, nvl))
         send = self._gather("a", tensors, fmt, network_token_idx)
@@ -272,13 +295,14 @@ class TorchBackend(DispatchBackend):
         bulk = send[fmt.bulk.name]
         arrived = self.scratch.get("c", plan.num_recv, fmt.bulk.width, bulk.dtype, bulk.device)
         nvlink_rows = self.comm.exchange_rows(
-            op, "nvlink hop", fmt, send, plan.nvlink_send_counts, plan.nvlink_recv_counts, bulk_out=arrived
+            op, "nvlink hop", fmt, send, plan.nvlink_send_counts, plan.nvlink_recv_counts, bulk_out=arrived,
+            pack=plan.pack_rows,
         )
         return {name: t.index_select(0, plan.recv_order) for name, t in nvlink_rows.items()}
 
     # ------------------------------------------------------------------ combine
     def combine(self, tensors: dict[str, torch.Tensor], plan: FlatPlan | TwoHopPlan,
-                config: object = None) -> dict[str, torch.Tensor]:
+                config: object = None, node_partial_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Return each received row to its source and sum per token (fp32, fixed order).
 
         Args:
@@ -288,16 +312,23 @@ class TorchBackend(DispatchBackend):
             valid until the next call).
         """
         fmt = row_format(tensors)
+        if node_partial_dtype is None:
+            node_partial_dtype = fmt.bulk.dtype if self.node_partials == "rows_dtype" else torch.float32
+        # the dtype each field's node partial crosses nodes in (weights: always float32); with one
+        # node the final cast makes any rounding a no-op, so none is done
+        partial_dtypes = {f.name: torch.float32 if self.topo.num_nodes == 1 or f.name != fmt.bulk.name
+                          else node_partial_dtype for f in fmt.fields}
         if isinstance(plan, FlatPlan):
-            return self._combine_flat(tensors, fmt, plan)
-        return self._combine_two_hop(tensors, fmt, plan)
+            return self._combine_flat(tensors, fmt, plan, partial_dtypes)
+        return self._combine_two_hop(tensors, fmt, plan, partial_dtypes)
 
-    def _combine_flat(self, tensors, fmt, plan: FlatPlan) -> dict[str, torch.Tensor]:
+    def _combine_flat(self, tensors, fmt, plan: FlatPlan, partial_dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
         topo = self.topo
         x = tensors[fmt.bulk.name]
         back = self.comm.exchange_rows(
             "combine", "rows", fmt, tensors, plan.recv_counts, plan.send_counts,
             bulk_out=self.scratch.get("a", sum(plan.send_counts), fmt.bulk.width, x.dtype, x.device),
+            pack=plan.pack_rows,
         )
         segments = _segments(plan.send_counts)
         acc = {f.name: self._zeros(f"acc:{f.name}", plan.num_tokens, f.width, x.device) for f in fmt.fields}
@@ -312,10 +343,12 @@ class TorchBackend(DispatchBackend):
                 partial = self._zeros(f"b:{f.name}", tokens.numel(), f.width, x.device)
                 for lo, hi in node_segments:
                     self._sum_rows_into(partial, slot[plan.send_token_idx[lo:hi]], back[f.name][lo:hi])
+                if partial_dtypes[f.name] != torch.float32:
+                    partial.copy_(partial.to(partial_dtypes[f.name]))  # what two-hop sends across nodes
                 acc[f.name].index_add_(0, tokens, partial)
         return acc
 
-    def _combine_two_hop(self, tensors, fmt, plan: TwoHopPlan) -> dict[str, torch.Tensor]:
+    def _combine_two_hop(self, tensors, fmt, plan: TwoHopPlan, partial_dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
         x = tensors[fmt.bulk.name]
         # Back over NVLink to the forwarders, in the order hop 2 delivered the rows.
         arrival = {}
@@ -328,24 +361,28 @@ class TorchBackend(DispatchBackend):
         back2 = self.comm.exchange_rows(
             "combine", "nvlink hop", fmt, arrival, plan.nvlink_recv_counts, plan.nvlink_send_counts,
             bulk_out=self.scratch.get("b", sum(plan.nvlink_send_counts), fmt.bulk.width, x.dtype, x.device),
+            pack=plan.pack_rows,
         )
-        # The forwarder's node-local partial sum, in fp32, destination ranks ascending.
-        partial_fmt = RowFormat([Field(f.name, torch.float32, f.width, f.payload) for f in fmt.fields])
+        # The forwarder's node-local partial sum, in fp32, destination ranks ascending; it crosses
+        # the network in the rows' dtype (rounded once here) or, when asked, in fp32.
+        partial_fmt = RowFormat([Field(f.name, partial_dtypes[f.name], f.width, f.payload) for f in fmt.fields])
         partial = {}
-        for f in fmt.fields:
+        for f, wire in zip(fmt.fields, partial_fmt.fields):
             acc = self._zeros("c" if f.name == fmt.bulk.name else f"c:{f.name}", plan.num_network_recv, f.width, x.device)
             for lo, hi in _segments([c for c in plan.nvlink_send_counts if c]):
                 self._sum_rows_into(acc, plan.fwd_row_idx[lo:hi], back2[f.name][lo:hi])
-            partial[f.name] = acc
+            partial[f.name] = acc if wire.dtype == torch.float32 else acc.to(wire.dtype)
         back1 = self.comm.exchange_rows(
             "combine", "network hop", partial_fmt, partial, plan.network_recv_counts, plan.network_send_counts,
-            bulk_out=self.scratch.get("a", sum(plan.network_send_counts), fmt.bulk.width, torch.float32, x.device),  # arrival is sent
+            bulk_out=self.scratch.get("a", sum(plan.network_send_counts), fmt.bulk.width, partial_fmt.bulk.dtype,
+                                      x.device),  # arrival is sent
+            pack=plan.pack_rows,
         )
-        # Across nodes at the source: node partials ascending.
+        # Across nodes at the source: node partials ascending, summed in fp32.
         out = {}
         for f in fmt.fields:
             acc = self._zeros(f"acc:{f.name}", plan.num_tokens, f.width, x.device)
             for lo, hi in _segments([c for c in plan.network_send_counts if c]):
-                acc.index_add_(0, plan.network_token_idx[lo:hi], back1[f.name][lo:hi])
+                self._sum_rows_into(acc, plan.network_token_idx[lo:hi], back1[f.name][lo:hi])
             out[f.name] = acc
         return out
