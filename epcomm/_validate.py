@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Invalid", "check_tensor", "describe"]
+__all__ = ["Invalid", "check_tensor", "describe", "device_of", "problem_text"]
 
 _FLOAT8 = torch.float8_e4m3fn
 
@@ -75,3 +75,17 @@ def check_hidden_for_fp8(hidden: int) -> None:
 
 def is_fp8_pair(x: object) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], torch.Tensor) and x[0].dtype == _FLOAT8
+
+
+def problem_text(err: Exception, plain: tuple[type[Exception], ...] = (Invalid,)) -> str:
+    """What a rank reports to its peers when its checks raised ``err``: the message alone for the
+    kinds in ``plain`` (the checks' own), else prefixed with the exception's type."""
+    if isinstance(err, plain) and not isinstance(err, RuntimeError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def device_of(x: object) -> torch.device:
+    """The device of ``x`` (a tensor or an FP8 tuple); CPU for anything else (a bad argument)."""
+    t = x[0] if isinstance(x, tuple) and x and isinstance(x[0], torch.Tensor) else x
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")

@@ -16,7 +16,8 @@ from ._agree import FP8_KIND as _FP8_KIND
 from ._agree import X_KINDS as _X_KINDS
 from ._agree import agree
 from ._comm import GroupComm
-from ._validate import Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, is_fp8_pair
+from ._validate import (Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, device_of, is_fp8_pair,
+                        problem_text)
 from ._agree import ALGORITHM_NAMES, NODE_PARTIAL_NAMES, OPERATION_NAMES
 from .backends import agree_available, backend_class, resolve_backend
 from .backends.base import BackendOptions, DispatchCall
@@ -452,7 +453,7 @@ class Buffer:
                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
             )
         except Exception as err:  # any failure here must reach the peers, not strand them
-            problem = _problem_text(err)
+            problem = problem_text(err)
         signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config),
                          num_worst_tokens=num_worst_tokens if isinstance(num_worst_tokens, int) else -2,
                          async_finish=int(bool(async_finish)))
@@ -460,7 +461,7 @@ class Buffer:
         if prepared is not None:
             signature.update(prepared["signature"])
             counts = prepared["counts"]
-        gathered = agree(self._comm, op, problem, signature, counts, self._device_of(x))
+        gathered = agree(self._comm, op, problem, signature, counts, device_of(x))
         self._low_latency.note_normal_call()  # LL calls now need clean_low_latency_buffer first
         world, nodes = self.group_size, self.num_nodes
         _check_worst_tokens(op, num_worst_tokens, gathered[:, :world], world)
@@ -623,12 +624,12 @@ class Buffer:
                 raise Invalid(f"x has {num_tokens} tokens but the handle was made for {handle.num_tokens}")
             self._impl.check_dispatch(tensors, 0, handle.plan, config=config)
         except Exception as err:
-            problem = _problem_text(err)
+            problem = problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
         hidden = tensors["x"].size(1) if tensors is not None else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
                          **_config_signature(config), async_finish=int(bool(async_finish)))
-        agree(self._comm, op, problem, signature, None, self._device_of(x))
+        agree(self._comm, op, problem, signature, None, device_of(x))
         self._low_latency.note_normal_call()
 
         def data_phase():
@@ -700,12 +701,12 @@ class Buffer:
                 tensors["topk_weights"] = topk_weights[: handle.num_recv_tokens]
             self._impl.check_combine(tensors, handle.plan, config=config)
         except Exception as err:
-            problem = _problem_text(err)
+            problem = problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind,
                          has_topk_weights=int(topk_weights is not None), **self._common_signature(),
                          **_config_signature(config), async_finish=int(bool(async_finish)))
-        agree(self._comm, op, problem, signature, None, self._device_of(x))
+        agree(self._comm, op, problem, signature, None, device_of(x))
         self._low_latency.note_normal_call()
         node_partial_dtype = x.dtype if self.combine_node_partials == "rows_dtype" else torch.float32
 
@@ -952,11 +953,6 @@ class Buffer:
         if previous_event is not None:
             previous_event.current_stream_wait()
 
-    @staticmethod
-    def _device_of(x: object) -> torch.device:
-        t = x[0] if isinstance(x, tuple) and x and isinstance(x[0], torch.Tensor) else x
-        return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
-
 
 def _maker_alive(buffer_id: int) -> bool:
     """Whether the Buffer ``buffer_id`` still exists and was not destroyed (collects garbage once: a
@@ -1065,7 +1061,3 @@ def _check_layout_consistent(
         raise Invalid("num_tokens_per_expert does not match topk_idx; pass get_dispatch_layout's outputs unchanged")
 
 
-def _problem_text(err: Exception) -> str:
-    if isinstance(err, Invalid):
-        return str(err)
-    return f"{type(err).__name__}: {err}"

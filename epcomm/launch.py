@@ -2,19 +2,38 @@
 
 Benchmarks and examples call :func:`init_distributed` so the same script runs
 under ``mpiexec -n 8 python ...`` (mpi4py bootstraps the rendezvous) and under
-``torchrun --nproc-per-node 8 ...``.
+``torchrun --nproc-per-node 8 ...``; :func:`parse_settings` gives a settings
+dataclass its command line.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
 import os
 import socket
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed"]
+__all__ = ["init_distributed", "parse_settings"]
+
+SettingsT = TypeVar("SettingsT")
+
+
+def parse_settings(settings_class: type[SettingsT], argv: list[str] | None, description: str) -> SettingsT:
+    """``settings_class`` (a dataclass of int, float, str and bool fields with defaults) from ``argv``:
+    field ``some_name`` is ``--some-name``; a bool field takes ``--some-name`` / ``--no-some-name``."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(settings_class):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    return settings_class(**vars(parser.parse_args(argv)))
 
 
 def _free_port() -> int:

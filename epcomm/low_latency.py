@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._validate import Invalid, check_tensor, describe
+from ._validate import Invalid, check_tensor, describe, device_of, problem_text
 
 __all__ = [
     "LowLatencyLayout",
@@ -454,8 +454,8 @@ class LowLatencyOps:
             self._engine.check_dispatch(layout, {"x": x, "topk_idx": topk_idx, "cumulative_local_expert_recv_stats":
                                                  recv_stats, "dispatch_wait_recv_cost_stats": wait_stats})
         except Exception as err:
-            problem = _problem_text(err)
-        self._agree(op, problem, _device_of(x), num_experts=_int_or(num_experts), num_max_dispatch_tokens=_int_or(num_max),
+            problem = problem_text(err, plain=(Invalid, ValueError))
+        self._agree(op, problem, device_of(x), num_experts=_int_or(num_experts), num_max_dispatch_tokens=_int_or(num_max),
                     hidden=layout.hidden if layout else -1,
                     num_topk=topk_idx.size(1) if layout else -1,
                     low_latency_flags=_flags(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
@@ -471,15 +471,17 @@ class LowLatencyOps:
                                   cleans=state.cleans, buffer_id=self._buffer.id,
                                   topk_idx=topk_idx.clone(), token_slots=result.token_slots)
         recv_x = result.recv_x if result.recv_scales is None else (result.recv_x, result.recv_scales)
-        hook = self._hook(seq, result.receive, op)
+        hook = self._hook(seq, seq, result.receive, op, f"LL dispatch #{seq}")
         if not return_recv_hook:
             hook()
             hook = None
         return recv_x, result.recv_count, handle, EventOverlap.capture(x.device), hook
 
-    def _hook(self, seq: int, receive: Callable[[], None], op: str) -> Callable[[], None]:
+    def _hook(self, pending_key: int, seq: int, receive: Callable[[], None], op: str, what: str) -> Callable[[], None]:
+        """The receive half of the call ``what`` (of LL dispatch ``seq``'s slot), run once; pending under
+        ``pending_key`` until then. Refused once dispatch ``seq + 2`` reused the slot its data lands in."""
         state = self.state
-        state.pending[seq] = op
+        state.pending[pending_key] = op
         done = False
 
         def hook() -> None:
@@ -487,12 +489,12 @@ class LowLatencyOps:
             if done:
                 return
             if not state.slot_owner_ok(seq):
-                state.pending.pop(seq, None)
-                raise RuntimeError(f"epcomm {op}: the hook of LL dispatch #{seq} came after dispatch #{seq + 2} "
-                                   "reused its buffer slot; call each hook before the next-but-one dispatch")
+                state.pending.pop(pending_key, None)
+                raise RuntimeError(f"epcomm {op}: the hook of {what} came after dispatch #{seq + 2} reused its "
+                                   "buffer slot; call each hook before the next-but-one dispatch")
             receive()
             done = True
-            state.pending.pop(seq, None)
+            state.pending.pop(pending_key, None)
 
         return hook
 
@@ -510,10 +512,10 @@ class LowLatencyOps:
                                           read_values)
             self._engine.check_combine(handle.layout, {"x": x, "topk_weights": topk_weights, "out": out})
         except Exception as err:
-            problem = _problem_text(err)
+            problem = problem_text(err, plain=(Invalid, ValueError))
         ok = problem is None
         info = handle.__dict__ if ok else {}
-        self._agree(op, problem, _device_of(x), handle=info.get("seq", -1),
+        self._agree(op, problem, device_of(x), handle=info.get("seq", -1),
                     hidden=info["layout"].hidden if ok else -1,
                     low_latency_flags=_flags(zero_copy=zero_copy, return_recv_hook=return_recv_hook, out=out is not None))
         layout = info["layout"]
@@ -523,23 +525,8 @@ class LowLatencyOps:
                                      layout, info["slot"], out, zero_copy)
         receive = self._engine.combine(call)
         seq = info["seq"]
-        state = self.state
-        pending_key = -seq  # combines are pending under the negative of their dispatch's number
-        state.pending[pending_key] = op
-        done = False
-
-        def hook() -> None:
-            nonlocal done
-            if done:
-                return
-            if not state.slot_owner_ok(seq):
-                state.pending.pop(pending_key, None)
-                raise RuntimeError(f"epcomm {op}: the hook of the combine of LL dispatch #{seq} came after dispatch "
-                                   f"#{seq + 2} reused its buffer slot; call each hook before the next-but-one dispatch")
-            receive()
-            done = True
-            state.pending.pop(pending_key, None)
-
+        # combines are pending under the negative of their dispatch's number
+        hook = self._hook(-seq, seq, receive, op, f"the combine of LL dispatch #{seq}")
         if not return_recv_hook:
             hook()
             return out, EventOverlap.capture(out.device), None
@@ -567,7 +554,7 @@ class LowLatencyOps:
                               "them before cleaning")
             self._engine_or_raise()
         except Exception as err:
-            problem = _problem_text(err)
+            problem = problem_text(err, plain=(Invalid, ValueError))
         self._agree(op, problem, torch.device("cpu"), num_max_dispatch_tokens=_int_or(num_max), hidden=_int_or(hidden),
                     num_experts=_int_or(num_experts))
         self._engine.clean(LowLatencyLayout(num_max, hidden, self._buffer.group_size, num_experts))
@@ -578,15 +565,3 @@ class LowLatencyOps:
 
 def _int_or(value: object, default: int = -1) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _device_of(x: object) -> torch.device:
-    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-
-
-def _problem_text(err: Exception) -> str:
-    if isinstance(err, Invalid):
-        return str(err)
-    if isinstance(err, ValueError) and not isinstance(err, RuntimeError):
-        return str(err)
-    return f"{type(err).__name__}: {err}"

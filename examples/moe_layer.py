@@ -34,7 +34,6 @@ the exit code is 0 on PASS, 1 on FAIL, 2 if the backend is unavailable.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ from torch import Tensor
 
 import epcomm
 from epcomm.eplb import LoadMonitor, Placement, rank_loads
-from epcomm.launch import init_distributed
+from epcomm.launch import init_distributed, parse_settings
 from epcomm.moe import ExpertParallel, LoadStats, expert_load, group_by_expert, grouped_linear, ungroup_from_experts
 from epcomm.routing import node_limited_gate, update_bias
 
@@ -338,12 +337,7 @@ def phases(s: Settings, logs: list[StepLog]) -> list[Phase]:
 
 
 def parse(argv: list[str] | None = None) -> Settings:
-    s = Settings()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in vars(s).items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=type(value), default=value)
-    return Settings(**vars(parser.parse_args(argv)))
+    return parse_settings(Settings, argv, __doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,6 @@ unavailable.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -69,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import epcomm
-from epcomm.launch import init_distributed
+from epcomm.launch import init_distributed, parse_settings
 from epcomm.moe import group_by_expert, grouped_linear, ungroup_from_experts
 from epcomm.routing import node_limited_gate
 
@@ -255,11 +254,7 @@ def run(s: Settings) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> Settings:
-    s = Settings()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, value in vars(s).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    return Settings(**vars(parser.parse_args(argv)))
+    return parse_settings(Settings, argv, __doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,6 +242,13 @@ def test_move_experts_is_bit_identical_to_a_fresh_layer(pools, backend, nvl):
     assert rows == [[12, 16, 12, 8]] * 4
 
 
+@pytest.mark.parametrize("backend", ["torch", "sim"])
+def test_move_experts_across_four_nodes(pools, backend):
+    """4 nodes x 2 (the two-hop path; one expert per GPU before, up to 4 slots per GPU after)."""
+    rows = pools(8).run(move_chain, backend, 2, 4)
+    assert all(r == rows[0] for r in rows) and all(n > 0 for n in rows[0]), rows
+
+
 def test_move_experts_splits_tokens_over_the_node_cap(pools):
     """2 nodes x 2 with max one node per token: a slot going to both nodes travels as two tokens."""
     pools(4).run(move_chain, "torch", 2, 1)
