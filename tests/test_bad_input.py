@@ -115,6 +115,39 @@ def test_one_bad_rank_fails_every_rank(pools, mutation, backend):
     pools(4).run(check_case, CASES[backend], "auto", 1, backend.split(":")[0])
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` starting one element past an aligned address (a view at offset 1)."""
+    raw = torch.empty(t.numel() + 1, dtype=t.dtype)
+    return raw[1:].view(t.shape).copy_(t)
+
+
+def misaligned_on_one_rank(rank, world, backend, op):
+    buf = _buffer(backend)
+    inp = make_input(CASES[backend], rank)
+    args = _layout_args(buf, inp, CASE.num_experts)
+    bad = rank == 2
+    try:
+        if op == "dispatch":
+            buf.dispatch(misaligned(inp.x) if bad else inp.x, **args)
+        else:
+            recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, **args)
+            buf.combine(misaligned(recv_x) if bad and recv_x.numel() else recv_x, handle)
+    except epcomm.EpcommInputError as err:
+        return sorted(err.problems), str(err)
+    return None, None
+
+
+@pytest.mark.parametrize("backend", ["sim", "sim:1x4"])
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_misaligned_input_is_refused_on_every_rank(pools, backend, op):
+    """The kernels load rows in 4-byte words: a bf16 view at an odd element offset (2 bytes past an
+    aligned address) would trap on a GPU, so every rank refuses it before anything moves."""
+    for rank, (ranks, message) in enumerate(pools(4).run(misaligned_on_one_rank, backend, op)):
+        assert ranks == [2], f"rank {rank}: {message}"
+        assert "4-byte words" in message and ".clone()" in message, message
+    pools(4).run(check_case, CASES[backend], "auto", 1, "sim")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_num_experts_disagreement(pools, backend):
     outcomes = pools(4).run(dispatch_with_bad_rank, "experts disagree", 0, backend)

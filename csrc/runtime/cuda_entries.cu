@@ -1,14 +1,17 @@
 // The intranode kernels as cuda-runtime entries (intranode_entries.hpp), for the cuda backend
 // (epcomm/backends/cuda_backend.py): grids are launched on the call's stream (the launchers of
-// kernels/intranode_launch.cu) and waited for, so a call returns with its outputs written or
-// with the kernel's own error. The ErrorSlot is pinned, mapped host memory from a pool (allocated
+// kernels/intranode_launch.cu) and waited for (polling the stream against a host-owned deadline,
+// see wait_with_deadline), so a call returns with its outputs written, with the kernel's own
+// error, or with a host timeout. The ErrorSlot is pinned, mapped host memory from a pool (allocated
 // once, reused: no allocation, free or device-wide synchronization per call): the kernel writes it
 // over PCIe, the host reads it after the stream is synchronized. No torch headers here.
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../kernels/intranode.hpp"
@@ -21,6 +24,9 @@ namespace epcomm::runtime {
 namespace {
 
 using entries::LaunchOutcome;
+
+// Beyond twice the kernels' own timeout, the host's allowance for the launch and the work itself.
+constexpr double kHostDeadlineSlackSeconds = 5.0;
 
 std::string cuda_problem(char const* what, cudaError_t error) {
   return std::string(what) + " failed with " + cudaGetErrorName(error) + ": " + cudaGetErrorString(error);
@@ -79,7 +85,11 @@ struct CudaTarget {
   class Slot {
    public:
     Slot() : slot_(ErrorSlotPool::instance().take()) { *slot_.host = kernels::ErrorSlot{}; }
-    ~Slot() { ErrorSlotPool::instance().give_back(slot_); }
+    ~Slot() {
+      if (!abandoned_) ErrorSlotPool::instance().give_back(slot_);
+    }
+    // The host stopped waiting for the grid: it may still write here, so the slot is never reused (leaked).
+    void abandon() { abandoned_ = true; }
     Slot(Slot const&) = delete;
     Slot& operator=(Slot const&) = delete;
     kernels::ErrorSlot* kernel_view() { return slot_.device; }
@@ -87,6 +97,7 @@ struct CudaTarget {
 
    private:
     ErrorSlotPool::Mapped slot_;
+    bool abandoned_ = false;
   };
 
   template <class Args>
@@ -94,9 +105,36 @@ struct CudaTarget {
     void* const stream = call.stream.native();
     if (int const error = launch_grid(args, stream); error != int(cudaSuccess))
       return {ErrorCode::kKernelFailed, cuda_problem("kernel launch", cudaError_t(error))};
-    if (cudaError_t const error = cudaStreamSynchronize(static_cast<cudaStream_t>(stream)); error != cudaSuccess)
-      return {ErrorCode::kKernelFailed, cuda_problem("cudaStreamSynchronize", error)};
-    return {};
+    return wait_with_deadline(static_cast<cudaStream_t>(stream), call.timeout_s);
+  }
+
+  // The host owns a deadline, not cudaStreamSynchronize: the kernels' own waits give up after
+  // timeout_s (data waits after twice that), but a wait inside NCCL (a GIN flush or a put on a full
+  // queue towards a dead peer) or a hung GPU never returns. Polls the stream: yields for the first
+  // 200 us (small kernels finish there), then sleeps 50 us between queries.
+  static LaunchOutcome wait_with_deadline(cudaStream_t stream, double timeout_s) {
+    using Clock = std::chrono::steady_clock;
+    double const limit_s = 2 * timeout_s + kHostDeadlineSlackSeconds;
+    Clock::time_point const start = Clock::now();
+    Clock::time_point const deadline =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s));
+    for (;;) {
+      cudaError_t const state = cudaStreamQuery(stream);
+      if (state == cudaSuccess) return {};
+      if (state != cudaErrorNotReady) return {ErrorCode::kKernelFailed, cuda_problem("cudaStreamQuery", state)};
+      Clock::time_point const now = Clock::now();
+      if (now >= deadline)
+        return {ErrorCode::kTimeout,
+                "the kernel was still running " + std::to_string(int(limit_s)) + " s after launch although its own "
+                "waits give up after " + std::to_string(timeout_s) + " s (a wait inside NCCL towards a dead peer, or a "
+                "hung GPU); the host stopped waiting. The kernel may still be running: treat this process's CUDA "
+                "context as unusable and restart the process",
+                /*grid_may_still_run=*/true};
+      if (now - start < std::chrono::microseconds(200))
+        std::this_thread::yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
 
  private:

@@ -112,7 +112,10 @@ class CudaRuntime final : public DeviceRuntime {
     if (allocated_ || closed_) throw RuntimeError(ErrorCode::kInvalidArgument, "allocate: already called (once per runtime)");
     total_bytes_ = kControlBytes + num_bytes;
     check_cuda(cudaMalloc(&local_base_, total_bytes_), "cudaMalloc(NVL buffer)");
-    check_cuda(cudaMemset(local_base_, 0, total_bytes_), "cudaMemset(NVL buffer)");
+    // Zeroed and finished before the handle is exported: a plain cudaMemset may still be running when
+    // it returns, and a peer's first flag write must not be overwritten by it.
+    check_cuda(cudaMemsetAsync(local_base_, 0, total_bytes_, native_stream(default_stream())), "cudaMemsetAsync(NVL buffer)");
+    default_stream().synchronize();
     num_bytes_ = num_bytes;
     bases_.assign(size_t(num_ranks()), nullptr);
     bases_[size_t(rank())] = local_base_;
@@ -159,8 +162,14 @@ class CudaRuntime final : public DeviceRuntime {
     size_t const table_bytes = sizeof(void*) * size_t(num_ranks());
     check_cuda(cudaMalloc(&device_data_table_, table_bytes), "cudaMalloc(peer table)");
     check_cuda(cudaMalloc(&device_flag_table_, table_bytes), "cudaMalloc(flag table)");
-    check_cuda(cudaMemcpy(device_data_table_, peer_data_.data(), table_bytes, cudaMemcpyHostToDevice), "cudaMemcpy(peer table)");
-    check_cuda(cudaMemcpy(device_flag_table_, flags.data(), table_bytes, cudaMemcpyHostToDevice), "cudaMemcpy(flag table)");
+    // On the runtime's stream, then waited for: a pageable cudaMemcpy on the legacy stream may return
+    // before its DMA lands, and the kernels' non-blocking streams are not ordered after it.
+    cudaStream_t const setup = native_stream(default_stream());
+    check_cuda(cudaMemcpyAsync(device_data_table_, peer_data_.data(), table_bytes, cudaMemcpyHostToDevice, setup),
+               "cudaMemcpyAsync(peer table)");
+    check_cuda(cudaMemcpyAsync(device_flag_table_, flags.data(), table_bytes, cudaMemcpyHostToDevice, setup),
+               "cudaMemcpyAsync(flag table)");
+    default_stream().synchronize();  // also keeps the pageable sources alive long enough
     peers_open_ = true;
   }
 
@@ -231,8 +240,11 @@ class CudaRuntime final : public DeviceRuntime {
 
   std::vector<uint64_t> read_own_flags() override {
     std::vector<uint64_t> flags(static_cast<size_t>(num_ranks()));
-    check_cuda(cudaMemcpy(flags.data(), local_base_, flags.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
-               "cudaMemcpy(barrier flags)");
+    // after the barrier kernel (synchronized on its stream); read on the runtime's stream, not the legacy one
+    check_cuda(cudaMemcpyAsync(flags.data(), local_base_, flags.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost,
+                               native_stream(default_stream())),
+               "cudaMemcpyAsync(barrier flags)");
+    default_stream().synchronize();
     return flags;
   }
 

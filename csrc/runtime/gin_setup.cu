@@ -177,6 +177,8 @@ GinSession::GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals) : 
 
   check_cuda(cudaMalloc(&s.device_dev_comm, sizeof(ncclDevComm)), "cudaMalloc");
   check_cuda(cudaMemcpy(s.device_dev_comm, &s.dev_comm, sizeof(ncclDevComm), cudaMemcpyHostToDevice), "cudaMemcpy");
+  // a pageable copy may return before its DMA lands; the kernels' non-blocking streams do not wait for it
+  check_cuda(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize(legacy stream)");
 
   transport::GinTransport& t = s.transport;
   t.dev_comm = s.device_dev_comm;

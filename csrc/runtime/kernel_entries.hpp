@@ -10,7 +10,8 @@
 // A Target says how one runtime kind launches and where the kernel's ErrorSlot lives:
 //   struct Target {
 //     static constexpr char const* kKind;                        // "cpu" / "cuda"
-//     class Slot { ErrorSlot* kernel_view(); ErrorSlot read(); };  // zeroed, kernel-writable, host-readable
+//     class Slot { ErrorSlot* kernel_view(); ErrorSlot read(); void abandon(); };
+//       // zeroed, kernel-writable, host-readable; abandon(): a grid may still write it, never reuse it
 //     static LaunchOutcome launch(Args const&, KernelCall const&);  // runs the grid to completion
 //   };
 // A failed kernel throws RuntimeError(kTimeout / kKernelFailed) with the ErrorSlot's description.
@@ -26,7 +27,8 @@ namespace epcomm::runtime::entries {
 // How a launch ended, before the ErrorSlot is read: ok, or the runtime's own failure.
 struct LaunchOutcome {
   ErrorCode code = ErrorCode::kKernelFailed;
-  std::string problem;  // empty: the grid ran to completion
+  std::string problem;              // empty: the grid ran to completion
+  bool grid_may_still_run = false;  // the host stopped waiting (its deadline): never reuse the ErrorSlot
 };
 
 template <class T>
@@ -34,6 +36,7 @@ concept DeviceTarget = requires(typename T::Slot slot, typename T::Slot const& r
   { T::kKind } -> std::convertible_to<char const*>;
   { slot.kernel_view() } -> std::same_as<kernels::ErrorSlot*>;
   { read_only.read() } -> std::same_as<kernels::ErrorSlot>;
+  { slot.abandon() } -> std::same_as<void>;
 };
 
 inline long long timeout_cycles(KernelCall const& call) {
@@ -61,9 +64,10 @@ inline void finish(char const* name, KernelCall const& call, LaunchOutcome const
 
 // Validates the kernel's Args (kernels/*_validate.hpp, found by ADL at instantiation), launches it on Target and reports its outcome.
 template <DeviceTarget Target, class Args>
-void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot const& slot) {
+void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot& slot) {
   if (char const* problem = validate(args)) throw invalid_argument(Args::kName, problem);
   LaunchOutcome const outcome = Target::launch(args, call);
+  if (outcome.grid_may_still_run) slot.abandon();
   finish(Args::kName, call, outcome, slot.read());
 }
 

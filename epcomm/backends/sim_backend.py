@@ -43,6 +43,10 @@ from .base import BackendOptions, DispatchBackend, DispatchCall
 
 __all__ = ["SimRuntime", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
+# The widest load the kernels make from a row (elements.cuh/ring_rows.cuh copy rows in 4-byte words);
+# vectorized 16-byte copies (issue 12, 4.) will raise it to 16.
+KERNEL_LOAD_BYTES = 4
+
 _TOKEN_BYTES = 12  # 24 hex digits in segment names
 _MESSAGE_BYTES = 240  # per-rank failure message carried by the setup exchanges
 
@@ -361,10 +365,19 @@ class SimDispatchBackend(DispatchBackend):
             raise Invalid(f"config {config} does not fit the {self.path.prefix} kernels: {problem}")
 
     def _check_device(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Each tensor on the kernels' device and, where the kernels read it in place (contiguous:
+        anything else is copied first), aligned for their loads: rows move in 4-byte words, ids
+        and weights as whole elements. A misaligned address traps on a GPU (on the CPU it would
+        merely be slow), so it is refused on every backend alike, before the ranks agree."""
         for name, t in tensors.items():
             if t.device != self.device:
                 raise Invalid(f"the {self.name} backend's kernels run on {self.device}: {name} is on {t.device}; "
                               f"move it there or use backend='torch'")
+            alignment = max(KERNEL_LOAD_BYTES, t.element_size())
+            if t.is_contiguous() and t.numel() and t.data_ptr() % alignment:
+                raise Invalid(f"the {self.name} backend's kernels load {name} in {alignment}-byte words, but it starts "
+                              f"at an address {t.data_ptr() % alignment} bytes past a multiple of {alignment} (a view "
+                              f"at storage offset {t.storage_offset()}); pass {name}.clone()")
 
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
                        config: Config | None = None) -> None:
