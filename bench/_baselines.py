@@ -3,6 +3,8 @@
 * :class:`BareAllToAll` -- the transport ceiling: bare ``dist.all_to_all_single``
   calls moving the same rows (same split sizes) as epcomm, from a pre-filled
   buffer, with no packing, no index work and no count exchange.
+* :class:`BareCountExchange` -- the count-exchange ceiling: one bare ``all_gather`` of as many int64
+  words as epcomm's agreement header (what a dispatch must learn before rows can move).
 * :class:`PerExpertDispatcher` -- the dispatcher most MoE code writes by hand
   (Megatron-LM's alltoall dispatcher has this shape): a token is sent once per
   selected *expert*. Dispatch = permute rows by expert, exchange per-expert
@@ -19,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 from epcomm.topology import Topology
+
+# what epcomm's agreement calls (epcomm/_comm.py): torch 2.14 renamed all_gather_into_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _classify(topo: Topology, counts: list[int], row_bytes: int, into: dict) -> None:
@@ -38,22 +43,47 @@ class BareAllToAll:
 
     :meth:`run` reads every step's send rows from one pre-filled ``scratch``
     buffer (prepared outside the timed region; the content does not matter to
-    the transport, but it is real data, not untouched pages).
+    the transport, but it is real data, not untouched pages). Each step receives
+    into a fresh tensor, as a hand-written exchange does and as epcomm's results
+    are (they belong to the caller); with ``reuse_output`` into one buffer kept
+    across calls instead (warm pages: the transport alone, without the page
+    faults of a new output).
     """
 
-    def __init__(self, topo: Topology, steps: list[tuple[list[int], list[int], int]]):
+    def __init__(self, topo: Topology, steps: list[tuple[list[int], list[int], int]], reuse_output: bool = False):
         self.topo = topo
         self.steps = steps
         self.scratch_bytes = max(sum(s) * rb for s, _, rb in steps)
+        self.recv_bytes = max(sum(r) * rb for _, r, rb in steps)
+        self.reuse_output = reuse_output
+        self.recv: torch.Tensor | None = None
         self.record = empty_record()
         for send, _, rb in steps:
             _classify(topo, send, rb, self.record)
 
     def run(self, scratch: torch.Tensor) -> None:
+        if self.reuse_output and (self.recv is None or self.recv.device != scratch.device):
+            self.recv = torch.empty(max(self.recv_bytes, 1), dtype=torch.uint8, device=scratch.device)
         for send_counts, recv_counts, rb in self.steps:
             send = scratch[: sum(send_counts) * rb].view(-1, rb)
-            out = torch.empty((sum(recv_counts), rb), dtype=torch.uint8, device=send.device)
+            if self.reuse_output:
+                out = self.recv[: sum(recv_counts) * rb].view(-1, rb)
+            else:
+                out = torch.empty((sum(recv_counts), rb), dtype=torch.uint8, device=send.device)
             dist.all_to_all_single(out, send, output_split_sizes=recv_counts, input_split_sizes=send_counts)
+
+
+class BareCountExchange:
+    """One bare ``all_gather_into_tensor`` of ``words`` int64 per rank (plus the host read a count exchange
+    needs: the gathered counts as Python ints)."""
+
+    def __init__(self, words: int, device: torch.device) -> None:
+        self.send = torch.arange(words, dtype=torch.int64, device=device)
+        self.out = torch.empty(dist.get_world_size() * words, dtype=torch.int64, device=device)
+
+    def run(self) -> list[int]:
+        _all_gather_single(self.out, self.send)
+        return self.out.tolist()
 
 
 _CHUNK_ROWS = 2048  # rows converted to fp32 at once in combine

@@ -48,7 +48,7 @@ def print_report(result: dict, file=sys.stdout) -> None:
               + ", ".join(f"{group} {mib} MiB" for group, mib in peaks.items()), file=file)
     if result.get("sweep"):
         print("\nsweep (DeepEP NVL-accounting GB/s per rank):", file=file)
-        names = [n for n in result["sweep"][0]["ops"] if n != "layout"]
+        names = [n for n in result["sweep"][0]["ops"] if n not in ("layout", "ceiling count exchange")]
         short = {n: n.replace("dispatch", "disp").replace("combine", "comb").replace("ceiling", "ceil")
                  .replace("per_expert", "per-exp").replace("two_hop", "2hop") for n in names}
         print(f"{'tokens':>7} " + " ".join(f"{short[n]:>12}" for n in names), file=file)
@@ -62,6 +62,46 @@ def print_report(result: dict, file=sys.stdout) -> None:
         v = t["value"]
         vs = f"{v:.3f}" if isinstance(v, float) else str(v)
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['name']}: {vs} ({t['detail']})", file=file)
+
+
+def print_targets_table(result: dict, file=sys.stdout) -> None:
+    """Issue 14's targets over the sizes measured: ratio and PASS/MISS per column, then the times."""
+    table, env = result["targets_table"], result["environment"]
+    cols = list(table["definition"])
+    print(f"targets (issue 14), {env['world_size']} ranks = {env['num_nodes']} x {env['nvl_ranks']}: "
+          f"{table['ratio']}", file=file)
+    for col, d in table["definition"].items():
+        print(f"  {col:<14} {d['op']} / ({d['ceiling']}) <= {d['limit']}", file=file)
+    print(f"  count exchange: one all_gather of {table['count_exchange_int64_words']} int64 per rank "
+          f"(the agreement header's size)", file=file)
+    head = f"{'tokens x hidden':<16} {'reps':>4} {'pair':>4} " + " ".join(f"{c:>14}" for c in cols)
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for row in table["rows"]:
+        cells = []
+        for c in cols:
+            e = row["columns"].get(c)
+            cells.append(f"{'-':>14}" if e is None else f"{e['ratio']:>9.2f} {'PASS' if e['pass'] else 'MISS'}")
+        print(f"{row['tokens']:>6} x {row['hidden']:<7} {row['reps']:>4} {'yes' if row['paired'] else 'no':>4} "
+              + " ".join(cells), file=file)
+    print("\nmedian ms: epcomm op / its bare ops (collectives per call of the epcomm op); count: the bare count "
+          "exchange", file=file)
+    head = f"{'tokens x hidden':<16} {'count':>6} " + " ".join(f"{c:>20}" for c in cols)
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for row in table["rows"]:
+        cells = []
+        for c in cols:
+            e = row["columns"].get(c)
+            if e is None:
+                cells.append(f"{'-':>20}")
+                continue
+            trips = e.get("round_trips_per_call") or {}
+            cells.append(f"{e['median_s'] * 1e3:.1f}/{e['ceiling_s'] * 1e3:.1f} ({trips.get('collectives', '?')})"
+                         .rjust(20))
+        count = row.get("count_exchange_s")
+        print(f"{row['tokens']:>6} x {row['hidden']:<7} {'-' if count is None else f'{count * 1e3:.1f}':>6} "
+              + " ".join(cells), file=file)
 
 
 def write_plot(result: dict, path: str) -> None:

@@ -19,6 +19,11 @@ Megatron-LM's alltoall dispatcher does) -- it reports:
   node) pairs including the own node x row bytes / time; NVLink = received
   rows x row bytes / time; and the fraction of the transport ceiling reached.
 
+With ``--targets-table`` it also measures a bare count exchange (one all_gather of the agreement
+header's size) and, at every ``--sweep`` token count x ``--sweep-hidden`` size, tabulates issue 14's
+per-call targets: non-cached dispatch over count exchange + bare exchange, cached dispatch and combine
+over the bare exchange, two-hop over the bare two-step exchange (``targets_table`` in the JSON).
+
 Targets are printed as PASS/MISS lines (never asserted). Output: a table on
 stdout, ``--json`` with every figure and the configuration, ``--plot`` a PNG of
 bandwidth vs tokens per rank (sweeps ``--sweep`` token counts). On CPU "network"
@@ -44,20 +49,33 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import epcomm  # noqa: E402
-from epcomm.backends import resolve_backend  # noqa: E402
+from epcomm.backends import backend_class, resolve_backend  # noqa: E402
 from epcomm.backends.torch_backend import release_scratch  # noqa: E402
+from epcomm._agree import SIGNATURE_FIELDS  # noqa: E402
 from epcomm.errors import EpcommBackendUnavailable, EpcommError  # noqa: E402
 from epcomm.fp8 import per_token_cast_to_fp8  # noqa: E402
 from epcomm.launch import init_distributed  # noqa: E402
 from epcomm.topology import Topology  # noqa: E402
 
-from _baselines import BareAllToAll, PerExpertDispatcher  # noqa: E402
-from _report import print_report, write_plot  # noqa: E402
+from _baselines import BareAllToAll, BareCountExchange, PerExpertDispatcher  # noqa: E402
+from _report import print_report, print_targets_table, write_plot  # noqa: E402
 from _routing import add_routing_args, global_topk_idx, routing_params  # noqa: E402
 from _timing import kernel_only_seconds, make_timer, nvlink_ceiling  # noqa: E402
 from cluster_model import LINKS, expected_traffic, fp8_row_bytes, traffic_matrices  # noqa: E402
 
 TARGET_RATIO = 1.3  # epcomm op time / transport ceiling time
+# Issue 14's per-call targets (--targets-table): column -> (epcomm op, the bare ops whose medians add up to
+# its ceiling, the largest ratio that passes). Non-cached dispatch may cost a count exchange more than the
+# bare exchange; cached dispatch and combine know their counts (the handle) and get none.
+COUNT_EXCHANGE = "ceiling count exchange"
+TARGET_COLUMNS = {
+    "flat dispatch": ("flat dispatch", (COUNT_EXCHANGE, "ceiling dispatch"), 1.3),
+    "flat cached": ("flat cached dispatch", ("ceiling dispatch",), 1.2),
+    "flat combine": ("flat combine", ("ceiling combine",), 1.2),
+    "2hop dispatch": ("two_hop dispatch", (COUNT_EXCHANGE, "ceiling two_hop dispatch"), 1.3),
+    "2hop cached": ("two_hop cached dispatch", ("ceiling two_hop dispatch",), 1.3),
+    "2hop combine": ("two_hop combine", ("ceiling two_hop combine",), 1.3),
+}
 SWEEP_OPS = ("flat dispatch", "flat combine", "two_hop dispatch", "two_hop combine",
              "ceiling dispatch", "ceiling combine", "per_expert dispatch", "per_expert combine")
 
@@ -92,13 +110,18 @@ class Op:
     ``first()``, when set, makes the op's first call itself (pass 1) and returns what only that
     call tells: ``(traffic record, verified or None)``; otherwise pass 1 is a plain call and the
     record comes from ``traffic()``.
+
+    ``trips()``, when set, returns the host round trips (collectives, kernels) one call made, read
+    right after pass 1.
     """
 
-    def __init__(self, name, algorithm, op, fn, prepare=None, traffic=None, row_kind="dispatch", first=None):
+    def __init__(self, name, algorithm, op, fn, prepare=None, traffic=None, row_kind="dispatch", first=None,
+                 trips=None):
         self.name, self.algorithm, self.op = name, algorithm, op
         self.fn, self.prepare, self.traffic = fn, prepare, traffic
         self.row_kind = row_kind  # which row bytes DeepEP's accounting uses: "dispatch" or "combine"
         self.first = first
+        self.trips = trips
 
 
 def epcomm_traffic(buf: epcomm.Buffer, op: str) -> dict:
@@ -138,7 +161,12 @@ class Case:
         topk_all = global_topk_idx(args.routing, world=world, nvl=nvl, tokens=tokens, experts=E, topk=K,
                                    **routing_params(args))
         self.tm = traffic_matrices(topk_all, E, nvl)
-        self.expected = expected_traffic(self.tm, H, args.fp8, combine_partial_bytes=4)  # fp32 node partials
+        # node partials cross the network in combine's row dtype (bf16) unless --node-partials float32; on
+        # one node the torch backend keeps them float32 (they only go to the rank itself, and the final
+        # cast makes a rounding there a no-op)
+        partial_element_bytes = 4 if args.node_partials == "float32" or self.tm.nodes == 1 else 2
+        self.rb_partial = partial_element_bytes * H
+        self.expected = expected_traffic(self.tm, H, args.fp8, combine_partial_bytes=partial_element_bytes)
         self.topk_idx = topk_all[rank].contiguous().to(device)
         del topk_all
         g = torch.Generator().manual_seed(10_000 + rank)
@@ -154,7 +182,7 @@ def epcomm_ops(c: Case, algo: str, with_layout: bool) -> list[Op]:
     """One epcomm Buffer's layout / dispatch / cached dispatch / combine."""
     args, E = c.args, c.args.experts
     buf = epcomm.Buffer(None, backend=args.backend, num_nvl_ranks=args.nvl_ranks, max_nodes_per_token=args.max_nodes,
-                        algorithm=algo, timeout_s=args.timeout)
+                        algorithm=algo, timeout_s=args.timeout, combine_node_partials=args.node_partials)
     state: dict = {}
     kwargs = _kwargs_of(buf, c.topk_idx, E, c.weights)
 
@@ -162,6 +190,7 @@ def epcomm_ops(c: Case, algo: str, with_layout: bool) -> list[Op]:
         buf.reset_traffic()
         out = buf.dispatch(c.x_in, **kwargs)
         state["handle"] = out[4]
+        state["dispatch trips"] = round_trips_of(buf, "dispatch")
         record, verified = epcomm_traffic(buf, "dispatch"), None
         if not args.fp8:  # combine(dispatch(x)) == x times the ranks each token reached, bit for bit
             comb = buf.combine(out[0], out[4])[0]
@@ -178,17 +207,36 @@ def epcomm_ops(c: Case, algo: str, with_layout: bool) -> list[Op]:
     ops = []
     if with_layout:
         ops.append(Op("layout", "epcomm", "layout", lambda _: buf.get_dispatch_layout(c.topk_idx, E)))
-    ops.append(Op(f"{algo} dispatch", algo, "dispatch", lambda _: buf.dispatch(c.x_in, **kwargs), first=first_dispatch))
+    # round trips of one call: pass 1 of each op follows first_dispatch's reset_traffic
+    ops.append(Op(f"{algo} dispatch", algo, "dispatch", lambda _: buf.dispatch(c.x_in, **kwargs), first=first_dispatch,
+                  trips=lambda: state["dispatch trips"]))
     ops.append(Op(f"{algo} cached dispatch", algo, "cached dispatch", lambda _: buf.dispatch(c.x_in, handle=state["handle"]),
-                  traffic=lambda: epcomm_traffic(buf, "cached dispatch")))
+                  traffic=lambda: epcomm_traffic(buf, "cached dispatch"),
+                  trips=lambda: round_trips_of(buf, "cached dispatch")))
     ops.append(Op(f"{algo} combine", algo, "combine", lambda y: buf.combine(y, state["handle"]),
                   prepare=lambda: rows_like(c.x, num_recv), traffic=lambda: epcomm_traffic(buf, "combine"),
-                  row_kind="combine"))
+                  row_kind="combine", trips=lambda: round_trips_of(buf, "combine")))
     return ops
 
 
-def ceiling_ops(c: Case) -> list[Op]:
-    """Transport ceilings: the same rows, bare all_to_all_single from a pre-filled buffer."""
+def round_trips_of(buf: epcomm.Buffer, op: str) -> dict:
+    """Host round trips ``op`` made since the last ``reset_traffic`` (collectives issued, kernels waited for)."""
+    trips = buf.traffic.round_trips.get(op, {})
+    return {"collectives": int(trips.get("collective", 0)), "kernels": int(trips.get("kernel", 0))}
+
+
+def count_exchange_words(world: int) -> int:
+    """int64 entries of the agreement header ``epcomm._agree.agree`` all-gathers for a dispatch: the verdict,
+    the call signature and ``2 * world`` counts (tokens per rank and per node, fixed length)."""
+    return 1 + len(SIGNATURE_FIELDS) + 2 * world
+
+
+def ceiling_ops(c: Case, count_exchange: bool = False) -> list[Op]:
+    """Transport ceilings: the same rows, bare all_to_all_single from a pre-filled buffer.
+
+    ``count_exchange``: also the bare count exchange (one all_gather of the agreement's header size),
+    the ceiling of what non-cached dispatch adds before its rows can move.
+    """
     tm, rank, H = c.tm, c.rank, c.args.hidden
     flat_fwd = (tm.count[rank].tolist(), tm.count[:, rank].tolist())
     ceilings = {
@@ -201,13 +249,30 @@ def ceiling_ops(c: Case) -> list[Op]:
         ceilings["ceiling two_hop dispatch"] = ("ceiling_two_hop", "dispatch",
                                                 [(*h1, c.rb_dispatch), (*h2, c.rb_dispatch)])
         ceilings["ceiling two_hop combine"] = ("ceiling_two_hop", "combine",
-                                               [(h2[1], h2[0], c.rb_combine), (h1[1], h1[0], 4 * H)])
+                                               [(h2[1], h2[0], c.rb_combine), (h1[1], h1[0], c.rb_partial)])
     ops = []
     for name, (algo, op, steps) in ceilings.items():
-        a2a = BareAllToAll(c.topo, steps)
+        a2a = BareAllToAll(c.topo, steps, reuse_output=c.args.ceiling_output == "reused")
         ops.append(Op(name, algo, op, lambda scratch, a=a2a: a.run(scratch),
                       prepare=lambda n=a2a.scratch_bytes: filled(n, c.x), traffic=lambda a=a2a: a.record, row_kind=op))
+    if count_exchange:
+        counts = BareCountExchange(count_exchange_words(c.world), c.device)
+        ops.insert(0, Op(COUNT_EXCHANGE, "ceiling", "count exchange", lambda _: counts.run()))
     return ops
+
+
+def _ceiling_bytes_per_rank(c: Case) -> int:
+    """The largest bare-exchange buffer (send or receive) any rank holds: the same number on every rank,
+    from the global traffic matrices."""
+    def busiest(m: torch.Tensor) -> int:
+        return int(max(m.sum(0).max(), m.sum(1).max())) if m.numel() else 0
+
+    tm = c.tm
+    most = busiest(tm.count) * max(c.rb_dispatch, c.rb_combine)
+    if "two_hop" in c.args.algorithms:
+        most = max(most, busiest(tm.hop1) * max(c.rb_dispatch, c.rb_partial),
+                   busiest(tm.hop2) * max(c.rb_dispatch, c.rb_combine))
+    return most
 
 
 def per_expert_ops(c: Case) -> list[Op]:
@@ -255,7 +320,7 @@ def _peak_rss_mib() -> int:
 
 
 def run_case(args, rank: int, world: int, device: torch.device, tokens: int, reps: int, warmup: int,
-             only: tuple[str, ...] | None, timer) -> dict:
+             only: tuple[str, ...] | None, timer, for_targets: bool = False) -> dict:
     """Every op of one configuration, measured group by group.
 
     A group (one epcomm algorithm, the transport ceilings, the per-expert baseline) is built,
@@ -263,11 +328,29 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
     is built, so the peak memory is one group's, not the sum of all (``make bench``'s 4096
     tokens at 8 ranks fit a 24 GB machine this way). Within a group the ops alternate in every
     repetition.
+
+    ``for_targets`` (``--targets-table``): also the bare count exchange; and where the bare
+    exchanges' buffers are small (all ranks together at most ``--pair-limit-mib``), each epcomm
+    group runs the bare ops it is compared with in the same repetitions ("paired"), so a ratio
+    compares calls made moments apart, not minutes apart on a machine whose load drifts.
     """
     c = Case(args, rank, world, device, tokens)
     want = lambda name: only is None or name in only  # noqa: E731
-    groups = [(algo, lambda a=algo, i=i: epcomm_ops(c, a, with_layout=i == 0)) for i, algo in enumerate(args.algorithms)]
-    groups.append(("ceiling", lambda: ceiling_ops(c)))
+    algos = args.algorithms
+    paired = for_targets and world * _ceiling_bytes_per_rank(c) <= args.pair_limit_mib * 2**20
+    if paired:
+        bare = ceiling_ops(c, count_exchange=True)
+
+        def home(o: Op) -> str:  # the epcomm group a bare op is measured with
+            if o.algorithm == "ceiling_two_hop" and "two_hop" in algos:
+                return "two_hop"
+            return "flat" if "flat" in algos else algos[0]
+
+        groups = [(algo, lambda a=algo, i=i: epcomm_ops(c, a, with_layout=i == 0) + [o for o in bare if home(o) == a])
+                  for i, algo in enumerate(algos)]
+    else:
+        groups = [(algo, lambda a=algo, i=i: epcomm_ops(c, a, with_layout=i == 0)) for i, algo in enumerate(algos)]
+        groups.append(("ceiling", lambda: ceiling_ops(c, count_exchange=for_targets)))
     if not args.no_baselines:
         groups.append(("per_expert", lambda: per_expert_ops(c)))
 
@@ -278,7 +361,7 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
         return t
 
     measured: list[tuple[Op, dict | None, list[float]]] = []  # (op without its closures, record, times)
-    verified, kernel_only, peak_rss = {}, {}, {}
+    verified, kernel_only, peak_rss, trips = {}, {}, {}, {}
     for group, build in groups:
         gc.collect()
         _reset_peak_rss()
@@ -292,6 +375,8 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
             else:
                 o.fn(o.prepare() if o.prepare else None)
                 record = copy.deepcopy(o.traffic()) if o.traffic else None  # a snapshot: counters keep counting
+            if o.trips is not None:
+                trips[o.name] = o.trips()
             records.append(record)
             gc.collect()
         for _ in range(max(0, warmup - 1)):
@@ -331,14 +416,16 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
         rec = records[j]
         if rec is not None:
             entry["traffic"] = rec
-            exp = _expected_for(expected, o)
+            exp = _expected_for(expected, o, args.moves)
             if exp is not None:
                 entry["expected"] = exp
                 entry["bytes_match"] = all(rec[link]["rows"] == exp[link]["rows"]
                                            and rec[link]["payload_bytes"] == exp[link]["payload_bytes"] for link in LINKS)
             wire = sum(rec[link]["payload_bytes"] + rec[link].get("meta_bytes", 0) for link in ("rdma", "nvl"))
             entry["wire_GBps_per_rank"] = wire / world / q["median_s"] / 1e9
-        if o.op != "layout":
+        if o.name in trips:
+            entry["round_trips_per_call"] = trips[o.name]
+        if o.op not in ("layout", "count exchange"):
             entry["deepep_rdma_GBps"] = (pairs["token_node_pairs"] * rb / world / q["median_s"] / 1e9
                                          if tm.nodes > 1 else None)
             entry["deepep_nvl_GBps"] = pairs["token_rank_pairs"] * rb / world / q["median_s"] / 1e9
@@ -348,7 +435,7 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
     for name, entry in result_ops.items():
         op = "combine" if entry["op"] == "combine" else "dispatch"
         ceil = result_ops.get(f"ceiling {op}")
-        if ceil is not None and not name.startswith("ceiling") and entry["op"] != "layout":
+        if ceil is not None and not name.startswith("ceiling") and entry["op"] not in ("layout", "count exchange"):
             entry["x_ceiling"] = entry["median_s"] / ceil["median_s"]
             entry["fraction_of_ceiling"] = ceil["median_s"] / entry["median_s"]
         ceil2 = result_ops.get(f"ceiling two_hop {op}")
@@ -356,6 +443,7 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
             entry["x_ceiling_two_hop"] = entry["median_s"] / ceil2["median_s"]
     return {
         "tokens": tokens, "reps": reps, "warmup": warmup, "ops": result_ops, "pairs": pairs,
+        "hidden": args.hidden, "paired": paired,
         "verified": verified, "bf16_dispatch_payload": c.bf16_dispatch_payload, "memory": memory,
         "row_bytes": {"dispatch": rb_dispatch, "combine": rb_combine},
         "recv_rows_per_rank": {"min": int(tm.count.sum(0).min()), "max": int(tm.count.sum(0).max())},
@@ -373,9 +461,10 @@ def tm_ranks_per_token(topk_idx: torch.Tensor, E: int, world: int) -> torch.Tens
     return token_rank_mask(topk_idx, E, world).sum(1, keepdim=True).float()
 
 
-def _expected_for(expected: dict, o: Op) -> dict | None:
-    """The routing's exact counts for ``o`` (a ceiling moves the rows of the algorithm it mirrors)."""
-    algo = {"ceiling": "flat", "ceiling_two_hop": "two_hop"}.get(o.algorithm, o.algorithm)
+def _expected_for(expected: dict, o: Op, moves: dict[str, str]) -> dict | None:
+    """The routing's exact counts for ``o``: an epcomm op moves the rows of the algorithm its backend
+    runs under that name (``moves``, from ``DispatchBackend.algorithms``), a ceiling those it mirrors."""
+    algo = {"ceiling": "flat", "ceiling_two_hop": "two_hop", **moves}.get(o.algorithm, o.algorithm)
     return expected.get(algo, {}).get(o.op)
 
 
@@ -432,6 +521,43 @@ def targets(args, main: dict) -> list[dict]:
     return out
 
 
+def targets_row(case: dict) -> dict:
+    """Issue 14's targets for one measured configuration: per column of :data:`TARGET_COLUMNS`, the epcomm
+    op's median over the sum of its bare ops' medians (measured in the same run), and PASS/MISS."""
+    ops = case["ops"]
+    count_s = ops[COUNT_EXCHANGE]["median_s"] if COUNT_EXCHANGE in ops else None
+    row = {"tokens": case["tokens"], "hidden": case["hidden"], "reps": case["reps"], "paired": case["paired"],
+           "count_exchange_s": count_s, "columns": {}}
+    for col, (name, bare, limit) in TARGET_COLUMNS.items():
+        e = ops.get(name)
+        if e is None or any(b not in ops for b in bare):
+            continue
+        ceiling_s = sum(ops[b]["median_s"] for b in bare)
+        ratio = e["median_s"] / ceiling_s
+        row["columns"][col] = {
+            "ratio": ratio, "limit": limit, "pass": ratio <= limit, "median_s": e["median_s"],
+            "ceiling_s": ceiling_s, "ceiling_parts_s": {b: ops[b]["median_s"] for b in bare},
+            "round_trips_per_call": e.get("round_trips_per_call"),
+        }
+        if count_s is not None and COUNT_EXCHANGE not in bare:  # what is left beyond one agreement round
+            row["columns"][col]["ratio_incl_count_exchange"] = e["median_s"] / (ceiling_s + count_s)
+        if case["paired"]:  # repetition i of the op against repetition i of its bare ops (moments apart)
+            per_rep = torch.tensor([t / sum(ops[b]["times_s"][i] for b in bare) for i, t in enumerate(e["times_s"])],
+                                   dtype=torch.float64)
+            row["columns"][col]["median_of_paired_ratios"] = float(per_rep.quantile(0.5))
+    return row
+
+
+def targets_table(cases: list[dict]) -> dict:
+    return {
+        "definition": {col: {"op": name, "ceiling": " + ".join(bare), "limit": limit}
+                       for col, (name, bare, limit) in TARGET_COLUMNS.items()},
+        "ratio": "median time of the epcomm op / sum of the medians of its bare ops, same run",
+        "count_exchange_int64_words": None,  # set by main (depends on the world size)
+        "rows": [targets_row(c) for c in sorted(cases, key=lambda c: (c["hidden"], c["tokens"]))],
+    }
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -444,12 +570,25 @@ def parse_args(argv=None):
     p.add_argument("--fp8", action="store_true", help="FP8 dispatch (combine stays BF16)")
     add_routing_args(p)
     p.add_argument("--algorithms", default="flat,two_hop", help="epcomm algorithms to run")
+    p.add_argument("--node-partials", choices=("rows_dtype", "float32"), default="rows_dtype",
+                   help="Buffer(combine_node_partials=...): two-hop combine's node partials on the network")
     p.add_argument("--no-baselines", action="store_true", help="skip the per-expert dispatcher")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions")
     p.add_argument("--warmup", type=int, default=1, help="warm-up repetitions (the first also counts bytes)")
     p.add_argument("--sweep", default=None, help="comma-separated tokens per rank for the plot "
                    "(default with --plot: tokens/4, tokens/2 and tokens)")
     p.add_argument("--sweep-reps", type=int, default=2)
+    p.add_argument("--targets-table", action="store_true",
+                   help="issue 14's per-call targets: measure every op (plus a bare count exchange) at each "
+                        "--sweep token count x --sweep-hidden, and print/write the table of ratios")
+    p.add_argument("--sweep-hidden", default=None,
+                   help="with --targets-table: comma-separated hidden sizes (default: --hidden)")
+    p.add_argument("--pair-limit-mib", type=int, default=2048,
+                   help="with --targets-table: time the bare ops in the same repetitions as epcomm's ops when "
+                        "their buffers, summed over ranks, take at most this much (else in a group of their own)")
+    p.add_argument("--ceiling-output", choices=("fresh", "reused"), default="fresh",
+                   help="the bare exchanges receive into a new tensor per call (like epcomm's results, which "
+                        "belong to the caller) or into one buffer reused across calls (the transport alone)")
     p.add_argument("--json", help="write every figure and the configuration here (rank 0)")
     p.add_argument("--plot", help="PNG of bandwidth vs tokens per rank (rank 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="epcomm Buffer timeout_s")
@@ -462,6 +601,49 @@ def parse_args(argv=None):
         if a not in ("flat", "two_hop"):
             p.error(f"--algorithms: unknown algorithm {a!r}")
     return args
+
+
+def run_targets(args, rank: int, world: int, device: torch.device, timer, main_case: dict) -> tuple[list[dict], dict]:
+    """``--targets-table``: every op at each (--sweep tokens, --sweep-hidden) point; the main case counts as
+    the point it is. Returns the sweep at --hidden (for the plot) and the table."""
+    tokens = [int(t) for t in args.sweep.split(",")] if args.sweep else [args.tokens]
+    hiddens = [int(h) for h in args.sweep_hidden.split(",")] if args.sweep_hidden else [args.hidden]
+    cases = []
+    for hidden in hiddens:
+        for t in tokens:
+            if (t, hidden) == (args.tokens, args.hidden):
+                cases.append(main_case)
+                continue
+            start = datetime.datetime.now()
+            point = copy.copy(args)
+            point.hidden = hidden
+            cases.append(run_case(point, rank, world, device, t, args.sweep_reps, args.warmup, None, timer,
+                                  for_targets=True))
+            if rank == 0:
+                print(f"bench: targets point {t} x {hidden} took "
+                      f"{(datetime.datetime.now() - start).total_seconds():.0f} s", file=sys.stderr, flush=True)
+    if not any(c is main_case for c in cases):
+        cases.append(main_case)
+    sweep = sorted((c for c in cases if c["hidden"] == args.hidden), key=lambda c: c["tokens"])
+    return sweep, targets_table(cases)
+
+
+def _pick_algorithms(args, topo: Topology, rank: int) -> str | None:
+    """Keep the algorithms the backend runs on this topology (saying which were left out); a problem, or None.
+
+    Sets ``args.moves``: algorithm -> the algorithm whose rows the backend actually moves under that
+    name, so the exact-bytes check expects what runs (the kernel backends run flat rows on one node).
+    """
+    accepted = backend_class(resolve_backend(args.backend)).algorithms(topo)
+    skipped = [a for a in args.algorithms if a not in accepted]
+    args.algorithms = [a for a in args.algorithms if a in accepted]
+    where = f"on {topo.num_nodes} node(s) x {topo.num_nvl_ranks}"
+    if not args.algorithms:
+        return f"backend {args.backend!r} {where} runs only {sorted(accepted)}; --algorithms asked for {skipped}"
+    if skipped and rank == 0:
+        print(f"bench: backend {args.backend!r} {where} runs {sorted(accepted)}: skipping {skipped}", file=sys.stderr)
+    args.moves = {a: accepted[a] for a in args.algorithms}
+    return None
 
 
 def main(argv=None) -> int:
@@ -483,6 +665,8 @@ def main(argv=None) -> int:
         problem = f"--nvl-ranks {args.nvl_ranks} must divide the number of ranks {world}"
     elif args.experts % world:
         problem = f"--experts {args.experts} must be a multiple of the number of ranks {world}"
+    else:
+        problem = _pick_algorithms(args, Topology(world, rank, args.nvl_ranks), rank)
     if problem:
         if rank == 0:
             print(f"bench: {problem}", file=sys.stderr)
@@ -491,9 +675,12 @@ def main(argv=None) -> int:
     timer = make_timer(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
-        main_case = run_case(args, rank, world, device, args.tokens, args.reps, args.warmup, None, timer)
-        sweep = []
-        if args.plot or args.sweep:
+        main_case = run_case(args, rank, world, device, args.tokens, args.reps, args.warmup, None, timer,
+                             for_targets=args.targets_table)
+        sweep, table = [], None
+        if args.targets_table:
+            sweep, table = run_targets(args, rank, world, device, timer, main_case)
+        elif args.plot or args.sweep:
             counts = ([int(t) for t in args.sweep.split(",")] if args.sweep
                       else [max(1, args.tokens // 4), max(1, args.tokens // 2)])
             for t in counts:
@@ -508,6 +695,13 @@ def main(argv=None) -> int:
             print(f"bench: {type(err).__name__}: {err}", file=sys.stderr)
         return 3
     lines = targets(args, main_case)
+    if table is not None:
+        table["count_exchange_int64_words"] = count_exchange_words(world)
+        for col, c in targets_row(main_case)["columns"].items():
+            name, bare, _ = TARGET_COLUMNS[col]
+            lines.append({"name": f"{name} within {c['limit']}x of {' + '.join(bare)} (issue 14)",
+                          "pass": c["pass"], "value": c["ratio"],
+                          "detail": f"{c['median_s'] * 1e3:.2f} ms vs {c['ceiling_s'] * 1e3:.2f} ms"})
     result = {
         "config": {k: v for k, v in vars(args).items()},
         "environment": {
@@ -531,8 +725,13 @@ def main(argv=None) -> int:
                      for n, e in c["ops"].items()}} for c in sweep],
         "gpu": gpu,
     }
+    if table is not None:
+        result["targets_table"] = table
     if rank == 0:
         print_report(result)
+        if table is not None:
+            print()
+            print_targets_table(result)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
