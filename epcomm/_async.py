@@ -49,7 +49,6 @@ class PendingEvent:
         self._runner.observe(self._future)
 
     current_stream_wait = synchronize
-    wait = synchronize
 
     def __repr__(self) -> str:
         return f"PendingEvent({'done' if self._future.done() else 'running'})"
@@ -89,10 +88,6 @@ class AsyncRunner:
         if future is not None:
             self.observe(future)
             self._observed.discard(id(future))
-
-    @property
-    def busy(self) -> bool:
-        return self._pending is not None and not self._pending.done()
 
     def close(self) -> None:
         """Stop the worker after the phase in flight (does not raise)."""

@@ -161,12 +161,12 @@ class GroupComm:
         if bulk_out is None:
             bulk_out = torch.empty((num_recv, bulk.width), dtype=bulk.dtype, device=send_bulk.device)
         side_send = fmt.pack_side(send)
+        self.record_rows_to_peers(op, send_counts, fmt.payload_bytes, fmt.meta_bytes)
         if pack and side_send is not None:
             return self._exchange_packed(op, stage, fmt, send_bulk, side_send, send_counts, recv_counts, bulk_out)
         side_out = None
         if side_send is not None:
             side_out = torch.empty((num_recv, fmt.side_bytes), dtype=torch.uint8, device=send_bulk.device)
-        self.record_rows_to_peers(op, send_counts, fmt.payload_bytes, fmt.meta_bytes)
 
         def start() -> list[dist.Work]:
             works = [
@@ -196,7 +196,6 @@ class GroupComm:
         bulk_bytes = fmt.bulk.nbytes
         packed = torch.cat([send_bulk.contiguous().view(torch.uint8), side_send], dim=1)
         out = torch.empty((bulk_out.size(0), fmt.row_bytes), dtype=torch.uint8, device=packed.device)
-        self.record_rows_to_peers(op, send_counts, fmt.payload_bytes, fmt.meta_bytes)
         self._run(op, stage, lambda: dist.all_to_all_single(
             out, packed, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=self.group,
             async_op=True))
