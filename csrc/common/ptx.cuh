@@ -48,7 +48,12 @@ inline constexpr bool kIsPtxWord = std::is_integral_v<T> && (sizeof(T) == 4 || s
 #endif
 
 // Acquire at system scope: later reads see everything the releasing writer wrote before it.
+#if defined(EPCOMM_PLANT_RELAXED_ACQUIRE)
+// Planted bug (make -C csrc sass-check): a relaxed load where the acquire belongs; tools/check_sass.py must fail.
+EPCOMM_PTX_LOAD(ld_acquire_sys_global, "ld.relaxed.sys.global", std::memory_order_acquire)
+#else
 EPCOMM_PTX_LOAD(ld_acquire_sys_global, "ld.acquire.sys.global", std::memory_order_acquire)
+#endif
 EPCOMM_PTX_LOAD(ld_acquire_gpu_global, "ld.acquire.gpu.global", std::memory_order_acquire)
 // Relaxed / volatile: a fresh value, no ordering. For polling a counter whose data is fenced separately.
 EPCOMM_PTX_LOAD(ld_relaxed_sys_global, "ld.relaxed.sys.global", std::memory_order_relaxed)
