@@ -9,6 +9,7 @@ counts double as the notify step that sizes every receive buffer.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ._comm import GroupComm
 from .errors import EpcommInputError
 
-__all__ = ["SIGNATURE_FIELDS", "X_KINDS", "FP8_KIND", "agree"]
+__all__ = ["SIGNATURE_FIELDS", "X_KINDS", "FP8_KIND", "agree", "signature_digest"]
 
 # Call properties every rank must share (-1 = not applicable to this call).
 SIGNATURE_FIELDS = (
@@ -94,6 +95,17 @@ def _disagreements(headers: list[list[int]]) -> dict[int, str]:
                     f"{_ranks_text(majority_ranks)} have {names.get(majority, majority)}"
                 )
     return problems
+
+
+def signature_digest(signature: dict[str, int]) -> int:
+    """A 63-bit hash of the call ``signature`` (the values of :data:`SIGNATURE_FIELDS`, -1 when absent).
+
+    Equal signatures give equal digests on every rank and in every process (no salted ``hash()``); the
+    kernel backends compare digests inside their barrier instead of gathering the signatures
+    (kernels/call_check.cuh), and fall back to :func:`agree` when they differ."""
+    values = torch.tensor([int(signature.get(f, -1)) for f in SIGNATURE_FIELDS], dtype=torch.int64)
+    raw = hashlib.blake2b(values.numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(raw, "little") >> 1
 
 
 def agree(

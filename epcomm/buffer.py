@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ._agree import FP8_KIND as _FP8_KIND
 from ._agree import X_KINDS as _X_KINDS
-from ._agree import agree
+from ._agree import agree, signature_digest
 from ._comm import GroupComm
 from ._validate import (Invalid, check_hidden_for_fp8, check_tensor, check_topk_idx, describe, device_of, is_fp8_pair,
                         problem_text)
@@ -629,7 +629,7 @@ class Buffer:
         hidden = tensors["x"].size(1) if tensors is not None else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
                          **_config_signature(config), async_finish=int(bool(async_finish)))
-        agree(self._comm, op, problem, signature, None, device_of(x))
+        self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x))
         self._low_latency.note_normal_call()
 
         def data_phase():
@@ -706,7 +706,7 @@ class Buffer:
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind,
                          has_topk_weights=int(topk_weights is not None), **self._common_signature(),
                          **_config_signature(config), async_finish=int(bool(async_finish)))
-        agree(self._comm, op, problem, signature, None, device_of(x))
+        self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x))
         self._low_latency.note_normal_call()
         node_partial_dtype = x.dtype if self.combine_node_partials == "rows_dtype" else torch.float32
 
@@ -831,6 +831,19 @@ class Buffer:
     # ------------------------------------------------ end of low-latency mode
 
     # --------------------------------------------------------------- helpers
+    def _agree_along_handle(self, op: str, problem: str | None, signature: dict[str, int],
+                            tensors: dict[str, torch.Tensor] | None, handle: object, config: object,
+                            device: torch.device) -> None:
+        """The agreement of a call along a handle (cached dispatch, combine): its sizes are known, so
+        the kernel backends agree inside the barrier the call needs anyway (no host collective); the
+        host agreement runs when they cannot or when any rank differs, and raises the named error."""
+        plan = handle.plan if isinstance(handle, DispatchHandle) else None
+        refused = problem is not None or plan is None or tensors is None
+        if self._impl.agree_in_barrier(op, signature_digest(signature), refused, tensors or {}, plan,
+                                       config if isinstance(config, Config) else None):
+            return
+        agree(self._comm, op, problem, signature, None, device)
+
     def _common_signature(self) -> dict[str, int]:
         return dict(num_nvl_ranks=self.topology.num_nvl_ranks, max_nodes_per_token=self.max_nodes_per_token,
                     algorithm=_ALGORITHMS[self.algorithm],

@@ -8,13 +8,16 @@ torch backend: one agreement all_gather (it carries the counts: dispatch's count
 exchange one all_to_all: small calls (the busiest rank sends at most ``PACK_LIMIT_BYTES``) pack the
 side fields (top-k ids/weights, FP8 scales, the forwarding mask) beside the rows; larger ones send
 them in a second all_to_all, sparing the packing copies. Two-hop exchanges twice (network hop,
-NVLink hop). Kernel backends: one agreement all_gather, then two kernels (notify, which exchanges
-the counts or is a barrier, and the dispatch or combine kernel).
+NVLink hop). Kernel backends: dispatch is one agreement all_gather, then two kernels (notify, which
+exchanges the counts, and the dispatch kernel); cached dispatch and combine need no collective: the
+notify barrier they run anyway carries every rank's call header and says whether all ranks run the
+same call and accept it (kernels/call_check.cuh), then the data kernel runs. Only when some rank
+differs, refuses its inputs or needs another buffer layout does the host agreement run after it.
 
-The agreement stays a round of its own even for cached calls, whose sizes the handle already knows:
-a rank that passes another dispatch's handle would post other sizes, and gloo aborts the process on
-a size mismatch inside all_to_all (measured: ``Received data size doesn't match expected size``,
-then ``terminate``) instead of raising, so the sizes must be agreed before they are used.
+On the torch backend the agreement stays a round of its own even for cached calls, whose sizes the
+handle already knows: a rank that passes another dispatch's handle would post other sizes, and gloo
+aborts the process on a size mismatch inside all_to_all (measured: ``Received data size doesn't match
+expected size``, then ``terminate``) instead of raising, so the sizes must be agreed before they are used.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from cases import Case, make_input
 EXPECTED = {
     ("torch", 1, 4): {"dispatch": (2, 0), "cached dispatch": (2, 0), "combine": (2, 0)},
     ("torch", 2, 2): {"dispatch": (3, 0), "cached dispatch": (3, 0), "combine": (3, 0)},
-    ("sim", 1, 4): {"dispatch": (1, 2), "cached dispatch": (1, 2), "combine": (1, 2)},
-    ("sim", 2, 2): {"dispatch": (1, 2), "cached dispatch": (1, 2), "combine": (1, 2)},
+    ("sim", 1, 4): {"dispatch": (1, 2), "cached dispatch": (0, 2), "combine": (0, 2)},
+    ("sim", 2, 2): {"dispatch": (1, 2), "cached dispatch": (0, 2), "combine": (0, 2)},
 }
 
 
@@ -77,6 +80,45 @@ def test_large_calls_send_side_fields_apart_and_small_ones_packed(pools, nodes, 
             want = {"dispatch": (1 + per_exchange * exchanges, 0), "cached dispatch": (1 + exchanges, 0),
                     "combine": (1 + per_exchange * exchanges, 0)}
             assert counts == want, f"rank {rank}, {case.tokens[0]} tokens: {counts}"
+
+
+def _calls_along_a_handle_that_fall_back(rank: int, world: int, nvl: int, bad_rank: int) -> dict:
+    """A combine that needs larger buffers (float32 rows of a bf16 dispatch) and then a combine refused
+    on one rank: each runs the barrier with the call check, sees the verdict "no" on every rank, and
+    takes the host agreement."""
+    case = Case(num_nodes=world // nvl, nvl=nvl, tokens=(12, 7, 0, 9), hidden=128, num_experts=16, topk=3)
+    inp = make_input(case, rank)
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=nvl)
+    layout = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    recv_x, _, _, _, handle, _ = buf.dispatch(
+        inp.x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], num_tokens_per_expert=layout[2],
+        is_token_in_rank=layout[3], topk_idx=inp.topk_idx)
+    trips = {}
+    buf.reset_traffic()
+    wide, _, _ = buf.combine(recv_x.float(), handle)  # fp32 rows: twice the bytes of the layout's bf16 slots
+    trips["relayout"] = dict(buf.traffic.round_trips["combine"])
+    narrow, _, _ = buf.combine(recv_x, handle)  # back in the (now larger) layout: no host agreement
+    assert torch.equal(wide.to(torch.bfloat16), narrow) or torch.allclose(wide, narrow.float(), rtol=1e-2, atol=1e-2)
+    buf.reset_traffic()
+    buf.combine(recv_x, handle)
+    trips["again"] = dict(buf.traffic.round_trips["combine"])
+    buf.reset_traffic()
+    try:
+        buf.combine(recv_x[1:] if rank == bad_rank else recv_x, handle)
+    except epcomm.EpcommInputError as err:
+        trips["refused"] = (dict(buf.traffic.round_trips["combine"]), f"rank {bad_rank}:" in str(err))
+    return trips
+
+
+@pytest.mark.parametrize("nvl", [4, 2])
+def test_calls_along_a_handle_fall_back_to_the_host_agreement(pools, nvl):
+    for rank, trips in enumerate(pools(4).run(_calls_along_a_handle_that_fall_back, nvl, 2)):
+        # the call-check barrier, the host agreement, larger buffers (the old ones closed collectively;
+        # the new ones' set-up is counted under its own name), then the combine's own barrier and kernel
+        assert trips["relayout"] == {"collective": 2, "kernel": 3}, f"rank {rank}: {trips}"
+        assert trips["again"] == {"kernel": 2}, f"rank {rank}: {trips}"
+        # the call-check barrier, then the agreement and its error report
+        assert trips["refused"] == ({"collective": 2, "kernel": 1}, True), f"rank {rank}: {trips}"
 
 
 def test_counter_sees_a_bad_call_as_one_agreement(pools):

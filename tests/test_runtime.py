@@ -302,7 +302,7 @@ def test_runtime_rejects_misuse():
         num_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=1 << 20))
     barrier = dict(epoch=1, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None, num_tokens=0,
                    expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
-                   num_recv_tokens_per_expert=None)
+                   num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None)
     with pytest.raises(TypeError, match="NotifyParams needs every field by name; missing: epoch"):
         ext.NotifyParams(**{k: v for k, v in barrier.items() if k != "epoch"})
     with pytest.raises(TypeError, match="NotifyParams has no field 'epcoh'"):

@@ -3,26 +3,30 @@
 // block 1's warp 0 is the abort watcher (internode_common.cuh).
 //   1. reset this rank's NVL ring counters (as notify.cuh: no peer uses them
 //      until it passed the barrier below)
-//   2. (exchange_counts) per destination rank d, the count message (rdma_workspace.cuh):
-//        d on this node, d != self:  written into d's NVL buffer (channel_counts, expert_counts)
-//        d == self:                  written into this rank's own RDMA counts slot
-//        d on another node:          staged, then put through the transport with barrier signal +1
+//   2. per destination rank d, this rank's counts (exchange_counts) and call header (a call
+//      check, call_flags >= 0; call_check.cuh):
+//        d on this node:     counts (d != self) and header written into d's NVL buffer
+//        d == self:          counts written into this rank's own RDMA counts slot
+//        d on another node:  the count message (rdma_workspace.cuh: header, then counts) staged,
+//                            then put through the transport with barrier signal +1; only its
+//                            16-byte header without counts; a bare signal +1 with neither
 //   3. barrier: on the node, release-store `epoch` into every local peer's NVL barrier signal;
-//      across nodes, the count put's signal (or a signal_add without counts) adds 1 to
-//      barrier[rank] of every remote rank. Then wait for every source: NVL signal >= epoch
-//      (same node), transport barrier signal >= epoch (other nodes)
+//      across nodes, step 2's signal added 1 to barrier[rank] of every remote rank. Then wait for
+//      every source: NVL signal >= epoch (same node), transport barrier signal >= epoch (other nodes)
 //   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix,
-//      forward_channel_prefix_matrix and num_recv_tokens_per_expert.
-// Counts are double-buffered by epoch parity (a peer is at most one barrier ahead).
+//      forward_channel_prefix_matrix and num_recv_tokens_per_expert; (call check) compare every
+//      source's header into call_agreed.
+// Counts and headers are double-buffered by epoch parity (a peer is at most one barrier ahead).
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
+#include "call_check.cuh"
 #include "internode_common.cuh"
 #include "prefix.cuh"
 
 namespace epcomm::kernels {
 
-// Lanes of one warp fill the message for destination `dst` at `message` (int32 [count_message_ints]).
+// Lanes of one warp fill the counts for destination `dst`.
 template <class Transport>
 EPCOMM_DEVICE void internode_fill_count_message(InternodeNotifyArgs<Transport> const& args, int dst,
                                                 int32_t* channel_counts, int32_t* node_counts,
@@ -49,32 +53,47 @@ EPCOMM_DEVICE void internode_fill_count_message(InternodeNotifyArgs<Transport> c
         args.num_tokens_per_expert != nullptr ? args.num_tokens_per_expert[dst * num_local_experts + expert] : 0;
 }
 
-// Step 2 (and, for remote ranks, the network half of step 3's signal).
+// Step 2 (and, for remote ranks, the network half of step 3's signal: exactly +1 per notify).
 template <class Transport>
-EPCOMM_DEVICE void internode_send_counts(InternodeNotifyArgs<Transport> const& args, int parity) {
+EPCOMM_DEVICE void internode_send_messages(InternodeNotifyArgs<Transport> const& args, int parity) {
   InternodeComm<Transport> const& comm = args.comm;
   RdmaWorkspace const& rdma = comm.rdma_workspace;
   NvlWorkspace const& nvl = comm.nvl_workspace;
   int const lane = int(ptx::get_lane_id()), warp = int(threadIdx.x) / 32, num_warps = int(blockDim.x) / 32;
   int const num_channels = comm.config.nvl.num_channels;
+  bool const check_call = args.call_flags != kNoCallCheck;
+  CallHeader const header = make_call_header(args.call_digest, args.call_flags, args.epoch);
   char* const local = comm.transport.local_buffer();
   for (int dst = warp; dst < comm.num_ranks; dst += num_warps) {
-    bool const same_node = dst / comm.num_nvl_ranks == comm.node();
-    if (same_node && dst != comm.rank) {
-      // A peer of this node: straight into its NVL buffer
+    if (dst / comm.num_nvl_ranks == comm.node()) {
+      // This node (self included): straight into the NVL buffer; own counts go to the own RDMA slot
       void* const peer_buffer = comm.nvl_peer_buffers[dst % comm.num_nvl_ranks];
-      internode_fill_count_message(args, dst, nvl.channel_counts(peer_buffer, parity, comm.local_rank()), nullptr,
-                                   nvl.expert_counts(peer_buffer, parity, comm.local_rank()), lane);
+      if (check_call && lane == 0) *nvl.call_header(peer_buffer, parity, comm.local_rank()) = header;
+      if (!args.exchange_counts) continue;
+      if (dst == comm.rank) {
+        int32_t* counts = RdmaWorkspace::message_counts(local + rdma.count_message_offset(parity, comm.rank));
+        internode_fill_count_message(args, dst, counts, counts + num_channels, counts + 2 * num_channels, lane);
+      } else {
+        internode_fill_count_message(args, dst, nvl.channel_counts(peer_buffer, parity, comm.local_rank()), nullptr,
+                                     nvl.expert_counts(peer_buffer, parity, comm.local_rank()), lane);
+      }
       continue;
     }
-    // Self: this rank's own counts slot; another node: the staging slot, then a put
-    int32_t* message = reinterpret_cast<int32_t*>(
-        local + (dst == comm.rank ? rdma.count_message_offset(parity, comm.rank) : rdma.count_staging_message_offset(dst)));
-    internode_fill_count_message(args, dst, message, message + num_channels, message + 2 * num_channels, lane);
-    if (dst == comm.rank) continue;
+    // Another node: stage the message, then one put with the barrier signal (or the bare signal)
+    if (!args.exchange_counts && !check_call) {
+      comm.transport.signal_add(WarpCoop{lane}, dst, rdma.barrier_signal(comm.rank), 1);
+      continue;
+    }
+    char* const message = local + rdma.count_staging_message_offset(dst);
+    if (check_call && lane == 0) *RdmaWorkspace::message_call_header(message) = header;
+    if (args.exchange_counts) {
+      int32_t* counts = RdmaWorkspace::message_counts(message);
+      internode_fill_count_message(args, dst, counts, counts + num_channels, counts + 2 * num_channels, lane);
+    }
     ptx::syncwarp();  // every lane's part of the message is written before any lane copies it
     comm.transport.put_signal(WarpCoop{lane}, dst, rdma.count_message_offset(parity, comm.rank),
-                              rdma.count_staging_message_offset(dst), rdma.count_message_bytes(),
+                              rdma.count_staging_message_offset(dst),
+                              args.exchange_counts ? rdma.count_message_bytes() : sizeof(CallHeader),
                               rdma.barrier_signal(comm.rank), 1);
   }
   comm.transport.flush(WarpCoop{lane});
@@ -85,13 +104,7 @@ template <class Transport>
 EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args) {
   __shared__ int failed;
   InternodeComm<Transport> const& comm = args.comm;
-  int const lane = int(ptx::get_lane_id()), warp = int(threadIdx.x) / 32, num_warps = int(blockDim.x) / 32;
   if (threadIdx.x == 0) failed = 0;
-  // Remote ranks without counts: a bare signal (ordered after this rank's earlier puts)
-  if (!args.exchange_counts) {
-    for (int dst = warp; dst < comm.num_ranks; dst += num_warps)
-      if (dst / comm.num_nvl_ranks != comm.node()) comm.transport.signal_add(WarpCoop{lane}, dst, comm.rdma_workspace.barrier_signal(comm.rank), 1);
-  }
   // Publish on the node: everything this block wrote (counters reset, counts) happens-before the signal
   __syncthreads();
   int const local = comm.local_rank();
@@ -133,9 +146,19 @@ EPCOMM_DEVICE ReceivedCounts internode_received_counts(InternodeComm<Transport> 
     return {comm.nvl_workspace.channel_counts(own, parity, src_local), nullptr,
             comm.nvl_workspace.expert_counts(own, parity, src_local)};
   }
-  int32_t const* message =
-      reinterpret_cast<int32_t const*>(comm.transport.local_buffer() + comm.rdma_workspace.count_message_offset(parity, src));
-  return {message, message + num_channels, message + 2 * num_channels};
+  int32_t const* counts =
+      RdmaWorkspace::message_counts(comm.transport.local_buffer() + comm.rdma_workspace.count_message_offset(parity, src));
+  return {counts, counts + num_channels, counts + 2 * num_channels};
+}
+
+// Where source `src`'s call header to this rank landed (its NVL slot on this node, else its message).
+template <class Transport>
+EPCOMM_DEVICE CallHeader const* internode_received_call_header(InternodeComm<Transport> const& comm, int parity,
+                                                               int src) {
+  if (src / comm.num_nvl_ranks == comm.node())
+    return comm.nvl_workspace.call_header(comm.nvl_peer_buffers[comm.local_rank()], parity, src % comm.num_nvl_ranks);
+  return RdmaWorkspace::message_call_header(comm.transport.local_buffer() +
+                                            comm.rdma_workspace.count_message_offset(parity, src));
 }
 
 // Step 4.
@@ -177,8 +200,14 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) i
     comm.nvl_workspace.ring_head(own_nvl, 0, 0)[i] = 0;
     comm.nvl_workspace.ring_tail(own_nvl, 0, 0)[i] = 0;
   }
-  if (args.exchange_counts) internode_send_counts(args, parity);
-  if (internode_barrier(args) && args.exchange_counts) internode_build_prefixes(args, parity);
+  internode_send_messages(args, parity);
+  if (internode_barrier(args)) {
+    if (args.call_flags != kNoCallCheck && threadIdx.x == 0)
+      *args.call_agreed = all_call_headers_agree(comm.num_ranks, args.call_digest, args.epoch, [&](int src) {
+        return internode_received_call_header(comm, parity, src);
+      });
+    if (args.exchange_counts) internode_build_prefixes(args, parity);
+  }
   internode_warp_finished(comm);
 }
 

@@ -68,6 +68,7 @@ char const* validate(InternodeNotifyArgs<Transport> const& args) {
   using detail::invalid;
   if (char const* problem = validate(args.comm)) return problem;
   if (args.epoch < 1) return invalid("internode_notify: epoch=%lld must be >= 1 and grow by one per call", (long long)args.epoch);
+  if (char const* problem = validate_call_check(args)) return problem;
   if (!args.exchange_counts) return nullptr;
   if (args.num_tokens < 0) return invalid("internode_notify: num_tokens=%d must be >= 0", args.num_tokens);
   if (args.num_tokens > 0 && args.is_token_in_rank == nullptr) return "internode_notify: is_token_in_rank is null";

@@ -66,7 +66,9 @@ struct IntranodeSpec {
 // notify: a barrier over peer memory (every rank's signal counter reaches
 // `epoch`), which also resets this rank's ring counters. With exchange_counts
 // it also sends this rank's per-(peer, channel) and per-expert counts and builds
-// the prefix matrices that place every received row. Both paths share these fields.
+// the prefix matrices that place every received row. With a call check it also
+// tells every rank whether all ranks run the same call (call_check.cuh).
+// Both paths share these fields.
 #define EPCOMM_NOTIFY_FIELDS(F)                                                                                      \
   F(int64_t, epoch, 0, "1, 2, 3, ...: one more per notify on this buffer, the same on every rank")                \
   F(bool, exchange_counts, false, "false: a barrier only (the fields below are unused)")                           \
@@ -76,7 +78,10 @@ struct IntranodeSpec {
   F(int, expert_alignment, 1, "per-expert receive counts are rounded up to this")                                 \
   F(int32_t*, recv_rank_prefix, nullptr, "[R + 1] out: rows from sources < s start at [s]; [R] = M")               \
   F(int32_t*, recv_channel_prefix_matrix, nullptr, "[R, C + 1] out: first row of (source s, channel c); [s][C] = end of s") \
-  F(int32_t*, num_recv_tokens_per_expert, nullptr, "[L] out, each rounded up to expert_alignment (with num_tokens_per_expert)")
+  F(int32_t*, num_recv_tokens_per_expert, nullptr, "[L] out, each rounded up to expert_alignment (with num_tokens_per_expert)") \
+  F(int64_t, call_digest, 0, "with call_flags >= 0: the hash of the call every rank should be running (call_check.cuh)") \
+  F(int, call_flags, -1, "-1: no call check; else this rank's kCallRefused | kCallNeedsLayout bits")                 \
+  F(int32_t*, call_agreed, nullptr, "[1] out with call_flags >= 0: 1 when every rank runs this call and accepts it")
 struct NotifyParams {
   using Spec = IntranodeSpec;
   static constexpr char const* kName = "intranode_notify";

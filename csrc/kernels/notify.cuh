@@ -8,10 +8,13 @@
 //      wait for barrier_signal[s] >= epoch for every source s (acquire)
 //   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix and
 //      num_recv_tokens_per_expert from the counts the peers wrote.
-// Counts are double-buffered by epoch parity: a peer can be at most one barrier ahead.
+// With a call check (call_flags >= 0), step 2 also writes this rank's call header into every
+// peer and step 4 compares the headers the peers wrote into call_agreed (call_check.cuh).
+// Counts and headers are double-buffered by epoch parity: a peer can be at most one barrier ahead.
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
+#include "call_check.cuh"
 #include "intranode.hpp"
 #include "prefix.cuh"
 
@@ -36,6 +39,22 @@ EPCOMM_DEVICE void notify_send_counts(NotifyArgs const& args, int parity) {
     comm.workspace.expert_counts(comm.peer_buffers[dst], parity, comm.rank)[local_expert] =
         args.num_tokens_per_expert[pair];
   }
+}
+
+// This rank's call header, into slot [parity][rank] of every peer (self included).
+EPCOMM_DEVICE void notify_send_call_header(NotifyArgs const& args, int parity) {
+  CommArgs const& comm = args.comm;
+  CallHeader const header = make_call_header(args.call_digest, args.call_flags, args.epoch);
+  for (int dst = int(threadIdx.x); dst < comm.num_ranks; dst += int(blockDim.x))
+    *comm.workspace.call_header(comm.peer_buffers[dst], parity, comm.rank) = header;
+}
+
+EPCOMM_DEVICE void notify_judge_call(NotifyArgs const& args, int parity) {
+  CommArgs const& comm = args.comm;
+  void* const own_buffer = comm.peer_buffers[comm.rank];
+  if (threadIdx.x == 0)
+    *args.call_agreed = all_call_headers_agree(comm.num_ranks, args.call_digest, args.epoch,
+                                               [&](int src) { return comm.workspace.call_header(own_buffer, parity, src); });
 }
 
 // Returns false (in every thread) when a peer never arrived.
@@ -82,8 +101,11 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS(kNotifyThreads) notify_kernel(NotifyArgs
     comm.workspace.ring_head(own_buffer, 0, 0)[i] = 0;
     comm.workspace.ring_tail(own_buffer, 0, 0)[i] = 0;
   }
+  bool const check_call = args.call_flags != kNoCallCheck;
+  if (check_call) notify_send_call_header(args, parity);
   if (args.exchange_counts) notify_send_counts(args, parity);
   if (!notify_barrier(args)) return;
+  if (check_call) notify_judge_call(args, parity);
   if (args.exchange_counts) notify_build_prefixes(args, parity);
 }
 

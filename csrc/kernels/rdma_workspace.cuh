@@ -28,7 +28,8 @@
 // Ring signals only grow (no one resets them): a ring's row i of all time sits in
 // slot i % T; a kernel starts from signal_bases and stores the new totals at its end.
 //
-// Count message (source s -> destination d), int32:
+// Count message (source s -> destination d), int32, padded to 16 bytes:
+//   [4]  the call header (call_check.cuh; a notify without counts puts only these 16 bytes)
 //   [C]  tokens of s's channel c that go to rank d
 //   [C]  tokens of s's channel c that go to node(d) (used when d is s's forwarder there)
 //   [num_local_experts]  tokens of s that chose each of d's experts
@@ -42,6 +43,7 @@
 #include <cstdint>
 
 #include "../common/compat.cuh"
+#include "call_check.cuh"
 #include "config.cuh"
 #include "workspace.cuh"
 
@@ -111,7 +113,7 @@ struct RdmaWorkspace {
         num_topk(shape.num_topk),
         hidden(shape.hidden),
         max_nodes_per_token(shape.max_nodes_per_token) {
-    count_message_ints = 2 * num_channels + num_local_experts;
+    count_message_ints = int(align_up(size_t(kCallHeaderInts + 2 * num_channels + num_local_experts), kCallHeaderInts));
     record_bytes = align_up(8 + size_t(num_topk) * (sizeof(int64_t) + sizeof(float)), 8);
     dispatch_row_bytes = size_t(shape.max_row_bytes);
     dispatch_slot_bytes = align_up(record_bytes + dispatch_row_bytes, 16);
@@ -163,6 +165,11 @@ struct RdmaWorkspace {
     return count_staging_offset + size_t(destination) * sizeof(int32_t) * count_message_ints;
   }
   EPCOMM_HOST_DEVICE size_t count_message_bytes() const { return sizeof(int32_t) * size_t(count_message_ints); }
+  // A message's parts: the call header, then the counts (channel, node, expert) from kCallHeaderInts.
+  EPCOMM_HOST_DEVICE static CallHeader* message_call_header(char* message) { return reinterpret_cast<CallHeader*>(message); }
+  EPCOMM_HOST_DEVICE static int32_t* message_counts(char* message) {
+    return reinterpret_cast<int32_t*>(message) + kCallHeaderInts;
+  }
 
   EPCOMM_HOST_DEVICE int32_t* finished_warps(char* local_buffer) const {
     return reinterpret_cast<int32_t*>(local_buffer + finished_warps_offset);

@@ -9,6 +9,7 @@
 //   channel_counts     int32 [2 (epoch parity)][num_ranks (source)][num_channels]
 //                                                               source (notify)   this rank (notify)
 //   expert_counts      int32 [2][num_ranks (source)][num_local_experts]
+//   call_headers       CallHeader [2 (epoch parity)][num_ranks (source)]   source (notify)   this rank (notify)
 //   ring_head          int32 [num_channels][num_ranks (source)]  this rank (rows consumed)  the source (sender)
 //   ring_tail          int32 [num_channels][num_ranks (source)]  the source (rows published) this rank
 //   ring_slots         [num_channels][num_ranks (source)][nvl_ring_tokens] x slot
@@ -22,6 +23,7 @@
 #include <cstdint>
 
 #include "../common/compat.cuh"
+#include "call_check.cuh"
 #include "config.cuh"
 
 namespace epcomm::kernels {
@@ -45,7 +47,7 @@ struct NvlWorkspace {
   size_t row_bytes = 0;  // row region of a slot (max_row_bytes padded to 8)
   size_t slot_bytes = 0;
   size_t abort_flag_offset = 0, barrier_signal_offset = 0, channel_counts_offset = 0, expert_counts_offset = 0,
-         ring_head_offset = 0, ring_tail_offset = 0, ring_slots_offset = 0, total_bytes = 0;
+         call_headers_offset = 0, ring_head_offset = 0, ring_tail_offset = 0, ring_slots_offset = 0, total_bytes = 0;
 
   NvlWorkspace() = default;
   EPCOMM_HOST_DEVICE NvlWorkspace(NvlWorkspaceShape const& shape, KernelConfig const& config)
@@ -67,6 +69,7 @@ struct NvlWorkspace {
     barrier_signal_offset = region(sizeof(int64_t) * size_t(num_ranks));
     channel_counts_offset = region(sizeof(int32_t) * 2 * size_t(num_ranks) * size_t(num_channels));
     expert_counts_offset = region(sizeof(int32_t) * 2 * size_t(num_ranks) * size_t(num_local_experts));
+    call_headers_offset = region(sizeof(CallHeader) * 2 * size_t(num_ranks));
     ring_head_offset = region(sizeof(int32_t) * num_rings);
     ring_tail_offset = region(sizeof(int32_t) * num_rings);
     ring_slots_offset = region(slot_bytes * size_t(ring_tokens) * num_rings);
@@ -88,6 +91,9 @@ struct NvlWorkspace {
   }
   EPCOMM_HOST_DEVICE int32_t* expert_counts(void* base, int parity, int source) const {
     return at<int32_t>(base, expert_counts_offset) + (size_t(parity) * num_ranks + source) * num_local_experts;
+  }
+  EPCOMM_HOST_DEVICE CallHeader* call_header(void* base, int parity, int source) const {
+    return at<CallHeader>(base, call_headers_offset) + size_t(parity) * num_ranks + source;
   }
   EPCOMM_HOST_DEVICE int32_t* ring_head(void* base, int channel, int source) const {
     return at<int32_t>(base, ring_head_offset) + size_t(channel) * num_ranks + source;

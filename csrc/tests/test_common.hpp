@@ -7,9 +7,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
+#include "../kernels/call_check.cuh"
 #include "../kernels/error.cuh"
 #include "../kernels/workspace.cuh"
+#include "harness.hpp"
 
 namespace epcomm::test {
 
@@ -49,6 +52,32 @@ inline long long kernel_timeout_cycles() {
 inline std::string error_text(kernels::ErrorSlot const& slot) {
   char text[256];
   return kernels::describe_error(slot, text, sizeof(text));
+}
+
+// The call check's scenario (kernels/call_check.cuh), for either notify kernel. `run_notify(flags, digests)`
+// runs one notify on every rank with those call fields and returns each rank's call_agreed (-1: not written).
+// Every rank must reach the same verdict: 1 only when every rank sent the same digest, no flags, this epoch.
+template <class RunNotify>
+void check_call_verdicts(int num_ranks, RunNotify run_notify) {
+  using kernels::kCallNeedsLayout, kernels::kCallRefused, kernels::kNoCallCheck;
+  std::vector<int> const plain(size_t(num_ranks), 0);
+  std::vector<int64_t> const same(size_t(num_ranks), 0x5eed'0000'0000'0007LL);
+  auto const everywhere = [&](int32_t verdict) { return std::vector<int32_t>(size_t(num_ranks), verdict); };
+  auto with = [](auto values, int rank, auto value) {
+    values[size_t(rank)] = value;
+    return values;
+  };
+  int const last = num_ranks - 1;
+  CHECK(run_notify(plain, same) == everywhere(1));
+  CHECK(run_notify(plain, with(same, last, int64_t(8))) == everywhere(0));  // one rank runs another call
+  CHECK(run_notify(with(plain, 0, kCallRefused), same) == everywhere(0));   // one rank refused its inputs
+  CHECK(run_notify(with(plain, last, kCallNeedsLayout), same) == everywhere(0));
+  CHECK(run_notify(plain, same) == everywhere(1));
+  // One rank sends no header: its slots still hold its header of two notifies ago (same parity,
+  // same digest, no flags); only the epoch in the tag tells it is stale
+  std::vector<int32_t> const stale = run_notify(with(plain, 0, kNoCallCheck), same);
+  CHECK(stale == with(everywhere(0), 0, int32_t(-1)));
+  CHECK(run_notify(plain, same) == everywhere(1));
 }
 
 }  // namespace epcomm::test

@@ -241,6 +241,7 @@ struct RankOutputs {
   std::vector<uint32_t> forward_peer_masks;
   std::vector<uint16_t> expert_out, combined_x;
   std::vector<float> combined_topk_weights;
+  int32_t call_agreed = -1;
 };
 
 void run_layout(Shape const& shape, RankData const& d, RankOutputs& out) {
@@ -314,10 +315,14 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
       args.recv_channel_prefix_matrix = out[r].recv_channel_prefix.data();
       args.forward_channel_prefix_matrix = out[r].forward_prefix.data();
       args.num_recv_tokens_per_expert = out[r].num_recv_tokens_per_expert.data();
+      args.call_digest = int64_t(data_seed);  // the count messages carry a call check too
+      args.call_flags = 0;
+      args.call_agreed = &out[r].call_agreed;
       kernels::add_internode_notify(launch, args);
     }
     cluster.run(launch);
   }
+  for (int r = 0; r < R; ++r) CHECK_EQ(out[r].call_agreed, 1);
   // Count messages: one per (source, destination on another node)
   {
     std::vector<uint64_t> bytes = cluster.take_counters();
@@ -586,6 +591,43 @@ EPCOMM_TEST(internode_fuzzed_schedules) {
     run_shape({2, 2, channels, 3, 1, 3, 2, token_counts(4, tokens, seed), 128, seed % 2 == 0, 3, 2, 2, 1, 60 + seed}, seed);
     if (!test::kSanitized || seed % 3 == 0)
       run_shape({4, 1, 1, 4, 2, 3, 1, token_counts(4, tokens, seed + 50), 128, seed % 2 == 1, 4, 2, 3, 1, 80 + seed}, seed);
+  }
+}
+
+// One internode notify without counts per rank, with the given call-check fields; each rank's
+// call_agreed (-1: not written). Checks the network bytes: a 16-byte header per (source, remote rank)
+// that sends one, nothing for a bare signal.
+std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& flags, std::vector<int64_t> const& digests) {
+  int const R = cluster.shape.num_ranks(), L = cluster.shape.num_nvl_ranks;
+  simt::ConcurrentLaunch launch(cluster.options("internode_notify_call_check"));
+  ++cluster.epoch;
+  cluster.take_counters();
+  std::vector<int32_t> agreed(size_t(R), -1);
+  uint64_t expected_bytes = 0;
+  for (int r = 0; r < R; ++r) {
+    kernels::InternodeNotifyArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    args.call_digest = digests[size_t(r)];
+    args.call_flags = flags[size_t(r)];
+    bool const checks = args.call_flags != kernels::kNoCallCheck;
+    args.call_agreed = checks ? &agreed[size_t(r)] : nullptr;
+    if (checks) expected_bytes += uint64_t(R - L) * sizeof(kernels::CallHeader);
+    kernels::add_internode_notify(launch, args);
+  }
+  cluster.run(launch);
+  uint64_t const network_bytes = cluster.take_counters()[int(LinkClass::kNetwork)];
+  CHECK_EQ(network_bytes, expected_bytes);
+  return agreed;
+}
+
+EPCOMM_TEST(internode_call_check) {
+  for (auto [nodes, nvl_ranks] : {std::pair{2, 2}, std::pair{4, 1}}) {
+    Cluster cluster({nodes, nvl_ranks, 1, 4, 2, 4, 2, std::vector<int>(size_t(nodes * nvl_ranks), 0), 128, false},
+                    std::nullopt);
+    test::check_call_verdicts(nodes * nvl_ranks, [&](auto const& flags, auto const& digests) {
+      return run_call_check(cluster, flags, digests);
+    });
   }
 }
 

@@ -184,6 +184,7 @@ struct RankOutputs {
   std::vector<int32_t> recv_src_idx;
   std::vector<uint16_t> expert_out, combined_x;
   std::vector<float> combined_topk_weights;
+  int32_t call_agreed = -1;
 };
 
 void run_layout(Shape const& shape, RankData const& d, RankOutputs& out) {
@@ -229,6 +230,24 @@ void add_barrier(Cluster& cluster, simt::ConcurrentLaunch& launch) {
   }
 }
 
+// One notify per rank with the given call-check fields; each rank's call_agreed (-1: not written).
+std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& flags, std::vector<int64_t> const& digests) {
+  simt::ConcurrentLaunch launch(cluster.options("notify_call_check"));
+  ++cluster.epoch;
+  std::vector<int32_t> agreed(size_t(cluster.shape.num_ranks), -1);
+  for (int r = 0; r < cluster.shape.num_ranks; ++r) {
+    kernels::NotifyArgs args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    args.call_digest = digests[size_t(r)];
+    args.call_flags = flags[size_t(r)];
+    args.call_agreed = args.call_flags == kernels::kNoCallCheck ? nullptr : &agreed[size_t(r)];
+    kernels::add_notify(launch, args);
+  }
+  cluster.run(launch);
+  return agreed;
+}
+
 // One dispatch + combine round on `cluster`, checked against the reference.
 void run_round(Cluster& cluster, uint64_t data_seed) {
   Shape const& shape = cluster.shape;
@@ -258,10 +277,14 @@ void run_round(Cluster& cluster, uint64_t data_seed) {
       args.recv_rank_prefix = out[r].recv_rank_prefix.data();
       args.recv_channel_prefix_matrix = out[r].recv_channel_prefix.data();
       args.num_recv_tokens_per_expert = out[r].num_recv_tokens_per_expert.data();
+      args.call_digest = int64_t(data_seed);  // the counts carry a call check too
+      args.call_flags = 0;
+      args.call_agreed = &out[r].call_agreed;
       kernels::add_notify(launch, args);
     }
     cluster.run(launch);
   }
+  for (int r = 0; r < R; ++r) CHECK_EQ(out[r].call_agreed, 1);
   std::vector<Expected> expected;
   for (int r = 0; r < R; ++r) {
     expected.push_back(expected_dispatch(shape, data, r));
@@ -442,6 +465,15 @@ EPCOMM_TEST(intranode_fuzzed_schedules) {
   }
 }
 
+EPCOMM_TEST(intranode_call_check) {
+  for (int num_ranks : {2, 4}) {
+    Cluster cluster({num_ranks, 1, 4, 2, std::vector<int>(size_t(num_ranks), 0), 64, false}, std::nullopt);
+    test::check_call_verdicts(num_ranks, [&](auto const& flags, auto const& digests) {
+      return run_call_check(cluster, flags, digests);
+    });
+  }
+}
+
 // A rank that never launches: its peers' waits time out and name it.
 EPCOMM_TEST(intranode_timeout_names_the_missing_peer) {
   Shape shape{2, 1, 4, 2, {8, 8}, 64, false, 2, 2, 1, 1, 77};
@@ -468,7 +500,8 @@ EPCOMM_TEST(intranode_workspace_and_validation) {
   kernels::NvlWorkspace ws({8, 4, 8, 7168 * 2}, config);
   // regions are disjoint, in order and aligned
   CHECK(ws.abort_flag_offset < ws.barrier_signal_offset && ws.barrier_signal_offset < ws.channel_counts_offset &&
-        ws.channel_counts_offset < ws.expert_counts_offset && ws.expert_counts_offset < ws.ring_head_offset &&
+        ws.channel_counts_offset < ws.expert_counts_offset && ws.expert_counts_offset < ws.call_headers_offset &&
+        ws.call_headers_offset < ws.ring_head_offset &&
         ws.ring_head_offset < ws.ring_tail_offset && ws.ring_tail_offset < ws.ring_slots_offset);
   CHECK_EQ(ws.ring_slots_offset % 128, size_t(0));
   CHECK_EQ(ws.slot_bytes, kernels::align_up(7168 * 2 + 8 + 8 * 12, 16));
@@ -478,6 +511,18 @@ EPCOMM_TEST(intranode_workspace_and_validation) {
   args.comm.num_ranks = 8;
   args.comm.workspace = ws;
   CHECK(std::string(kernels::validate(args)).find("peer_buffers") != std::string::npos);
+  // a call check needs its output and known flags
+  kernels::NotifyArgs notify;
+  notify.epoch = 1;
+  notify.call_flags = kernels::kNoCallCheck;
+  CHECK(kernels::validate_call_check(notify) == nullptr);
+  notify.call_flags = 0;
+  CHECK_CONTAINS(std::string(kernels::validate_call_check(notify)), "needs call_agreed");
+  int32_t agreed = -1;
+  notify.call_agreed = &agreed;
+  CHECK(kernels::validate_call_check(notify) == nullptr);
+  notify.call_flags = 4;
+  CHECK_CONTAINS(std::string(kernels::validate_call_check(notify)), "call_flags must be");
 }
 
 }  // namespace

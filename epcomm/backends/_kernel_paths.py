@@ -60,12 +60,18 @@ def _data_ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, rank_prefix, channel_prefix) -> dict:
-    """The notify fields both paths share; ``in_rank=None``: a barrier only."""
+NO_CALL_CHECK = -1  # call_flags of a notify without a call check (kernels/call_check.cuh kNoCallCheck)
+CALL_REFUSED, CALL_NEEDS_LAYOUT = 1, 2  # call_flags bits (kCallRefused, kCallNeedsLayout)
+
+
+def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, rank_prefix, channel_prefix,
+                   call: tuple[int, int, torch.Tensor] | None) -> dict:
+    """The notify fields both paths share; ``in_rank=None``: no counts; ``call``: (digest, flags, agreed [1] int32)."""
+    digest, flags, agreed = call if call is not None else (0, NO_CALL_CHECK, None)
     return dict(epoch=epoch, exchange_counts=in_rank is not None, is_token_in_rank=_data_ptr(in_rank),
                 num_tokens_per_expert=None, num_tokens=num_tokens, expert_alignment=1,
                 recv_rank_prefix=_data_ptr(rank_prefix), recv_channel_prefix_matrix=_data_ptr(channel_prefix),
-                num_recv_tokens_per_expert=None)
+                num_recv_tokens_per_expert=None, call_digest=digest, call_flags=flags, call_agreed=_data_ptr(agreed))
 
 
 def _dispatch_fields(plan, t: dict, recv: dict) -> dict:
@@ -136,10 +142,12 @@ class _KernelPath:
                 torch.zeros(world, num_channels + 1, dtype=torch.int32, device=device), None)
 
     def notify_params(self, epoch: int, in_rank: torch.Tensor | None = None, num_tokens: int = 0,
-                      outputs: tuple = (None, None, None)):
-        """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier."""
+                      outputs: tuple = (None, None, None), call: tuple[int, int, torch.Tensor] | None = None):
+        """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier. With
+        ``call = (digest, flags, agreed)`` it also checks that every rank runs the call ``digest`` and
+        accepts it (flags 0), writing the verdict, the same on every rank, into ``agreed`` (kernels/call_check.cuh)."""
         rank_prefix, channel_prefix, forward_prefix = outputs
-        fields = _notify_fields(epoch, in_rank, num_tokens, rank_prefix, channel_prefix)
+        fields = _notify_fields(epoch, in_rank, num_tokens, rank_prefix, channel_prefix, call)
         return getattr(self.ext, self.notify_type)(**fields, **self._extra_notify(forward_prefix))
 
     def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict):

@@ -107,6 +107,24 @@ class DispatchBackend(abc.ABC):
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
         """As :meth:`check_dispatch`, for combine."""
 
+    def agree_in_barrier(self, op: str, digest: int, refused: bool, tensors: dict[str, torch.Tensor],
+                         plan: object, config: Config | None = None) -> bool:
+        """Agree on a call along a handle (``op``: ``"cached dispatch"`` or ``"combine"``) inside the
+        backend's own barrier, with no host collective. Collective on every rank, whatever its inputs.
+
+        Args:
+            digest: :func:`epcomm._agree.signature_digest` of the call's signature (the same on every
+                rank exactly when the signatures are).
+            refused: this rank's own checks failed (``tensors``/``plan`` may then be unusable).
+        Returns:
+            True: every rank runs this call and accepts it, and the following :meth:`dispatch_cached` /
+            :meth:`combine` may rely on that (the kernel backends skip their barrier). False: the caller
+            must run the host agreement (``epcomm._agree.agree``), which also names the ranks and the
+            problem; the same verdict on every rank. The default returns False at once, without
+            communicating: a backend either always or never barriers, the same on every rank.
+        """
+        return False
+
     @abc.abstractmethod
     def dispatch(self, call: DispatchCall) -> tuple[dict[str, torch.Tensor], object]:
         """Send each token's row to every rank in ``call.is_token_in_rank``.

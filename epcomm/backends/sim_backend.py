@@ -38,7 +38,7 @@ from .._validate import Invalid
 from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError
 from ..topology import LinkClass, Topology
-from ._kernel_paths import InternodePath, IntranodePath, rdma_offset, row_bytes
+from ._kernel_paths import CALL_NEEDS_LAYOUT, CALL_REFUSED, InternodePath, IntranodePath, rdma_offset, row_bytes
 from .base import BackendOptions, DispatchBackend, DispatchCall
 
 __all__ = ["SimRuntime", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
@@ -307,6 +307,7 @@ class SimDispatchBackend(DispatchBackend):
         self._device_runtime: SimRuntime | None = None
         self._epoch = 0
         self._last_spec = None
+        self._agreed_barrier: str | None = None  # the op whose barrier agree_in_barrier ran (see there)
         if num_nvl_bytes > 0 or num_rdma_bytes > 0:
             # (num_nvl_bytes=0 with num_rdma_bytes: DeepEP's low-latency-only buffer; normal calls on it are refused
             # before anything moves, naming num_nvl_bytes)
@@ -451,6 +452,45 @@ class SimDispatchBackend(DispatchBackend):
         self._last_spec = spec
         return self._device_runtime
 
+    def _call_spec(self, op: str, tensors: dict[str, torch.Tensor], plan: SimPlan, config: Config | None):
+        """The workspace spec of a call along ``plan``'s handle (``op``: "cached dispatch" or "combine")."""
+        base = self._along(plan, config)
+        if op == "combine":
+            return self.path.spec_for_combine(base, tensors["x"])  # num_topk == the dispatch's (check_combine)
+        return self.path.spec_for_cached_dispatch(base, {k: v for k, v in tensors.items() if k in ("x", "scales")})
+
+    def agree_in_barrier(self, op: str, digest: int, refused: bool, tensors: dict[str, torch.Tensor],
+                         plan: object, config: Config | None = None) -> bool:
+        """See :meth:`DispatchBackend.agree_in_barrier`: the notify barrier the call needs anyway carries
+        every rank's call header (digest; flags: refused, needs another layout) and says whether all agree
+        (kernels/call_check.cuh), in the current layout. Before any normal-mode layout exists (first call,
+        after an LL call: the same state on every rank) it returns False without communicating."""
+        self._agreed_barrier = None
+        runtime, layout = self._device_runtime, self._last_spec
+        if runtime is None or layout is None or not hasattr(layout, "workspace"):  # none yet, or LL mode's
+            return False
+        flags = CALL_REFUSED if refused else 0
+        if not refused:
+            try:
+                spec = self._call_spec(op, tensors, plan, config)
+                if spec != layout or self.required_bytes(spec) > runtime.num_nvl_bytes:
+                    flags |= CALL_NEEDS_LAYOUT
+            except Exception:  # noqa: BLE001 - the host agreement and the call itself will say what is wrong
+                flags |= CALL_NEEDS_LAYOUT
+        agreed = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._run(runtime, layout, self.path.notify_params(self._next_epoch(), call=(digest, flags, agreed)), op)
+        if not bool(agreed.item()):
+            return False
+        self._agreed_barrier = op
+        return True
+
+    def _barrier_unless_agreed(self, runtime: SimRuntime, spec, op: str) -> None:
+        """The barrier before a call along a handle, unless :meth:`agree_in_barrier` just ran it for ``op``
+        (every rank then accepted a call that fits the current layout, so ``spec`` is that layout)."""
+        agreed, self._agreed_barrier = self._agreed_barrier, None
+        if agreed != op:
+            self._barrier(runtime, spec, op)
+
     def _next_epoch(self) -> int:
         """One more per notify on these buffers, the same on every rank."""
         self._epoch += 1
@@ -532,9 +572,9 @@ class SimDispatchBackend(DispatchBackend):
         """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
         op = "cached dispatch"
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
-        spec = self.path.spec_for_cached_dispatch(self._along(plan, config), rows)
+        spec = self._call_spec(op, rows, plan, config)
         runtime = self._ensure(spec, op)
-        self._barrier(runtime, spec, op)
+        self._barrier_unless_agreed(runtime, spec, op)
         return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op)
 
     def combine(self, tensors, plan: SimPlan, config: Config | None = None,
@@ -544,9 +584,9 @@ class SimDispatchBackend(DispatchBackend):
         weights = tensors.get("topk_weights")
         weights = weights.contiguous() if weights is not None else None
         num_topk = weights.size(1) if weights is not None else 0
-        spec = self.path.spec_for_combine(self._along(plan, config), x)  # num_topk == the dispatch's (check_combine)
+        spec = self._call_spec("combine", {"x": x}, plan, config)
         runtime = self._ensure(spec, "combine")
-        self._barrier(runtime, spec, "combine")
+        self._barrier_unless_agreed(runtime, spec, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
