@@ -9,6 +9,10 @@ per call (slowest rank, after a barrier) and the host round trips one call makes
 buffer itself (``buffer.traffic.round_trips``): collectives issued on the process group and kernel
 launches the host waits for. The round trips are exact and stable; the times are this machine's.
 Run it before and after a change to the Python/C++ seam and compare the two tables.
+
+A backend name with ``+host-agreement`` (e.g. ``sim+host-agreement``) runs that backend with its
+in-barrier call check switched off, so every call takes the host agreement as before the check
+existed (kernels/call_check.cuh): the "before" of that change, measured in the same run.
 """
 
 from __future__ import annotations
@@ -45,10 +49,16 @@ def _slowest(seconds: float) -> float:
     return float(t)
 
 
-def measure(backend: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median seconds and round trips per call of each operation on ``backend``."""
+def measure(name: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median seconds and round trips per call of each operation on backend ``name`` (``+host-agreement``:
+    with the in-barrier call check off)."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    backend, _, variant = name.partition("+")
+    if variant not in ("", "host-agreement"):
+        raise SystemExit(f"unknown variant {variant!r} of backend {backend!r} (known: host-agreement)")
     buffer = epcomm.Buffer(None, backend=backend, num_nvl_ranks=args.nvl_ranks, timeout_s=60.0)
+    if variant:
+        buffer._impl.agree_in_barrier = lambda call: False  # the protocol's default: the host agreement decides
     x, topk_idx, weights, num_experts = _inputs(rank, world, args)
     layout = buffer.get_dispatch_layout(topk_idx, num_experts)
     state: dict[str, object] = {}
@@ -90,7 +100,7 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="torch,sim")
+    parser.add_argument("--backends", default="torch,sim,sim+host-agreement")
     parser.add_argument("--nvl-ranks", type=int, default=None, help="ranks per node (default: all ranks on one node)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=256)
@@ -109,10 +119,11 @@ def main() -> None:
         nodes = world // args.nvl_ranks
         print(f"host cost per call: {world} ranks as {nodes} x {args.nvl_ranks}, {args.tokens} tokens x "
               f"hidden {args.hidden}, top-{args.topk}, median of {args.reps}")
-        print(f"{'backend':8} {'operation':16} {'median ms':>10} {'collectives':>12} {'kernels':>8}")
+        width = max(8, *(len(name) for name in table))
+        print(f"{'backend':{width}} {'operation':16} {'median ms':>10} {'collectives':>12} {'kernels':>8}")
         for backend, ops in table.items():
             for op, r in ops.items():
-                print(f"{backend:8} {op:16} {r['median_ms']:10.2f} {r['collectives']:12g} {r['kernels']:8g}")
+                print(f"{backend:{width}} {op:16} {r['median_ms']:10.2f} {r['collectives']:12g} {r['kernels']:8g}")
         if args.json:
             with open(args.json, "w") as f:
                 record = {**vars(args), "json": os.path.basename(args.json)}  # no machine paths in results

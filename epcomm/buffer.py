@@ -20,7 +20,7 @@ from ._validate import (Invalid, check_hidden_for_fp8, check_tensor, check_topk_
                         problem_text)
 from ._agree import ALGORITHM_NAMES, NODE_PARTIAL_NAMES, OPERATION_NAMES
 from .backends import agree_available, backend_class, resolve_backend
-from .backends.base import BackendOptions, DispatchCall
+from .backends.base import BackendOptions, CallCheck, DispatchCall
 from .config import Config
 from .errors import EpcommError, EpcommInputError
 from ._async import AsyncRunner, copy_into, private_group
@@ -461,6 +461,13 @@ class Buffer:
         if prepared is not None:
             signature.update(prepared["signature"])
             counts = prepared["counts"]
+        # the kernel backends' notify checks the call first (ranks calling different operations meet there);
+        # the host agreement follows in any case: it carries every rank's counts
+        self._impl.agree_in_barrier(CallCheck(
+            op, signature_digest(signature), refused=prepared is None, tensors=prepared["tensors"] if prepared else {},
+            config=config if isinstance(config, Config) else None,
+            is_token_in_rank=prepared["is_token_in_rank"] if prepared else None,
+            num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0))
         gathered = agree(self._comm, op, problem, signature, counts, device_of(x))
         self._low_latency.note_normal_call()  # LL calls now need clean_low_latency_buffer first
         world, nodes = self.group_size, self.num_nodes
@@ -839,8 +846,8 @@ class Buffer:
         host agreement runs when they cannot or when any rank differs, and raises the named error."""
         plan = handle.plan if isinstance(handle, DispatchHandle) else None
         refused = problem is not None or plan is None or tensors is None
-        if self._impl.agree_in_barrier(op, signature_digest(signature), refused, tensors or {}, plan,
-                                       config if isinstance(config, Config) else None):
+        if self._impl.agree_in_barrier(CallCheck(op, signature_digest(signature), refused, tensors or {}, plan,
+                                                 config if isinstance(config, Config) else None)):
             return
         agree(self._comm, op, problem, signature, None, device)
 

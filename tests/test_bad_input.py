@@ -205,6 +205,11 @@ def bad_handle(rank, world, kind, backend="torch"):
                 buf.dispatch(inp.x, handle=handle2)
             else:
                 buf.combine(recv, handle2)
+        elif kind == "dispatch mix":  # the kernel backends meet in the notify whichever operation a rank runs
+            if rank == 1:
+                buf.dispatch(inp.x, **args)
+            else:
+                buf.combine(recv, handle2)
     except epcomm.EpcommInputError as err:
         return str(err)
     return None
@@ -217,6 +222,7 @@ def bad_handle(rank, world, kind, backend="torch"):
     ("combine fp8", "combine takes no FP8 tuple"),
     ("cached with layout", "takes no layout tensors"),
     ("operation mix", "ranks disagree on the operation"),
+    ("dispatch mix", "ranks disagree on the operation"),
     ("config disagrees", "ranks disagree on config.num_sms (-1: no config): this rank has 4, ranks 0,2,3 have 6"),
     ("network ring disagrees", "ranks disagree on config.num_max_rdma_chunked_recv_tokens (-1: no config): this rank "
                                "has 8, ranks 0,2,3 have 16"),

@@ -8,11 +8,12 @@ torch backend: one agreement all_gather (it carries the counts: dispatch's count
 exchange one all_to_all: small calls (the busiest rank sends at most ``PACK_LIMIT_BYTES``) pack the
 side fields (top-k ids/weights, FP8 scales, the forwarding mask) beside the rows; larger ones send
 them in a second all_to_all, sparing the packing copies. Two-hop exchanges twice (network hop,
-NVLink hop). Kernel backends: dispatch is one agreement all_gather, then two kernels (notify, which
-exchanges the counts, and the dispatch kernel); cached dispatch and combine need no collective: the
-notify barrier they run anyway carries every rank's call header and says whether all ranks run the
-same call and accept it (kernels/call_check.cuh), then the data kernel runs. Only when some rank
-differs, refuses its inputs or needs another buffer layout does the host agreement run after it.
+NVLink hop). Kernel backends: every operation starts with its notify, which carries every rank's call
+header and says whether all ranks run the same call and accept it (kernels/call_check.cuh), then the
+data kernel runs. A dispatch's notify also exchanges the counts, and one agreement all_gather follows
+(the handle keeps every rank's counts); cached dispatch and combine need no collective. Only when some
+rank differs, refuses its inputs or needs another buffer layout does the host agreement decide (and
+the notify run again in the new layout).
 
 On the torch backend the agreement stays a round of its own even for cached calls, whose sizes the
 handle already knows: a rank that passes another dispatch's handle would post other sizes, and gloo

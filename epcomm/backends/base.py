@@ -62,6 +62,32 @@ class DispatchCall:
     config: Config | None
 
 
+@dataclass(frozen=True)
+class CallCheck:
+    """One call, as :meth:`DispatchBackend.agree_in_barrier` sees it.
+
+    Attributes:
+        op: ``"dispatch"``, ``"cached dispatch"`` or ``"combine"``.
+        digest: :func:`epcomm._agree.signature_digest` of the call's signature (equal on every rank
+            exactly when the signatures are).
+        refused: this rank's own checks failed; the fields below may then be unusable.
+        tensors: the call's tensors by name (``x``, ``scales``, ``topk_idx``, ``topk_weights``).
+        plan: the handle's plan (calls along a handle), else None.
+        config: the call's :class:`~epcomm.Config`, or None.
+        is_token_in_rank: ``[num_tokens, world_size]`` bool (dispatch), else None.
+        num_topk: top-k ids per token travelling with a dispatch (0: none).
+    """
+
+    op: str
+    digest: int
+    refused: bool
+    tensors: dict[str, torch.Tensor]
+    plan: object = None
+    config: Config | None = None
+    is_token_in_rank: torch.Tensor | None = None
+    num_topk: int = 0
+
+
 class DispatchBackend(abc.ABC):
     """Moves the rows of dispatch and combine for one Buffer. All methods but the checks are collective.
 
@@ -107,21 +133,18 @@ class DispatchBackend(abc.ABC):
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
         """As :meth:`check_dispatch`, for combine."""
 
-    def agree_in_barrier(self, op: str, digest: int, refused: bool, tensors: dict[str, torch.Tensor],
-                         plan: object, config: Config | None = None) -> bool:
-        """Agree on a call along a handle (``op``: ``"cached dispatch"`` or ``"combine"``) inside the
-        backend's own barrier, with no host collective. Collective on every rank, whatever its inputs.
+    def agree_in_barrier(self, call: CallCheck) -> bool:
+        """Agree on ``call`` inside the backend's own barrier (the kernel backends' notify), before the
+        host agreement. Collective on every rank, whatever its inputs; the Buffer calls it first in
+        every normal-mode operation, so ranks calling different operations meet in it too.
 
-        Args:
-            digest: :func:`epcomm._agree.signature_digest` of the call's signature (the same on every
-                rank exactly when the signatures are).
-            refused: this rank's own checks failed (``tensors``/``plan`` may then be unusable).
         Returns:
-            True: every rank runs this call and accepts it, and the following :meth:`dispatch_cached` /
-            :meth:`combine` may rely on that (the kernel backends skip their barrier). False: the caller
-            must run the host agreement (``epcomm._agree.agree``), which also names the ranks and the
-            problem; the same verdict on every rank. The default returns False at once, without
-            communicating: a backend either always or never barriers, the same on every rank.
+            True: every rank runs this call and accepts it. A call along a handle (cached dispatch,
+            combine) then needs no host agreement, and its :meth:`dispatch_cached` / :meth:`combine`
+            skips its own barrier; a dispatch still runs the host agreement (it carries every rank's
+            counts) and its :meth:`dispatch` reuses the counts this notify exchanged. False: the host
+            agreement (``epcomm._agree.agree``) decides and names the ranks and the problem; the same
+            verdict on every rank. The default returns False at once, without communicating.
         """
         return False
 

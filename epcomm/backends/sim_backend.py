@@ -39,7 +39,7 @@ from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError
 from ..topology import LinkClass, Topology
 from ._kernel_paths import CALL_NEEDS_LAYOUT, CALL_REFUSED, InternodePath, IntranodePath, rdma_offset, row_bytes
-from .base import BackendOptions, DispatchBackend, DispatchCall
+from .base import BackendOptions, CallCheck, DispatchBackend, DispatchCall
 
 __all__ = ["SimRuntime", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
@@ -307,7 +307,7 @@ class SimDispatchBackend(DispatchBackend):
         self._device_runtime: SimRuntime | None = None
         self._epoch = 0
         self._last_spec = None
-        self._agreed_barrier: str | None = None  # the op whose barrier agree_in_barrier ran (see there)
+        self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
         if num_nvl_bytes > 0 or num_rdma_bytes > 0:
             # (num_nvl_bytes=0 with num_rdma_bytes: DeepEP's low-latency-only buffer; normal calls on it are refused
             # before anything moves, naming num_nvl_bytes)
@@ -452,43 +452,57 @@ class SimDispatchBackend(DispatchBackend):
         self._last_spec = spec
         return self._device_runtime
 
-    def _call_spec(self, op: str, tensors: dict[str, torch.Tensor], plan: SimPlan, config: Config | None):
-        """The workspace spec of a call along ``plan``'s handle (``op``: "cached dispatch" or "combine")."""
+    def _call_spec(self, op: str, tensors: dict[str, torch.Tensor], plan: SimPlan | None, config: Config | None,
+                   num_topk: int = 0):
+        """The workspace spec of a call: ``op`` "dispatch" (with ``num_topk``), or along ``plan``'s handle
+        "cached dispatch" or "combine"."""
+        if op == "dispatch":
+            return self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
         base = self._along(plan, config)
         if op == "combine":
             return self.path.spec_for_combine(base, tensors["x"])  # num_topk == the dispatch's (check_combine)
         return self.path.spec_for_cached_dispatch(base, {k: v for k, v in tensors.items() if k in ("x", "scales")})
 
-    def agree_in_barrier(self, op: str, digest: int, refused: bool, tensors: dict[str, torch.Tensor],
-                         plan: object, config: Config | None = None) -> bool:
-        """See :meth:`DispatchBackend.agree_in_barrier`: the notify barrier the call needs anyway carries
-        every rank's call header (digest; flags: refused, needs another layout) and says whether all agree
-        (kernels/call_check.cuh), in the current layout. Before any normal-mode layout exists (first call,
-        after an LL call: the same state on every rank) it returns False without communicating."""
-        self._agreed_barrier = None
+    def agree_in_barrier(self, call: CallCheck) -> bool:
+        """See :meth:`DispatchBackend.agree_in_barrier`: the notify the call needs anyway carries every
+        rank's call header (digest; flags: refused, needs another layout) and says whether all agree
+        (kernels/call_check.cuh), in the current layout; a dispatch's also exchanges its counts (kept for
+        :meth:`dispatch`). Before any normal-mode layout exists (first call, after an LL call: the same
+        state on every rank) it returns False without communicating."""
+        self._agreed = None
         runtime, layout = self._device_runtime, self._last_spec
         if runtime is None or layout is None or not hasattr(layout, "workspace"):  # none yet, or LL mode's
             return False
-        flags = CALL_REFUSED if refused else 0
-        if not refused:
+        flags, in_rank = CALL_REFUSED if call.refused else 0, None
+        if not call.refused:
             try:
-                spec = self._call_spec(op, tensors, plan, config)
+                spec = self._call_spec(call.op, call.tensors, call.plan, call.config, call.num_topk)
                 if spec != layout or self.required_bytes(spec) > runtime.num_nvl_bytes:
                     flags |= CALL_NEEDS_LAYOUT
+                elif call.op == "dispatch":
+                    in_rank = call.is_token_in_rank.contiguous()
             except Exception:  # noqa: BLE001 - the host agreement and the call itself will say what is wrong
                 flags |= CALL_NEEDS_LAYOUT
         agreed = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self._run(runtime, layout, self.path.notify_params(self._next_epoch(), call=(digest, flags, agreed)), op)
+        outputs = (self.path.notify_outputs(self.path.num_channels(layout), self.device) if in_rank is not None
+                   else (None, None, None))
+        num_tokens = in_rank.size(0) if in_rank is not None else 0
+        params = self.path.notify_params(self._next_epoch(), in_rank, num_tokens, outputs, call=(call.digest, flags, agreed))
+        self._run(runtime, layout, params, call.op)
         if not bool(agreed.item()):
             return False
-        self._agreed_barrier = op
+        self._agreed = (call.op, in_rank, outputs)
         return True
 
+    def _take_agreed(self, op: str) -> tuple | None:
+        """(is_token_in_rank, notify outputs) when :meth:`agree_in_barrier` just said "yes" for ``op``:
+        its notify was this call's (in the current layout, which the call fits), else None."""
+        agreed, self._agreed = self._agreed, None
+        return agreed[1:] if agreed is not None and agreed[0] == op else None
+
     def _barrier_unless_agreed(self, runtime: SimRuntime, spec, op: str) -> None:
-        """The barrier before a call along a handle, unless :meth:`agree_in_barrier` just ran it for ``op``
-        (every rank then accepted a call that fits the current layout, so ``spec`` is that layout)."""
-        agreed, self._agreed_barrier = self._agreed_barrier, None
-        if agreed != op:
+        """The barrier before a call along a handle, unless :meth:`agree_in_barrier` ran it for this call."""
+        if self._take_agreed(op) is None:
             self._barrier(runtime, spec, op)
 
     def _next_epoch(self) -> int:
@@ -513,12 +527,17 @@ class SimDispatchBackend(DispatchBackend):
         tensors, config, counts = call.tensors, call.config, call.counts
         world, me = self.topo.world_size, self.topo.rank
         num_topk = tensors["topk_idx"].size(1) if "topk_idx" in tensors else 0
-        spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
+        spec = self._call_spec("dispatch", tensors, None, config, num_topk)
         runtime = self._ensure(spec, "dispatch")
-        in_rank = call.is_token_in_rank.contiguous()
+        agreed = self._take_agreed("dispatch")
+        if agreed is not None:  # the call check's notify exchanged this call's counts already
+            in_rank, outputs = agreed
+        else:
+            in_rank = call.is_token_in_rank.contiguous()
+            outputs = self.path.notify_outputs(self.path.num_channels(spec), self.device)
+            self._run(runtime, spec, self.path.notify_params(self._next_epoch(), in_rank, in_rank.size(0), outputs),
+                      "dispatch")
         num_tokens = in_rank.size(0)
-        outputs = self.path.notify_outputs(self.path.num_channels(spec), self.device)
-        self._run(runtime, spec, self.path.notify_params(self._next_epoch(), in_rank, num_tokens, outputs), "dispatch")
         num_recv = int(outputs[0][world])
         expected = int(counts[:, me].sum())
         if num_recv != expected:
