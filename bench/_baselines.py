@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from epcomm.topology import Topology
+from epcomm.topology import LinkClass, Topology
 
 # what epcomm's agreement calls (epcomm/_comm.py): torch 2.14 renamed all_gather_into_tensor
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -35,7 +35,7 @@ def _classify(topo: Topology, counts: list[int], row_bytes: int, into: dict) -> 
 
 
 def empty_record() -> dict:
-    return {link: {"rows": 0, "payload_bytes": 0} for link in ("self", "nvl", "rdma")}
+    return {link.value: {"rows": 0, "payload_bytes": 0} for link in LinkClass}
 
 
 class BareAllToAll:

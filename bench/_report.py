@@ -24,8 +24,8 @@ def print_report(result: dict, file=sys.stdout) -> None:
           f"received rows per rank {main['recv_rows_per_rank']['min']}..{main['recv_rows_per_rank']['max']}; "
           f"row bytes dispatch {main['row_bytes']['dispatch']}, combine {main['row_bytes']['combine']}", file=file)
     print(file=file)
-    hdr = (f"{'operation':<26} {'median ms':>10} {'p10':>8} {'p90':>8} {'net MB':>8} {'nvl MB':>8} {'self MB':>8} "
-           f"{'meta MB':>8} {'RDMA GB/s':>9} {'NVL GB/s':>9} {'x ceil':>7} {'bytes':>5}")
+    hdr = (f"{'operation':<26} {'median ms':>10} {'p10':>8} {'p90':>8} "
+           f"{'network MB':>10} {'nvlink MB':>9} {'self MB':>8} {'meta MB':>8} {'RDMA GB/s':>9} {'NVL GB/s':>9} {'x ceil':>7} {'bytes':>5}")
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for name, e in main["ops"].items():
@@ -34,7 +34,7 @@ def print_report(result: dict, file=sys.stdout) -> None:
         meta = sum(t[link].get("meta_bytes", 0) for link in t) / 1e6 if t else None
         match = {True: "ok", False: "DIFF", None: ""}[e.get("bytes_match")]
         print(f"{name:<26} {e['median_s'] * 1e3:10.1f} {e['p10_s'] * 1e3:8.1f} {e['p90_s'] * 1e3:8.1f} "
-              f"{_fmt(mb('rdma'), '.1f', 8)} {_fmt(mb('nvl'), '.1f', 8)} {_fmt(mb('self'), '.1f', 8)} "
+              f"{_fmt(mb('network'), '.1f', 10)} {_fmt(mb('nvlink'), '.1f', 9)} {_fmt(mb('self'), '.1f', 8)} "
               f"{_fmt(meta, '.1f', 8)} {_fmt(e.get('deepep_rdma_GBps'), '.3f', 9)} "
               f"{_fmt(e.get('deepep_nvl_GBps'), '.3f', 9)} {_fmt(e.get('x_ceiling'), '.2f', 7)} {match:>5}", file=file)
     print("MB: payload bytes sent, summed over ranks (meta: routing metadata, all links); GB/s: DeepEP accounting "

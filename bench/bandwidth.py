@@ -421,7 +421,7 @@ def run_case(args, rank: int, world: int, device: torch.device, tokens: int, rep
                 entry["expected"] = exp
                 entry["bytes_match"] = all(rec[link]["rows"] == exp[link]["rows"]
                                            and rec[link]["payload_bytes"] == exp[link]["payload_bytes"] for link in LINKS)
-            wire = sum(rec[link]["payload_bytes"] + rec[link].get("meta_bytes", 0) for link in ("rdma", "nvl"))
+            wire = sum(rec[link]["payload_bytes"] + rec[link].get("meta_bytes", 0) for link in ("network", "nvlink"))
             entry["wire_GBps_per_rank"] = wire / world / q["median_s"] / 1e9
         if o.name in trips:
             entry["round_trips_per_call"] = trips[o.name]
@@ -492,13 +492,13 @@ def targets(args, main: dict) -> list[dict]:
     rb = main["row_bytes"]["dispatch"]
     th = ops.get("two_hop dispatch")
     if th and "traffic" in th:
-        got = th["traffic"]["rdma"]["payload_bytes"]
+        got = th["traffic"]["network"]["payload_bytes"]
         want = p["token_remote_node_pairs"] * rb
         line("two-hop network bytes == (token, remote node) pairs x row bytes", got == want, got,
              f"{got} B measured, {p['token_remote_node_pairs']} pairs x {rb} B = {want} B")
         pe = ops.get("per_expert dispatch")
         if pe and "traffic" in pe and got:
-            measured = Fraction(pe["traffic"]["rdma"]["payload_bytes"], got)
+            measured = Fraction(pe["traffic"]["network"]["payload_bytes"], got)
             implied = Fraction(p["token_expert_remote_node_pairs"], p["token_remote_node_pairs"])
             line("two-hop network bytes below per-expert baseline by the routing's factor",
                  measured == implied and measured > 1, float(measured),

@@ -71,9 +71,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _routing import add_routing_args, global_topk_idx, routing_params  # noqa: E402
 
-LINKS = ("self", "nvl", "rdma")
+LINKS = ("self", "nvlink", "network")  # epcomm.LinkClass values, in its (and the C++ transport's) order
 
-# DeepEP V1 normal mode, H800 (anchors.md): EP -> (dispatch GB/s, combine GB/s, accounting)
+# DeepEP V1 normal mode, H800 (anchors.md): EP -> (dispatch GB/s, combine GB/s, accounting); the accounting is
+# DeepEP's bandwidth figure ("nvl": its NVL GB/s, "rdma": its RDMA GB/s), not a link class
 DEEPEP_H800 = {
     8: (153.0, 158.0, "nvl"),
     16: (43.0, 43.0, "rdma"),
@@ -125,8 +126,8 @@ class TrafficMatrices:
             "token_node_pairs": int(self.node_count.sum()),
             "token_remote_node_pairs": int(self.node_count.sum() - own_node),
             "token_expert_pairs": int(self.expert_count.sum()),
-            "token_expert_remote_node_pairs": self.rows_by_link(self.expert_count)["rdma"],
-            "token_rank_remote_node_pairs": self.rows_by_link(self.count)["rdma"],
+            "token_expert_remote_node_pairs": self.rows_by_link(self.expert_count)["network"],
+            "token_rank_remote_node_pairs": self.rows_by_link(self.count)["network"],
         }
 
 
@@ -226,19 +227,22 @@ def predict(tm: TrafficMatrices, *, hidden: int, tokens: int, fp8_dispatch: bool
         ex = tm.expert_count.t() if rev else tm.expert_count
         net_row = partial_rb * scale if rev else row
         phases = {
-            "flat": {"nvl": port_time(tm, cnt, row, "nvl", nvl_Bps), "net": port_time(tm, cnt, row, "rdma", net_Bps)},
-            "two_hop": {"nvl": port_time(tm, h2, row, "nvl", nvl_Bps), "net": port_time(tm, h1, net_row, "rdma", net_Bps)},
-            "per_expert": {"nvl": port_time(tm, ex, row, "nvl", nvl_Bps), "net": port_time(tm, ex, row, "rdma", net_Bps)},
+            "flat": {"nvlink": port_time(tm, cnt, row, "nvlink", nvl_Bps),
+                     "network": port_time(tm, cnt, row, "network", net_Bps)},
+            "two_hop": {"nvlink": port_time(tm, h2, row, "nvlink", nvl_Bps),
+                        "network": port_time(tm, h1, net_row, "network", net_Bps)},
+            "per_expert": {"nvlink": port_time(tm, ex, row, "nvlink", nvl_Bps),
+                           "network": port_time(tm, ex, row, "network", net_Bps)},
         }
         # DeepEP accounting, per GPU (mean over ranks), at the real token count
         acc_rdma = pairs["token_node_pairs"] * rb[op] * scale / tm.world
         acc_nvl = pairs["token_rank_pairs"] * rb[op] * scale / tm.world
         for algo, ph in phases.items():
-            t = max(ph["nvl"], ph["net"]) + overhead_s
-            entry = {"t_nvl_us": ph["nvl"] * 1e6, "t_net_us": ph["net"] * 1e6, "t_us": t * 1e6,
-                     "bound": "NVLink" if ph["nvl"] >= ph["net"] else "network"}
+            t = max(ph["nvlink"], ph["network"]) + overhead_s
+            entry = {"t_nvl_us": ph["nvlink"] * 1e6, "t_net_us": ph["network"] * 1e6, "t_us": t * 1e6,
+                     "bound": "NVLink" if ph["nvlink"] >= ph["network"] else "network"}
             if algo == "two_hop":
-                entry["t_serial_us"] = (ph["nvl"] + ph["net"] + overhead_s) * 1e6
+                entry["t_serial_us"] = (ph["nvlink"] + ph["network"] + overhead_s) * 1e6
             entry["rdma_GBps_deepep"] = acc_rdma / t / 1e9 if t > 0 and tm.nodes > 1 else None
             entry["nvl_GBps_deepep"] = acc_nvl / t / 1e9 if t > 0 else None
             if algo == "two_hop":
@@ -287,7 +291,7 @@ def ll_port_messages(tm: TrafficMatrices, allow_nvlink: bool = True) -> dict:
     for op in ("dispatch", "combine"):
         mat = tm.expert_count if op == "dispatch" else tm.expert_count.t()
         out[op] = {}
-        for name, c in (("nvl", 1), ("net", 2)):
+        for name, c in (("nvlink", 1), ("network", 2)):
             masked = torch.where(link == c, mat, torch.zeros_like(mat))
             out[op][name] = int(torch.maximum(masked.sum(1), masked.sum(0)).max()) if masked.sum() else 0
     return out
@@ -304,8 +308,8 @@ def ll_link_times(port_messages: dict, *, hidden: int, fp8_dispatch: bool, nvl_G
     out = {}
     for op, msg in ll_message_bytes(hidden, fp8_dispatch).items():
         n = port_messages[op]
-        t_nvl = n["nvl"] * (msg / (nvl_GBps * 1e3) + msg_overhead_us)
-        t_net = n["net"] * (msg / (net_GBps * 1e3) + msg_overhead_us)
+        t_nvl = n["nvlink"] * (msg / (nvl_GBps * 1e3) + msg_overhead_us)
+        t_net = n["network"] * (msg / (net_GBps * 1e3) + msg_overhead_us)
         out[op] = {"t_nvl_us": t_nvl, "t_net_us": t_net, "t_link_us": max(t_nvl, t_net),
                    "bound": "NVLink" if t_nvl >= t_net else "network", "port_messages": dict(n)}
     return out

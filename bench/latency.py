@@ -304,8 +304,8 @@ def run(args, rank: int, world: int, device: torch.device, timer) -> dict:
     def totals(kind: str) -> dict:
         tt = exp["torch"][kind]
         kk = exp["kernel"][kind]
-        torch_wire = sum(tt[link]["payload_bytes"] + tt[link]["meta_bytes"] for link in ("nvl", "rdma"))
-        kernel_wire = sum(kk[link]["bytes"] for link in ("nvl", "rdma"))
+        torch_wire = sum(tt[link]["payload_bytes"] + tt[link]["meta_bytes"] for link in ("nvlink", "network"))
+        kernel_wire = sum(kk[link]["bytes"] for link in ("nvlink", "network"))
         return {"torch_all_links": sum(tt[link]["payload_bytes"] + tt[link]["meta_bytes"] for link in LINKS),
                 "kernel_all_links": sum(kk[link]["bytes"] for link in LINKS),
                 "torch_off_rank": torch_wire, "kernel_off_rank": kernel_wire,
@@ -336,31 +336,31 @@ def print_report(result: dict, file=sys.stdout) -> None:
           f"{ro['recv_messages_per_rank']['min']}..{ro['recv_messages_per_rank']['max']}", file=file)
     print(file=file)
     hdr = (f"{'operation':<32} {'median ms':>10} {'p10':>8} {'p90':>8} {'x bare':>7} {'x valid':>7} "
-           f"{'net MB':>8} {'nvl MB':>8} {'self MB':>8} {'GB/s*':>7} {'bytes':>5}")
+           f"{'network MB':>10} {'nvlink MB':>9} {'self MB':>8} {'GB/s*':>7} {'bytes':>5}")
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     for name, e in r["ops"].items():
         b = e.get("bytes_by_link") or {}
-        mb = lambda link: f"{b[link] / 1e6:8.2f}" if link in b else f"{'-':>8}"  # noqa: E731
+        mb = lambda link, w=8: f"{b[link] / 1e6:{w}.2f}" if link in b else f"{'-':>{w}}"  # noqa: E731
         xb = f"{e['x_bare']:7.2f}" if "x_bare" in e else f"{'':>7}"
         xv = f"{e['x_bare_valid']:7.2f}" if "x_bare_valid" in e else f"{'':>7}"
         match = {True: "ok", False: "DIFF", None: ""}[e.get("bytes_match")]
         print(f"{name:<32} {e['median_s'] * 1e3:10.2f} {e['p10_s'] * 1e3:8.2f} {e['p90_s'] * 1e3:8.2f} {xb} {xv} "
-              f"{mb('rdma')} {mb('nvl')} {mb('self')} {e['deepep_GBps']:7.3g} {match:>5}", file=file)
+              f"{mb('network', 10)} {mb('nvlink', 9)} {mb('self')} {e['deepep_GBps']:7.3g} {match:>5}", file=file)
     print("MB: all bytes sent (payload + slot overhead), summed over ranks; x bare: median / bare all_to_all_single "
           "of the same fixed slot arrays; x valid: median / bare exchange of the valid messages only; GB/s*: "
           "DeepEP's LL accounting, (token, expert) pairs x message bytes per rank / median", file=file)
     print("\nbytes per link class, summed over ranks (torch reference: valid payload + fixed-slot overhead; "
           "kernel backends: valid messages only):", file=file)
     exp = r["expected_bytes"]
-    print(f"{'op':<9} {'link':<5} {'messages':>9} {'payload B':>12} {'overhead B':>12} {'torch total B':>14} "
+    print(f"{'op':<9} {'link':<7} {'messages':>9} {'payload B':>12} {'overhead B':>12} {'torch total B':>14} "
           f"{'kernel B':>12} {'torch/kernel':>12}", file=file)
     for op in ("dispatch", "combine"):
         for link in LINKS:
             t, k = exp["torch"][op][link], exp["kernel"][op][link]
             total = t["payload_bytes"] + t["meta_bytes"]
             ratio = f"{total / k['bytes']:12.1f}" if k["bytes"] else f"{'-':>12}"
-            print(f"{op:<9} {link:<5} {t['rows']:>9} {t['payload_bytes']:>12} {t['meta_bytes']:>12} {total:>14} "
+            print(f"{op:<9} {link:<7} {t['rows']:>9} {t['payload_bytes']:>12} {t['meta_bytes']:>12} {total:>14} "
                   f"{k['bytes']:>12} {ratio}", file=file)
     for op, tot in r["totals"].items():
         pf = tot["padding_factor_off_rank"]

@@ -14,11 +14,15 @@ __all__ = ["Topology", "LinkClass"]
 
 
 class LinkClass(str, Enum):
-    """The kind of link a transfer between two ranks uses."""
+    """The kind of link a transfer between two ranks uses.
+
+    The values are the keys of ``buffer.traffic`` and of the benchmarks' JSON; the C++ side's
+    ``transport::LinkClass`` (csrc/transport/transport.cuh) has the same three, in the same order.
+    """
 
     SELF = "self"  # same rank: a local copy, no link
-    NVLINK = "nvl"  # same node, different rank
-    NETWORK = "rdma"  # different nodes
+    NVLINK = "nvlink"  # same node, different rank
+    NETWORK = "network"  # different nodes
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ def main() -> None:
         buf.reset_traffic()
         med = time_ops(buf, mine, args.experts, args.reps)
         traffic = torch.tensor(
-            [[buf.traffic.get(op, link).payload_bytes for link in ("rdma", "nvl", "self")] for op in ("dispatch", "combine")],
+            [[buf.traffic.get(op, link).payload_bytes for link in ("network", "nvlink", "self")]
+             for op in ("dispatch", "combine")],
             dtype=torch.float64,
         ) / args.reps
         dist.all_reduce(traffic)  # bytes summed over ranks, per repetition
@@ -125,8 +126,10 @@ def main() -> None:
         print()
         print(f"{'algorithm':<9} {'op':<9} {'median ms':>10} {'network MB':>11} {'nvlink MB':>10} {'local MB':>9}")
         for algorithm, (t_dispatch, t_combine), traffic in rows:
-            for op, t, (rdma, nvl, own) in (("dispatch", t_dispatch, traffic[0]), ("combine", t_combine, traffic[1])):
-                print(f"{algorithm:<9} {op:<9} {t * 1e3:>10.1f} {rdma / 1e6:>11.1f} {nvl / 1e6:>10.1f} {own / 1e6:>9.1f}")
+            for op, t, (network, nvlink, own) in (("dispatch", t_dispatch, traffic[0]),
+                                                  ("combine", t_combine, traffic[1])):
+                print(f"{algorithm:<9} {op:<9} {t * 1e3:>10.1f} {network / 1e6:>11.1f} {nvlink / 1e6:>10.1f} "
+                      f"{own / 1e6:>9.1f}")
         two_hop, flat = rows[0][2][0][0], rows[1][2][0][0]
         print(f"\ntwo-hop dispatch sends {two_hop / flat:.2f}x the network bytes of flat "
               f"(one copy per destination node instead of per destination rank)")

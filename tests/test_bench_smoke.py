@@ -24,7 +24,7 @@ MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shut
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpi4py mpich)")
 
 H, TOKENS, EXPERTS, TOPK, RANKS, NVL = 256, 64, 32, 8, 4, 2
-LINKS = ("self", "nvl", "rdma")
+LINKS = ("self", "nvlink", "network")
 
 
 def _run(tmp_path: Path, *extra: str, ranks: int = RANKS) -> subprocess.CompletedProcess:
@@ -82,7 +82,7 @@ def test_byte_identities(bf16_result):
         if "bytes_match" in e:
             assert e["bytes_match"], (name, e["traffic"], e["expected"])
     # two-hop: one network row per (token, remote node) pair
-    assert ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"] == pairs["token_remote_node_pairs"] * rb
+    assert ops["two_hop dispatch"]["traffic"]["network"]["payload_bytes"] == pairs["token_remote_node_pairs"] * rb
     # flat: one row per (token, rank) pair; the ceiling moves the same rows
     flat = ops["flat dispatch"]["traffic"]
     assert sum(flat[link]["rows"] for link in LINKS) == pairs["token_rank_pairs"]
@@ -92,11 +92,11 @@ def test_byte_identities(bf16_result):
     # per-expert baseline: one row per (token, expert); network factor as the routing implies
     pe = ops["per_expert dispatch"]["traffic"]
     assert sum(pe[link]["rows"] for link in LINKS) == pairs["token_expert_pairs"] == RANKS * TOKENS * TOPK
-    assert Fraction(pe["rdma"]["payload_bytes"], ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"]) == \
+    assert Fraction(pe["network"]["payload_bytes"], ops["two_hop dispatch"]["traffic"]["network"]["payload_bytes"]) == \
         Fraction(pairs["token_expert_remote_node_pairs"], pairs["token_remote_node_pairs"])
     # two-hop combine sends bf16 node partials across nodes (the default): dispatch's network bytes
-    assert ops["two_hop combine"]["traffic"]["rdma"]["payload_bytes"] == pairs["token_remote_node_pairs"] * 2 * H \
-        == ops["two_hop dispatch"]["traffic"]["rdma"]["payload_bytes"]
+    assert ops["two_hop combine"]["traffic"]["network"]["payload_bytes"] == pairs["token_remote_node_pairs"] * 2 * H \
+        == ops["two_hop dispatch"]["traffic"]["network"]["payload_bytes"]
     assert all(main["verified"].values()) and set(main["verified"]) == {"flat", "two_hop", "per_expert"}
     byte_targets = [t for t in result["targets"] if "within" not in t["name"]]  # timing lines are never asserted
     assert byte_targets and all(t["pass"] for t in byte_targets), byte_targets
@@ -145,7 +145,7 @@ def test_cluster_model_traffic_matches_closed_forms():
                 assert tm.count[s, d] > 0
     assert tm.pairs()["token_node_pairs"] == node_pairs
     exp = expected_traffic(tm, 256, fp8=False)
-    assert exp["two_hop"]["dispatch"]["rdma"]["rows"] == remote
+    assert exp["two_hop"]["dispatch"]["network"]["rows"] == remote
     # hop 2 delivers every (token, rank) row exactly once
     assert int(tm.hop2.sum()) == int(tm.count.sum())
     pred = predict(tm, hidden=256, tokens=tokens, fp8_dispatch=False, combine_partial_bytes=2, nvl_GBps=160, net_GBps=50)
@@ -161,7 +161,8 @@ def test_sim_backend_runs_the_suite(tmp_path):
     ops = result["main"]["ops"]
     assert result["config"]["backend"] == "sim" and result["main"]["verified"]["flat"]
     assert all(e["bytes_match"] for e in ops.values() if "bytes_match" in e)
-    assert ops["flat dispatch"]["traffic"]["rdma"]["rows"] == 0 and ops["flat dispatch"]["traffic"]["nvl"]["rows"] > 0
+    flat = ops["flat dispatch"]["traffic"]
+    assert flat["network"]["rows"] == 0 and flat["nvlink"]["rows"] > 0
 
 
 @needs_mpi
@@ -267,9 +268,9 @@ def test_ll_model_against_deepep_table():
     topk_all = global_topk_idx("uniform", world=world, nvl=nvl, tokens=6, experts=experts, topk=3)
     tm = traffic_matrices(topk_all, experts, nvl)
     exp = ll_expected_bytes(tm.expert_count, tm.link, hidden=256, num_local_experts=experts // world, num_max=6, fp8=True)
-    rdma = sum(int((topk_all[s] // (experts // world) == d).sum()) for s in range(world) for d in range(world)
-               if s // nvl != d // nvl)
-    assert exp["kernel"]["dispatch"]["rdma"] == {"messages": rdma, "bytes": rdma * (16 + 256 + 8)}
+    remote = sum(int((topk_all[s] // (experts // world) == d).sum()) for s in range(world) for d in range(world)
+                 if s // nvl != d // nvl)
+    assert exp["kernel"]["dispatch"]["network"] == {"messages": remote, "bytes": remote * (16 + 256 + 8)}
     sent = torch.tensor([[int((topk_all[s] // (experts // world) == d).sum()) if s // nvl != d // nvl else 0
                           for d in range(world)] for s in range(world)])
-    assert ll_port_messages(tm)["dispatch"]["net"] == int(torch.maximum(sent.sum(1), sent.sum(0)).max())
+    assert ll_port_messages(tm)["dispatch"]["network"] == int(torch.maximum(sent.sum(1), sent.sum(0)).max())

@@ -26,8 +26,8 @@ def test_matches_reference_both_algorithms(pools, nodes, nvl, backend, kind):
         assert all(r.backend == backend for r in reports)
         digests[algorithm] = [r.digest for r in reports]
         node_pairs, rank_pairs = expected_pairs(case)
-        rows_over_network = sum(r.traffic.get("dispatch", {}).get("rdma", {}).get("rows", 0) for r in reports)
-        combine_over_network = sum(r.traffic.get("combine", {}).get("rdma", {}).get("rows", 0) for r in reports)
+        rows_over_network = sum(r.traffic.get("dispatch", {}).get("network", {}).get("rows", 0) for r in reports)
+        combine_over_network = sum(r.traffic.get("combine", {}).get("network", {}).get("rows", 0) for r in reports)
         if algorithm == "two_hop":
             assert rows_over_network == node_pairs, "two-hop must cross nodes once per (token, destination node)"
             assert combine_over_network == node_pairs, "combine must send one partial per (token, node) back"
@@ -56,7 +56,7 @@ def test_two_hop_network_bytes_are_exact(pools, backend):
     for kind, row_bytes in (("bf16", 2 * 256), ("fp8", 256 + 4 * 256 // 128)):
         case = Case(kind=kind, **base)
         reports = pools(8).run(check_case, case, "two_hop", 1, backend)
-        payload = sum(r.traffic["dispatch"]["rdma"]["payload_bytes"] for r in reports)
+        payload = sum(r.traffic["dispatch"]["network"]["payload_bytes"] for r in reports)
         node_pairs, _ = expected_pairs(case)
         assert payload == node_pairs * row_bytes
         measured[kind] = payload
@@ -72,8 +72,9 @@ def test_two_hop_combine_sends_dispatch_bytes_across_nodes(pools, backend):
     payload = {}
     for mode in ("rows_dtype", "float32"):
         reports = pools(8).run(check_case, Case(node_partials=mode, **base), "two_hop", 1, backend)
-        payload[mode] = [sum(r.traffic[op]["rdma"]["payload_bytes"] for r in reports) for op in ("dispatch", "combine")]
-        rows = [sum(r.traffic[op]["rdma"]["rows"] for r in reports) for op in ("dispatch", "combine")]
+        payload[mode] = [sum(r.traffic[op]["network"]["payload_bytes"] for r in reports)
+                         for op in ("dispatch", "combine")]
+        rows = [sum(r.traffic[op]["network"]["rows"] for r in reports) for op in ("dispatch", "combine")]
         assert rows[0] == rows[1] == expected_pairs(Case(**base))[0]
     assert payload["rows_dtype"][1] == payload["rows_dtype"][0] > 0
     assert payload["float32"][1] == 2 * payload["float32"][0]

@@ -510,7 +510,7 @@ def test_torch_traffic_counts_every_byte(pools):
         _, topk, _ = case.inputs(rank)
         per_link = {}
         for dest in range(4):
-            link = "self" if dest == rank else ("nvl" if dest // 2 == rank // 2 else "rdma")
+            link = "self" if dest == rank else ("nvlink" if dest // 2 == rank // 2 else "network")
             rows = int(((topk // e_loc) == dest).logical_and(topk >= 0).sum())
             d = per_link.setdefault(link, [0, 0, 0, 0, 0, 0])
             d[0] += rows
@@ -541,7 +541,7 @@ def test_sim_transport_counts_only_the_messages(pools):
             _, topk, _ = case.inputs(rank)
             want: dict[str, list[int]] = {}
             for dest in range(4):
-                link = "self" if dest == rank else ("nvl" if dest // 2 == rank // 2 else "rdma")
+                link = "self" if dest == rank else ("nvlink" if dest // 2 == rank // 2 else "network")
                 rows = int(((topk // e_loc) == dest).logical_and(topk >= 0).sum())
                 _, dest_topk, _ = case.inputs(dest)
                 back = int(((dest_topk // e_loc) == rank).logical_and(dest_topk >= 0).sum())

@@ -139,14 +139,14 @@ def test_sim_counts_the_rows_and_bytes_its_kernels_move(pools):
     num_topk = case.topk
     for s, t in zip(sim, ref):
         for op in ("dispatch", "cached dispatch", "combine"):
-            for link in ("self", "nvl"):
+            for link in ("self", "nvlink"):
                 got, want = s.traffic.get(op, {}).get(link, {}), t.traffic.get(op, {}).get(link, {})
                 assert got.get("rows", 0) == want.get("rows", 0), (op, link, got, want)
                 assert got.get("payload_bytes", 0) == want.get("payload_bytes", 0), (op, link, got, want)
-        nvl = s.traffic.get("dispatch", {}).get("nvl", {"rows": 0, "meta_bytes": 0})
-        assert nvl["meta_bytes"] == nvl["rows"] * (4 + 12 * num_topk)
-        assert "rdma" not in s.traffic.get("dispatch", {})
-    assert sum(s.traffic["dispatch"]["nvl"]["rows"] for s in sim if "dispatch" in s.traffic) > 0
+        nvlink = s.traffic.get("dispatch", {}).get("nvlink", {"rows": 0, "meta_bytes": 0})
+        assert nvlink["meta_bytes"] == nvlink["rows"] * (4 + 12 * num_topk)
+        assert "network" not in s.traffic.get("dispatch", {})
+    assert sum(s.traffic["dispatch"]["nvlink"]["rows"] for s in sim if "dispatch" in s.traffic) > 0
 
 
 def buffer_at_hint(rank, world, slack):

@@ -170,10 +170,13 @@ EPCOMM_HOST_DEVICE int internode_receiver_batch_tokens(InternodeConfig const& co
 
 using ShmInternodeComm = InternodeComm<transport::ShmTransport>;
 
-// CUDA target (internode_launch.cu): enqueues on `stream`; returns a cudaError_t.
+// CUDA target (internode_launch.cu): enqueues on `stream`; returns a cudaError_t. dispatch and combine
+// first check that their 3 x C blocks fit the device at once, as intranode.hpp's (co_residency.hpp).
 int cuda_launch_internode_notify(InternodeNotifyArgs<transport::ShmTransport> const& args, void* stream);
-int cuda_launch_internode_dispatch(InternodeDispatchArgs<transport::ShmTransport> const& args, void* stream);
-int cuda_launch_internode_combine(InternodeCombineArgs<transport::ShmTransport> const& args, void* stream);
+int cuda_launch_internode_dispatch(InternodeDispatchArgs<transport::ShmTransport> const& args, void* stream,
+                                   CoResidency* refused = nullptr);
+int cuda_launch_internode_combine(InternodeCombineArgs<transport::ShmTransport> const& args, void* stream,
+                                  CoResidency* refused = nullptr);
 
 }  // namespace epcomm::kernels
 

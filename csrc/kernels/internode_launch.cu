@@ -2,6 +2,7 @@
 // memory): the only place they are launched with <<<>>>. The CPU twins are in
 // internode_launch_simt.cpp. A GIN transport instantiates the same templates.
 #include "../common/compat.cuh"
+#include "co_residency.hpp"
 #include "internode.hpp"
 #include "internode_combine.cuh"
 #include "internode_dispatch.cuh"
@@ -22,19 +23,29 @@ int cuda_launch_internode_notify(InternodeNotifyArgs<ShmTransport> const& args, 
   return int(cudaGetLastError());
 }
 
-int cuda_launch_internode_dispatch(InternodeDispatchArgs<ShmTransport> const& args, void* stream) {
+int cuda_launch_internode_dispatch(InternodeDispatchArgs<ShmTransport> const& args, void* stream,
+                                   CoResidency* refused) {
   if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
-  int const threads = internode_block_threads(args.comm.num_ranks / args.comm.num_nvl_ranks, args.comm.num_nvl_ranks);
+  CoResidency const grid{args.kName, args.comm.config.nvl.num_channels, kInternodeBlocksPerChannel,
+                         internode_block_threads(args.comm.num_nodes(), args.comm.num_nvl_ranks)};
+  if (int const error = check_co_residency(internode_dispatch_kernel<ShmTransport>, grid, refused);
+      error != int(cudaSuccess))
+    return error;
   internode_dispatch_kernel<ShmTransport>
-      <<<internode_num_blocks(args.comm.config), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+      <<<grid.blocks(), grid.threads_per_block, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return int(cudaGetLastError());
 }
 
-int cuda_launch_internode_combine(InternodeCombineArgs<ShmTransport> const& args, void* stream) {
+int cuda_launch_internode_combine(InternodeCombineArgs<ShmTransport> const& args, void* stream,
+                                  CoResidency* refused) {
   if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
-  int const threads = internode_block_threads(args.comm.num_ranks / args.comm.num_nvl_ranks, args.comm.num_nvl_ranks);
+  CoResidency const grid{args.kName, args.comm.config.nvl.num_channels, kInternodeBlocksPerChannel,
+                         internode_block_threads(args.comm.num_nodes(), args.comm.num_nvl_ranks)};
+  if (int const error = check_co_residency(internode_combine_kernel<ShmTransport>, grid, refused);
+      error != int(cudaSuccess))
+    return error;
   internode_combine_kernel<ShmTransport>
-      <<<internode_num_blocks(args.comm.config), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+      <<<grid.blocks(), grid.threads_per_block, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return int(cudaGetLastError());
 }
 

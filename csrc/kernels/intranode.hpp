@@ -153,8 +153,9 @@ static_assert(kFitsKernelParams<NotifyArgs> && kFitsKernelParams<IntranodeDispat
 // Threads per block and blocks per grid of each kernel (the same on both targets).
 inline constexpr int kLayoutThreads = 256;
 inline constexpr int kNotifyThreads = 256;
+inline constexpr int kIntranodeBlocksPerChannel = 2;  // sender 2c, receiver 2c + 1: they wait on each other
 inline int comm_block_threads(int num_ranks) { return 32 * num_ranks; }  // one warp per peer
-inline int comm_num_blocks(KernelConfig const& config) { return 2 * config.num_channels; }
+inline int comm_num_blocks(KernelConfig const& config) { return kIntranodeBlocksPerChannel * config.num_channels; }
 inline int layout_num_blocks(int num_experts, int num_ranks) {
   return (num_experts + kLayoutThreads - 1) / kLayoutThreads + (num_ranks + kLayoutThreads - 1) / kLayoutThreads;
 }
@@ -167,10 +168,15 @@ EPCOMM_HOST_DEVICE int combine_batch_tokens(KernelConfig const& config) {
 // Host-side validation of every Args struct: intranode_validate.hpp.
 
 // CUDA target (intranode_launch.cu): enqueues on `stream` (a cudaStream_t); returns a cudaError_t.
+// dispatch and combine first check that their grid fits the device at once (co_residency.hpp): if it
+// does not they launch nothing, return kCoResidencyRefused and fill *refused (when given).
+struct CoResidency;
 int cuda_launch_get_dispatch_layout(LayoutArgs const& args, void* stream);
 int cuda_launch_notify(NotifyArgs const& args, void* stream);
-int cuda_launch_intranode_dispatch(IntranodeDispatchArgs const& args, void* stream);
-int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream);
+int cuda_launch_intranode_dispatch(IntranodeDispatchArgs const& args, void* stream,
+                                   CoResidency* refused = nullptr);
+int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream,
+                                  CoResidency* refused = nullptr);
 
 }  // namespace epcomm::kernels
 

@@ -1,6 +1,7 @@
 // CUDA-target launchers of the intranode kernels: the only place they are
 // launched with <<<>>>. The CPU twins are in intranode_launch_simt.cpp.
 #include "../common/compat.cuh"
+#include "co_residency.hpp"
 #include "intranode.hpp"
 #include "intranode_combine.cuh"
 #include "intranode_dispatch.cuh"
@@ -23,17 +24,25 @@ int cuda_launch_notify(NotifyArgs const& args, void* stream) {
   return int(cudaGetLastError());
 }
 
-int cuda_launch_intranode_dispatch(IntranodeDispatchArgs const& args, void* stream) {
+int cuda_launch_intranode_dispatch(IntranodeDispatchArgs const& args, void* stream, CoResidency* refused) {
   if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
-  intranode_dispatch_kernel<<<comm_num_blocks(args.comm.config), comm_block_threads(args.comm.num_ranks), 0,
-                              static_cast<cudaStream_t>(stream)>>>(args);
+  CoResidency const grid{args.kName, args.comm.config.num_channels, kIntranodeBlocksPerChannel,
+                         comm_block_threads(args.comm.num_ranks)};
+  if (int const error = check_co_residency(intranode_dispatch_kernel, grid, refused);
+      error != int(cudaSuccess))
+    return error;
+  intranode_dispatch_kernel<<<grid.blocks(), grid.threads_per_block, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return int(cudaGetLastError());
 }
 
-int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream) {
+int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream, CoResidency* refused) {
   if (validate(args) != nullptr) return int(cudaErrorInvalidValue);
-  intranode_combine_kernel<<<comm_num_blocks(args.comm.config), comm_block_threads(args.comm.num_ranks), 0,
-                             static_cast<cudaStream_t>(stream)>>>(args);
+  CoResidency const grid{args.kName, args.comm.config.num_channels, kIntranodeBlocksPerChannel,
+                         comm_block_threads(args.comm.num_ranks)};
+  if (int const error = check_co_residency(intranode_combine_kernel, grid, refused);
+      error != int(cudaSuccess))
+    return error;
+  intranode_combine_kernel<<<grid.blocks(), grid.threads_per_block, 0, static_cast<cudaStream_t>(stream)>>>(args);
   return int(cudaGetLastError());
 }
 

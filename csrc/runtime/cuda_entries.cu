@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "../kernels/co_residency.hpp"
 #include "../kernels/intranode.hpp"
 #include "device_runtime.hpp"
 #include "intranode_entries.hpp"
@@ -103,8 +104,13 @@ struct CudaTarget {
   template <class Args>
   static LaunchOutcome launch(Args const& args, KernelCall const& call) {
     void* const stream = call.stream.native();
-    if (int const error = launch_grid(args, stream); error != int(cudaSuccess))
+    kernels::CoResidency refused;
+    if (int const error = launch_grid(args, stream, &refused); error != int(cudaSuccess)) {
+      // Nothing was launched: the Config asks for more channels than this device holds at once
+      if (error == kernels::kCoResidencyRefused)
+        return {ErrorCode::kInvalidArgument, kernels::describe_co_residency(refused)};
       return {ErrorCode::kKernelFailed, cuda_problem("kernel launch", cudaError_t(error))};
+    }
     return wait_with_deadline(static_cast<cudaStream_t>(stream), call.timeout_s);
   }
 
@@ -138,12 +144,15 @@ struct CudaTarget {
   }
 
  private:
-  static int launch_grid(kernels::NotifyArgs const& args, void* stream) { return kernels::cuda_launch_notify(args, stream); }
-  static int launch_grid(kernels::IntranodeDispatchArgs const& args, void* stream) {
-    return kernels::cuda_launch_intranode_dispatch(args, stream);
+  // notify is one block: nothing to refuse
+  static int launch_grid(kernels::NotifyArgs const& args, void* stream, kernels::CoResidency*) {
+    return kernels::cuda_launch_notify(args, stream);
   }
-  static int launch_grid(kernels::IntranodeCombineArgs const& args, void* stream) {
-    return kernels::cuda_launch_intranode_combine(args, stream);
+  static int launch_grid(kernels::IntranodeDispatchArgs const& args, void* stream, kernels::CoResidency* refused) {
+    return kernels::cuda_launch_intranode_dispatch(args, stream, refused);
+  }
+  static int launch_grid(kernels::IntranodeCombineArgs const& args, void* stream, kernels::CoResidency* refused) {
+    return kernels::cuda_launch_intranode_combine(args, stream, refused);
   }
 };
 

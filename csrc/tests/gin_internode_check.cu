@@ -4,6 +4,7 @@
 
 #include "../transport/gin_transport.cuh"  // first: it configures NCCL's device headers
 
+#include "../kernels/co_residency.hpp"
 #include "../kernels/internode.hpp"
 #include "../kernels/internode_combine.cuh"
 #include "../kernels/internode_dispatch.cuh"
@@ -22,15 +23,27 @@ int gin_launch_internode_notify(InternodeNotifyArgs<GinTransport> const& args, c
   return int(cudaGetLastError());
 }
 
-int gin_launch_internode_dispatch(InternodeDispatchArgs<GinTransport> const& args, cudaStream_t stream) {
-  int const threads = internode_block_threads(args.comm.num_ranks / args.comm.num_nvl_ranks, args.comm.num_nvl_ranks);
-  internode_dispatch_kernel<GinTransport><<<internode_num_blocks(args.comm.config), threads, 0, stream>>>(args);
+// As the ShmTransport launcher (internode_launch.cu): 3 x C blocks that must fit the device at once.
+int gin_launch_internode_dispatch(InternodeDispatchArgs<GinTransport> const& args, cudaStream_t stream,
+                                  CoResidency* refused = nullptr) {
+  CoResidency const grid{args.kName, args.comm.config.nvl.num_channels, kInternodeBlocksPerChannel,
+                         internode_block_threads(args.comm.num_nodes(), args.comm.num_nvl_ranks)};
+  if (int const error = check_co_residency(internode_dispatch_kernel<GinTransport>, grid, refused);
+      error != int(cudaSuccess))
+    return error;
+  internode_dispatch_kernel<GinTransport><<<grid.blocks(), grid.threads_per_block, 0, stream>>>(args);
   return int(cudaGetLastError());
 }
 
-int gin_launch_internode_combine(InternodeCombineArgs<GinTransport> const& args, cudaStream_t stream) {
-  int const threads = internode_block_threads(args.comm.num_ranks / args.comm.num_nvl_ranks, args.comm.num_nvl_ranks);
-  internode_combine_kernel<GinTransport><<<internode_num_blocks(args.comm.config), threads, 0, stream>>>(args);
+// As the ShmTransport launcher (internode_launch.cu): 3 x C blocks that must fit the device at once.
+int gin_launch_internode_combine(InternodeCombineArgs<GinTransport> const& args, cudaStream_t stream,
+                                 CoResidency* refused = nullptr) {
+  CoResidency const grid{args.kName, args.comm.config.nvl.num_channels, kInternodeBlocksPerChannel,
+                         internode_block_threads(args.comm.num_nodes(), args.comm.num_nvl_ranks)};
+  if (int const error = check_co_residency(internode_combine_kernel<GinTransport>, grid, refused);
+      error != int(cudaSuccess))
+    return error;
+  internode_combine_kernel<GinTransport><<<grid.blocks(), grid.threads_per_block, 0, stream>>>(args);
   return int(cudaGetLastError());
 }
 
