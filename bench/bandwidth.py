@@ -52,14 +52,14 @@ import epcomm  # noqa: E402
 from epcomm.backends import backend_class, resolve_backend  # noqa: E402
 from epcomm.backends.torch_backend import release_scratch  # noqa: E402
 from epcomm._agree import SIGNATURE_FIELDS  # noqa: E402
-from epcomm.errors import EpcommBackendUnavailable, EpcommError  # noqa: E402
+from epcomm.errors import EpcommError  # noqa: E402
 from epcomm.fp8 import per_token_cast_to_fp8  # noqa: E402
-from epcomm.launch import init_distributed  # noqa: E402
 from epcomm.topology import Topology  # noqa: E402
 
 from _baselines import BareAllToAll, BareCountExchange, PerExpertDispatcher  # noqa: E402
 from _report import print_report, print_targets_table, write_plot  # noqa: E402
 from _routing import add_routing_args, global_topk_idx, routing_params  # noqa: E402
+from _setup import start_bench  # noqa: E402
 from _timing import kernel_only_seconds, make_timer, nvlink_ceiling  # noqa: E402
 from cluster_model import LINKS, expected_traffic, fp8_row_bytes, traffic_matrices  # noqa: E402
 
@@ -81,13 +81,6 @@ SWEEP_OPS = ("flat dispatch", "flat combine", "two_hop dispatch", "two_hop combi
 
 
 # ----------------------------------------------------------------------------- helpers
-def launcher_rank() -> int:
-    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
-
-
 def filled(nbytes: int, x: torch.Tensor) -> torch.Tensor:
     """``uint8 [nbytes]`` holding repeated bytes of ``x`` (real data, one memcpy pass)."""
     src = x.reshape(-1).view(torch.uint8)
@@ -648,30 +641,11 @@ def _pick_algorithms(args, topo: Topology, rank: int) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # before anything starts: every rank gives up alike, without a process group to hang on
-        resolve_backend(args.backend)
-    except EpcommBackendUnavailable as err:
-        if launcher_rank() == 0:
-            print(f"bench: {err}", file=sys.stderr)
+    started = start_bench(args.backend, args.threads, args.nvl_ranks, args.experts,
+                          lambda rank, world: _pick_algorithms(args, Topology(world, rank, args.nvl_ranks), rank))
+    if started is None:
         return 2
-    if torch.cuda.is_available():
-        device = None  # set after init (LOCAL_RANK)
-    else:
-        torch.set_num_threads(args.threads)
-    rank, world = init_distributed()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    problem = None
-    if world % args.nvl_ranks:
-        problem = f"--nvl-ranks {args.nvl_ranks} must divide the number of ranks {world}"
-    elif args.experts % world:
-        problem = f"--experts {args.experts} must be a multiple of the number of ranks {world}"
-    else:
-        problem = _pick_algorithms(args, Topology(world, rank, args.nvl_ranks), rank)
-    if problem:
-        if rank == 0:
-            print(f"bench: {problem}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
+    rank, world, device = started
     timer = make_timer(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:

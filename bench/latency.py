@@ -60,16 +60,15 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import epcomm  # noqa: E402
 from epcomm.backends import resolve_backend  # noqa: E402
-from epcomm.errors import EpcommBackendUnavailable, EpcommError  # noqa: E402
-from epcomm.launch import init_distributed  # noqa: E402
+from epcomm.errors import EpcommError  # noqa: E402
 from epcomm.low_latency import LowLatencyLayout, host_sync_free  # noqa: E402
 from epcomm.topology import Topology  # noqa: E402
 
 from _baselines import BareAllToAll  # noqa: E402
 from _routing import add_routing_args, global_topk_idx, routing_params  # noqa: E402
+from _setup import start_bench  # noqa: E402
 from _timing import make_timer  # noqa: E402
-from bandwidth import (_peak_rss_mib, _reset_peak_rss, epcomm_traffic, filled, launcher_rank,  # noqa: E402
-                       quantiles, sum_over_ranks)
+from bandwidth import _peak_rss_mib, _reset_peak_rss, epcomm_traffic, filled, quantiles, sum_over_ranks  # noqa: E402
 from cluster_model import LINKS, fp8_row_bytes, traffic_matrices  # noqa: E402
 
 HEADER_BYTES = 16  # a kernel backend's message header (LowLatencyLayout: one 16-byte vector)
@@ -429,26 +428,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # before anything starts: every rank gives up alike
-        resolve_backend(args.backend)
-    except EpcommBackendUnavailable as err:
-        if launcher_rank() == 0:
-            print(f"bench: {err}", file=sys.stderr)
+    started = start_bench(args.backend, args.threads, args.nvl_ranks, args.experts)
+    if started is None:
         return 2
-    if not torch.cuda.is_available():
-        torch.set_num_threads(args.threads)
-    rank, world = init_distributed()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    problem = None
-    if world % args.nvl_ranks:
-        problem = f"--nvl-ranks {args.nvl_ranks} must divide the number of ranks {world}"
-    elif args.experts % world:
-        problem = f"--experts {args.experts} must be a multiple of the number of ranks {world}"
-    if problem:
-        if rank == 0:
-            print(f"bench: {problem}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
+    rank, world, device = started
     if device.type == "cpu" and not args.no_memory_check:  # rank 0 decides for all: no rank left waiting
         need, avail = estimated_peak_bytes(args) * world, _mem_available_bytes()
         verdict = torch.tensor([1 if avail and need > 0.9 * avail else 0], dtype=torch.int64)

@@ -86,19 +86,20 @@ class GroupComm:
         try:
             works = start()
         except RuntimeError as err:
-            raise self._failure(op, stage, err) from err
+            raise self._failure(op, stage, err, posted=post) from err
         works = [w for w in (works if isinstance(works, list) else [works]) if w is not None]
         # a local wait (run_local: a kernel spinning on peer memory) is one kernel round trip
         self.traffic.count_round_trip(op, "collective" if post else "kernel", len(works) if post else 1)
         return PendingWork(self, op, stage, works)
 
-    def _failure(self, op: str, stage: str, err: RuntimeError) -> Exception:
-        """The epcomm error for a collective of ``op`` that failed with ``err``; marks the group broken."""
+    def _failure(self, op: str, stage: str, err: RuntimeError, posted: bool = True) -> Exception:
+        """The epcomm error for a collective of ``op`` that failed with ``err``; marks the group broken.
+        ``posted``: the stage was posted to the progress board (False: a kernel, see :meth:`run_local`)."""
         text = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
         where = f"epcomm {op}: stage '{stage}' on rank {self.topo.rank}"
         self.broken = f"{op}/{stage}"
         timed_out = "timed out" in text.lower() or "timeout" in text.lower()
-        peers = self.board.diagnose(grace_s=min(1.0, self.timeout.total_seconds() / 4))
+        peers = self.board.diagnose(grace_s=min(1.0, self.timeout.total_seconds() / 4), posted=posted)
         if timed_out:
             return EpcommTimeoutError(
                 f"{where}: a peer did not arrive within {self.timeout.total_seconds():g} s "

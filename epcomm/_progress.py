@@ -155,8 +155,12 @@ class ProgressBoard:
         with _STORE_LOCK:
             return [self.store.get(k).decode() if self.store.check([k]) else None for k in keys]
 
-    def diagnose(self, grace_s: float) -> str:
-        """After a failure at the current step: which peers are dead or late, as a sentence."""
+    def diagnose(self, grace_s: float, posted: bool = True) -> str:
+        """After a failure at the current step: which peers are dead or late, as a sentence.
+
+        ``posted=False``: the failed stage was a kernel, which is not posted to the board (a store write
+        per launch would sit on the kernels' path), so a peer that never entered it looks as arrived as
+        one that did; the sentence then says so instead of "arrived"."""
         self._failed[0] = True
         if self.store is None:
             return "peer status is unavailable (no store)"
@@ -193,4 +197,9 @@ class ProgressBoard:
             parts.append("dead or frozen peer(s), no heartbeat: " + "; ".join(dead))
         if late:
             parts.append("live peer(s) that have not arrived: " + "; ".join(late))
-        return ", ".join(parts) if parts else "every peer is alive and arrived; see the backend's message"
+        if parts:
+            return ", ".join(parts)
+        if not posted:
+            return ("every peer is alive; kernels are not posted to the progress board, so it cannot tell which "
+                    "peer did not enter this kernel: the backend's message names the peer the kernel waited for")
+        return "every peer is alive and arrived; see the backend's message"
