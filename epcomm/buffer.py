@@ -20,7 +20,7 @@ from ._validate import (Invalid, check_hidden_for_fp8, check_tensor, check_topk_
                         problem_text)
 from ._agree import ALGORITHM_NAMES, NODE_PARTIAL_NAMES, OPERATION_NAMES
 from .backends import agree_available, backend_class, resolve_backend
-from .backends.base import BackendOptions, CallCheck, DispatchCall
+from .backends.base import BackendOptions, CallCheck, DispatchCall, ExpertCounts
 from .config import Config
 from .errors import EpcommError, EpcommInputError
 from ._async import AsyncRunner, copy_into, private_group
@@ -467,7 +467,8 @@ class Buffer:
             op, signature_digest(signature), refused=prepared is None, tensors=prepared["tensors"] if prepared else {},
             config=config if isinstance(config, Config) else None,
             is_token_in_rank=prepared["is_token_in_rank"] if prepared else None,
-            num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0))
+            num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0,
+            experts=prepared["experts"] if prepared else None))
         gathered = agree(self._comm, op, problem, signature, counts, device_of(x))
         self._low_latency.note_normal_call()  # LL calls now need clean_low_latency_buffer first
         world, nodes = self.group_size, self.num_nodes
@@ -475,15 +476,14 @@ class Buffer:
         tensors = prepared["tensors"]
         placement = prepared["placement"]  # None without topk_idx
         run_async = self._runs_async(async_finish)
-        expert_counts = None
-        if (placement is None or run_async) and prepared["num_tokens_per_expert"] is not None:
-            # every rank's counts for this rank's experts (DeepEP's notify sums them the same way); an
-            # asynchronous dispatch needs them now, before its rows (which the sync path counts) arrive
-            every = self._comm.all_gather(op, "expert counts", prepared["num_tokens_per_expert"].to(self._comm.device))
-            local = every.shape[1] // world
-            expert_counts = every[:, self.rank * local : (self.rank + 1) * local].sum(0).cpu().tolist()
+        experts = prepared["experts"]
+        # an asynchronous dispatch returns the per-expert counts before its rows arrive: from the call
+        # check's notify when it ran (kernel backends), else from every rank's counts
+        num_recv_per_expert: list[int] = []
+        if run_async and experts is not None:
+            num_recv_per_expert = self._impl.agreed_expert_counts() or self._gather_expert_counts(op, experts)
         call = DispatchCall(tensors, prepared["is_token_in_rank"], gathered[:, :world],
-                            gathered[:, world : world + nodes], placement, config)
+                            gathered[:, world : world + nodes], placement, config, experts)
         self._layout_seq += 1
         num_recv = int(gathered[:, self.rank].sum())  # rows every rank sends this one, as agreed
         x_kind, has_weights = prepared["x_kind"], "topk_weights" in tensors
@@ -492,18 +492,14 @@ class Buffer:
             recv, plan = self._impl.dispatch(call)
             recv_x = self._unpack_x(recv, x_kind, num_worst_tokens)
             recv_topk_idx = recv_topk_weights = None
-            per_expert: list[int] = []
+            per_expert = self._impl.received_expert_counts(plan) if experts is not None else None  # from notify
             if placement is not None:
                 recv_topk_idx, recv_topk_weights, per_expert = self._localize_experts(
-                    recv["topk_idx"], recv.get("topk_weights"), placement, expert_alignment)
+                    recv["topk_idx"], recv.get("topk_weights"), placement, expert_alignment, per_expert)
                 recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
                 recv_topk_weights = _pad_rows(recv_topk_weights, num_worst_tokens, 0)
             return (recv_x, recv_topk_idx, recv_topk_weights), per_expert, plan
 
-        num_recv_per_expert: list[int] = []
-        if expert_counts is not None:
-            num_recv_per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment
-                                   for c in expert_counts]
         if run_async:
             rows = num_worst_tokens or num_recv
             num_topk = prepared["signature"]["num_topk"]
@@ -513,8 +509,8 @@ class Buffer:
             plan = None
         else:
             outputs, counted, plan = data_phase()
-            if placement is not None:
-                num_recv_per_expert = counted
+            if experts is not None:
+                num_recv_per_expert = counted if counted is not None else self._gather_expert_counts(op, experts)
         if num_worst_tokens:
             num_recv_per_expert = []  # DeepEP: sizes are not synchronised to the host in this mode
         new_handle = DispatchHandle(
@@ -603,7 +599,7 @@ class Buffer:
         node_counts = torch.zeros(topo.world_size, dtype=torch.int64)
         node_counts[: topo.num_nodes] = token_node_mask(is_token_in_rank, topo).sum(0).cpu()
         counts = torch.cat([num_tokens_per_rank.to(torch.int64).cpu(), node_counts])
-        self._impl.check_dispatch(tensors, num_topk, config=config)
+        self._impl.check_dispatch(tensors, num_topk, config=config, num_experts=max(num_experts, 0))
         return {
             "tensors": tensors,
             "is_token_in_rank": is_token_in_rank,
@@ -612,8 +608,8 @@ class Buffer:
             "hidden": hidden,
             "placement": placement,
             "x_kind": x_kind,
-            "num_tokens_per_expert": (num_tokens_per_expert.to(torch.int64) if num_tokens_per_expert is not None
-                                      else None),
+            "experts": (ExpertCounts(num_tokens_per_expert.contiguous(), expert_alignment)
+                        if num_tokens_per_expert is not None else None),
             "signature": dict(num_experts=num_experts, hidden=hidden, x_kind=x_kind, num_topk=num_topk,
                               has_topk_weights=int(topk_weights is not None)),
         }
@@ -940,9 +936,17 @@ class Buffer:
             scales = scales.reshape(-1)
         return data, scales
 
+    def _gather_expert_counts(self, op: str, experts: ExpertCounts) -> list[int]:
+        """Rows this rank receives per local expert, rounded up to ``experts.alignment``, from every rank's
+        ``experts.sent`` (one all_gather; DeepEP's notify sums them the same way)."""
+        every = self._comm.all_gather(op, "expert counts", experts.sent.to(torch.int64).to(self._comm.device))
+        local = every.shape[1] // self.group_size
+        counts = every[:, self.rank * local : (self.rank + 1) * local].sum(0).cpu().tolist()
+        return [-(-c // experts.alignment) * experts.alignment for c in counts]
+
     def _localize_experts(
         self, topk_idx: torch.Tensor, topk_weights: torch.Tensor | None, placement: ExpertPlacement,
-        expert_alignment: int,
+        expert_alignment: int, counted: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
         """This rank's view of the received rows' experts.
 
@@ -951,6 +955,7 @@ class Buffer:
                 backend with ``local_expert_ids``, already local ids (``-1`` elsewhere, weights zeroed).
             topk_weights: ``[num_recv, num_topk]`` float32, or ``None``.
             expert_alignment: round each per-expert count up to a multiple of this.
+            counted: the rows per local expert (rounded up) when the backend counted them, else None.
         Returns:
             ``recv_topk_idx`` ``[num_recv, num_topk]`` int64 local ids, ``-1`` for other ranks' experts;
             ``recv_topk_weights`` ``[num_recv, num_topk]`` float32, ``0`` where recv_topk_idx is ``-1``
@@ -964,6 +969,8 @@ class Buffer:
             recv_topk_weights = None
             if topk_weights is not None:
                 recv_topk_weights = torch.where(mine, topk_weights, torch.zeros_like(topk_weights))
+        if counted is not None:
+            return recv_topk_idx, recv_topk_weights, counted
         per_expert = torch.bincount(recv_topk_idx[mine], minlength=placement.num_local_experts).tolist()
         aligned = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
         return recv_topk_idx, recv_topk_weights, aligned

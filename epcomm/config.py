@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Config"]
+__all__ = ["Config", "HINT_NUM_EXPERTS"]
 
+# The expert count the buffer-size hints cover by default (DeepEP's hints take none): notify's
+# per-expert counts need 8 bytes per expert of each rank's buffer, 8 KiB at this count.
+HINT_NUM_EXPERTS = 1024
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Config:
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_topk: int = 8, *,
-                                 num_nvl_ranks: int | None = None) -> int:
+                                 num_nvl_ranks: int | None = None, num_experts: int = HINT_NUM_EXPERTS) -> int:
         """Bytes of NVLink buffer each rank needs, from the group's TOTAL rank count (DeepEP's signature).
 
         ``Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(hidden_bytes, group.size()))``
@@ -63,12 +66,15 @@ class Config:
             num_topk: top-k of the routing (DeepEP's hint has no such argument; 8 covers DeepSeek-V3).
             num_nvl_ranks: ranks per node; default ``min(num_ranks, 8)`` (DeepEP's fixed 8), pass the
                 Buffer's ``num_nvl_ranks`` when it differs.
+            num_experts: most experts a dispatch routes to (DeepEP's hint has no such argument; the
+                default covers up to 1024).
         """
         nvl, _ = _split_ranks(num_ranks, num_nvl_ranks)
-        return self.get_nvl_buffer_size_hint_for_node(hidden_bytes, nvl, num_topk)
+        return self.get_nvl_buffer_size_hint_for_node(hidden_bytes, nvl, num_topk, -(-num_experts // num_ranks))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_topk: int = 8, *,
-                                  num_nvl_ranks: int | None = None, max_nodes_per_token: int = 4) -> int:
+                                  num_nvl_ranks: int | None = None, max_nodes_per_token: int = 4,
+                                  num_experts: int = HINT_NUM_EXPERTS) -> int:
         """Bytes of network buffer each rank needs, from the group's TOTAL rank count (DeepEP's signature).
 
         ``0`` when the group is one node. The size is the two-hop kernels' exact region
@@ -79,11 +85,14 @@ class Config:
             num_ranks: ranks of the whole group; num_topk: top-k of the routing.
             num_nvl_ranks: ranks per node; default ``min(num_ranks, 8)``.
             max_nodes_per_token: the Buffer's node cap.
+            num_experts: most experts a dispatch routes to (default: up to 1024).
         """
         nvl, nodes = _split_ranks(num_ranks, num_nvl_ranks)
-        return self.get_rdma_buffer_size_hint_for_nodes(hidden_bytes, nodes, num_topk, nvl, max_nodes_per_token)
+        return self.get_rdma_buffer_size_hint_for_nodes(hidden_bytes, nodes, num_topk, nvl, max_nodes_per_token,
+                                                        -(-num_experts // num_ranks))
 
-    def get_nvl_buffer_size_hint_for_node(self, hidden_bytes: int, num_nvl_ranks: int, num_topk: int = 8) -> int:
+    def get_nvl_buffer_size_hint_for_node(self, hidden_bytes: int, num_nvl_ranks: int, num_topk: int = 8,
+                                          num_local_experts: int | None = None) -> int:
         """Exact bytes of NVLink buffer each rank needs for calls with this config, from the ranks PER NODE.
 
         ``Buffer(num_nvl_bytes=hint)`` takes every dispatch and combine whose rows fit in
@@ -91,7 +100,9 @@ class Config:
         rank before anything moves, with the size to ask for. The kernel backends lay the buffer out
         as: control words (abort flag, barrier signals, per-channel counts, ring heads and tails),
         then one ring of ``num_max_nvl_chunked_recv_tokens`` slots per (channel, source rank), a slot
-        being one row plus its source index, top-k ids and weights (csrc/kernels/workspace.cuh).
+        being one row plus its source index, top-k ids and weights (csrc/kernels/workspace.cuh); and
+        notify's per-expert counts, so a dispatch routing to at most ``num_local_experts`` experts per
+        rank fits.
 
         Args:
             hidden_bytes: bytes of the largest row moved: ``2 * hidden`` for bf16 (this also covers an
@@ -99,12 +110,15 @@ class Config:
                 ``4 * hidden`` for float32.
             num_nvl_ranks: ranks per node.
             num_topk: top-k of the routing (metadata carried per token).
+            num_local_experts: experts per rank (of the whole group); default: 1024 experts over the node.
         """
         from ._ext import load_extension  # the layout lives with the kernels
 
-        if hidden_bytes < 1 or num_nvl_ranks < 1 or num_topk < 0:
-            raise ValueError(f"need hidden_bytes >= 1, num_nvl_ranks >= 1, num_topk >= 0; got {hidden_bytes}, "
-                             f"{num_nvl_ranks}, {num_topk}")
+        if num_local_experts is None:
+            num_local_experts = -(-HINT_NUM_EXPERTS // max(num_nvl_ranks, 1))
+        if hidden_bytes < 1 or num_nvl_ranks < 1 or num_topk < 0 or num_local_experts < 0:
+            raise ValueError(f"need hidden_bytes >= 1, num_nvl_ranks >= 1, num_topk >= 0, num_local_experts >= 0; got "
+                             f"{hidden_bytes}, {num_nvl_ranks}, {num_topk}, {num_local_experts}")
         from .backends._kernel_paths import IntranodePath
         from .topology import Topology
 
@@ -113,10 +127,11 @@ class Config:
         problem = path.config_problem(kernel)
         if problem:
             raise ValueError(f"{self} does not fit the intranode kernels with {num_nvl_ranks} ranks: {problem}")
-        return path.region_bytes(path.spec(kernel, num_topk, hidden_bytes))[0]
+        return path.region_bytes(path.spec(kernel, num_topk, hidden_bytes, num_local_experts))[0]
 
     def get_rdma_buffer_size_hint_for_nodes(self, hidden_bytes: int, num_nodes: int, num_topk: int = 8,
-                                            num_nvl_ranks: int = 8, max_nodes_per_token: int = 4) -> int:
+                                            num_nvl_ranks: int = 8, max_nodes_per_token: int = 4,
+                                            num_local_experts: int | None = None) -> int:
         """Exact bytes of network-registered buffer each rank needs for the two-hop kernels, from the NODE
         count (0 on one node).
 
@@ -132,20 +147,24 @@ class Config:
             hidden_bytes: bytes of the largest dispatch row (``2 * hidden`` for bf16).
             num_nodes: nodes of the group; num_nvl_ranks: ranks per node.
             num_topk: top-k of the routing; max_nodes_per_token: the Buffer's node cap.
+            num_local_experts: experts per rank; default: 1024 experts over all ranks.
         """
         from ._ext import load_extension
 
         if num_nodes <= 1:
             return 0
-        if hidden_bytes < 2 or num_nvl_ranks < 1 or num_topk < 0:
-            raise ValueError(f"need hidden_bytes >= 2, num_nvl_ranks >= 1, num_topk >= 0; got {hidden_bytes}, "
-                             f"{num_nvl_ranks}, {num_topk}")
+        if num_local_experts is None:
+            num_local_experts = -(-HINT_NUM_EXPERTS // max(num_nodes * num_nvl_ranks, 1))
+        if hidden_bytes < 2 or num_nvl_ranks < 1 or num_topk < 0 or num_local_experts < 0:
+            raise ValueError(f"need hidden_bytes >= 2, num_nvl_ranks >= 1, num_topk >= 0, num_local_experts >= 0; "
+                             f"got {hidden_bytes}, {num_nvl_ranks}, {num_topk}, {num_local_experts}")
         from .backends._kernel_paths import InternodePath
         from .topology import Topology
 
         topo = Topology(num_nodes * num_nvl_ranks, 0, num_nvl_ranks)
         path = InternodePath(load_extension("cpu"), topo, max_nodes_per_token)
-        spec = path.spec(path.kernel_config(self), num_topk, hidden_bytes, hidden_bytes // 2, hidden_bytes)
+        spec = path.spec(path.kernel_config(self), num_topk, hidden_bytes, hidden_bytes // 2, hidden_bytes,
+                         num_local_experts)
         problem = path.ext.spec_problem(spec)
         if problem:
             raise ValueError(f"{self} does not fit the internode kernels with {num_nodes} x {num_nvl_ranks} ranks: "

@@ -176,12 +176,12 @@ def test_size_hints_take_the_total_rank_count_and_match_deepeps_order():
     config = epcomm.Buffer.get_dispatch_config(16)
     hidden_bytes = 7168 * 2
     nvl = config.get_nvl_buffer_size_hint(hidden_bytes, 16)  # as Megatron calls it: group.size()
-    assert nvl == config.get_nvl_buffer_size_hint_for_node(hidden_bytes, 8)
+    assert nvl == config.get_nvl_buffer_size_hint_for_node(hidden_bytes, 8, 8, 1024 // 16)  # 1024 experts default
     # DeepEP's NVL buffer is one ring of num_max_nvl_chunked_recv_tokens rows per (channel, peer) plus metadata
     rings = config.num_channels * 8 * config.num_max_nvl_chunked_recv_tokens * hidden_bytes
     assert rings <= nvl <= 2 * rings
     rdma = config.get_rdma_buffer_size_hint(hidden_bytes, 16)
-    assert rdma == config.get_rdma_buffer_size_hint_for_nodes(hidden_bytes, 2, 8, 8, 4)
+    assert rdma == config.get_rdma_buffer_size_hint_for_nodes(hidden_bytes, 2, 8, 8, 4, 1024 // 16)
     # DeepEP's RDMA buffer: a send and a receive ring of num_max_rdma_chunked_recv_tokens rows per (channel, node)
     deepep_rings = 2 * config.num_channels * 2 * config.num_max_rdma_chunked_recv_tokens * hidden_bytes
     assert deepep_rings / 2 <= rdma <= 4 * deepep_rings
@@ -193,9 +193,10 @@ def test_size_hints_take_the_total_rank_count_and_match_deepeps_order():
 
 def buffers_at_total_rank_hints(rank, world, slack):
     case = Case(num_nodes=2, nvl=2, tokens=(9, 4, 0, 13), hidden=256, topk=4, max_nodes=2, seed=5)
-    nvl = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, world, case.topk, num_nvl_ranks=2)
+    nvl = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, world, case.topk, num_nvl_ranks=2,
+                                                      num_experts=case.num_experts)
     rdma = SIM_DEFAULT_CONFIG.get_rdma_buffer_size_hint(2 * case.hidden, world, case.topk, num_nvl_ranks=2,
-                                                       max_nodes_per_token=2)
+                                                       max_nodes_per_token=2, num_experts=case.num_experts)
     buf = epcomm.Buffer(None, nvl, rdma + slack, backend="sim", num_nvl_ranks=2, max_nodes_per_token=2, timeout_s=60)
     try:
         check_round(buf, case, rank, world)

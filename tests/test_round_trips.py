@@ -28,6 +28,7 @@ import torch
 
 import epcomm
 from cases import Case, make_input
+from epcomm.reference import reference_dispatch
 
 # (backend, nodes, ranks per node) -> {operation: (collectives, kernels)}, small calls (packed rows)
 EXPECTED = {
@@ -60,6 +61,42 @@ def test_round_trips_per_operation(pools, backend, nodes, nvl):
     case = Case(num_nodes=nodes, nvl=nvl, tokens=(12, 7, 0, 9), hidden=128, num_experts=16, topk=3)
     for rank, counts in enumerate(pools(case.world).run(count_round_trips, backend, case)):
         assert counts == EXPECTED[backend, nodes, nvl], f"rank {rank}: {counts}"
+
+
+# A dispatch that must return the per-expert counts without counting its received top-k ids: an
+# asynchronous one (the rows have not arrived when it returns) or one given num_tokens_per_expert
+# without topk_idx. The kernel backends' notify sums every rank's counts (the call check's notify, in
+# steady state), so the dispatch keeps its one collective; the torch backend gathers every rank's counts.
+EXPECTED_WITH_EXPERT_COUNTS = {("torch", 1, 4): 3, ("sim", 1, 4): 1, ("sim", 2, 2): 1}
+
+
+def dispatch_returning_expert_counts(rank: int, world: int, backend: str, case: Case, mode: str
+                                     ) -> tuple[list[int], list[int], int]:
+    """(per-expert counts returned, the reference's, collectives of the second dispatch)."""
+    inputs = [make_input(case, r) for r in range(world)]
+    ref = reference_dispatch(inputs, case.num_experts, rank)
+    inp = inputs[rank]
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=case.nvl)
+    layout = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    routed = dict(topk_idx=inp.topk_idx, topk_weights=inp.topk_weights) if mode == "async" else {}
+    for _ in range(2):  # the second call runs on buffers laid out by the first
+        buf.reset_traffic()
+        counts, _, event = buf.dispatch(
+            inp.x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], num_tokens_per_expert=layout[2],
+            is_token_in_rank=layout[3], expert_alignment=case.alignment, async_finish=mode == "async", **routed)[3:]
+        event.current_stream_wait()
+    aligned = [-(-c // case.alignment) * case.alignment for c in ref.num_recv_tokens_per_expert]
+    return counts, aligned, buf.traffic.round_trips["dispatch"]["collective"]
+
+
+@pytest.mark.parametrize("mode", ["async", "no topk_idx"])
+@pytest.mark.parametrize("backend,nodes,nvl", sorted(EXPECTED_WITH_EXPERT_COUNTS))
+def test_per_expert_counts_come_from_notify_on_kernel_backends(pools, backend, nodes, nvl, mode):
+    case = Case(num_nodes=nodes, nvl=nvl, tokens=(12, 7, 0, 9), hidden=128, num_experts=16, topk=3, alignment=4)
+    for rank, (counts, expected, collectives) in enumerate(
+            pools(case.world).run(dispatch_returning_expert_counts, backend, case, mode)):
+        assert counts == expected, f"rank {rank}: {counts} != {expected}"
+        assert collectives == EXPECTED_WITH_EXPERT_COUNTS[backend, nodes, nvl], f"rank {rank}: {collectives}"
 
 
 def layout_weights(handle, case: Case, rank: int) -> torch.Tensor:

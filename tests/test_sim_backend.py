@@ -154,7 +154,7 @@ def buffer_at_hint(rank, world, slack):
     from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG
 
     case = Case(num_nodes=1, nvl=world, tokens=(9,) * world, hidden=256, topk=4, seed=2)
-    hint = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, world, case.topk)
+    hint = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, world, case.topk, num_experts=case.num_experts)
     try:
         check_case(rank, world, case, "flat", 1, "sim", hint + slack)
     except Exception as err:  # RankFailure is raised by the pool; here the error itself
@@ -164,13 +164,18 @@ def buffer_at_hint(rank, world, slack):
 
 @pytest.mark.parametrize("config_kwargs", [dict(), dict(num_sms=8, num_max_nvl_chunked_recv_tokens=12)])
 def test_nvl_size_hint_is_exact(pools, config_kwargs):
-    """The hint is the kernels' own workspace size: enough for the call, and one byte less is refused."""
+    """The hint is the kernels' own workspace size: enough for the call, and one byte less is refused.
+    Without num_experts it covers 1024 experts: 8 bytes per expert more (notify's per-expert counts)."""
     from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG
 
-    hint = (epcomm.Config(**config_kwargs) if config_kwargs else SIM_DEFAULT_CONFIG).get_nvl_buffer_size_hint(512, 4, 4)
+    num_experts = Case(num_nodes=1, nvl=4, tokens=(9,) * 4).num_experts
+    config = epcomm.Config(**config_kwargs) if config_kwargs else SIM_DEFAULT_CONFIG
+    hint = config.get_nvl_buffer_size_hint(512, 4, 4, num_experts=num_experts)
     assert hint > 0 and hint % 128 == 0
+    default = config.get_nvl_buffer_size_hint(512, 4, 4)
+    assert default - hint == pytest.approx(8 * (1024 - num_experts), abs=128)  # each region rounds up to 128 B
     if config_kwargs:  # more channels and a shorter ring: the layout follows the config
-        assert hint != SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(512, 4, 4)
+        assert hint != SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(512, 4, 4, num_experts=num_experts)
         return
     for (got_hint, error, _) in pools(4).run(buffer_at_hint, 0):
         assert got_hint == hint and error is None
@@ -239,8 +244,9 @@ def buffers_at_hints(rank, world, nvl_slack, rdma_slack):
     from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG
 
     case = Case(num_nodes=2, nvl=2, tokens=(9, 4, 0, 13), hidden=256, topk=4, max_nodes=2, seed=5)
-    nvl = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint(2 * case.hidden, 2, case.topk)
-    rdma = SIM_DEFAULT_CONFIG.get_rdma_buffer_size_hint_for_nodes(2 * case.hidden, 2, case.topk, 2, 2)
+    local_experts = case.num_experts // case.world  # notify's per-expert counts
+    nvl = SIM_DEFAULT_CONFIG.get_nvl_buffer_size_hint_for_node(2 * case.hidden, 2, case.topk, local_experts)
+    rdma = SIM_DEFAULT_CONFIG.get_rdma_buffer_size_hint_for_nodes(2 * case.hidden, 2, case.topk, 2, 2, local_experts)
     buf = epcomm.Buffer(None, nvl + nvl_slack, rdma + rdma_slack, backend="sim", num_nvl_ranks=2,
                         max_nodes_per_token=2, timeout_s=60)
     try:

@@ -66,7 +66,9 @@ struct InternodeSpec {
 
 // The NVL region of the internode path: one node's ranks, rows of either direction.
 inline NvlWorkspaceShape internode_nvl_shape(InternodeSpec const& spec) {
-  return {spec.workspace.num_nvl_ranks, 0, spec.workspace.num_topk, spec.nvl_max_row_bytes};
+  // (per-expert counts: notify writes a node peer's counts into its NVL buffer, the network's into messages)
+  return {spec.workspace.num_nvl_ranks, spec.workspace.num_local_experts, spec.workspace.num_topk,
+          spec.nvl_max_row_bytes};
 }
 
 // internode_notify: a barrier over all ranks (NVL signals on the node, transport

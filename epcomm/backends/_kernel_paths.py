@@ -16,14 +16,17 @@ that a dispatch's workspace also holds its combine (no re-layout in between, whe
 from __future__ import annotations
 
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
 from .._agree import X_KINDS
 from ..config import Config
 from ..topology import Topology
+from .base import ExpertCounts
 
-__all__ = ["IntranodePath", "InternodePath", "ELEMENT_KINDS", "covering", "rdma_offset", "row_bytes"]
+__all__ = ["IntranodePath", "InternodePath", "NotifyOutputs", "ELEMENT_KINDS", "covering",
+           "rdma_offset", "row_bytes"]
 
 # combine's row element types: kernels/elements.cuh ElementKind (the same codes as the call signature's)
 ELEMENT_KINDS = X_KINDS
@@ -60,18 +63,34 @@ def _data_ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+class NotifyOutputs(NamedTuple):
+    """What a notify with counts writes: ``rank_prefix`` int32 ``[R + 1]``, ``channel_prefix`` int32
+    ``[R, C + 1]``, ``forward_prefix`` int32 ``[nodes, C + 1]`` (internode, else None) and
+    ``expert_counts`` int32 ``[E / R]`` rows this rank receives per local expert, rounded up to the
+    alignment (None: not asked)."""
+
+    rank_prefix: torch.Tensor
+    channel_prefix: torch.Tensor
+    forward_prefix: torch.Tensor | None
+    expert_counts: torch.Tensor | None = None
+
+
 NO_CALL_CHECK = -1  # call_flags of a notify without a call check (kernels/call_check.cuh kNoCallCheck)
 CALL_REFUSED, CALL_NEEDS_LAYOUT = 1, 2  # call_flags bits (kCallRefused, kCallNeedsLayout)
 
 
-def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, rank_prefix, channel_prefix,
-                   call: tuple[int, int, torch.Tensor] | None) -> dict:
-    """The notify fields both paths share; ``in_rank=None``: no counts; ``call``: (digest, flags, agreed [1] int32)."""
+def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, outputs: NotifyOutputs | None,
+                   call: tuple[int, int, torch.Tensor] | None, experts: ExpertCounts | None) -> dict:
+    """The notify fields both paths share; ``in_rank=None``: no counts; ``call``: (digest, flags, agreed [1]
+    int32); ``experts`` (with ``outputs.expert_counts``): per-expert counts too."""
     digest, flags, agreed = call if call is not None else (0, NO_CALL_CHECK, None)
+    rank_prefix, channel_prefix, _, expert_counts = outputs if outputs is not None else (None,) * 4
+    sent, alignment = (experts.sent, experts.alignment) if experts is not None and expert_counts is not None else (None, 1)
     return dict(epoch=epoch, exchange_counts=in_rank is not None, is_token_in_rank=_data_ptr(in_rank),
-                num_tokens_per_expert=None, num_tokens=num_tokens, expert_alignment=1,
+                num_tokens_per_expert=_data_ptr(sent), num_tokens=num_tokens, expert_alignment=alignment,
                 recv_rank_prefix=_data_ptr(rank_prefix), recv_channel_prefix_matrix=_data_ptr(channel_prefix),
-                num_recv_tokens_per_expert=None, call_digest=digest, call_flags=flags, call_agreed=_data_ptr(agreed))
+                num_recv_tokens_per_expert=_data_ptr(expert_counts) if sent is not None else None,
+                call_digest=digest, call_flags=flags, call_agreed=_data_ptr(agreed))
 
 
 def _dispatch_fields(plan, t: dict, recv: dict) -> dict:
@@ -135,19 +154,30 @@ class _KernelPath:
         nvl, rdma = self.ext.workspace_bytes(spec)
         return int(nvl), int(rdma)
 
-    def notify_outputs(self, num_channels: int, device) -> tuple:
-        """(recv_rank_prefix [R + 1], recv_channel_prefix_matrix [R, C + 1], forward prefix or None)."""
+    def notify_outputs(self, num_channels: int, device, num_local_experts: int = 0) -> NotifyOutputs:
+        """Zeroed outputs of a notify with counts (``num_local_experts`` > 0: per-expert counts too)."""
         world = self.topo.world_size
-        return (torch.zeros(world + 1, dtype=torch.int32, device=device),
-                torch.zeros(world, num_channels + 1, dtype=torch.int32, device=device), None)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device=device)  # noqa: E731
+        return NotifyOutputs(zeros(world + 1), zeros(world, num_channels + 1), self._forward_prefix(num_channels, device),
+                             zeros(num_local_experts) if num_local_experts else None)
+
+    def _forward_prefix(self, num_channels: int, device) -> torch.Tensor | None:
+        return None
+
+    @staticmethod
+    def num_local_experts(spec) -> int:
+        """Experts per rank whose counts a notify in ``spec``'s layout exchanges (0: none)."""
+        return spec.workspace.num_local_experts
 
     def notify_params(self, epoch: int, in_rank: torch.Tensor | None = None, num_tokens: int = 0,
-                      outputs: tuple = (None, None, None), call: tuple[int, int, torch.Tensor] | None = None):
-        """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier. With
-        ``call = (digest, flags, agreed)`` it also checks that every rank runs the call ``digest`` and
-        accepts it (flags 0), writing the verdict, the same on every rank, into ``agreed`` (kernels/call_check.cuh)."""
-        rank_prefix, channel_prefix, forward_prefix = outputs
-        fields = _notify_fields(epoch, in_rank, num_tokens, rank_prefix, channel_prefix, call)
+                      outputs: NotifyOutputs | None = None, call: tuple[int, int, torch.Tensor] | None = None,
+                      experts: ExpertCounts | None = None):
+        """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier; with
+        ``experts`` (and ``outputs.expert_counts``) also the per-expert counts. With ``call = (digest, flags,
+        agreed)`` it also checks that every rank runs the call ``digest`` and accepts it (flags 0), writing
+        the verdict, the same on every rank, into ``agreed`` (kernels/call_check.cuh)."""
+        fields = _notify_fields(epoch, in_rank, num_tokens, outputs, call, experts)
+        forward_prefix = outputs.forward_prefix if outputs is not None else None
         return getattr(self.ext, self.notify_type)(**fields, **self._extra_notify(forward_prefix))
 
     def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict):
@@ -187,19 +217,21 @@ class IntranodePath(_KernelPath):
         channels = channels if num_channels is None else num_channels
         return self.ext.KernelConfig(num_channels=channels, nvl_chunk_send_tokens=chunk, nvl_ring_tokens=ring)
 
-    def spec(self, kernel, num_topk: int, max_row_bytes: int):
-        """The ``IntranodeSpec`` of rows up to ``max_row_bytes`` with ``num_topk`` ids each."""
-        shape = self.ext.NvlWorkspaceShape(num_ranks=self.topo.world_size, num_local_experts=0, num_topk=num_topk,
-                                           max_row_bytes=max_row_bytes)
+    def spec(self, kernel, num_topk: int, max_row_bytes: int, num_local_experts: int = 0):
+        """The ``IntranodeSpec`` of rows up to ``max_row_bytes`` with ``num_topk`` ids each (and notify's
+        per-expert counts of ``num_local_experts`` experts per rank)."""
+        shape = self.ext.NvlWorkspaceShape(num_ranks=self.topo.world_size, num_local_experts=num_local_experts,
+                                           num_topk=num_topk, max_row_bytes=max_row_bytes)
         return self.ext.IntranodeSpec(config=kernel, workspace=shape)
 
     def config_problem(self, kernel) -> str:
         return self.ext.spec_problem(self.spec(kernel, 0, 4))
 
-    def dispatch_spec(self, kernel, tensors: dict[str, torch.Tensor], num_topk: int):
+    def dispatch_spec(self, kernel, tensors: dict[str, torch.Tensor], num_topk: int, num_local_experts: int = 0):
         """Room for this dispatch's rows, and for a bf16 combine of the same hidden."""
         hidden_bytes, scale_bytes = row_bytes(tensors)
-        return self.spec(kernel, max(num_topk, 0), max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)))
+        return self.spec(kernel, max(num_topk, 0), max(hidden_bytes + scale_bytes, 2 * tensors["x"].size(1)),
+                         num_local_experts)
 
     def combine_spec(self, kernel, x: torch.Tensor):
         return self.spec(kernel, 0, x.size(1) * x.element_size())
@@ -265,11 +297,14 @@ class InternodePath(_KernelPath):
         nvl = self.ext.KernelConfig(num_channels=channels, nvl_chunk_send_tokens=chunk, nvl_ring_tokens=ring)
         return self.ext.InternodeConfig(nvl=nvl, rdma_chunk_tokens=rdma_chunk, rdma_ring_tokens=rdma_ring)
 
-    def spec(self, kernel, num_topk: int, dispatch_row_bytes: int, hidden: int, nvl_max_row_bytes: int):
-        """The ``InternodeSpec`` of dispatch rows up to ``dispatch_row_bytes``, combines of ``hidden``."""
+    def spec(self, kernel, num_topk: int, dispatch_row_bytes: int, hidden: int, nvl_max_row_bytes: int,
+             num_local_experts: int = 0):
+        """The ``InternodeSpec`` of dispatch rows up to ``dispatch_row_bytes``, combines of ``hidden`` (and
+        notify's per-expert counts of ``num_local_experts`` experts per rank)."""
         topo = self.topo
         shape = self.ext.RdmaWorkspaceShape(
-            num_nodes=topo.num_nodes, num_nvl_ranks=topo.num_nvl_ranks, num_local_experts=0, num_topk=num_topk,
+            num_nodes=topo.num_nodes, num_nvl_ranks=topo.num_nvl_ranks, num_local_experts=num_local_experts,
+            num_topk=num_topk,
             max_row_bytes=dispatch_row_bytes, hidden=hidden, max_nodes_per_token=self.max_nodes_per_token)
         spec = self.ext.InternodeSpec(config=kernel, workspace=shape, nvl_max_row_bytes=nvl_max_row_bytes,
                                       rdma_offset=0)
@@ -280,12 +315,12 @@ class InternodePath(_KernelPath):
     def config_problem(self, kernel) -> str:
         return self.ext.spec_problem(self.spec(kernel, 0, 4, 2, 4))
 
-    def dispatch_spec(self, kernel, tensors: dict[str, torch.Tensor], num_topk: int):
+    def dispatch_spec(self, kernel, tensors: dict[str, torch.Tensor], num_topk: int, num_local_experts: int = 0):
         """Room for this dispatch's rows, and for a bf16 combine of the same hidden."""
         hidden_bytes, scale_bytes = row_bytes(tensors)
         hidden = tensors["x"].size(1)
         return self.spec(kernel, max(num_topk, 0), hidden_bytes + scale_bytes, hidden,
-                         max(hidden_bytes + scale_bytes, 2 * hidden))
+                         max(hidden_bytes + scale_bytes, 2 * hidden), num_local_experts)
 
     def combine_spec(self, kernel, x: torch.Tensor):
         return self.spec(kernel, 0, 0, x.size(1), x.size(1) * x.element_size())
@@ -293,12 +328,13 @@ class InternodePath(_KernelPath):
     def with_kernel(self, spec, kernel):
         """``spec`` with another kernel config (the workspace re-laid out for it)."""
         ws = spec.workspace
-        return self.spec(kernel, ws.num_topk, ws.max_row_bytes, ws.hidden, spec.nvl_max_row_bytes)
+        return self.spec(kernel, ws.num_topk, ws.max_row_bytes, ws.hidden, spec.nvl_max_row_bytes, ws.num_local_experts)
 
     def covering(self, spec, other):
         grown = covering(spec, other)
-        return self.spec(grown.config, grown.workspace.num_topk, grown.workspace.max_row_bytes,
-                         grown.workspace.hidden, grown.nvl_max_row_bytes)  # moves rdma_offset with the NVL region
+        ws = grown.workspace
+        return self.spec(grown.config, ws.num_topk, ws.max_row_bytes, ws.hidden, grown.nvl_max_row_bytes,
+                         ws.num_local_experts)  # moves rdma_offset with the NVL region
 
     @staticmethod
     def num_channels(spec) -> int:
@@ -311,10 +347,8 @@ class InternodePath(_KernelPath):
                 f"rings of {spec.config.rdma_ring_tokens} rows, dispatch rows of up to {spec.workspace.max_row_bytes} B, "
                 f"hidden {spec.workspace.hidden}, top-{spec.workspace.num_topk}")
 
-    def notify_outputs(self, num_channels: int, device) -> tuple:
-        rank_prefix, channel_prefix, _ = super().notify_outputs(num_channels, device)
-        return rank_prefix, channel_prefix, torch.zeros(self.topo.num_nodes, num_channels + 1, dtype=torch.int32,
-                                                        device=device)
+    def _forward_prefix(self, num_channels: int, device) -> torch.Tensor:
+        return torch.zeros(self.topo.num_nodes, num_channels + 1, dtype=torch.int32, device=device)
 
     def _extra_notify(self, forward_prefix) -> dict:
         return dict(forward_channel_prefix_matrix=_data_ptr(forward_prefix))

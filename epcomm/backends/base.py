@@ -23,7 +23,7 @@ from ..config import Config
 from ..placement import ExpertPlacement
 from ..topology import Topology
 
-__all__ = ["BackendOptions", "DispatchBackend", "DispatchCall"]
+__all__ = ["BackendOptions", "CallCheck", "DispatchBackend", "DispatchCall", "ExpertCounts"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,24 @@ class BackendOptions:
 
 
 @dataclass(frozen=True)
+class ExpertCounts:
+    """A dispatch's tokens per expert, as the caller counted them.
+
+    Attributes:
+        sent: ``[num_experts]`` int32, contiguous: this rank's tokens that chose each expert
+            (``get_dispatch_layout``'s ``num_tokens_per_expert``).
+        alignment: each received per-expert count is rounded up to a multiple of this.
+    """
+
+    sent: torch.Tensor
+    alignment: int
+
+    def num_local(self, world_size: int) -> int:
+        """Experts per rank (the uniform placement)."""
+        return self.sent.numel() // world_size
+
+
+@dataclass(frozen=True)
 class DispatchCall:
     """One non-cached dispatch, after every rank agreed on it.
 
@@ -52,6 +70,7 @@ class DispatchCall:
         node_counts: ``[world_size, num_nodes]`` int64, tokens rank ``s`` sends to node ``n``.
         placement: where the experts live (with ``topk_idx``), else None.
         config: the kernel backends' :class:`~epcomm.Config` (None: the backend's default).
+        experts: the per-expert counts the caller gave (``num_tokens_per_expert``), else None.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -60,6 +79,7 @@ class DispatchCall:
     node_counts: torch.Tensor
     placement: ExpertPlacement | None
     config: Config | None
+    experts: ExpertCounts | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,7 @@ class CallCheck:
         config: the call's :class:`~epcomm.Config`, or None.
         is_token_in_rank: ``[num_tokens, world_size]`` bool (dispatch), else None.
         num_topk: top-k ids per token travelling with a dispatch (0: none).
+        experts: a dispatch's per-expert counts (``num_tokens_per_expert``), else None.
     """
 
     op: str
@@ -86,6 +107,7 @@ class CallCheck:
     config: Config | None = None
     is_token_in_rank: torch.Tensor | None = None
     num_topk: int = 0
+    experts: ExpertCounts | None = None
 
 
 class DispatchBackend(abc.ABC):
@@ -123,10 +145,11 @@ class DispatchBackend(abc.ABC):
 
     @abc.abstractmethod
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
-                       config: Config | None = None) -> None:
+                       config: Config | None = None, num_experts: int = 0) -> None:
         """Raise :class:`~epcomm._validate.Invalid` for inputs this backend cannot take (local, before agreement).
 
-        ``plan``: the handle's plan for a cached dispatch, else None.
+        ``plan``: the handle's plan for a cached dispatch, else None; ``num_experts``: length of the
+        dispatch's ``num_tokens_per_expert`` (0: none given).
         """
 
     @abc.abstractmethod
@@ -147,6 +170,17 @@ class DispatchBackend(abc.ABC):
             verdict on every rank. The default returns False at once, without communicating.
         """
         return False
+
+    def agreed_expert_counts(self) -> list[int] | None:
+        """Rows this rank receives per local expert (rounded up to ``experts.alignment``) in the dispatch
+        whose :meth:`agree_in_barrier` just said "yes", when its barrier summed every rank's
+        ``experts`` (the kernel backends' notify does); else None. Local, no communication."""
+        return None
+
+    def received_expert_counts(self, plan: object) -> list[int] | None:
+        """The same counts for the dispatch that returned ``plan``, when this backend's :meth:`dispatch`
+        counted them (kernel backends: its notify), else None. Local, no communication."""
+        return None
 
     @abc.abstractmethod
     def dispatch(self, call: DispatchCall) -> tuple[dict[str, torch.Tensor], object]:

@@ -38,8 +38,9 @@ from .._validate import Invalid
 from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError
 from ..topology import LinkClass, Topology
-from ._kernel_paths import CALL_NEEDS_LAYOUT, CALL_REFUSED, InternodePath, IntranodePath, rdma_offset, row_bytes
-from .base import BackendOptions, CallCheck, DispatchBackend, DispatchCall
+from ._kernel_paths import (CALL_NEEDS_LAYOUT, CALL_REFUSED, InternodePath, IntranodePath, NotifyOutputs, rdma_offset,
+                            row_bytes)
+from .base import BackendOptions, CallCheck, DispatchBackend, DispatchCall, ExpertCounts
 
 __all__ = ["SimRuntime", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
@@ -254,12 +255,16 @@ SIM_DEFAULT_CONFIG = Config(
 class SimPlan:
     """Routing of one kernel-backend dispatch (kept in the handle)."""
 
-    def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor, notify_outputs: tuple,
+    def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor, notify_outputs: NotifyOutputs,
                  spec, recv_counts: list[int]) -> None:
         self.num_tokens = num_tokens
         self.num_recv = num_recv
         self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous
-        _, self.recv_channel_prefix, self.forward_channel_prefix = notify_outputs  # [R, C + 1], [nodes, C + 1] | None
+        self.recv_channel_prefix = notify_outputs.channel_prefix  # [R, C + 1]
+        self.forward_channel_prefix = notify_outputs.forward_prefix  # [nodes, C + 1] | None
+        # rows received per local expert, rounded up to the alignment (notify summed every rank's counts)
+        self.expert_counts = (notify_outputs.expert_counts.tolist() if notify_outputs.expert_counts is not None
+                              else None)
         # internode: which local ranks each row this rank forwarded went to (written by dispatch, read by
         # combine); at least one element, as the kernels take a non-null pointer even when nothing is forwarded
         self.num_forwarded = 0
@@ -381,7 +386,7 @@ class SimDispatchBackend(DispatchBackend):
                               f"at storage offset {t.storage_offset()}); pass {name}.clone()")
 
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
-                       config: Config | None = None) -> None:
+                       config: Config | None = None, num_experts: int = 0) -> None:
         """Raise Invalid for inputs the kernels cannot take (called before the ranks agree)."""
         self._check_device(tensors)
         hidden_bytes, _ = row_bytes(tensors)
@@ -392,7 +397,8 @@ class SimDispatchBackend(DispatchBackend):
             spec = self.path.spec_for_cached_dispatch(self._along(plan, config, "a cached dispatch"), tensors)
         else:
             self._check_kernel_config(config)
-            spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
+            spec = self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk,
+                                           num_experts // self.topo.world_size)
         self._check_size(spec, "dispatch")
 
     def _along(self, plan: SimPlan, config: Config | None, what: str = ""):
@@ -453,11 +459,12 @@ class SimDispatchBackend(DispatchBackend):
         return self._device_runtime
 
     def _call_spec(self, op: str, tensors: dict[str, torch.Tensor], plan: SimPlan | None, config: Config | None,
-                   num_topk: int = 0):
-        """The workspace spec of a call: ``op`` "dispatch" (with ``num_topk``), or along ``plan``'s handle
-        "cached dispatch" or "combine"."""
+                   num_topk: int = 0, experts: ExpertCounts | None = None):
+        """The workspace spec of a call: ``op`` "dispatch" (with ``num_topk``; room for notify's per-expert
+        counts with ``experts``), or along ``plan``'s handle "cached dispatch" or "combine"."""
         if op == "dispatch":
-            return self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk)
+            num_local = experts.num_local(self.topo.world_size) if experts is not None else 0
+            return self.path.dispatch_spec(self.path.kernel_config(config), tensors, num_topk, num_local)
         base = self._along(plan, config)
         if op == "combine":
             return self.path.spec_for_combine(base, tensors["x"])  # num_topk == the dispatch's (check_combine)
@@ -476,7 +483,7 @@ class SimDispatchBackend(DispatchBackend):
         flags, in_rank = CALL_REFUSED if call.refused else 0, None
         if not call.refused:
             try:
-                spec = self._call_spec(call.op, call.tensors, call.plan, call.config, call.num_topk)
+                spec = self._call_spec(call.op, call.tensors, call.plan, call.config, call.num_topk, call.experts)
                 if spec != layout or self.required_bytes(spec) > runtime.num_nvl_bytes:
                     flags |= CALL_NEEDS_LAYOUT
                 elif call.op == "dispatch":
@@ -484,15 +491,29 @@ class SimDispatchBackend(DispatchBackend):
             except Exception:  # noqa: BLE001 - the host agreement and the call itself will say what is wrong
                 flags |= CALL_NEEDS_LAYOUT
         agreed = torch.zeros(1, dtype=torch.int32, device=self.device)
-        outputs = (self.path.notify_outputs(self.path.num_channels(layout), self.device) if in_rank is not None
-                   else (None, None, None))
+        outputs = (self._notify_outputs(layout) if in_rank is not None else None)
         num_tokens = in_rank.size(0) if in_rank is not None else 0
-        params = self.path.notify_params(self._next_epoch(), in_rank, num_tokens, outputs, call=(call.digest, flags, agreed))
+        params = self.path.notify_params(self._next_epoch(), in_rank, num_tokens, outputs,
+                                         call=(call.digest, flags, agreed), experts=call.experts)
         self._run(runtime, layout, params, call.op)
         if not bool(agreed.item()):
             return False
         self._agreed = (call.op, in_rank, outputs)
         return True
+
+    def agreed_expert_counts(self) -> list[int] | None:
+        """See :meth:`DispatchBackend.agreed_expert_counts`: from the call check's notify."""
+        if self._agreed is None or self._agreed[0] != "dispatch" or self._agreed[2].expert_counts is None:
+            return None
+        return self._agreed[2].expert_counts.tolist()
+
+    def received_expert_counts(self, plan: object) -> list[int] | None:
+        """See :meth:`DispatchBackend.received_expert_counts`: from the dispatch's notify."""
+        return plan.expert_counts if isinstance(plan, SimPlan) else None
+
+    def _notify_outputs(self, spec) -> NotifyOutputs:
+        """Zeroed outputs of a notify with counts in ``spec``'s layout (per-expert counts when it has room)."""
+        return self.path.notify_outputs(self.path.num_channels(spec), self.device, self.path.num_local_experts(spec))
 
     def _take_agreed(self, op: str) -> tuple | None:
         """(is_token_in_rank, notify outputs) when :meth:`agree_in_barrier` just said "yes" for ``op``:
@@ -527,18 +548,18 @@ class SimDispatchBackend(DispatchBackend):
         tensors, config, counts = call.tensors, call.config, call.counts
         world, me = self.topo.world_size, self.topo.rank
         num_topk = tensors["topk_idx"].size(1) if "topk_idx" in tensors else 0
-        spec = self._call_spec("dispatch", tensors, None, config, num_topk)
+        spec = self._call_spec("dispatch", tensors, None, config, num_topk, call.experts)
         runtime = self._ensure(spec, "dispatch")
         agreed = self._take_agreed("dispatch")
         if agreed is not None:  # the call check's notify exchanged this call's counts already
             in_rank, outputs = agreed
         else:
             in_rank = call.is_token_in_rank.contiguous()
-            outputs = self.path.notify_outputs(self.path.num_channels(spec), self.device)
-            self._run(runtime, spec, self.path.notify_params(self._next_epoch(), in_rank, in_rank.size(0), outputs),
-                      "dispatch")
+            outputs = self._notify_outputs(spec)
+            self._run(runtime, spec, self.path.notify_params(self._next_epoch(), in_rank, in_rank.size(0), outputs,
+                                                             experts=call.experts), "dispatch")
         num_tokens = in_rank.size(0)
-        num_recv = int(outputs[0][world])
+        num_recv = int(outputs.rank_prefix[world])
         expected = int(counts[:, me].sum())
         if num_recv != expected:
             raise EpcommError(f"epcomm {self.name} dispatch on rank {me}: notify counted {num_recv} rows to receive, "

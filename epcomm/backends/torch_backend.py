@@ -197,7 +197,7 @@ class TorchBackend(DispatchBackend):
 
     # ----------------------------------------------------------------- checks
     def check_dispatch(self, tensors: dict[str, torch.Tensor], num_topk: int, plan: object = None,
-                       config: object = None) -> None:
+                       config: object = None, num_experts: int = 0) -> None:
         """Backend-specific input limits (raise ``Invalid``); the torch backend takes anything Buffer accepts."""
 
     def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: object = None) -> None:
