@@ -2,7 +2,6 @@
 // twins are in intranode_launch.cu; both launch the same kernel templates.
 #include <algorithm>
 #include <chrono>
-#include <stdexcept>
 #include <string>
 
 #include "../common/compat.cuh"
@@ -12,17 +11,11 @@
 #include "intranode_validate.hpp"
 #include "layout.cuh"
 #include "notify.cuh"
+#include "simt_launch_util.hpp"
 
 namespace epcomm::kernels {
 
 namespace {
-
-std::string grid_name(char const* kernel, int rank) { return "rank" + std::to_string(rank) + "/" + kernel; }
-
-template <class Args>
-void throw_if_invalid(Args const& args) {
-  if (char const* problem = validate(args)) throw std::invalid_argument(std::string("epcomm: ") + problem);
-}
 
 template <class Args>
 simt::LaunchStatus launch_one(Args const& args, simt::LaunchOptions options,
@@ -46,18 +39,18 @@ simt::LaunchOptions default_launch_options(char const* name, long long timeout_c
 
 void add_notify(simt::ConcurrentLaunch& launch, NotifyArgs const& args) {
   throw_if_invalid(args);
-  launch.add(grid_name("notify", args.comm.rank), 1, kNotifyThreads, 0, notify_kernel, args);
+  launch.add(rank_grid_name("notify", args.comm.rank), 1, kNotifyThreads, 0, notify_kernel, args);
 }
 
 void add_intranode_dispatch(simt::ConcurrentLaunch& launch, IntranodeDispatchArgs const& args) {
   throw_if_invalid(args);
-  launch.add(grid_name("intranode_dispatch", args.comm.rank), comm_num_blocks(args.comm.config),
+  launch.add(rank_grid_name("intranode_dispatch", args.comm.rank), comm_num_blocks(args.comm.config),
              comm_block_threads(args.comm.num_ranks), 0, intranode_dispatch_kernel, args);
 }
 
 void add_intranode_combine(simt::ConcurrentLaunch& launch, IntranodeCombineArgs const& args) {
   throw_if_invalid(args);
-  launch.add(grid_name("intranode_combine", args.comm.rank), comm_num_blocks(args.comm.config),
+  launch.add(rank_grid_name("intranode_combine", args.comm.rank), comm_num_blocks(args.comm.config),
              comm_block_threads(args.comm.num_ranks), 0, intranode_combine_kernel, args);
 }
 

@@ -1,11 +1,13 @@
 #pragma once
 // Host-side pieces shared by the kernel tests: bf16 reference conversions (written
 // from torch's definition, not from the kernels), aligned zeroed buffers, the
-// kernel timeout the tests use, and the text of an ErrorSlot.
+// kernel timeout the tests use, the text of an ErrorSlot, random expert outputs and the
+// combined-element check.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,26 @@ struct AlignedBuffer {
   AlignedBuffer(AlignedBuffer const&) = delete;
   AlignedBuffer& operator=(AlignedBuffer const&) = delete;
 };
+
+// One expert output row: random bf16 values (exact: 8 significant bits) with exponents far apart, so
+// that summing in another order changes the rounded result; one row in eight is all -0.0, so that a
+// sum that does not start at +0.0 shows.
+inline void fill_random_expert_row(std::mt19937_64& rng, uint16_t* row, int hidden) {
+  bool const negative_zero_row = rng() % 8 == 0;
+  for (int j = 0; j < hidden; ++j) {
+    float const magnitude = std::ldexp(1.0f + float(rng() % 128) / 128.0f, int(rng() % 48) - 24);
+    float const value = negative_zero_row ? -0.0f : (rng() % 2 ? magnitude : -magnitude);
+    row[j] = ref_float_to_bf16(value);
+  }
+}
+
+// A combined bf16 element against its reference value; the message says where they differ.
+inline void check_combined_element(uint16_t got, uint16_t want, int rank, int token, int element) {
+  if (want != got)
+    throw CheckFailure("combine mismatch: rank " + std::to_string(rank) + " token " + std::to_string(token) +
+                       " element " + std::to_string(element) + ": " + std::to_string(got) + " != " +
+                       std::to_string(want));
+}
 
 inline long long kernel_timeout_cycles() {
   char const* ms = std::getenv("EPCOMM_TEST_KERNEL_TIMEOUT_MS");

@@ -10,7 +10,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -20,22 +19,25 @@
 #include "../kernels/internode.hpp"
 #include "../kernels/internode_validate.hpp"
 #include "../kernels/intranode_validate.hpp"
+#include "cluster_common.hpp"
+#include "dispatch_reference.hpp"
 #include "harness.hpp"
+#include "normal_rank_buffers.hpp"
 #include "test_common.hpp"
 
 using namespace epcomm;
-using kernels::ErrorSlot;
-using test::AlignedBuffer;
 using test::error_text;
-using test::kernel_timeout_cycles;
+using test::ExpectedReceive;
+using test::RankTokens;
 using test::ref_bf16_to_float;
 using test::ref_float_to_bf16;
+using test::token_counts;
 using transport::LinkClass;
 using transport::ShmTransport;
 
 namespace {
 
-// ---- inputs and host reference ------------------------------------------------
+// ---- inputs and host reference (the receive order is dispatch_reference.hpp's) -
 
 struct Shape {
   int num_nodes, num_nvl_ranks, num_channels;
@@ -47,33 +49,22 @@ struct Shape {
   uint64_t seed = 1;
   bool fp32_node_partials = false;  // else node partials cross the network as bf16 (the rows' dtype)
   int num_ranks() const { return num_nodes * num_nvl_ranks; }
-};
-
-int hidden_bytes_of(Shape const& shape) { return shape.fp8 ? shape.hidden : 2 * shape.hidden; }
-int scale_bytes_of(Shape const& shape) { return shape.fp8 ? 4 * (shape.hidden / 128) : 0; }
-
-struct RankData {
-  int num_tokens = 0;
-  std::vector<uint8_t> x, x_scales;
-  std::vector<int64_t> topk_idx;
-  std::vector<float> topk_weights;
+  test::DispatchShape dispatch_shape() const {
+    return {num_local_experts, num_topk, test::row_hidden_bytes(hidden, fp8), test::row_scale_bytes(hidden, fp8)};
+  }
 };
 
 // Each token picks 1..max_nodes_per_token nodes (a third exactly max_nodes_per_token), then experts only
 // on those nodes; about one entry in five is -1.
-std::vector<RankData> make_inputs(Shape const& shape, uint64_t seed) {
+std::vector<RankTokens> make_inputs(Shape const& shape, uint64_t seed) {
   std::mt19937_64 rng(seed), bytes_rng(seed ^ 0x9e3779b97f4a7c15ull);  // routing does not depend on row sizes
   int const R = shape.num_ranks(), K = shape.num_topk;
   int const experts_per_node = shape.num_nvl_ranks * shape.num_local_experts;
   int const max_nodes = std::min({shape.max_nodes_per_token, shape.num_nodes, K});
-  std::vector<RankData> data(R);
+  std::vector<RankTokens> data(R);
   for (int r = 0; r < R; ++r) {
-    RankData& d = data[r];
-    d.num_tokens = shape.num_tokens[r];
-    d.x.resize(size_t(d.num_tokens) * hidden_bytes_of(shape));
-    d.x_scales.resize(size_t(d.num_tokens) * scale_bytes_of(shape));
-    for (auto& b : d.x) b = uint8_t(bytes_rng());
-    for (auto& b : d.x_scales) b = uint8_t(bytes_rng());
+    RankTokens& d = data[r];
+    test::fill_random_rows(d, shape.num_tokens[r], shape.dispatch_shape(), bytes_rng);
     d.topk_idx.assign(size_t(d.num_tokens) * K, -1);
     d.topk_weights.resize(d.topk_idx.size());
     for (int t = 0; t < d.num_tokens; ++t) {
@@ -99,52 +90,14 @@ std::vector<RankData> make_inputs(Shape const& shape, uint64_t seed) {
   return data;
 }
 
-bool token_goes_to(Shape const& shape, RankData const& d, int t, int rank) {
-  for (int k = 0; k < shape.num_topk; ++k) {
-    int64_t const e = d.topk_idx[size_t(t) * shape.num_topk + k];
-    if (e >= 0 && e / shape.num_local_experts == rank) return true;
-  }
-  return false;
+bool token_goes_to(Shape const& shape, RankTokens const& d, int t, int rank) {
+  return test::token_goes_to(shape.dispatch_shape(), d, t, rank);
 }
 
-bool token_goes_to_node(Shape const& shape, RankData const& d, int t, int node) {
+bool token_goes_to_node(Shape const& shape, RankTokens const& d, int t, int node) {
   for (int p = 0; p < shape.num_nvl_ranks; ++p)
     if (token_goes_to(shape, d, t, node * shape.num_nvl_ranks + p)) return true;
   return false;
-}
-
-struct Expected {  // what one rank receives
-  std::vector<uint8_t> recv_x, recv_x_scales;
-  std::vector<int64_t> recv_topk_idx;
-  std::vector<float> recv_topk_weights;
-  std::vector<int32_t> recv_src_idx, recv_src_rank;
-  std::vector<int32_t> num_recv_tokens_per_expert;
-};
-
-Expected expected_dispatch(Shape const& shape, std::vector<RankData> const& data, int rank, int alignment) {
-  Expected out;
-  int const hb = hidden_bytes_of(shape), sb = scale_bytes_of(shape), K = shape.num_topk;
-  out.num_recv_tokens_per_expert.assign(shape.num_local_experts, 0);
-  for (int s = 0; s < shape.num_ranks(); ++s) {
-    RankData const& d = data[s];
-    for (int t = 0; t < d.num_tokens; ++t) {
-      if (!token_goes_to(shape, d, t, rank)) continue;
-      out.recv_x.insert(out.recv_x.end(), d.x.begin() + size_t(t) * hb, d.x.begin() + size_t(t + 1) * hb);
-      out.recv_x_scales.insert(out.recv_x_scales.end(), d.x_scales.begin() + size_t(t) * sb,
-                               d.x_scales.begin() + size_t(t + 1) * sb);
-      out.recv_src_idx.push_back(t);
-      out.recv_src_rank.push_back(s);
-      for (int k = 0; k < K; ++k) {
-        int64_t const e = d.topk_idx[size_t(t) * K + k];
-        bool const local = e >= 0 && e / shape.num_local_experts == rank;
-        out.recv_topk_idx.push_back(local ? e - int64_t(rank) * shape.num_local_experts : -1);
-        out.recv_topk_weights.push_back(local ? d.topk_weights[size_t(t) * K + k] : 0.0f);
-        if (local) ++out.num_recv_tokens_per_expert[e - int64_t(rank) * shape.num_local_experts];
-      }
-    }
-  }
-  for (int32_t& count : out.num_recv_tokens_per_expert) count = (count + alignment - 1) / alignment * alignment;
-  return out;
 }
 
 int channel_of(int num_tokens, int num_channels, int t) {
@@ -155,24 +108,22 @@ int channel_of(int num_tokens, int num_channels, int t) {
 
 // ---- all ranks' buffers ---------------------------------------------------------
 
-struct Cluster {
+struct Cluster : test::InProcessRanks {
   Shape shape;
   kernels::InternodeConfig config;
   kernels::NvlWorkspace nvl_workspace;
   kernels::RdmaWorkspace rdma_workspace;
-  std::vector<std::unique_ptr<AlignedBuffer>> buffers;
   std::vector<std::vector<void*>> node_nvl_buffers;  // [node][local rank]
   std::vector<char*> rdma_buffers;                   // [rank]
-  std::vector<uint64_t> counters;                    // [rank][link class]
-  std::vector<ErrorSlot> errors;
-  std::optional<uint64_t> fuzz_seed;
+  test::LinkByteCounters link_bytes;
   int64_t epoch = 0;
 
-  Cluster(Shape const& s, std::optional<uint64_t> seed) : shape(s), fuzz_seed(seed) {
+  Cluster(Shape const& s, std::optional<uint64_t> seed)
+      : InProcessRanks("internode", s.num_ranks(), seed), shape(s), link_bytes(s.num_ranks()) {
     config.nvl = {s.num_channels, s.nvl_chunk_tokens, s.nvl_ring_tokens};
     config.rdma_chunk_tokens = s.rdma_chunk_tokens;
     config.rdma_ring_tokens = s.rdma_ring_tokens;
-    int const dispatch_row = hidden_bytes_of(s) + scale_bytes_of(s);
+    int const dispatch_row = s.dispatch_shape().hidden_bytes + s.dispatch_shape().scale_bytes;
     nvl_workspace = kernels::NvlWorkspace({s.num_nvl_ranks, s.num_local_experts, s.num_topk, std::max(dispatch_row, 2 * s.hidden)},
                                           config.nvl);
     kernels::RdmaWorkspaceShape rdma_shape{s.num_nodes, s.num_nvl_ranks, s.num_local_experts, s.num_topk,
@@ -181,96 +132,36 @@ struct Cluster {
     rdma_workspace = kernels::RdmaWorkspace(rdma_shape, config);
     node_nvl_buffers.assign(s.num_nodes, {});
     for (int r = 0; r < s.num_ranks(); ++r) {
-      buffers.push_back(std::make_unique<AlignedBuffer>(nvl_workspace.required_bytes()));
-      node_nvl_buffers[r / s.num_nvl_ranks].push_back(buffers.back()->ptr);
-      buffers.push_back(std::make_unique<AlignedBuffer>(rdma_workspace.required_bytes()));
-      rdma_buffers.push_back(static_cast<char*>(buffers.back()->ptr));
+      node_nvl_buffers[r / s.num_nvl_ranks].push_back(allocate(nvl_workspace.required_bytes()));
+      rdma_buffers.push_back(allocate(rdma_workspace.required_bytes()));
     }
-    counters.assign(size_t(s.num_ranks()) * transport::kNumLinkClasses, 0);
-    errors.assign(s.num_ranks(), ErrorSlot{});
   }
 
   kernels::ShmInternodeComm comm(int rank) {
-    kernels::ShmInternodeComm c;
-    c.rank = rank;
-    c.num_ranks = shape.num_ranks();
+    kernels::ShmInternodeComm c = comm_for<kernels::ShmInternodeComm>(rank);
     c.num_nvl_ranks = shape.num_nvl_ranks;
     c.config = config;
     c.nvl_workspace = nvl_workspace;
     c.rdma_workspace = rdma_workspace;
     c.nvl_peer_buffers = node_nvl_buffers[rank / shape.num_nvl_ranks].data();
     c.transport = ShmTransport{rank, shape.num_ranks(), shape.num_nvl_ranks, rdma_buffers.data(),
-                               rdma_workspace.signals_offset, &counters[size_t(rank) * transport::kNumLinkClasses]};
-    c.error = &errors[rank];
-    c.timeout_cycles = kernel_timeout_cycles();
+                               rdma_workspace.signals_offset, link_bytes.of_rank(rank)};
     return c;
   }
-
-  simt::LaunchOptions options(char const* name) {
-    simt::LaunchOptions o = kernels::default_launch_options(name, kernel_timeout_cycles());
-    o.fuzz_seed = fuzz_seed;
-    return o;
-  }
-
-  // Bytes every rank put, per link class, since the last call.
-  std::vector<uint64_t> take_counters() {
-    std::vector<uint64_t> totals(transport::kNumLinkClasses, 0);
-    for (size_t i = 0; i < counters.size(); ++i) totals[i % transport::kNumLinkClasses] += counters[i];
-    std::fill(counters.begin(), counters.end(), 0);
-    return totals;
-  }
-
-  void run(simt::ConcurrentLaunch const& launch) {
-    simt::LaunchStatus status = launch.try_run();
-    std::string problems;
-    for (ErrorSlot const& slot : errors)
-      if (slot.code != 0) problems += "  kernel error: " + error_text(slot) + "\n";
-    if (!status.ok()) problems += std::string("  launch failed: ") + status.message + "\n";
-    if (!problems.empty()) throw test::CheckFailure("internode launch failed:\n" + problems);
-  }
 };
 
-struct RankOutputs {
-  std::vector<int32_t> num_tokens_per_rank, num_tokens_per_expert;
-  std::vector<uint8_t> is_token_in_rank;
-  std::vector<int32_t> recv_rank_prefix, recv_channel_prefix, forward_prefix, num_recv_tokens_per_expert;
-  std::vector<uint8_t> recv_x, recv_x_scales;
-  std::vector<int64_t> recv_topk_idx;
-  std::vector<float> recv_topk_weights;
-  std::vector<int32_t> recv_src_idx;
+// The internode kernels also build the forwarders' prefix matrix and peer masks.
+struct RankOutputs : test::NormalRankBuffers {
+  std::vector<int32_t> forward_prefix;
   std::vector<uint32_t> forward_peer_masks;
-  std::vector<uint16_t> expert_out, combined_x;
-  std::vector<float> combined_topk_weights;
-  int32_t call_agreed = -1;
 };
-
-void run_layout(Shape const& shape, RankData const& d, RankOutputs& out) {
-  int const num_experts = shape.num_ranks() * shape.num_local_experts;
-  out.num_tokens_per_rank.assign(shape.num_ranks(), -1);
-  out.num_tokens_per_expert.assign(num_experts, -1);
-  out.is_token_in_rank.assign(size_t(d.num_tokens) * shape.num_ranks(), 2);
-  kernels::LayoutArgs args;
-  args.topk_idx = d.topk_idx.data();
-  args.num_tokens = d.num_tokens;
-  args.num_topk = shape.num_topk;
-  args.num_experts = num_experts;
-  args.num_ranks = shape.num_ranks();
-  args.num_tokens_per_rank = out.num_tokens_per_rank.data();
-  args.num_tokens_per_expert = out.num_tokens_per_expert.data();
-  args.is_token_in_rank = reinterpret_cast<bool*>(out.is_token_in_rank.data());
-  kernels::launch_get_dispatch_layout(args, kernels::default_launch_options("layout", kernel_timeout_cycles()))
-      .throw_if_failed();
-  for (int t = 0; t < d.num_tokens; ++t)
-    for (int r = 0; r < shape.num_ranks(); ++r)
-      CHECK_EQ(int(out.is_token_in_rank[size_t(t) * shape.num_ranks() + r]), int(token_goes_to(shape, d, t, r)));
-}
 
 // What crossed which link in one dispatch and one combine (from the contract).
 struct Traffic {
   uint64_t network_pairs = 0, self_pairs = 0;  // (token, destination node) with node != / == the source's
 };
 
-Traffic expected_traffic(Shape const& shape, std::vector<RankData> const& data) {
+Traffic expected_traffic(Shape const& shape, std::vector<RankTokens> const& data) {
   Traffic traffic;
   for (int s = 0; s < shape.num_ranks(); ++s)
     for (int t = 0; t < data[s].num_tokens; ++t)
@@ -287,51 +178,35 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   Shape const& shape = cluster.shape;
   int const R = shape.num_ranks(), L = shape.num_nvl_ranks, NN = shape.num_nodes, C = shape.num_channels,
             K = shape.num_topk;
-  int const hb = hidden_bytes_of(shape), sb = scale_bytes_of(shape);
+  int const hb = shape.dispatch_shape().hidden_bytes, sb = shape.dispatch_shape().scale_bytes;
   int const num_experts = R * shape.num_local_experts, alignment = 1 + int(data_seed % 3);
-  std::vector<RankData> data = make_inputs(shape, data_seed);
+  std::vector<RankTokens> data = make_inputs(shape, data_seed);
   std::vector<RankOutputs> out(R);
-  for (int r = 0; r < R; ++r) run_layout(shape, data[r], out[r]);
-  cluster.take_counters();
+  for (int r = 0; r < R; ++r) test::run_layout(shape.dispatch_shape(), R, data[r], out[r]);
+  cluster.link_bytes.take_per_link_class();
 
   // notify: counts, barrier, prefix matrices
-  {
-    simt::ConcurrentLaunch launch(cluster.options("internode_notify"));
-    ++cluster.epoch;
-    for (int r = 0; r < R; ++r) {
-      out[r].recv_rank_prefix.assign(R + 1, -1);
-      out[r].recv_channel_prefix.assign(size_t(R) * (C + 1), -1);
-      out[r].forward_prefix.assign(size_t(NN) * (C + 1), -1);
-      out[r].num_recv_tokens_per_expert.assign(shape.num_local_experts, -1);
-      kernels::InternodeNotifyArgs<ShmTransport> args;
-      args.comm = cluster.comm(r);
-      args.epoch = cluster.epoch;
-      args.exchange_counts = true;
-      args.is_token_in_rank = reinterpret_cast<bool const*>(out[r].is_token_in_rank.data());
-      args.num_tokens_per_expert = out[r].num_tokens_per_expert.data();
-      args.num_tokens = data[r].num_tokens;
-      args.expert_alignment = alignment;
-      args.recv_rank_prefix = out[r].recv_rank_prefix.data();
-      args.recv_channel_prefix_matrix = out[r].recv_channel_prefix.data();
-      args.forward_channel_prefix_matrix = out[r].forward_prefix.data();
-      args.num_recv_tokens_per_expert = out[r].num_recv_tokens_per_expert.data();
-      args.call_digest = int64_t(data_seed);  // the count messages carry a call check too
-      args.call_flags = 0;
-      args.call_agreed = &out[r].call_agreed;
-      kernels::add_internode_notify(launch, args);
-    }
-    cluster.run(launch);
-  }
+  ++cluster.epoch;
+  cluster.run_on_every_rank("internode_notify", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::InternodeNotifyArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    // the count messages carry a call check too
+    test::set_notify_counts(args, out[r], data[r], R, C, shape.num_local_experts, alignment, int64_t(data_seed));
+    out[r].forward_prefix.assign(size_t(NN) * (C + 1), -1);
+    args.forward_channel_prefix_matrix = out[r].forward_prefix.data();
+    kernels::add_internode_notify(launch, args);
+  });
   for (int r = 0; r < R; ++r) CHECK_EQ(out[r].call_agreed, 1);
   // Count messages: one per (source, destination on another node)
   {
-    std::vector<uint64_t> bytes = cluster.take_counters();
+    std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     CHECK_EQ(bytes[int(LinkClass::kNetwork)], uint64_t(R) * (R - L) * cluster.rdma_workspace.count_message_bytes());
   }
-  std::vector<Expected> expected;
+  std::vector<ExpectedReceive> expected;
   for (int r = 0; r < R; ++r) {
-    expected.push_back(expected_dispatch(shape, data, r, alignment));
-    Expected const& e = expected[r];
+    expected.push_back(test::expected_receive(shape.dispatch_shape(), data, r, alignment));
+    ExpectedReceive const& e = expected[r];
     int const num_recv = int(e.recv_src_idx.size());
     CHECK_EQ(out[r].recv_rank_prefix[R], num_recv);
     // (source, channel) prefixes from the definition
@@ -361,53 +236,20 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   }
 
   // dispatch
-  {
-    simt::ConcurrentLaunch launch(cluster.options("internode_dispatch"));
-    for (int r = 0; r < R; ++r) {
-      RankOutputs& o = out[r];
-      int const M = o.recv_rank_prefix[R];
-      o.recv_x.assign(size_t(M) * hb, 0xee);
-      o.recv_x_scales.assign(size_t(M) * sb, 0xee);
-      o.recv_topk_idx.assign(size_t(M) * K, -7);
-      o.recv_topk_weights.assign(size_t(M) * K, -7.0f);
-      o.recv_src_idx.assign(M, -7);
-      kernels::InternodeDispatchArgs<ShmTransport> args;
-      args.comm = cluster.comm(r);
-      args.x = data[r].x.data();
-      args.hidden_bytes = hb;
-      args.x_scales = sb ? data[r].x_scales.data() : nullptr;
-      args.scale_bytes = sb;
-      args.topk_idx = data[r].topk_idx.data();
-      args.topk_weights = data[r].topk_weights.data();
-      args.num_topk = K;
-      args.num_experts = num_experts;
-      args.num_tokens = data[r].num_tokens;
-      args.max_nodes_per_token = shape.max_nodes_per_token;
-      args.is_token_in_rank = reinterpret_cast<bool const*>(o.is_token_in_rank.data());
-      args.recv_channel_prefix_matrix = o.recv_channel_prefix.data();
-      args.forward_channel_prefix_matrix = o.forward_prefix.data();
-      args.recv_x = o.recv_x.data();
-      args.recv_x_scales = sb ? o.recv_x_scales.data() : nullptr;
-      args.recv_topk_idx = o.recv_topk_idx.data();
-      args.recv_topk_weights = o.recv_topk_weights.data();
-      args.recv_src_idx = o.recv_src_idx.data();
-      args.forward_peer_masks = o.forward_peer_masks.data();
-      kernels::add_internode_dispatch(launch, args);
-    }
-    cluster.run(launch);
-  }
-  for (int r = 0; r < R; ++r) {
-    CHECK(out[r].recv_src_idx == expected[r].recv_src_idx);
-    CHECK(out[r].recv_x == expected[r].recv_x);
-    CHECK(out[r].recv_x_scales == expected[r].recv_x_scales);
-    CHECK(out[r].recv_topk_idx == expected[r].recv_topk_idx);
-    CHECK(std::memcmp(out[r].recv_topk_weights.data(), expected[r].recv_topk_weights.data(),
-                      out[r].recv_topk_weights.size() * 4) == 0);
-  }
+  cluster.run_on_every_rank("internode_dispatch", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::InternodeDispatchArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    test::set_dispatch_rows(args, out[r], data[r], shape.dispatch_shape(), num_experts);
+    args.max_nodes_per_token = shape.max_nodes_per_token;
+    args.forward_channel_prefix_matrix = out[r].forward_prefix.data();
+    args.forward_peer_masks = out[r].forward_peer_masks.data();
+    kernels::add_internode_dispatch(launch, args);
+  });
+  for (int r = 0; r < R; ++r) test::check_received_rows(out[r], expected[r], r);
   Traffic const traffic = expected_traffic(shape, data);
   RoundResult result;
   {
-    std::vector<uint64_t> bytes = cluster.take_counters();
+    std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     uint64_t const record = cluster.rdma_workspace.record_bytes;
     result.dispatch_network_bytes = bytes[int(LinkClass::kNetwork)];
     CHECK_EQ(result.dispatch_network_bytes, traffic.network_pairs * (record + uint64_t(hb + sb)));
@@ -417,61 +259,31 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
     CHECK_EQ(bytes[int(LinkClass::kNvlink)], uint64_t(0));  // NVLink copies use peer pointers, not the transport
   }
 
-  // expert outputs: random bf16 rows, exponents far apart; some rows all -0.0 (sums start at +0.0)
-  std::mt19937_64 rng(data_seed * 7919 + 1);
-  for (int r = 0; r < R; ++r) {
-    int const M = out[r].recv_rank_prefix[R];
-    out[r].expert_out.resize(size_t(M) * shape.hidden);
-    for (int m = 0; m < M; ++m) {
-      bool const negative_zero_row = rng() % 8 == 0;
-      for (int j = 0; j < shape.hidden; ++j) {
-        float const magnitude = std::ldexp(1.0f + float(rng() % 128) / 128.0f, int(rng() % 48) - 24);
-        float const value = negative_zero_row ? -0.0f : (rng() % 2 ? magnitude : -magnitude);
-        out[r].expert_out[size_t(m) * shape.hidden + j] = uint16_t(std::bit_cast<uint32_t>(value) >> 16);
-      }
-    }
-  }
+  test::make_expert_outputs(out, shape.hidden, data_seed * 7919 + 1);
 
   // barrier (resets the NVL rings), then combine
+  ++cluster.epoch;
+  cluster.run_on_every_rank("internode_barrier", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::InternodeNotifyArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    kernels::add_internode_notify(launch, args);
+  });
+  cluster.link_bytes.take_per_link_class();
+  cluster.run_on_every_rank("internode_combine", [&](simt::ConcurrentLaunch& launch, int r) {
+    RankOutputs& o = out[r];
+    kernels::InternodeCombineArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    test::set_combine_rows(args, o, data[r], shape.hidden, K);
+    // a rank that received nothing passes null inputs (as Python does): its forwarder still sums its peers'
+    args.topk_weights = o.recv_topk_weights.empty() ? nullptr : o.recv_topk_weights.data();
+    args.forward_channel_prefix_matrix = o.forward_prefix.data();
+    args.forward_peer_masks = o.forward_peer_masks.data();
+    args.node_partial_kind = shape.fp32_node_partials ? kernels::ElementKind::kFloat32 : kernels::ElementKind::kBfloat16;
+    kernels::add_internode_combine(launch, args);
+  });
   {
-    simt::ConcurrentLaunch launch(cluster.options("internode_barrier"));
-    ++cluster.epoch;
-    for (int r = 0; r < R; ++r) {
-      kernels::InternodeNotifyArgs<ShmTransport> args;
-      args.comm = cluster.comm(r);
-      args.epoch = cluster.epoch;
-      kernels::add_internode_notify(launch, args);
-    }
-    cluster.run(launch);
-    cluster.take_counters();
-  }
-  {
-    simt::ConcurrentLaunch launch(cluster.options("internode_combine"));
-    for (int r = 0; r < R; ++r) {
-      RankOutputs& o = out[r];
-      o.combined_x.assign(size_t(data[r].num_tokens) * shape.hidden, 0xeeee);
-      o.combined_topk_weights.assign(size_t(data[r].num_tokens) * K, -7.0f);
-      kernels::InternodeCombineArgs<ShmTransport> args;
-      args.comm = cluster.comm(r);
-      args.x = o.expert_out.data();
-      // a rank that received nothing passes null inputs (as Python does): its forwarder still sums its peers'
-      args.topk_weights = o.recv_topk_weights.empty() ? nullptr : o.recv_topk_weights.data();
-      args.hidden = shape.hidden;
-      args.num_topk = K;
-      args.num_tokens = data[r].num_tokens;
-      args.is_token_in_rank = reinterpret_cast<bool const*>(o.is_token_in_rank.data());
-      args.recv_channel_prefix_matrix = o.recv_channel_prefix.data();
-      args.forward_channel_prefix_matrix = o.forward_prefix.data();
-      args.forward_peer_masks = o.forward_peer_masks.data();
-      args.combined_x = o.combined_x.data();
-      args.combined_topk_weights = o.combined_topk_weights.data();
-      args.node_partial_kind = shape.fp32_node_partials ? kernels::ElementKind::kFloat32 : kernels::ElementKind::kBfloat16;
-      kernels::add_internode_combine(launch, args);
-    }
-    cluster.run(launch);
-  }
-  {
-    std::vector<uint64_t> bytes = cluster.take_counters();
+    std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     result.combine_network_bytes = bytes[int(LinkClass::kNetwork)];
     CHECK_EQ(result.combine_network_bytes,
              traffic.network_pairs * cluster.rdma_workspace.combine_put_bytes(shape.fp32_node_partials ? 4 : 2));
@@ -480,10 +292,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   // bf16 unless fp32_node_partials (x only; weights stay fp32); acc += P; bf16(acc)
   for (int s = 0; s < R; ++s) {
     for (int t = 0; t < data[s].num_tokens; ++t) {
-      std::vector<std::pair<int, int>> rows;  // (rank d, row on d), d ascending
-      for (int d = 0; d < R; ++d)
-        for (size_t m = 0; m < expected[d].recv_src_idx.size(); ++m)
-          if (expected[d].recv_src_rank[m] == s && expected[d].recv_src_idx[m] == t) rows.push_back({d, int(m)});
+      std::vector<std::pair<int, int>> const rows = test::received_rows_of(expected, s, t);  // (rank d, row on d)
       for (int j = 0; j <= shape.hidden; ++j) {  // j == hidden: the weights
         for (int k = 0; k < (j == shape.hidden ? K : 1); ++k) {
           float acc = 0.0f;
@@ -500,11 +309,8 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
             if (any) acc = acc + partial;
           }
           if (j < shape.hidden) {
-            uint16_t const want = ref_float_to_bf16(acc), got = out[s].combined_x[size_t(t) * shape.hidden + j];
-            if (want != got)
-              throw test::CheckFailure("combine mismatch: rank " + std::to_string(s) + " token " + std::to_string(t) +
-                                       " element " + std::to_string(j) + ": " + std::to_string(got) + " != " +
-                                       std::to_string(want));
+            test::check_combined_element(out[s].combined_x[size_t(t) * shape.hidden + j], ref_float_to_bf16(acc), s, t,
+                                         j);
           } else {
             CHECK_EQ(std::bit_cast<uint32_t>(out[s].combined_topk_weights[size_t(t) * K + k]), std::bit_cast<uint32_t>(acc));
           }
@@ -520,14 +326,6 @@ RoundResult run_shape(Shape const& shape, std::optional<uint64_t> fuzz_seed = st
   RoundResult result;
   for (int round = 0; round < shape.rounds; ++round) result = run_round(cluster, shape.seed * 100 + round);
   return result;
-}
-
-std::vector<int> token_counts(int num_ranks, int base, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int> counts(num_ranks);
-  for (int r = 0; r < num_ranks; ++r) counts[r] = base / 2 + int(rng() % uint64_t(base + 1));
-  counts[num_ranks / 2] = 0;  // a rank with no tokens
-  return counts;
 }
 
 int const kTokens = test::kSanitized ? 8 : 48;
@@ -599,12 +397,11 @@ EPCOMM_TEST(internode_fuzzed_schedules) {
 // that sends one, nothing for a bare signal.
 std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& flags, std::vector<int64_t> const& digests) {
   int const R = cluster.shape.num_ranks(), L = cluster.shape.num_nvl_ranks;
-  simt::ConcurrentLaunch launch(cluster.options("internode_notify_call_check"));
   ++cluster.epoch;
-  cluster.take_counters();
+  cluster.link_bytes.take_per_link_class();
   std::vector<int32_t> agreed(size_t(R), -1);
   uint64_t expected_bytes = 0;
-  for (int r = 0; r < R; ++r) {
+  cluster.run_on_every_rank("internode_notify_call_check", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::InternodeNotifyArgs<ShmTransport> args;
     args.comm = cluster.comm(r);
     args.epoch = cluster.epoch;
@@ -614,9 +411,8 @@ std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& fl
     args.call_agreed = checks ? &agreed[size_t(r)] : nullptr;
     if (checks) expected_bytes += uint64_t(R - L) * sizeof(kernels::CallHeader);
     kernels::add_internode_notify(launch, args);
-  }
-  cluster.run(launch);
-  uint64_t const network_bytes = cluster.take_counters()[int(LinkClass::kNetwork)];
+  });
+  uint64_t const network_bytes = cluster.link_bytes.take_per_link_class()[int(LinkClass::kNetwork)];
   CHECK_EQ(network_bytes, expected_bytes);
   return agreed;
 }
@@ -635,16 +431,10 @@ EPCOMM_TEST(internode_call_check) {
 EPCOMM_TEST(internode_timeout_names_the_missing_peer) {
   Shape shape{2, 1, 1, 4, 2, 4, 2, {4, 4}, 128, false, 2, 2, 1, 1, 77};
   Cluster cluster(shape, std::nullopt);
-  simt::ConcurrentLaunch launch(cluster.options("internode_notify_missing_rank"));
   kernels::InternodeNotifyArgs<ShmTransport> args;
   args.comm = cluster.comm(0);
-  args.comm.timeout_cycles = 50'000'000;  // 50 ms
   args.epoch = 1;
-  kernels::add_internode_notify(launch, args);
-  simt::LaunchStatus status = launch.try_run();
-  CHECK(status.ok());  // the kernel left by itself
-  CHECK_EQ(cluster.errors[0].code, int32_t(kernels::ErrorCode::kTimeout));
-  CHECK_CONTAINS(error_text(cluster.errors[0]),
+  CHECK_CONTAINS(cluster.run_alone_until_timeout("internode_notify_missing_rank", args, kernels::add_internode_notify),
                  "internode_notify timeout: rank=0 role=internode_notify_barrier channel=-1 peer=1 expected=1 observed=0");
   CHECK_EQ(*cluster.nvl_workspace.abort_flag(cluster.node_nvl_buffers[0][0]), 1);
   // ...and its watcher carried the alarm to the other node's abort signal
@@ -663,23 +453,19 @@ EPCOMM_TEST(internode_abort_reaches_other_nodes) {
   std::vector<std::vector<int32_t>> rank_prefix(2, std::vector<int32_t>(3)), prefix(2, std::vector<int32_t>(2 * 2)),
       forward(2, std::vector<int32_t>(2 * 2));
   long long const timeout = 20'000'000'000LL;  // 20 s: the test fails on time if the alarm does not travel
-  {
-    simt::ConcurrentLaunch launch(cluster.options("internode_notify_abort"));
-    ++cluster.epoch;
-    for (int r = 0; r < 2; ++r) {
-      kernels::InternodeNotifyArgs<ShmTransport> args;
-      args.comm = cluster.comm(r);
-      args.epoch = cluster.epoch;
-      args.exchange_counts = true;
-      args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
-      args.num_tokens = r == 0 ? 3 : 0;
-      args.recv_rank_prefix = rank_prefix[r].data();
-      args.recv_channel_prefix_matrix = prefix[r].data();
-      args.forward_channel_prefix_matrix = forward[r].data();
-      kernels::add_internode_notify(launch, args);
-    }
-    cluster.run(launch);
-  }
+  ++cluster.epoch;
+  cluster.run_on_every_rank("internode_notify_abort", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::InternodeNotifyArgs<ShmTransport> args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    args.exchange_counts = true;
+    args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
+    args.num_tokens = r == 0 ? 3 : 0;
+    args.recv_rank_prefix = rank_prefix[r].data();
+    args.recv_channel_prefix_matrix = prefix[r].data();
+    args.forward_channel_prefix_matrix = forward[r].data();
+    kernels::add_internode_notify(launch, args);
+  });
   CHECK_EQ(forward[1][1], 3);  // rank 1 expects 3 rows from node 0
   auto const start = std::chrono::steady_clock::now();
   simt::ConcurrentLaunch launch(cluster.options("internode_dispatch_abort"));

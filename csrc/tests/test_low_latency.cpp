@@ -11,7 +11,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <optional>
 #include <random>
 #include <string>
@@ -22,15 +21,13 @@
 #include "../kernels/low_latency.hpp"
 #include "../kernels/low_latency_common.cuh"
 #include "../kernels/low_latency_validate.hpp"
+#include "cluster_common.hpp"
 #include "harness.hpp"
 #include "test_common.hpp"
 
 using namespace epcomm;
-using kernels::ErrorSlot;
 using kernels::LowLatencyLayout;
-using test::AlignedBuffer;
 using test::error_text;
-using test::kernel_timeout_cycles;
 using test::ref_bf16_to_float;
 using test::ref_float_to_bf16;
 using transport::ShmTransport;
@@ -219,66 +216,34 @@ void reference_row(Shape const& shape, Mode mode, uint16_t const* x, std::vector
 
 constexpr size_t kRegionOffset = 4096;  // the LL region does not start at the buffer's base
 
-struct Cluster {
+struct Cluster : test::InProcessRanks {
   Shape shape;
   LowLatencyLayout layout;
-  std::vector<std::unique_ptr<AlignedBuffer>> buffers;
   std::vector<char*> rdma_buffers;
-  std::vector<uint64_t> counters;
-  std::vector<ErrorSlot> errors;
-  std::optional<uint64_t> fuzz_seed;
+  test::LinkByteCounters link_bytes;
   std::vector<std::vector<int32_t>> cumulative_stats;  // [rank][L]
   std::vector<std::vector<int64_t>> wait_stats;        // [rank][R]
 
   explicit Cluster(Shape const& s, std::optional<uint64_t> seed = std::nullopt)
-      : shape(s),
+      : InProcessRanks("low-latency", s.num_ranks, seed),
+        shape(s),
         layout(s.num_max_tokens, s.hidden, s.num_ranks, s.num_local_experts, kRegionOffset),
-        fuzz_seed(seed) {
+        link_bytes(s.num_ranks) {
     if (char const* problem =
             kernels::validate_low_latency_shape(s.num_max_tokens, s.hidden, s.num_ranks, s.num_local_experts))
       throw test::CheckFailure(problem);
-    for (int r = 0; r < s.num_ranks; ++r) {
-      buffers.push_back(std::make_unique<AlignedBuffer>(kRegionOffset + layout.required_bytes()));
-      rdma_buffers.push_back(static_cast<char*>(buffers.back()->ptr));
-    }
-    counters.assign(size_t(s.num_ranks) * transport::kNumLinkClasses, 0);
-    errors.assign(s.num_ranks, ErrorSlot{});
+    for (int r = 0; r < s.num_ranks; ++r) rdma_buffers.push_back(allocate(kRegionOffset + layout.required_bytes()));
     cumulative_stats.assign(s.num_ranks, std::vector<int32_t>(s.num_local_experts, 0));
     wait_stats.assign(s.num_ranks, std::vector<int64_t>(s.num_ranks, 0));
   }
 
   kernels::ShmLowLatencyComm comm(int rank) {
-    kernels::ShmLowLatencyComm c;
-    c.rank = rank;
-    c.num_ranks = shape.num_ranks;
+    kernels::ShmLowLatencyComm c = comm_for<kernels::ShmLowLatencyComm>(rank);
     c.layout = layout;
     // one rank per node: every put to a peer counts as network traffic
     c.transport = ShmTransport{rank, shape.num_ranks, 1, rdma_buffers.data(), layout.signals_buffer_offset(),
-                               &counters[size_t(rank) * transport::kNumLinkClasses]};
-    c.error = &errors[rank];
-    c.timeout_cycles = kernel_timeout_cycles();
+                               link_bytes.of_rank(rank)};
     return c;
-  }
-
-  simt::LaunchOptions options(char const* name) {
-    simt::LaunchOptions o = kernels::default_launch_options(name, kernel_timeout_cycles());
-    o.fuzz_seed = fuzz_seed;
-    return o;
-  }
-
-  uint64_t take_bytes() {
-    uint64_t total = 0;
-    for (uint64_t& c : counters) total += std::exchange(c, 0);
-    return total;
-  }
-
-  void run(simt::ConcurrentLaunch const& launch) {
-    simt::LaunchStatus status = launch.try_run();
-    std::string problems;
-    for (ErrorSlot const& slot : errors)
-      if (slot.code != 0) problems += "  kernel error: " + error_text(slot) + "\n";
-    if (!status.ok()) problems += std::string("  launch failed: ") + status.message + "\n";
-    if (!problems.empty()) throw test::CheckFailure("low-latency launch failed:\n" + problems);
   }
 
   // `clean`: zero every rank's signals (the kernels are not running).
@@ -408,14 +373,8 @@ struct CallState {
     for (int d = 0; d < shape.num_ranks; ++d) {
       expert_out[d].assign(size_t(L) * rows_per_expert * H, 0x7fc0);
       for (int j = 0; j < L; ++j)
-        for (int row = 0; row < ref.recv_count[d][j]; ++row) {
-          bool const negative_zero = rng() % 8 == 0;
-          for (int h = 0; h < H; ++h) {
-            float const magnitude = std::ldexp(1.0f + float(rng() % 128) / 128.0f, int(rng() % 48) - 24);
-            float const value = negative_zero ? -0.0f : (rng() % 2 ? magnitude : -magnitude);
-            expert_out[d][(size_t(j) * rows_per_expert + row) * H + h] = ref_float_to_bf16(value);
-          }
-        }
+        for (int row = 0; row < ref.recv_count[d][j]; ++row)
+          test::fill_random_expert_row(rng, &expert_out[d][(size_t(j) * rows_per_expert + row) * H], H);
       if (call.zero_copy)
         std::memcpy(cluster.zero_copy_buffer(d, call.slot), expert_out[d].data(), expert_out[d].size() * 2);
     }
@@ -465,11 +424,7 @@ struct CallState {
                                   ref_bf16_to_float(expert_out[d][(size_t(j) * rows_per_expert + row) * H + h]);
             acc = acc + product;
           }
-          uint16_t const want = ref_float_to_bf16(acc), got = out[s].combined[size_t(t) * H + h];
-          if (want != got)
-            throw test::CheckFailure("combine mismatch: rank " + std::to_string(s) + " token " + std::to_string(t) +
-                                     " element " + std::to_string(h) + ": " + std::to_string(got) +
-                                     " != " + std::to_string(want));
+          test::check_combined_element(out[s].combined[size_t(t) * H + h], ref_float_to_bf16(acc), s, t, h);
         }
     }
   }
@@ -482,7 +437,7 @@ std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector
   Shape const& shape = cluster.shape;
   int const R = shape.num_ranks, L = shape.num_local_experts;
   CallState state(cluster, call, inputs, seed);
-  cluster.take_bytes();
+  cluster.link_bytes.take_total();
   {
     simt::ConcurrentLaunch launch(cluster.options("low_latency_dispatch"));
     simt::ConcurrentLaunch send_launch(cluster.options("low_latency_dispatch_send"));
@@ -503,7 +458,7 @@ std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector
       for (int64_t e : inputs[s].topk) expected += e >= 0 ? uint64_t(state.format.used_bytes()) : 0;
       expected += uint64_t(shape.num_experts()) * 4;
     }
-    CHECK_EQ(cluster.take_bytes(), expected);
+    CHECK_EQ(cluster.link_bytes.take_total(), expected);
   }
   state.check_dispatch(cluster);
   state.make_expert_outputs(cluster);
@@ -521,7 +476,7 @@ std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector
     uint64_t rows = 0;
     for (int d = 0; d < R; ++d)
       for (int j = 0; j < L; ++j) rows += uint64_t(state.ref.recv_count[d][j]);
-    CHECK_EQ(cluster.take_bytes(), rows * uint64_t(shape.hidden) * 2);
+    CHECK_EQ(cluster.link_bytes.take_total(), rows * uint64_t(shape.hidden) * 2);
   }
   state.check_combine(cluster);
   return state.out;
@@ -588,20 +543,16 @@ EPCOMM_TEST(low_latency_overlapping_slots) {
   std::vector<RankInput> const a = make_inputs(shape, 801), b = make_inputs(shape, 802);
   CallState first(cluster, {0, 1, {true, true, false}, false}, a, 801);
   CallState second(cluster, {1, 1, {}, true}, b, 802);
-  int const R = shape.num_ranks;
-  auto const launch_all = [&](char const* name, auto&& add) {
-    simt::ConcurrentLaunch launch(cluster.options(name));
-    for (int r = 0; r < R; ++r) add(launch, r);
-    cluster.run(launch);
-  };
-  launch_all("send_a", [&](simt::ConcurrentLaunch& l, int r) { first.add_dispatch_send(l, cluster, r); });
-  launch_all("recv_a_send_b", [&](simt::ConcurrentLaunch& l, int r) {
+  cluster.run_on_every_rank("send_a", [&](simt::ConcurrentLaunch& l, int r) {
+    first.add_dispatch_send(l, cluster, r);
+  });
+  cluster.run_on_every_rank("recv_a_send_b", [&](simt::ConcurrentLaunch& l, int r) {
     first.add_dispatch_recv(l, cluster, r);
     second.add_dispatch_send(l, cluster, r);
   });
   first.check_dispatch(cluster);
   first.make_expert_outputs(cluster);
-  launch_all("recv_b_combine_a", [&](simt::ConcurrentLaunch& l, int r) {
+  cluster.run_on_every_rank("recv_b_combine_a", [&](simt::ConcurrentLaunch& l, int r) {
     second.add_dispatch_recv(l, cluster, r);
     first.add_combine_send(l, cluster, r);
     first.add_combine_recv(l, cluster, r);
@@ -609,7 +560,7 @@ EPCOMM_TEST(low_latency_overlapping_slots) {
   second.check_dispatch(cluster);
   first.check_combine(cluster);
   second.make_expert_outputs(cluster);
-  launch_all("combine_b", [&](simt::ConcurrentLaunch& l, int r) {
+  cluster.run_on_every_rank("combine_b", [&](simt::ConcurrentLaunch& l, int r) {
     second.add_combine_send(l, cluster, r);
     second.add_combine_recv(l, cluster, r);
   });
