@@ -2,7 +2,7 @@
 
 * ``epcomm._C`` (g++, always built): the cpu device runtime (POSIX shared memory) with the SIMT
   layer, so kernels run on the CPU.
-* ``epcomm._C_cuda`` (nvcc, sm_90): the cuda device runtime; built whenever nvcc is found.
+* ``epcomm._C_cuda`` (nvcc, sm_90 + sm_100, PTX for newer): the cuda device runtime; built whenever nvcc is found.
   ``EPCOMM_BUILD_CUDA=0`` skips it, ``EPCOMM_BUILD_CUDA=1`` makes a missing nvcc an error.
 
 Install with ``pip install --no-build-isolation -e .`` (an isolated build environment has no
@@ -88,8 +88,10 @@ def _extensions() -> tuple[list, dict]:
                 include_dirs=[str(CSRC)],
                 extra_compile_args={
                     "cxx": [*common, "-DEPCOMM_WITH_CUDA_RUNTIME=1"],
-                    # our own -gencode replaces torch's arch flags: sm_90 (H100/H200)
-                    "nvcc": ["-std=c++20", "-O2", "-gencode=arch=compute_90,code=sm_90"],
+                    # our own -gencode replaces torch's arch flags: sm_90 (H100/H200), sm_100 (B200/GB200),
+                    # and compute_100 PTX that newer GPUs JIT-compile (csrc check: both targets spill-free)
+                    "nvcc": ["-std=c++20", "-O2", "-gencode=arch=compute_90,code=sm_90",
+                             "-gencode=arch=compute_100,code=sm_100", "-gencode=arch=compute_100,code=compute_100"],
                 },
                 extra_link_args=[f"-Wl,-rpath,{lib64}"],
             )

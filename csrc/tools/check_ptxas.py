@@ -9,6 +9,7 @@ import sys
 ENTRY = re.compile(r"Function properties for (\S+)")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGISTERS = re.compile(r"Used (\d+) registers")
+TARGET = re.compile(r"Compiling entry function '\S+' for '(sm_\d+a?)'")
 
 
 def parse(text):
@@ -29,7 +30,9 @@ def main(argv):
     log = argv[1]
     expected = argv[argv.index("--expect") + 1:] if "--expect" in argv else []
     with open(log) as source:
-        kernels = parse(source.read())
+        text = source.read()
+    kernels = parse(text)
+    targets = ", ".join(sorted(set(TARGET.findall(text)))) or "target not in the log"
     failures = []
     for name, info in kernels.items():
         short = re.sub(r"^_ZN6epcomm7kernels\d+", "", name)
@@ -43,7 +46,7 @@ def main(argv):
     for failure in failures:
         print("[FAIL]", failure)
     if not failures:
-        print(f"[ OK ] {len(kernels)} kernels (sm_90): no spills, no stack frame")
+        print(f"[ OK ] {len(kernels)} kernels ({targets}): no spills, no stack frame")
     return 1 if failures else 0
 
 

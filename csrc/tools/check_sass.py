@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Checks the SASS (sm_90) of the communication kernels: the memory-ordering helpers lower as intended.
+"""Checks the SASS (sm_90, sm_100) of the communication kernels: the memory-ordering helpers lower as intended.
 
 PTX states what was asked for; ptxas decides what runs. This reads the machine code of an object built
-with `nvcc -arch=sm_90 -lineinfo` (cuobjdump extracts the cubin, `nvdisasm -gi` prints it with line info)
+with `nvcc -arch=sm_90 -lineinfo` or sm_100 (cuobjdump extracts the cubin, `nvdisasm -gi` prints it with line info)
 and attributes every instruction to the helper of common/ptx.cuh it came from (the innermost line-info
 frame in that header; each helper is one macro invocation or one function there). It then requires:
 
@@ -27,7 +27,8 @@ Measured lowering of every helper (nvcc 13.0, sm_90; tests/ptx_check.cu): acquir
 CCTL.IVALL, acquire.gpu = LDG.E.STRONG.GPU + CCTL.IVALL, relaxed.sys and volatile = LDG.E.STRONG.SYS,
 ld.global.nc = LDG.E.CONSTANT, release.sys = MEMBAR.ALL.SYS + ERRBAR + CGAERRBAR + STG.E.STRONG.SYS,
 atom.release.sys.add = the same fence + ATOMG/REDG.E.ADD.STRONG.SYS, fence.acq_rel.sys = MEMBAR.ALL.SYS +
-ERRBAR + CGAERRBAR + CCTL.IVALL.
+ERRBAR + CGAERRBAR + CCTL.IVALL. sm_100 (nvcc 13.0) lowers the kernels' acquires and releases the same way:
+the same checks pass on its cubins unchanged.
 
 It also counts, per kernel, 128-bit global/generic loads and stores (`LD[G].E.128`, `ST[G].E.128`) and
 prints them. Not enforced: the intranode/internode copy loops move 4-byte words today; once the copies
@@ -108,7 +109,7 @@ def helper_lines(header):
 
 
 def disassemble(obj):
-    """nvdisasm -gi text of every cubin in OBJ."""
+    """(nvdisasm -gi text of every cubin in OBJ, their targets: "sm_90", ... from cuobjdump's file names)."""
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run([find_tool("cuobjdump"), "-xelf", "all", os.path.abspath(obj)], cwd=scratch, check=True,
                        stdout=subprocess.DEVNULL)
@@ -116,8 +117,9 @@ def disassemble(obj):
         if not cubins:
             sys.exit(f"[FAIL] {obj}: no cubin inside")
         nvdisasm = find_tool("nvdisasm")
+        targets = sorted({match.group(0) for cubin in cubins if (match := re.search(r"sm_\d+a?", cubin))})
         return "\n".join(subprocess.run([nvdisasm, "-c", "-gi", cubin], check=True, capture_output=True,
-                                        text=True).stdout for cubin in cubins)
+                                        text=True).stdout for cubin in cubins), targets
 
 
 def parse(text, header, lines):
@@ -187,7 +189,8 @@ def main(argv):
     args = parser.parse_args(argv[1:])
     obj, header = args.object, args.header
     lines = helper_lines(header)
-    kernels = parse(disassemble(obj), header, lines)
+    sass, targets = disassemble(obj)
+    kernels = parse(sass, header, lines)
     failures, seen = [], set()
     if not any(helper for instructions in kernels.values() for _, helper in instructions):
         failures.append(f"{obj}: no instruction attributed to {header}: was it compiled with -lineinfo?")
@@ -208,7 +211,7 @@ def main(argv):
     for failure in failures:
         print("[FAIL]", failure)
     if not failures:
-        print(f"[ OK ] SASS (sm_90) of {os.path.basename(obj)}: {len(kernels)} kernels; acquires are strong "
+        print(f"[ OK ] SASS ({', '.join(targets)}) of {os.path.basename(obj)}: {len(kernels)} kernels; acquires are strong "
               "sys loads + CCTL.IVALL, releases MEMBAR.ALL.SYS + strong sys writes, no .CONSTANT loads, no spills")
     return 1 if failures else 0
 
