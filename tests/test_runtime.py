@@ -308,7 +308,7 @@ def test_runtime_rejects_misuse():
     with pytest.raises(TypeError, match="NotifyParams has no field 'epcoh'"):
         ext.NotifyParams(**barrier, epcoh=1)
     with pytest.raises(TypeError):  # a spec of the other path: no kernel takes this pair
-        runtime.run(spec, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None), 1.0)
+        runtime.run(spec, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None, reset_signals=False), 1.0)
     with pytest.raises(ValueError, match="epcomm intranode_notify: the kernels need a .*-byte NVL buffer, "
                                          "this one has 4096 bytes"):
         runtime.run(spec, ext.NotifyParams(**barrier), 1.0)
@@ -320,7 +320,7 @@ def test_runtime_rejects_misuse():
     internode = ext.InternodeSpec(config=ext.InternodeConfig(nvl=config, rdma_chunk_tokens=2, rdma_ring_tokens=8),
                                   workspace=rdma, nvl_max_row_bytes=64, rdma_offset=4096)
     with pytest.raises(ValueError, match="spec.workspace has 2 nodes x 1 ranks but the runtime has 1 ranks"):
-        runtime.run(internode, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None), 1.0)
+        runtime.run(internode, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None, reset_signals=False), 1.0)
     # sizing refuses what the kernels would refuse, naming the rule
     bad = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=8, nvl_ring_tokens=4)
     with pytest.raises(ValueError, match="intranode kernels: nvl_ring_tokens must be >= nvl_chunk_send_tokens"):

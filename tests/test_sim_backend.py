@@ -209,6 +209,40 @@ def test_sim_runs_the_callers_config(pools):
         assert channels == 3
 
 
+def rounds_across_layouts(rank, world, configs):
+    """2 nodes x 2: one checked dispatch + cached dispatch + combine per config, each config another
+    buffer layout (channels, rings), so every change re-lays the buffers out."""
+    from cases import check_round
+
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=2, max_nodes_per_token=2, timeout_s=60)
+    case = Case(num_nodes=2, nvl=2, tokens=(30, 3, 0, 27), hidden=256, topk=4, max_nodes=2, seed=21)
+    backend, resets = buf._impl, []
+    relayout = backend._relayout
+    backend._relayout = lambda op, num_bytes: (resets.append(backend.path.transport_signals), relayout(op, num_bytes))
+    for kwargs in configs:
+        config = epcomm.Config(**kwargs) if kwargs is not None else None
+        inputs = make_input(case, rank)
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inputs.topk_idx, case.num_experts)
+        buf.dispatch(inputs.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                     num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx, config=config)  # lays out
+        check_round(buf, case, rank, world)  # the default layout again: checked against the reference
+    return resets
+
+
+def test_relayout_across_nodes_resets_transport_signals(pools):
+    """A re-layout across nodes starts with a notify in the old layout that waits for every add still due
+    to this rank's transport signals (ring credits: each signal must reach the count its owner saved) and
+    zeroes them (csrc/kernels/internode_notify.cuh, step 5): a wrong expectation would time out here, and
+    stale signals would break the next layout's barrier and rings (checked against the reference)."""
+    small_rings = dict(num_sms=6, num_max_nvl_chunked_send_tokens=2, num_max_nvl_chunked_recv_tokens=3,
+                       num_max_rdma_chunked_send_tokens=2, num_max_rdma_chunked_recv_tokens=4)
+    configs = [None, small_rings, dict(num_sms=8), small_rings]
+    for resets in pools(4).run(rounds_across_layouts, configs):
+        # default -> small -> default -> 8 SMs -> default -> small -> default; a layout that needs larger
+        # buffers gets new ones instead (their signals start at 0)
+        assert len(resets) >= 4 and all(resets), resets
+
+
 def bad_kernel_config(rank, world):
     buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=world, timeout_s=60)
     x = torch.zeros(4, 256, dtype=torch.bfloat16)

@@ -57,6 +57,8 @@ enum class Role : int32_t {
   kLlSliceReceiver = 15,   // dispatch receive: waits for (expert, source) slices of every source <= its own
   kLlCombineSender = 16,   // combine send: checks its layout_range slice (kBadInput), puts rows back
   kLlReducer = 17,         // combine receive: waits for the rows of every expert of its token
+  kSignalReset = 18,       // internode re-layout: waits for the adds still due to one of its signals (channel and
+                           // peer of a ring signal; peer = source of a barrier signal)
 };
 
 inline constexpr int32_t kErrorSlotClaimed = -1;  // `code` while the first failing thread fills the slot
@@ -121,6 +123,7 @@ inline char const* role_name(int32_t role) {
     case Role::kLlSliceReceiver: return "ll_slice_receiver";
     case Role::kLlCombineSender: return "ll_combine_sender";
     case Role::kLlReducer: return "ll_reducer";
+    case Role::kSignalReset: return "signal_reset";
   }
   return "unknown";
 }

@@ -78,7 +78,10 @@ inline NvlWorkspaceShape internode_nvl_shape(InternodeSpec const& spec) {
 #define EPCOMM_INTERNODE_NOTIFY_FIELDS(F) \
   EPCOMM_NOTIFY_FIELDS(F)                 \
   F(int32_t*, forward_channel_prefix_matrix, nullptr, \
-    "[NN, C + 1] out: this rank as forwarder: first forwarded row of (source node m, channel c); [m][C] = end of m")
+    "[NN, C + 1] out: this rank as forwarder: first forwarded row of (source node m, channel c); [m][C] = end of m") \
+  F(bool, reset_signals, false, \
+    "re-layout: after the barrier, wait for the adds still due to this rank's transport signals, then zero them " \
+    "and their bases (internode_notify.cuh); the caller meets every rank before the next kernel")
 struct InternodeNotifyParams {
   using Spec = InternodeSpec;
   static constexpr char const* kName = "internode_notify";

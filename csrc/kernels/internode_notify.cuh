@@ -16,6 +16,8 @@
 //   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix,
 //      forward_channel_prefix_matrix and num_recv_tokens_per_expert; (call check) compare every
 //      source's header into call_agreed.
+//   5. (reset_signals, re-layout) zero this rank's transport signals and their bases, once the
+//      adds still due to them have landed (internode_reset_own_signals).
 // Counts and headers are double-buffered by epoch parity (a peer is at most one barrier ahead).
 
 #include "../common/compat.cuh"
@@ -185,6 +187,42 @@ EPCOMM_DEVICE void internode_build_prefixes(InternodeNotifyArgs<Transport> const
                     args.num_recv_tokens_per_expert);
 }
 
+// Step 5. Signals count of all time and may outlive the buffer's contents (GIN keeps them in the
+// communicator, where zeroing the buffer does not reach), while a new layout starts its epochs and
+// ring bases at 0 and moves the ring signals' indices with the channel count. So a re-layout zeroes
+// every signal of this rank explicitly. The barrier just passed means no rank still runs a kernel of
+// the old layout, but adds a network transport delivers after the issuing kernel ended may still be
+// on their way (the last ring credits). Each signal is first waited up to the value its owner knows
+// it ends at: barrier[s] = epoch for a source on another node (one add per notify; same-node
+// sources meet in NVL memory: 0), a ring signal its base (the rows of all time the kernels counted),
+// the abort signal 0 (a raised one was reported by the watcher; it is cleared with the rest).
+template <class Transport>
+EPCOMM_DEVICE void internode_reset_own_signals(InternodeNotifyArgs<Transport> const& args) {
+  InternodeComm<Transport> const& comm = args.comm;
+  RdmaWorkspace const& rdma = comm.rdma_workspace;
+  char* const local = comm.transport.local_buffer();
+  for (int signal = int(threadIdx.x); signal < rdma.num_signals(); signal += int(blockDim.x)) {
+    bool const barrier = signal < comm.num_ranks;
+    // whom the wait is on (for the error): a barrier signal's source; a ring signal's (kind, channel, node)
+    // peer is that node's rank with this local index
+    int const ring = signal - comm.num_ranks, num_nodes = comm.num_nodes();
+    int const channel = barrier || signal == rdma.abort_signal() ? -1 : (ring / num_nodes) % rdma.num_channels;
+    int const peer = barrier ? signal : channel < 0 ? -1 : (ring % num_nodes) * comm.num_nvl_ranks + comm.local_rank();
+    uint64_t expected = 0;
+    if (barrier)
+      expected = signal / comm.num_nvl_ranks == comm.node() ? 0 : uint64_t(args.epoch);
+    else if (signal != rdma.abort_signal())
+      expected = *rdma.signal_base(local, signal);
+    WaitContext const context =
+        internode_wait_context(comm, KernelId::kInternodeNotify, Role::kSignalReset, channel, peer);
+    if (!wait_at_least(context, int64_t(expected), [&] { return int64_t(comm.transport.read_signal(signal)); },
+                       nullptr))
+      continue;  // reported (timeout naming the signal's peer, or an abort); the buffers are then broken
+    comm.transport.reset_signal(signal);
+    *rdma.signal_base(local, signal) = 0;
+  }
+}
+
 template <class Transport>
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) internode_notify_kernel(InternodeNotifyArgs<Transport> args) {
   InternodeComm<Transport> const& comm = args.comm;
@@ -207,6 +245,7 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) i
         return internode_received_call_header(comm, parity, src);
       });
     if (args.exchange_counts) internode_build_prefixes(args, parity);
+    if (args.reset_signals) internode_reset_own_signals(args);
   }
   internode_warp_finished(comm);
 }

@@ -118,8 +118,23 @@ struct Cluster : test::InProcessRanks {
   test::LinkByteCounters link_bytes;
   int64_t epoch = 0;
 
+  size_t nvl_bytes = 0, rdma_bytes = 0;  // allocated per rank
+
   Cluster(Shape const& s, std::optional<uint64_t> seed)
-      : InProcessRanks("internode", s.num_ranks(), seed), shape(s), link_bytes(s.num_ranks()) {
+      : InProcessRanks("internode", s.num_ranks(), seed), link_bytes(s.num_ranks()) {
+    lay_out(s);
+    nvl_bytes = nvl_workspace.required_bytes();
+    rdma_bytes = rdma_workspace.required_bytes();
+    node_nvl_buffers.assign(s.num_nodes, {});
+    for (int r = 0; r < s.num_ranks(); ++r) {
+      node_nvl_buffers[r / s.num_nvl_ranks].push_back(allocate(nvl_bytes));
+      rdma_buffers.push_back(allocate(rdma_bytes));
+    }
+  }
+
+  // The config and workspaces of `s` (its ranks and nodes those of the buffers, if any).
+  void lay_out(Shape const& s) {
+    shape = s;
     config.nvl = {s.num_channels, s.nvl_chunk_tokens, s.nvl_ring_tokens};
     config.rdma_chunk_tokens = s.rdma_chunk_tokens;
     config.rdma_ring_tokens = s.rdma_ring_tokens;
@@ -130,11 +145,6 @@ struct Cluster : test::InProcessRanks {
                                            dispatch_row,  s.hidden,        s.max_nodes_per_token};
     if (char const* problem = kernels::validate_rdma_shape(rdma_shape, config)) throw test::CheckFailure(problem);
     rdma_workspace = kernels::RdmaWorkspace(rdma_shape, config);
-    node_nvl_buffers.assign(s.num_nodes, {});
-    for (int r = 0; r < s.num_ranks(); ++r) {
-      node_nvl_buffers[r / s.num_nvl_ranks].push_back(allocate(nvl_workspace.required_bytes()));
-      rdma_buffers.push_back(allocate(rdma_workspace.required_bytes()));
-    }
   }
 
   kernels::ShmInternodeComm comm(int rank) {
@@ -424,6 +434,84 @@ EPCOMM_TEST(internode_call_check) {
     test::check_call_verdicts(nodes * nvl_ranks, [&](auto const& flags, auto const& digests) {
       return run_call_check(cluster, flags, digests);
     });
+  }
+}
+
+// ---- re-layout with signals that outlive the buffers (NCCL GIN keeps them in the communicator) ----
+
+// A re-layout as the kernel backends do it (SimDispatchBackend._relayout), on a transport whose signals
+// survive the zeroing of the buffers: with `reset`, a notify in the current layout zeroes every rank's
+// signals once the adds due to them have landed (reset_signals); then every buffer is zeroed except the
+// signal table, which sits at the start of the RDMA buffer in every layout (as GIN keeps its own), the
+// buffers are laid out for `next` (no larger than they are) and epochs restart at 0.
+void relayout(Cluster& cluster, Shape const& next, bool reset) {
+  if (reset) {
+    ++cluster.epoch;
+    cluster.run_on_every_rank("internode_notify_reset_signals", [&](simt::ConcurrentLaunch& launch, int r) {
+      kernels::InternodeNotifyArgs<ShmTransport> args;
+      args.comm = cluster.comm(r);
+      args.epoch = cluster.epoch;
+      args.reset_signals = true;
+      kernels::add_internode_notify(launch, args);
+    });
+  }
+  size_t const table_end = cluster.rdma_workspace.signal_bases_offset;  // signals: [0, table_end)
+  for (auto& node : cluster.node_nvl_buffers)
+    for (void* buffer : node) std::memset(buffer, 0, cluster.nvl_bytes);
+  for (char* buffer : cluster.rdma_buffers) std::memset(buffer + table_end, 0, cluster.rdma_bytes - table_end);
+  cluster.lay_out(next);
+  CHECK(cluster.nvl_workspace.required_bytes() <= cluster.nvl_bytes);
+  CHECK(cluster.rdma_workspace.required_bytes() <= cluster.rdma_bytes);
+  CHECK_EQ(cluster.rdma_workspace.signals_offset, size_t(0));
+  cluster.epoch = 0;
+}
+
+uint64_t const* signal_table(Cluster const& cluster, int rank) {
+  return reinterpret_cast<uint64_t const*>(cluster.rdma_buffers[size_t(rank)] + cluster.rdma_workspace.signals_offset);
+}
+
+// Rounds in one layout, a re-layout to fewer channels and a shorter network ring (ring signals move to
+// other indices), rounds again: every round checked against the host reference; after the reset every
+// signal of every rank is 0.
+EPCOMM_TEST(internode_relayout_resets_persistent_signals) {
+  Shape wide{2, 2, 3, 4, 2, 5, 2, token_counts(4, kTokens, 5), 128, false, 4, 2, 2, 1, 41};
+  Shape narrow = wide;
+  narrow.num_channels = 2;
+  narrow.rdma_ring_tokens = 4;
+  Cluster cluster(wide, std::nullopt);
+  run_round(cluster, 1);
+  run_round(cluster, 2);
+  int const old_signals = cluster.rdma_workspace.num_signals();
+  relayout(cluster, narrow, /*reset=*/true);
+  for (int r = 0; r < wide.num_ranks(); ++r)
+    for (int i = 0; i < old_signals; ++i) CHECK_EQ(signal_table(cluster, r)[i], uint64_t(0));
+  run_round(cluster, 3);
+  run_round(cluster, 4);
+}
+
+// What the reset prevents: after a re-layout without it, a rank's first notify passes its barrier on
+// the stale signals of the old layout, alone (rank 1, on the other node, never launches); after one
+// with it, the same notify waits for rank 1 and times out naming it.
+EPCOMM_TEST(internode_relayout_without_reset_passes_a_barrier_alone) {
+  Shape wide{2, 1, 3, 4, 2, 5, 2, {6, 6}, 128, false, 2, 2, 1, 1, 43};
+  Shape narrow = wide;
+  narrow.num_channels = 2;
+  for (bool reset : {false, true}) {
+    Cluster cluster(wide, std::nullopt);
+    run_round(cluster, 5);
+    relayout(cluster, narrow, reset);
+    kernels::InternodeNotifyArgs<ShmTransport> args;
+    args.comm = cluster.comm(0);
+    args.epoch = 1;
+    if (reset) {
+      CHECK_CONTAINS(cluster.run_alone_until_timeout("internode_notify_after_reset", args, kernels::add_internode_notify),
+                     "role=internode_notify_barrier channel=-1 peer=1 expected=1 observed=0");
+    } else {
+      simt::ConcurrentLaunch launch(cluster.options("internode_notify_on_stale_signals"));
+      kernels::add_internode_notify(launch, args);
+      CHECK(launch.try_run().ok());
+      CHECK_EQ(cluster.errors[0].code, 0);  // passed without rank 1
+    }
   }
 }
 

@@ -32,6 +32,8 @@
 //   read_signal ncclGin::readSignal(id, 64, memory_order_acquire) (gin.h:343-345): an acquire
 //               load through cuda::atomic_ref<uint64_t>, whose default scope is system (see
 //               read_signal below), so no extra fence.
+//   reset_signal ncclGin::resetSignal(id): "Sets signal and shadow to zero. May not race with
+//               concurrent modifcations to signal." (gin.h:376-377); the caller guarantees that.
 //   flush       ncclGin::flush(ncclCoopWarp, memory_order_acquire): "All source buffers from
 //               put's from any thread in this coop will be safe to reuse" (gin.h:310-311).
 //               It does not make data visible at the peer; the signals do that.
@@ -115,6 +117,8 @@ struct GinTransport {
   EPCOMM_DEVICE void flush(WarpCoop /*warp: ncclCoopWarp*/) const {
     gin().flush(ncclCoopWarp{}, cuda::memory_order_acquire);
   }
+
+  EPCOMM_DEVICE void reset_signal(int signal) const { gin().resetSignal(signal_id(signal)); }
 
   // internal:
   // A fresh ncclGin per call: it is a few loads from *dev_comm and holds a reference, so it

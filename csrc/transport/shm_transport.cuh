@@ -11,6 +11,7 @@
 //   signal_add:  __syncwarp, then lane 0's release fetch-add.
 //   read_signal: acquire load of this rank's signal.
 //   flush:       a __syncwarp (copies are synchronous: the source is free at once).
+//   reset_signal: a relaxed store of 0 into this rank's signal (the ranks meet before any new add).
 //
 // Byte counting: when `counters` is set (uint64 [kNumLinkClasses], this rank's),
 // lane 0 adds every put's byte count to counters[link class] with a relaxed
@@ -60,6 +61,8 @@ struct ShmTransport {
   EPCOMM_DEVICE void flush(WarpCoop /*warp: puts are synchronous copies*/) const {
     ptx::syncwarp();
   }
+
+  EPCOMM_DEVICE void reset_signal(int signal) const { ptx::st_relaxed_sys_global(signal_ptr(rank_, signal), uint64_t(0)); }
 
  private:
   EPCOMM_DEVICE uint64_t* signal_ptr(int peer, int signal) const {

@@ -2,8 +2,8 @@
 // The device-side transport between nodes: the only way the internode kernels
 // move bytes over the network (they never call an RDMA library directly).
 //
-// Changes since the first version (members unchanged): put_signal now states that the
-// caller orders its lanes' writes of the source bytes before the call.
+// Changes since the first version: put_signal now states that the caller orders its lanes'
+// writes of the source bytes before the call; reset_signal was added (re-layout).
 //
 // Model. Every rank owns a symmetric "RDMA buffer": the same size on every
 // rank, so an offset names the same place everywhere. Each rank also owns
@@ -35,6 +35,11 @@
 //       A sync point on the CPU target, so it may be polled (see wait_at_least).
 //   void flush(WarpCoop warp) const;
 //       Warp-collective: every put this warp issued has left its source buffer.
+//   void reset_signal(int signal) const;
+//       Sets this rank's signal to 0. No add to it may be in flight or come before the ranks
+//       meet again (the caller makes sure: internode_notify with reset_signals). Signals may
+//       outlive the RDMA buffer's contents (GIN keeps them in the communicator), so a re-layout
+//       resets them explicitly instead of relying on the buffer being zeroed.
 //
 // Counting: implementations that can (the CPU one) count the bytes of every put
 // by link class (network: peer on another node; nvlink: same node, other rank;
@@ -68,6 +73,7 @@ concept DeviceTransport = std::is_trivially_copyable_v<T> && requires(T const t,
   t.signal_add(w, i, i, u);
   { t.read_signal(i) } -> std::same_as<uint64_t>;
   t.flush(w);
+  t.reset_signal(i);
 };
 
 enum class LinkClass : int { kSelf = 0, kNvlink = 1, kNetwork = 2 };

@@ -125,6 +125,9 @@ class _KernelPath:
     notify_type: str
     dispatch_type: str
     combine_type: str
+    # whether the path's kernels count on transport signals (network), which survive a re-layout on
+    # some transports (GIN) and are then reset by a notify with reset_signals
+    transport_signals = False
 
     def __init__(self, ext: ModuleType, topo: Topology) -> None:
         self.ext, self.topo = ext, topo
@@ -171,14 +174,18 @@ class _KernelPath:
 
     def notify_params(self, epoch: int, in_rank: torch.Tensor | None = None, num_tokens: int = 0,
                       outputs: NotifyOutputs | None = None, call: tuple[int, int, torch.Tensor] | None = None,
-                      experts: ExpertCounts | None = None):
+                      experts: ExpertCounts | None = None, reset_signals: bool = False):
         """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier; with
         ``experts`` (and ``outputs.expert_counts``) also the per-expert counts. With ``call = (digest, flags,
         agreed)`` it also checks that every rank runs the call ``digest`` and accepts it (flags 0), writing
-        the verdict, the same on every rank, into ``agreed`` (kernels/call_check.cuh)."""
+        the verdict, the same on every rank, into ``agreed`` (kernels/call_check.cuh). ``reset_signals``
+        (paths with :attr:`transport_signals`, at a re-layout): after its barrier it zeroes this rank's
+        transport signals once the adds still due to them have landed."""
         fields = _notify_fields(epoch, in_rank, num_tokens, outputs, call, experts)
         forward_prefix = outputs.forward_prefix if outputs is not None else None
-        return getattr(self.ext, self.notify_type)(**fields, **self._extra_notify(forward_prefix))
+        if reset_signals and not self.transport_signals:
+            raise ValueError(f"the {self.prefix} kernels have no transport signals to reset")
+        return getattr(self.ext, self.notify_type)(**fields, **self._extra_notify(forward_prefix, reset_signals))
 
     def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict):
         return getattr(self.ext, self.dispatch_type)(**_dispatch_fields(plan, t, recv), **self._extra(plan, counters))
@@ -189,7 +196,7 @@ class _KernelPath:
         return getattr(self.ext, self.combine_type)(**fields, **self._extra(plan, counters),
                                                     **self._extra_combine(x, node_partial_dtype))
 
-    def _extra_notify(self, forward_prefix) -> dict:
+    def _extra_notify(self, forward_prefix, reset_signals: bool) -> dict:
         return {}
 
     def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None) -> dict:
@@ -266,6 +273,7 @@ class InternodePath(_KernelPath):
     default_kernel = (2, 6, 32, 4, 16)
     notify_type, dispatch_type, combine_type = ("InternodeNotifyParams", "InternodeDispatchParams",
                                                 "InternodeCombineParams")
+    transport_signals = True
 
     def __init__(self, ext: ModuleType, topo: Topology, max_nodes_per_token: int,
                  node_partials: str = "rows_dtype") -> None:
@@ -350,8 +358,8 @@ class InternodePath(_KernelPath):
     def _forward_prefix(self, num_channels: int, device) -> torch.Tensor:
         return torch.zeros(self.topo.num_nodes, num_channels + 1, dtype=torch.int32, device=device)
 
-    def _extra_notify(self, forward_prefix) -> dict:
-        return dict(forward_channel_prefix_matrix=_data_ptr(forward_prefix))
+    def _extra_notify(self, forward_prefix, reset_signals: bool) -> dict:
+        return dict(forward_channel_prefix_matrix=_data_ptr(forward_prefix), reset_signals=reset_signals)
 
     def _extra(self, plan, counters: torch.Tensor | None) -> dict:
         return dict(forward_channel_prefix_matrix=_data_ptr(plan.forward_channel_prefix),

@@ -435,10 +435,9 @@ class SimDispatchBackend(DispatchBackend):
         """Buffers that hold ``spec``'s workspace, in a state the kernels expect; collective (every rank
         calls it with the same spec).
 
-        New (zeroed) buffers when the current ones are too small. When only the layout changed, the
+        New (zeroed) buffers when the current ones are too small; when only the layout changed, the
         regions move (the RDMA region starts after the NVL one; barrier signals and ring signals
-        persist across calls), so every rank waits for the others to leave the old layout, zeroes its
-        buffer and starts counting epochs again, and all meet once more before anyone signals a peer.
+        persist across calls), so the buffers are re-laid out (:meth:`_relayout`).
         """
         need = self.required_bytes(spec)
         if self._device_runtime is None or self._device_runtime.num_nvl_bytes < need:
@@ -451,12 +450,26 @@ class SimDispatchBackend(DispatchBackend):
             self._device_runtime = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
             self._epoch = 0
         elif self._last_spec is not None and spec != self._last_spec:
-            self._device_runtime.barrier(op=op)
-            self._device_runtime.runtime.zero(0, self._device_runtime.num_nvl_bytes)
-            self._epoch = 0
-            self._device_runtime.barrier(op=op)
+            self._relayout(op, self._device_runtime.num_nvl_bytes)
         self._last_spec = spec
         return self._device_runtime
+
+    def _relayout(self, op: str, num_bytes: int) -> None:
+        """Every rank leaves the current layout, zeroes its first ``num_bytes`` and counts epochs from 0
+        again; all meet once more before anyone signals a peer. Collective.
+
+        Across nodes, leaving a normal-mode layout is a notify in it that also zeroes this rank's
+        transport signals once the adds still due to them have landed (a transport may keep signals
+        outside the buffer, where zeroing does not reach: NCCL GIN); the meeting after is a peer-memory
+        barrier, which adds to no transport signal."""
+        runtime = self._device_runtime
+        if self.path.transport_signals and hasattr(self._last_spec, "workspace"):  # not LL mode's layout
+            self._run(runtime, self._last_spec, self.path.notify_params(self._next_epoch(), reset_signals=True), op)
+        else:
+            runtime.barrier(op=op)
+        runtime.runtime.zero(0, num_bytes)
+        self._epoch = 0
+        runtime.barrier(op=op)
 
     def _call_spec(self, op: str, tensors: dict[str, torch.Tensor], plan: SimPlan | None, config: Config | None,
                    num_topk: int = 0, experts: ExpertCounts | None = None):

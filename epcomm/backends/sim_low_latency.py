@@ -111,9 +111,7 @@ class SimLowLatency:
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
             backend._epoch = 0
         else:  # reuse: the signals must start from zero on every rank before anyone signals a peer
-            runtime.barrier(op=op)
-            runtime.runtime.zero(0, need)
-            runtime.barrier(op=op)
+            backend._relayout(op, need)
         self.layout = layout
         self._dispatches, self._combines = [0, 0], [0, 0]
 
