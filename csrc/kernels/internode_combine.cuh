@@ -46,7 +46,7 @@ EPCOMM_DEVICE void combine_nvl_sender(InternodeCombineArgs<Transport> const& arg
         args.recv_channel_prefix_matrix + int64_t(src_node * comm.num_nvl_ranks + fwd) * (num_channels + 1);
     for (int64_t row = prefix[channel]; row < prefix[channel + 1]; ++row) {
       if (!ring.reserve(context, lane)) return;
-      write_combine_slot(nvl, nvl.slot(fwd_buffer, channel, comm.local_rank(), ring.sent), args.x, args.topk_weights,
+      write_combine_slot<CopyStyle::kWordsRolled>(nvl, nvl.slot(fwd_buffer, channel, comm.local_rank(), ring.sent), args.x, args.topk_weights,
                          row, args.hidden * element_bytes(args.element_kind), args.num_topk, lane);
       ring.commit(lane);
     }

@@ -288,7 +288,7 @@ EPCOMM_DEVICE void nvl_receiver(InternodeDispatchArgs<Transport> const& args, in
         return;
       int const end = min_int(tail_value, ring_begin + num_rows);
       for (; received < end; ++received)
-        store_received_row(received_row_outputs(args), nvl, nvl.slot(own_buffer, channel, fwd, received), first_row + (received - ring_begin),
+        store_received_row<CopyStyle::kWordsRolled>(received_row_outputs(args), nvl, nvl.slot(own_buffer, channel, fwd, received), first_row + (received - ring_begin),
                            lane);
       ptx::syncwarp();
       if (lane == 0) ptx::st_release_sys_global(head, int32_t(received));

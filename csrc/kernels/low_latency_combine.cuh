@@ -38,7 +38,7 @@ EPCOMM_DEVICE void ll_combine_row_sender(LowLatencyCombineSendArgs<Transport> co
     int64_t const row = begin + position;
     size_t const staged = layout.combine_send_row(args.slot, local_expert, row);
     if (!zero_copy) {
-      ll_warp_copy16(local + staged,
+      warp_copy_vectors(local + staged,
                      static_cast<char const*>(args.x) + (int64_t(local_expert) * layout.rows_per_expert() + row) *
                                                             int64_t(layout.row_bytes()),
                      int(layout.row_bytes() / 16), lane);
@@ -96,8 +96,8 @@ EPCOMM_DEVICE void ll_reduce_elements(LowLatencyCombineRecvArgs<Transport> const
     int64_t const expert = args.topk_idx[index];
     if (expert < 0) continue;
     float const weight = args.topk_weights[index];
-    LlVec16 const values =
-        *reinterpret_cast<LlVec16 const*>(local + layout.combine_recv(args.slot, int(expert), args.slot_of[index]) +
+    Vec16 const values =
+        *reinterpret_cast<Vec16 const*>(local + layout.combine_recv(args.slot, int(expert), args.slot_of[index]) +
                                           size_t(element) * 2);
 #if EPCOMM_TARGET_CUDA
 #pragma unroll
@@ -107,13 +107,13 @@ EPCOMM_DEVICE void ll_reduce_elements(LowLatencyCombineRecvArgs<Transport> const
       acc[i] = add_rn(acc[i], mul_rn(weight, value));
     }
   }
-  LlVec16 out;
+  Vec16 out;
 #if EPCOMM_TARGET_CUDA
 #pragma unroll
 #endif
   for (int i = 0; i < 4; ++i)
     out.word[i] = uint32_t(float_to_bf16_bits(acc[2 * i])) | uint32_t(float_to_bf16_bits(acc[2 * i + 1])) << 16;
-  *reinterpret_cast<LlVec16*>(static_cast<char*>(args.out) + (int64_t(token) * layout.hidden + element) * 2) = out;
+  *reinterpret_cast<Vec16*>(static_cast<char*>(args.out) + (int64_t(token) * layout.hidden + element) * 2) = out;
 }
 
 template <class Transport>

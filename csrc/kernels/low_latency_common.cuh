@@ -1,7 +1,7 @@
 #pragma once
 // Device pieces shared by the low-latency kernels (low_latency.hpp): error reports that travel as the
-// transport's abort signal, the one wait every receive kernel uses, warp reductions, 16-byte copies,
-// and the FP8 block scale.
+// transport's abort signal, the one wait every receive kernel uses, warp reductions and the FP8 block
+// scale (16-byte copies: channel.cuh).
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
@@ -95,17 +95,6 @@ EPCOMM_DEVICE float ll_warp_max(float value, int lane) {
 EPCOMM_HOST_DEVICE float ll_max_magnitude(float a, float b) {
   float const x = bits_to_float(float_to_bits(a) & 0x7fffffffu), y = bits_to_float(float_to_bits(b) & 0x7fffffffu);
   return y > x || y != y ? y : x;
-}
-
-// 16 bytes moved as one vector (ld/st .v4 on the GPU).
-struct alignas(16) LlVec16 {
-  uint32_t word[4];
-};
-
-EPCOMM_DEVICE void ll_warp_copy16(void* dst, void const* src, int num_vectors, int lane) {
-  LlVec16* out = static_cast<LlVec16*>(dst);
-  LlVec16 const* in = static_cast<LlVec16 const*>(src);
-  for (int i = lane; i < num_vectors; i += 32) out[i] = in[i];
 }
 
 // The FP8 scale of a 1 x 128 block with max |x| = amax, as epcomm/fp8.py's per_token_cast_to_fp8 (what

@@ -78,7 +78,7 @@ EPCOMM_DEVICE void ll_quantizer(LowLatencyDispatchSendArgs<Transport> const& arg
   if (lane == 0) *reinterpret_cast<int32_t*>(message) = token;
   char* const data = message + LowLatencyLayout::kMessageHeaderBytes;
   uint16_t const* x = static_cast<uint16_t const*>(args.x) + int64_t(token) * hidden;
-  if (!args.use_fp8) return ll_warp_copy16(data, x, hidden * 2 / 16, lane);
+  if (!args.use_fp8) return warp_copy_vectors(data, x, hidden * 2 / 16, lane);
   // FP8: lane l holds elements 4l .. 4l + 3 of each 128-element block
   uint32_t* const data_words = reinterpret_cast<uint32_t*>(data);
   uint32_t* const scale_words = reinterpret_cast<uint32_t*>(data + hidden);
@@ -156,7 +156,7 @@ EPCOMM_DEVICE void ll_place_row(LowLatencyDispatchRecvArgs<Transport> const& arg
   int64_t const out_row = int64_t(local_expert) * layout.rows_per_expert() + row;
   if (lane == 0) args.src_info[out_row] = *reinterpret_cast<int32_t const*>(message);
   char const* const data = message + LowLatencyLayout::kMessageHeaderBytes;
-  ll_warp_copy16(static_cast<char*>(args.recv_x) + out_row * format.data_bytes, data, format.data_bytes / 16, lane);
+  warp_copy_vectors(static_cast<char*>(args.recv_x) + out_row * format.data_bytes, data, format.data_bytes / 16, lane);
   uint32_t const* const scales_in = reinterpret_cast<uint32_t const*>(data + format.data_bytes);
   uint32_t* const scales_out = static_cast<uint32_t*>(args.recv_x_scales);
   for (int word = lane; word < format.scale_words; word += 32)

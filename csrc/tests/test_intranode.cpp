@@ -225,6 +225,9 @@ EPCOMM_TEST(intranode_dispatch_combine_2_ranks) {
   run_shape({2, 1, 4, 2, token_counts(2, kTokens, 1), 64, false, 4, 3, 1, 2, 11});
   run_shape({2, 2, 4, 1, token_counts(2, kTokens, 2), 128, true, 2, 2, 4, 1, 12});
   run_shape({2, 4, 4, 4, token_counts(2, kTokens, 3), 32, false, 3, 4, 1, 1, 13});
+  // 68-byte rows: 4-byte aligned, not 16 (the copies take the vector path for some rows, words for the
+  // others, and a word tail after the vectors)
+  run_shape({2, 2, 4, 2, token_counts(2, kTokens, 14), 34, false, 4, 3, 1, 1, 14});
 }
 
 EPCOMM_TEST(intranode_dispatch_combine_4_ranks) {

@@ -31,11 +31,14 @@ ERRBAR + CGAERRBAR + CCTL.IVALL. sm_100 (nvcc 13.0) lowers the kernels' acquires
 the same checks pass on its cubins unchanged.
 
 It also counts, per kernel, 128-bit global/generic loads and stores (`LD[G].E.128`, `ST[G].E.128`) and
-prints them. Not enforced: the intranode/internode copy loops move 4-byte words today; once the copies
-are vectorized to 16 bytes, "the copy loops use 128-bit loads and stores" becomes a requirement here.
+prints them; --wide names kernels whose row copies must use them (kernels/channel.cuh warp_copy_words:
+16-byte vectors when both ends are aligned). The internode kernels copy 4-byte words (their 1024-thread
+blocks cap registers at 64, and the vector path spills there), so they are not named.
 
 Usage: check_sass.py OBJECT --header common/ptx.cuh [--require HELPER...] [--expect KERNEL_FRAGMENT...]
+                     [--wide KERNEL_FRAGMENT...]
   --require: helpers that must appear in the object at least once (so the check cannot pass vacuously).
+  --wide: kernels that must have at least one 128-bit load and one 128-bit store.
 Exits 1 on any failure. Tools: cuobjdump and nvdisasm from the nvidia-cuda-cuobjdump /
 nvidia-cuda-nvdisasm wheels (site-packages/nvidia/*/bin), else from PATH.
 """
@@ -186,6 +189,7 @@ def main(argv):
     parser.add_argument("--header", required=True, help="common/ptx.cuh, the helpers' source")
     parser.add_argument("--require", nargs="*", default=[], help="helpers that must appear at least once")
     parser.add_argument("--expect", nargs="*", default=[], help="kernel name fragments that must be present")
+    parser.add_argument("--wide", nargs="*", default=[], help="kernels whose copies must use 128-bit loads/stores")
     args = parser.parse_args(argv[1:])
     obj, header = args.object, args.header
     lines = helper_lines(header)
@@ -202,6 +206,8 @@ def main(argv):
               f"release {counts['release']:3d}, 128-bit ld/st {counts['wide_loads']}/{counts['wide_stores']}")
         failures += [f"{short[:56]}: {failure}" + (f" ({times} times)" if times > 1 else "")
                      for failure, times in Counter(kernel_failures).items()]
+        if any(fragment in name for fragment in args.wide) and not (counts["wide_loads"] and counts["wide_stores"]):
+            failures.append(f"{short[:56]}: no 128-bit load or store: its row copies are not vectorized")
     for helper in args.require:
         if helper not in seen:
             failures.append(f"{obj}: no instruction from {helper} (expected at least one)")

@@ -44,8 +44,9 @@ from .base import BackendOptions, CallCheck, DispatchBackend, DispatchCall, Expe
 
 __all__ = ["SimRuntime", "SimDispatchBackend", "SimPlan", "SIM_DEFAULT_CONFIG"]
 
-# The widest load the kernels make from a row (elements.cuh/ring_rows.cuh copy rows in 4-byte words);
-# vectorized 16-byte copies (issue 12, 4.) will raise it to 16.
+# The alignment the kernels need of a row: they copy 16-byte vectors where both ends of a copy are
+# 16-byte aligned and 4-byte words otherwise (kernels/channel.cuh warp_copy_words), so 4 bytes suffice;
+# 16-byte aligned rows (rows of a multiple of 16 bytes in fresh tensors) take the fast path.
 KERNEL_LOAD_BYTES = 4
 
 _TOKEN_BYTES = 12  # 24 hex digits in segment names
