@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.epcomm-installed
 RANKS ?= 8
 
-.PHONY: demo test test-python test-csrc bench venv clean
+.PHONY: demo test test-python test-csrc bench venv clean gpu-check
 
 EXT_SOURCES := $(shell find csrc/runtime csrc/bindings csrc/kernels csrc/simt csrc/common -type f 2>/dev/null)
 
@@ -34,6 +34,12 @@ test-python: $(STAMP)
 ## bench: bandwidth suite at full size (8 CPU ranks = 4 nodes x 2), JSON + plot in bench/results/
 bench: $(STAMP)
 	MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=262144 MALLOC_TRIM_THRESHOLD_=262144 $(VENV)/bin/mpiexec -n $(RANKS) $(PY) bench/bandwidth.py --backend torch --nvl-ranks 2 --tokens 4096 --hidden 7168 --topk 8 --experts 256 --routing gate --reps 3 --sweep 1024,2048 --sweep-reps 1 --json bench/results/gate_4096.json --plot bench/results/gate_4096.png
+
+## gpu-check: the first run on a GPU (README, "First run on a GPU"): the kernels on R fake ranks of one GPU
+## against host references, then, with 2+ GPUs, the multi-process suite on backend="cuda". Not part of CI.
+## Exit 0 pass, 1 a check failed, 2 could not build or run, 3 no GPU or no nvcc (one line says so).
+gpu-check:
+	@csrc/tests/gpu_check/run_gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis csrc/tests/build epcomm/*.so

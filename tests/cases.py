@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import epcomm
+from backend_selection import selected_backends
 from epcomm.reference import RankInput, reference_combine, reference_dispatch
 
 
@@ -88,8 +89,12 @@ class RankReport:
 
 def backends_for(num_nodes: int) -> list[str]:
     """The backends that run a topology of ``num_nodes`` nodes (sim: intranode kernels on one node,
-    the two-hop internode kernels on several)."""
-    return ["torch", "sim"]
+    the two-hop internode kernels on several; cuda: one node, and only when EPCOMM_TEST_BACKENDS asks
+    for it, see conftest.py)."""
+    backends = ["torch", "sim"]
+    if num_nodes == 1 and "cuda" in selected_backends():
+        backends.append("cuda")
+    return backends
 
 
 def algorithms_for(num_nodes: int, backend: str) -> list[str]:
@@ -112,10 +117,25 @@ def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 
     return report
 
 
+def _moved(value, device: torch.device):
+    """A tensor, an FP8 pair or None on ``device``."""
+    if isinstance(value, tuple):
+        return tuple(_moved(v, device) for v in value)
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def kernel_device(buf: "epcomm.Buffer") -> torch.device:
+    """Where ``buf``'s backend wants its tensors: the current GPU for cuda, the CPU otherwise."""
+    return getattr(buf._impl, "device", torch.device("cpu"))
+
+
 def check_round(buf: "epcomm.Buffer", case: Case, rank: int, world: int) -> tuple[str, dict]:
-    """One dispatch + cached dispatch + combine, checked; returns (digest of outputs, traffic)."""
+    """One dispatch + cached dispatch + combine, checked; returns (digest of outputs, traffic).
+    Inputs go to the backend's device, outputs come back to the CPU for the reference."""
     inputs = [make_input(case, r) for r in range(world)]
-    mine = inputs[rank]
+    device, cpu = kernel_device(buf), torch.device("cpu")
+    mine = RankInput(_moved(inputs[rank].x, device), _moved(inputs[rank].topk_idx, device),
+                     _moved(inputs[rank].topk_weights, device))
     refs = [reference_dispatch(inputs, case.num_experts, d) for d in range(world)]
     ref = refs[rank]
     buf.reset_traffic()
@@ -126,6 +146,8 @@ def check_round(buf: "epcomm.Buffer", case: Case, rank: int, world: int) -> tupl
         expert_alignment=case.alignment,
     )
     event.current_stream_wait()
+    recv_w_on_device = recv_w
+    recv_x, recv_idx, recv_w = _moved(recv_x, cpu), _moved(recv_idx, cpu), _moved(recv_w, cpu)
     assert same_bits(recv_x, ref.recv_x), f"rank {rank}: recv_x differs from the reference"
     assert torch.equal(recv_idx, ref.recv_topk_idx), f"rank {rank}: recv_topk_idx differs"
     assert same_bits(recv_w, ref.recv_topk_weights), f"rank {rank}: recv_topk_weights differs"
@@ -134,11 +156,12 @@ def check_round(buf: "epcomm.Buffer", case: Case, rank: int, world: int) -> tupl
     assert handle.num_recv_tokens == len(ref.sources)
 
     cached = buf.dispatch(mine.x, handle=handle)
-    assert same_bits(cached[0], ref.recv_x), f"rank {rank}: cached dispatch differs"
+    assert same_bits(_moved(cached[0], cpu), ref.recv_x), f"rank {rank}: cached dispatch differs"
     assert all(v is None for v in cached[1:5])
 
     outputs = [expert_output(r.recv_x, d) for d, r in enumerate(refs)]
-    combined, combined_w, _ = buf.combine(outputs[rank], handle, topk_weights=recv_w)
+    combined, combined_w, _ = buf.combine(_moved(outputs[rank], device), handle, topk_weights=recv_w_on_device)
+    combined, combined_w = _moved(combined, cpu), _moved(combined_w, cpu)
     sources = [r.sources for r in refs]
     want = reference_combine(sources, outputs, case.tokens[rank], rank, case.nvl, case.node_partials)
     assert same_bits(combined, want), f"rank {rank}: combined_x differs from the reference"

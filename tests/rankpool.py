@@ -33,8 +33,10 @@ class RankFailure(AssertionError):
     pass
 
 
-def _worker(rank: int, world_size: int, store_path: str, conn) -> None:
+def _worker(rank: int, world_size: int, store_path: str, conn, one_gpu_per_rank: bool = False) -> None:
     torch.set_num_threads(1)
+    if one_gpu_per_rank:
+        torch.cuda.set_device(rank)  # the cuda backend uses the current device
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
@@ -53,17 +55,19 @@ def _worker(rank: int, world_size: int, store_path: str, conn) -> None:
 
 
 class RankPool:
-    """``world_size`` forked ranks with a gloo process group."""
+    """``world_size`` forked ranks with a gloo process group. ``one_gpu_per_rank``: rank r uses GPU r,
+    and the ranks are spawned instead (a process that forked after CUDA was initialised cannot use it)."""
 
-    def __init__(self, world_size: int) -> None:
-        ctx = mp.get_context("fork")
+    def __init__(self, world_size: int, one_gpu_per_rank: bool = False) -> None:
+        ctx = mp.get_context("spawn" if one_gpu_per_rank else "fork")
         self.world_size = world_size
         self._dir = tempfile.TemporaryDirectory(prefix="epcomm-pool-")
         store_path = os.path.join(self._dir.name, "store")
         self._conns, self._procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(rank, world_size, store_path, child), daemon=True)
+            proc = ctx.Process(target=_worker, args=(rank, world_size, store_path, child, one_gpu_per_rank),
+                               daemon=True)
             proc.start()
             self._conns.append(parent)
             self._procs.append(proc)

@@ -182,6 +182,8 @@ int cuda_launch_internode_dispatch(InternodeDispatchArgs<transport::ShmTransport
                                    CoResidency* refused = nullptr);
 int cuda_launch_internode_combine(InternodeCombineArgs<transport::ShmTransport> const& args, void* stream,
                                   CoResidency* refused = nullptr);
+// As cuda_intranode_blocks_per_sm (intranode.hpp), for the internode dispatch and combine kernels over ShmTransport.
+int cuda_internode_blocks_per_sm(int threads_per_block, int* blocks_per_sm);
 
 }  // namespace epcomm::kernels
 

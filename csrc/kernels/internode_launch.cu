@@ -49,4 +49,15 @@ int cuda_launch_internode_combine(InternodeCombineArgs<ShmTransport> const& args
   return int(cudaGetLastError());
 }
 
+int cuda_internode_blocks_per_sm(int threads_per_block, int* blocks_per_sm) {
+  int dispatch = 0, combine = 0;
+  cudaError_t error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &dispatch, internode_dispatch_kernel<ShmTransport>, threads_per_block, 0);
+  if (error == cudaSuccess)
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&combine, internode_combine_kernel<ShmTransport>,
+                                                          threads_per_block, 0);
+  *blocks_per_sm = dispatch < combine ? dispatch : combine;
+  return int(error);
+}
+
 }  // namespace epcomm::kernels

@@ -177,6 +177,10 @@ int cuda_launch_intranode_dispatch(IntranodeDispatchArgs const& args, void* stre
                                    CoResidency* refused = nullptr);
 int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream,
                                   CoResidency* refused = nullptr);
+// Blocks of the dispatch and of the combine kernel (the smaller count) one SM holds at `threads_per_block`,
+// as the occupancy API answers for an idle device; a cudaError_t. For callers that run several grids of
+// these kernels at once on one GPU (make gpu-check's fake ranks), which the per-grid check cannot see.
+int cuda_intranode_blocks_per_sm(int threads_per_block, int* blocks_per_sm);
 
 }  // namespace epcomm::kernels
 

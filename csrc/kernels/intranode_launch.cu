@@ -46,4 +46,14 @@ int cuda_launch_intranode_combine(IntranodeCombineArgs const& args, void* stream
   return int(cudaGetLastError());
 }
 
+int cuda_intranode_blocks_per_sm(int threads_per_block, int* blocks_per_sm) {
+  int dispatch = 0, combine = 0;
+  cudaError_t error =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&dispatch, intranode_dispatch_kernel, threads_per_block, 0);
+  if (error == cudaSuccess)
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&combine, intranode_combine_kernel, threads_per_block, 0);
+  *blocks_per_sm = dispatch < combine ? dispatch : combine;
+  return int(error);
+}
+
 }  // namespace epcomm::kernels

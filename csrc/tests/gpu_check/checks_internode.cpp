@@ -1,0 +1,264 @@
+// The internode (two-hop) kernels on 2 fake nodes x 4 fake ranks of one device, over ShmTransport: the
+// "network" puts are copies into another fake rank's RDMA buffer through a device pointer, which is what
+// ShmTransport does over CUDA peer memory. Outputs against the host reference, and the network bytes
+// against what the contract says crosses nodes (each token once per destination node).
+#include <algorithm>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "checks.hpp"
+#include "fake_cluster.hpp"
+#include "intranode_round.hpp"
+
+namespace epcomm::gpu_check {
+
+namespace {
+
+using transport::LinkClass;
+
+struct RankBuffers {
+  DeviceBuffer x, x_scales, topk_idx, topk_weights, in_rank, per_expert;
+  DeviceBuffer rank_prefix, channel_prefix, forward_prefix, recv_per_expert;
+  DeviceBuffer recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, forward_peer_masks;
+  DeviceBuffer expert_out, combined_x, combined_topk_weights;
+};
+
+std::string milliseconds(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.1f ms", seconds * 1e3);
+  return text;
+}
+
+Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
+  int const NN = scale.internode_nodes, L = scale.internode_nvl_ranks, R = NN * L;
+  kernels::InternodeConfig const& config = scale.internode_config;
+  int const C = config.nvl.num_channels;
+  Problem problem;
+  problem.num_ranks = R;
+  problem.num_nvl_ranks = L;
+  problem.num_tokens = scale.internode_tokens;
+  problem.hidden = scale.hidden;
+  problem.fp8 = fp8;
+  problem.num_topk = scale.num_topk;
+  problem.num_experts = scale.num_experts;
+  problem.seed = fp8 ? 41 : 40;
+  int const N = problem.num_tokens, K = problem.num_topk, hb = problem.hidden_bytes(), sb = problem.scale_bytes();
+  int const E = problem.num_experts, local_experts = problem.num_local_experts(), alignment = 1;
+  double const timeout_s = scale.kernel_timeout_s, limit_s = host_limit_s(timeout_s);
+  test::DispatchShape const shape = problem.dispatch_shape();
+  std::vector<test::RankTokens> const tokens = make_tokens(problem);
+  auto const goes_to_node = [&](int s, int t, int node) {
+    for (int p = 0; p < L; ++p)
+      if (test::token_goes_to(shape, tokens[size_t(s)], t, node * L + p)) return true;
+    return false;
+  };
+
+  // Every fake rank's grid must be resident at once on this one GPU (the abort watcher of each grid waits
+  // for all of that grid, and ranks wait on each other)
+  int const threads = kernels::internode_block_threads(NN, L);
+  int const blocks = kernels::internode_num_blocks(config) * R;
+  if (device.is_gpu() && blocks > device.blocks_per_sm(Device::Family::kInternode, threads) * device.num_sms())
+    throw CheckFailed(std::to_string(R) + " grids of " + std::to_string(blocks / R) +
+                      " blocks do not fit this GPU at once");
+
+  int const dispatch_row = hb + sb;
+  InternodeCluster cluster(device, NN, L, config, {L, local_experts, K, std::max(dispatch_row, 2 * problem.hidden)},
+                           {NN, L, local_experts, K, dispatch_row, problem.hidden, NN}, timeout_s);
+  std::vector<int> const ranks = all_ranks(R);
+  std::vector<RankBuffers> buffers(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r) {
+    RankBuffers& b = buffers[size_t(r)];
+    test::RankTokens const& mine = tokens[size_t(r)];
+    std::vector<uint8_t> in_rank(size_t(N) * size_t(R));
+    std::vector<int32_t> per_expert(size_t(E), 0);
+    for (int t = 0; t < N; ++t) {
+      for (int d = 0; d < R; ++d) in_rank[size_t(t) * size_t(R) + size_t(d)] = test::token_goes_to(shape, mine, t, d);
+      for (int k = 0; k < K; ++k)
+        if (int64_t const e = mine.topk_idx[size_t(t) * size_t(K) + size_t(k)]; e >= 0) ++per_expert[size_t(e)];
+    }
+    b.x = upload(device, mine.x);
+    b.x_scales = upload(device, mine.x_scales);
+    b.topk_idx = upload(device, mine.topk_idx);
+    b.topk_weights = upload(device, mine.topk_weights);
+    b.in_rank = upload(device, in_rank);
+    b.per_expert = upload(device, per_expert);
+    b.rank_prefix = sentinel_filled<int32_t>(device, size_t(R) + 1, -1);
+    b.channel_prefix = sentinel_filled<int32_t>(device, size_t(R) * size_t(C + 1), -1);
+    b.forward_prefix = sentinel_filled<int32_t>(device, size_t(NN) * size_t(C + 1), -1);
+    b.recv_per_expert = sentinel_filled<int32_t>(device, size_t(local_experts), -1);
+  }
+  cluster.take_link_bytes();
+
+  // Notify with counts
+  int64_t const epoch = cluster.next_epoch();
+  run_step(device, cluster.slots(), "internode_notify", ranks, limit_s, [&](int r) {
+    RankBuffers& b = buffers[size_t(r)];
+    kernels::InternodeNotifyArgs<Shm> args;
+    args.comm = cluster.comm(r);
+    args.epoch = epoch;
+    args.exchange_counts = true;
+    args.is_token_in_rank = b.in_rank.get<bool const>();
+    args.num_tokens_per_expert = b.per_expert.get<int32_t const>();
+    args.num_tokens = N;
+    args.expert_alignment = alignment;
+    args.recv_rank_prefix = b.rank_prefix.get<int32_t>();
+    args.recv_channel_prefix_matrix = b.channel_prefix.get<int32_t>();
+    args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t>();
+    args.num_recv_tokens_per_expert = b.recv_per_expert.get<int32_t>();
+    device.launch(r, args);
+  });
+  std::vector<test::ExpectedReceive> expected = expected_receives(problem, tokens, alignment);
+  std::vector<int32_t> num_forwarded(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r) {
+    RankBuffers& b = buffers[size_t(r)];
+    std::vector<int32_t> const rank_prefix = download<int32_t>(device, b.rank_prefix, size_t(R) + 1);
+    expect_equal(device, "internode_notify num_recv_tokens_per_expert", r, b.recv_per_expert,
+                 expected[size_t(r)].num_recv_tokens_per_expert);
+    if (rank_prefix[size_t(R)] != int32_t(expected[size_t(r)].recv_src_idx.size()))
+      throw CheckFailed("internode_notify: rank " + std::to_string(r) + " expects " +
+                        std::to_string(rank_prefix[size_t(R)]) + " rows, the reference " +
+                        std::to_string(expected[size_t(r)].recv_src_idx.size()));
+    // Rows rank r forwards: the tokens of rank (m, r % L) that reach node r / L, for every node m
+    int32_t forwarded = 0;
+    for (int m = 0; m < NN; ++m)
+      for (int t = 0; t < N; ++t) forwarded += goes_to_node(m * L + r % L, t, r / L);
+    std::vector<int32_t> const forward_prefix = download<int32_t>(device, b.forward_prefix, size_t(NN) * size_t(C + 1));
+    if (forward_prefix.back() != forwarded)
+      throw CheckFailed("internode_notify: rank " + std::to_string(r) + " forwards " +
+                        std::to_string(forward_prefix.back()) + " rows, the reference " + std::to_string(forwarded));
+    num_forwarded[size_t(r)] = forwarded;
+  }
+  uint64_t network_pairs = 0, self_pairs = 0;  // (token, destination node) off / on the source's node
+  for (int s = 0; s < R; ++s)
+    for (int t = 0; t < N; ++t)
+      for (int node = 0; node < NN; ++node)
+        if (goes_to_node(s, t, node)) ++(node == s / L ? self_pairs : network_pairs);
+  cluster.take_link_bytes();
+
+  // Dispatch
+  for (int r = 0; r < R; ++r) {
+    RankBuffers& b = buffers[size_t(r)];
+    size_t const M = expected[size_t(r)].recv_src_idx.size();
+    b.recv_x = sentinel_filled<uint8_t>(device, M * size_t(hb), 0xee);
+    b.recv_x_scales = sentinel_filled<uint8_t>(device, M * size_t(sb), 0xee);
+    b.recv_topk_idx = sentinel_filled<int64_t>(device, M * size_t(K), -7);
+    b.recv_topk_weights = sentinel_filled<float>(device, M * size_t(K), -7.0f);
+    b.recv_src_idx = sentinel_filled<int32_t>(device, M, -7);
+    // never empty: null means "not given"
+    b.forward_peer_masks =
+        sentinel_filled<uint32_t>(device, size_t(std::max(num_forwarded[size_t(r)], 1)), 0xeeeeeeeeu);
+  }
+  double const dispatch_s = run_step(device, cluster.slots(), "internode_dispatch", ranks, limit_s, [&](int r) {
+    RankBuffers& b = buffers[size_t(r)];
+    kernels::InternodeDispatchArgs<Shm> args;
+    args.comm = cluster.comm(r);
+    args.x = b.x.get<void const>();
+    args.hidden_bytes = hb;
+    args.x_scales = sb > 0 ? b.x_scales.get<void const>() : nullptr;
+    args.scale_bytes = sb;
+    args.topk_idx = b.topk_idx.get<int64_t const>();
+    args.topk_weights = b.topk_weights.get<float const>();
+    args.num_topk = K;
+    args.num_experts = E;
+    args.num_tokens = N;
+    args.max_nodes_per_token = NN;
+    args.is_token_in_rank = b.in_rank.get<bool const>();
+    args.recv_channel_prefix_matrix = b.channel_prefix.get<int32_t const>();
+    args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t const>();
+    args.recv_x = b.recv_x.get();
+    args.recv_x_scales = sb > 0 ? b.recv_x_scales.get() : nullptr;
+    args.recv_topk_idx = b.recv_topk_idx.get<int64_t>();
+    args.recv_topk_weights = b.recv_topk_weights.get<float>();
+    args.recv_src_idx = b.recv_src_idx.get<int32_t>();
+    args.forward_peer_masks = b.forward_peer_masks.get<uint32_t>();
+    device.launch(r, args);
+  }).seconds;
+  for (int r = 0; r < R; ++r) {
+    RankBuffers& b = buffers[size_t(r)];
+    test::ExpectedReceive& want = expected[size_t(r)];
+    expect_equal(device, "internode_dispatch recv_src_idx", r, b.recv_src_idx, want.recv_src_idx);
+    expect_equal(device, "internode_dispatch recv_x", r, b.recv_x, want.recv_x);
+    expect_equal(device, "internode_dispatch recv_x_scales", r, b.recv_x_scales, want.recv_x_scales);
+    expect_equal(device, "internode_dispatch recv_topk_idx", r, b.recv_topk_idx, want.recv_topk_idx);
+    expect_equal(device, "internode_dispatch recv_topk_weights", r, b.recv_topk_weights, want.recv_topk_weights);
+    std::vector<uint8_t>().swap(want.recv_x);
+    std::vector<uint8_t>().swap(want.recv_x_scales);
+  }
+  uint64_t const record = cluster.rdma_workspace().record_bytes;
+  std::vector<uint64_t> const dispatch_bytes = cluster.take_link_bytes();
+  if (dispatch_bytes[int(LinkClass::kNetwork)] != network_pairs * (record + uint64_t(hb + sb)))
+    throw CheckFailed("internode_dispatch put " + std::to_string(dispatch_bytes[int(LinkClass::kNetwork)]) +
+                      " bytes across nodes; the contract says " + std::to_string(network_pairs) +
+                      " (token, node) pairs x " +
+                      std::to_string(record + uint64_t(hb + sb)) + " bytes");
+
+  // Expert outputs, barrier, combine (node partials cross the network in bf16, the rows' dtype)
+  std::vector<std::vector<uint16_t>> const expert_out = make_expert_outputs(problem, expected);
+  size_t const H = size_t(problem.hidden);
+  for (int r = 0; r < R; ++r) {
+    RankBuffers& b = buffers[size_t(r)];
+    b.expert_out = upload(device, expert_out[size_t(r)]);
+    b.combined_x = sentinel_filled<uint16_t>(device, size_t(N) * H, 0xeeee);
+    b.combined_topk_weights = sentinel_filled<float>(device, size_t(N) * size_t(K), -7.0f);
+  }
+  int64_t const barrier_epoch = cluster.next_epoch();
+  run_step(device, cluster.slots(), "internode_notify (barrier)", ranks, limit_s, [&](int r) {
+    kernels::InternodeNotifyArgs<Shm> args;
+    args.comm = cluster.comm(r);
+    args.epoch = barrier_epoch;
+    device.launch(r, args);
+  });
+  cluster.take_link_bytes();
+  double const combine_s = run_step(device, cluster.slots(), "internode_combine", ranks, limit_s, [&](int r) {
+    RankBuffers& b = buffers[size_t(r)];
+    kernels::InternodeCombineArgs<Shm> args;
+    args.comm = cluster.comm(r);
+    args.x = b.expert_out.get<void const>();
+    // a rank that received nothing passes null weights, as Python does
+    args.topk_weights = expected[size_t(r)].recv_src_idx.empty() ? nullptr : b.recv_topk_weights.get<float const>();
+    args.hidden = problem.hidden;
+    args.num_topk = K;
+    args.num_tokens = N;
+    args.is_token_in_rank = b.in_rank.get<bool const>();
+    args.recv_channel_prefix_matrix = b.channel_prefix.get<int32_t const>();
+    args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t const>();
+    args.forward_peer_masks = b.forward_peer_masks.get<uint32_t const>();
+    args.combined_x = b.combined_x.get();
+    args.combined_topk_weights = b.combined_topk_weights.get<float>();
+    args.node_partial_kind = kernels::ElementKind::kBfloat16;
+    device.launch(r, args);
+  }).seconds;
+  std::vector<uint64_t> const combine_bytes = cluster.take_link_bytes();
+  if (combine_bytes[int(LinkClass::kNetwork)] != network_pairs * cluster.rdma_workspace().combine_put_bytes(2))
+    throw CheckFailed("internode_combine put " + std::to_string(combine_bytes[int(LinkClass::kNetwork)]) +
+                      " bytes across nodes; the contract says " + std::to_string(network_pairs) +
+                      " (token, node) pairs x " +
+                      std::to_string(cluster.rdma_workspace().combine_put_bytes(2)) + " bytes");
+
+  // Node partials rounded to bf16 (node_partial_kind above), then summed over nodes in fp32
+  std::vector<ExpectedCombine> const want = expected_combines(problem, expected, expert_out, true);
+  for (int s = 0; s < R; ++s) {
+    expect_equal(device, "internode_combine combined_x", s, buffers[size_t(s)].combined_x, want[size_t(s)].combined_x);
+    expect_equal(device, "internode_combine combined_topk_weights", s, buffers[size_t(s)].combined_topk_weights,
+                 want[size_t(s)].combined_weights);
+  }
+  return {Status::kPass, std::to_string(NN) + " nodes x " + std::to_string(L) + ": " + problem.describe() + ", " +
+                             std::to_string(C) + " channels: matches the reference, " + std::to_string(network_pairs) +
+                             " (token, node) pairs crossed nodes once each (dispatch step " + milliseconds(dispatch_s) +
+                             ", combine step " + milliseconds(combine_s) + ")"};
+}
+
+}  // namespace
+
+std::vector<Check> internode_checks(Scale const& scale) {
+  std::string const shape = std::to_string(scale.internode_nodes) + "x" + std::to_string(scale.internode_nvl_ranks);
+  return {
+      {"internode_" + shape + "_peer_memory_bf16",
+       [scale](Device& device) { return internode_round(device, scale, false); }},
+      {"internode_" + shape + "_peer_memory_fp8",
+       [scale](Device& device) { return internode_round(device, scale, true); }},
+  };
+}
+
+}  // namespace epcomm::gpu_check
