@@ -224,6 +224,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(NVL region bytes, RDMA region bytes = 0) each rank's buffer needs for the intranode kernels.");
   m.def("workspace_bytes", py::overload_cast<kernels::InternodeSpec const&>(&entries::workspace_bytes), py::arg("spec"),
         "(NVL region bytes, RDMA region bytes) each rank's buffer needs for the internode kernels.");
+  m.def("internode_put_metadata",
+        [](kernels::InternodeSpec const& spec) {
+          kernels::RdmaWorkspace const rdma(spec.workspace, spec.config);
+          return py::dict(py::arg("record_bytes") = rdma.record_bytes,
+                          py::arg("combine_partial_offset") = rdma.combine_partial_offset());
+        },
+        py::arg("spec"),
+        "What a network put carries besides the row (rdma_workspace.cuh): a dispatch row's source record "
+        "bytes, and where a combine slot's partial starts (after the fp32 weights, on 16 bytes).");
   m.def("low_latency_workspace_bytes", &entries::low_latency_workspace_bytes, py::arg("spec"), py::arg("num_ranks"),
         "Byte each rank's buffer must reach for the low-latency kernels of `spec` (region_offset + both slots).");
   m.def("low_latency_layout",

@@ -290,10 +290,12 @@ class InternodePath(_KernelPath):
     def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None) -> dict:
         return dict(node_partial_kind=ELEMENT_KINDS[self.node_partial_dtype(x, node_partial_dtype)])
 
-    @staticmethod
-    def combine_partial_offset(num_topk: int) -> int:
-        """Where a combine slot's partial starts: after the fp32 weights, on 16 bytes (rdma_workspace.cuh)."""
-        return -(-4 * num_topk // 16) * 16
+    def put_metadata(self, spec) -> tuple[int, int]:
+        """(bytes of the source record a dispatch row carries over the network, where a combine slot's
+        partial starts: after the fp32 weights, on 16 bytes) in ``spec``'s layout, from the kernels' own
+        RdmaWorkspace."""
+        metadata = self.ext.internode_put_metadata(spec)
+        return int(metadata["record_bytes"]), int(metadata["combine_partial_offset"])
 
     def kernel_config(self, config: Config | None, num_channels: int | None = None):
         """The call's ``InternodeConfig`` (the backend's default without a Config); ``num_channels``
@@ -365,6 +367,3 @@ class InternodePath(_KernelPath):
         return dict(forward_channel_prefix_matrix=_data_ptr(plan.forward_channel_prefix),
                     forward_peer_masks=_data_ptr(plan.forward_peer_masks), byte_counters=_data_ptr(counters))
 
-    def record_bytes(self, num_topk: int) -> int:
-        """Bytes of the source record a dispatch row carries over the network (RdmaWorkspace)."""
-        return -(-(8 + 12 * num_topk) // 8) * 8

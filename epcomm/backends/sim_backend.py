@@ -605,14 +605,14 @@ class SimDispatchBackend(DispatchBackend):
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
             self.comm.record_rows_to_peers(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
         else:
-            self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, self.path.num_topk(spec))
+            self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, spec)
         recv.pop("src_idx")
         return {name: t for name, t in recv.items() if t is not None}
 
     def _record_two_hop_dispatch(self, op: str, plan: SimPlan, counters: torch.Tensor, row_bytes_: int,
-                                 layout_topk: int) -> None:
+                                 spec) -> None:
         """The network hop as the transport counted it; the NVLink hop from the rows this rank forwarded."""
-        self._record_puts(op, counters, row_bytes_, self.path.record_bytes(layout_topk))
+        self._record_puts(op, counters, row_bytes_, self.path.put_metadata(spec)[0])
         masks = plan.forward_peer_masks[: plan.num_forwarded].to(torch.int64)
         own = (masks >> self.topo.local_rank) & 1
         popcount = sum(((masks >> p) & 1) for p in range(self.topo.num_nvl_ranks))
@@ -667,8 +667,7 @@ class SimDispatchBackend(DispatchBackend):
                 self.comm.traffic.record("combine", topo.link_to(forwarder), rows, rows * row, rows * 4 * num_topk)
         # a put is the fp32 weights [the dispatch's num_topk] padded to 16 bytes, then the partial [hidden]
         partial_bytes = x.size(1) * self.path.node_partial_dtype(x, node_partial_dtype).itemsize
-        self._record_puts("combine", counters, partial_bytes,
-                          self.path.combine_partial_offset(self.path.num_topk(plan.spec)))
+        self._record_puts("combine", counters, partial_bytes, self.path.put_metadata(plan.spec)[1])
 
     def _record_puts(self, op: str, counters: torch.Tensor, payload_bytes: int, meta_bytes: int) -> None:
         """The transport's byte counters (self, nvlink, network) as rows of ``payload + meta`` bytes each."""
