@@ -74,35 +74,36 @@ def print_targets_table(result: dict, file=sys.stdout) -> None:
         print(f"  {col:<14} {d['op']} / ({d['ceiling']}) <= {d['limit']}", file=file)
     print(f"  count exchange: one all_gather of {table['count_exchange_int64_words']} int64 per rank "
           f"(the agreement header's size)", file=file)
-    head = f"{'tokens x hidden':<16} {'reps':>4} {'pair':>4} " + " ".join(f"{c:>14}" for c in cols)
-    print(head, file=file)
-    print("-" * len(head), file=file)
-    for row in table["rows"]:
-        cells = []
-        for c in cols:
-            e = row["columns"].get(c)
-            cells.append(f"{'-':>14}" if e is None else f"{e['ratio']:>9.2f} {'PASS' if e['pass'] else 'MISS'}")
-        print(f"{row['tokens']:>6} x {row['hidden']:<7} {row['reps']:>4} {'yes' if row['paired'] else 'no':>4} "
-              + " ".join(cells), file=file)
+    def ratio_cell(e):
+        return f"{'-':>14}" if e is None else f"{e['ratio']:>9.2f} {'PASS' if e['pass'] else 'MISS'}"
+
+    def times_cell(e):
+        if e is None:
+            return f"{'-':>20}"
+        trips = e.get("round_trips_per_call") or {}
+        return f"{e['median_s'] * 1e3:.1f}/{e['ceiling_s'] * 1e3:.1f} ({trips.get('collectives', '?')})".rjust(20)
+
+    def row_ratios(row):
+        return f"{row['reps']:>4} {'yes' if row['paired'] else 'no':>4}"
+
+    def row_count(row):
+        count = row.get("count_exchange_s")
+        return f"{'-' if count is None else f'{count * 1e3:.1f}':>6}"
+
+    _print_size_table(table["rows"], cols, f"{'reps':>4} {'pair':>4}", row_ratios, ratio_cell, 14, file)
     print("\nmedian ms: epcomm op / its bare ops (collectives per call of the epcomm op); count: the bare count "
           "exchange", file=file)
-    head = f"{'tokens x hidden':<16} {'count':>6} " + " ".join(f"{c:>20}" for c in cols)
+    _print_size_table(table["rows"], cols, f"{'count':>6}", row_count, times_cell, 20, file)
+
+
+def _print_size_table(rows: list[dict], cols: list[str], lead_head: str, lead, cell, width: int, file) -> None:
+    """One line per (tokens x hidden) row: ``lead(row)`` then ``cell(entry)`` for each column (None: absent)."""
+    head = f"{'tokens x hidden':<16} {lead_head} " + " ".join(f"{c:>{width}}" for c in cols)
     print(head, file=file)
     print("-" * len(head), file=file)
-    for row in table["rows"]:
-        cells = []
-        for c in cols:
-            e = row["columns"].get(c)
-            if e is None:
-                cells.append(f"{'-':>20}")
-                continue
-            trips = e.get("round_trips_per_call") or {}
-            cells.append(f"{e['median_s'] * 1e3:.1f}/{e['ceiling_s'] * 1e3:.1f} ({trips.get('collectives', '?')})"
-                         .rjust(20))
-        count = row.get("count_exchange_s")
-        print(f"{row['tokens']:>6} x {row['hidden']:<7} {'-' if count is None else f'{count * 1e3:.1f}':>6} "
-              + " ".join(cells), file=file)
-
+    for row in rows:
+        print(f"{row['tokens']:>6} x {row['hidden']:<7} {lead(row)} " + " ".join(cell(row["columns"].get(c)) for c in cols),
+              file=file)
 
 def write_plot(result: dict, path: str) -> None:
     import matplotlib
