@@ -3,7 +3,7 @@
 Benchmarks and examples call :func:`init_distributed` so the same script runs
 under ``mpiexec -n 8 python ...`` (mpi4py bootstraps the rendezvous) and under
 ``torchrun --nproc-per-node 8 ...``; :func:`parse_settings` gives a settings
-dataclass its command line.
+dataclass its command line; :func:`run_example` is the start the CPU examples share.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import dataclasses
 import datetime
 import os
 import socket
+import sys
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "parse_settings"]
+__all__ = ["init_distributed", "parse_settings", "run_example"]
 
 SettingsT = TypeVar("SettingsT")
+ResultT = TypeVar("ResultT")
 
 
 def parse_settings(settings_class: type[SettingsT], argv: list[str] | None, description: str) -> SettingsT:
@@ -69,3 +72,22 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> tu
         torch.cuda.set_device(local % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     return rank, world
+
+
+def run_example(name: str, run: Callable[[int, int], ResultT]) -> tuple[int, int, ResultT] | None:
+    """The start the CPU examples share: one torch thread per rank, a gloo process group from the
+    launcher, then ``run(rank, world_size)``. Returns ``(rank, world_size, result)``; the caller reports
+    and calls ``dist.destroy_process_group()``. A backend that cannot run here is no failure of the
+    example: rank 0 says so (``name: why``) and suggests the torch backend, the process group is
+    destroyed and the result is None (exit status 2 by convention)."""
+    from .errors import EpcommBackendUnavailable
+
+    torch.set_num_threads(1)
+    rank, world = init_distributed("gloo")
+    try:
+        return rank, world, run(rank, world)
+    except EpcommBackendUnavailable as err:
+        if rank == 0:
+            print(f"{name}: {err}\nrerun with --backend torch (the backend this build ships)", file=sys.stderr)
+        dist.destroy_process_group()
+        return None

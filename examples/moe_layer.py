@@ -46,7 +46,7 @@ from torch import Tensor
 
 import epcomm
 from epcomm.eplb import LoadMonitor, Placement, rank_loads
-from epcomm.launch import init_distributed, parse_settings
+from epcomm.launch import parse_settings, run_example
 from epcomm.moe import ExpertParallel, LoadStats, expert_load, group_by_expert, grouped_linear, ungroup_from_experts
 from epcomm.routing import node_limited_gate, update_bias
 
@@ -342,15 +342,10 @@ def parse(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     s = parse(argv)
-    torch.set_num_threads(1)
-    rank, world = init_distributed("gloo")
-    try:
-        logs = run(rank, world, s)
-    except epcomm.EpcommBackendUnavailable as err:
-        if rank == 0:
-            print(f"moe_layer: {err}\nrerun with --backend torch (the backend this build ships)", file=sys.stderr)
-        dist.destroy_process_group()
+    started = run_example("moe_layer", lambda rank, world: run(rank, world, s))
+    if started is None:
         return 2
+    rank, world, logs = started
     worst = torch.tensor([max(log.max_rel_err for log in logs)], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     ok = bool(worst.item() <= s.rtol)

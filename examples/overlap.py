@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import epcomm
-from epcomm.launch import init_distributed, parse_settings
+from epcomm.launch import parse_settings, run_example
 from epcomm.moe import group_by_expert, grouped_linear, ungroup_from_experts
 from epcomm.routing import node_limited_gate
 
@@ -259,15 +259,10 @@ def parse(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     s = parse(argv)
-    torch.set_num_threads(1)
-    rank, world = init_distributed("gloo")
-    try:
-        r = run(s)
-    except epcomm.EpcommBackendUnavailable as err:
-        if rank == 0:
-            print(f"overlap: {err}\nrerun with --backend torch (the backend this build ships)", file=sys.stderr)
-        dist.destroy_process_group()
+    started = run_example("overlap", lambda rank, world: run(s))
+    if started is None:
         return 2
+    rank, world, r = started
     counts = torch.tensor([r["async_calls"], r["pending_at_return"], r["pending_at_wait"]])
     dist.all_reduce(counts)
     if rank == 0:
