@@ -10,6 +10,7 @@
 #include "checks.hpp"
 #include "fake_cluster.hpp"
 #include "intranode_round.hpp"
+#include "normal_rank_buffers.hpp"
 
 namespace epcomm::gpu_check {
 
@@ -17,11 +18,8 @@ namespace {
 
 using transport::LinkClass;
 
-struct RankBuffers {
-  DeviceBuffer x, x_scales, topk_idx, topk_weights, in_rank, per_expert;
-  DeviceBuffer rank_prefix, channel_prefix, forward_prefix, recv_per_expert;
-  DeviceBuffer recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, forward_peer_masks;
-  DeviceBuffer expert_out, combined_x, combined_topk_weights;
+struct RankBuffers : NormalRankBuffers {
+  DeviceBuffer forward_prefix, forward_peer_masks;  // this rank as forwarder
 };
 
 std::string milliseconds(double seconds) {
@@ -81,12 +79,12 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
     b.x_scales = upload(device, mine.x_scales);
     b.topk_idx = upload(device, mine.topk_idx);
     b.topk_weights = upload(device, mine.topk_weights);
-    b.in_rank = upload(device, in_rank);
-    b.per_expert = upload(device, per_expert);
-    b.rank_prefix = sentinel_filled<int32_t>(device, size_t(R) + 1, -1);
-    b.channel_prefix = sentinel_filled<int32_t>(device, size_t(R) * size_t(C + 1), -1);
+    b.is_token_in_rank = upload(device, in_rank);
+    b.num_tokens_per_expert = upload(device, per_expert);
+    b.recv_rank_prefix = sentinel_filled<int32_t>(device, size_t(R) + 1, -1);
+    b.recv_channel_prefix = sentinel_filled<int32_t>(device, size_t(R) * size_t(C + 1), -1);
     b.forward_prefix = sentinel_filled<int32_t>(device, size_t(NN) * size_t(C + 1), -1);
-    b.recv_per_expert = sentinel_filled<int32_t>(device, size_t(local_experts), -1);
+    b.num_recv_per_expert = sentinel_filled<int32_t>(device, size_t(local_experts), -1);
   }
   cluster.take_link_bytes();
 
@@ -98,22 +96,22 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
     args.comm = cluster.comm(r);
     args.epoch = epoch;
     args.exchange_counts = true;
-    args.is_token_in_rank = b.in_rank.get<bool const>();
-    args.num_tokens_per_expert = b.per_expert.get<int32_t const>();
+    args.is_token_in_rank = b.is_token_in_rank.get<bool const>();
+    args.num_tokens_per_expert = b.num_tokens_per_expert.get<int32_t const>();
     args.num_tokens = N;
     args.expert_alignment = alignment;
-    args.recv_rank_prefix = b.rank_prefix.get<int32_t>();
-    args.recv_channel_prefix_matrix = b.channel_prefix.get<int32_t>();
+    args.recv_rank_prefix = b.recv_rank_prefix.get<int32_t>();
+    args.recv_channel_prefix_matrix = b.recv_channel_prefix.get<int32_t>();
     args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t>();
-    args.num_recv_tokens_per_expert = b.recv_per_expert.get<int32_t>();
+    args.num_recv_tokens_per_expert = b.num_recv_per_expert.get<int32_t>();
     device.launch(r, args);
   });
   std::vector<test::ExpectedReceive> expected = expected_receives(problem, tokens, alignment);
   std::vector<int32_t> num_forwarded(static_cast<size_t>(R));
   for (int r = 0; r < R; ++r) {
     RankBuffers& b = buffers[size_t(r)];
-    std::vector<int32_t> const rank_prefix = download<int32_t>(device, b.rank_prefix, size_t(R) + 1);
-    expect_equal(device, "internode_notify num_recv_tokens_per_expert", r, b.recv_per_expert,
+    std::vector<int32_t> const rank_prefix = download<int32_t>(device, b.recv_rank_prefix, size_t(R) + 1);
+    expect_equal(device, "internode_notify num_recv_tokens_per_expert", r, b.num_recv_per_expert,
                  expected[size_t(r)].num_recv_tokens_per_expert);
     if (rank_prefix[size_t(R)] != int32_t(expected[size_t(r)].recv_src_idx.size()))
       throw CheckFailed("internode_notify: rank " + std::to_string(r) + " expects " +
@@ -139,12 +137,7 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
   // Dispatch
   for (int r = 0; r < R; ++r) {
     RankBuffers& b = buffers[size_t(r)];
-    size_t const M = expected[size_t(r)].recv_src_idx.size();
-    b.recv_x = sentinel_filled<uint8_t>(device, M * size_t(hb), 0xee);
-    b.recv_x_scales = sentinel_filled<uint8_t>(device, M * size_t(sb), 0xee);
-    b.recv_topk_idx = sentinel_filled<int64_t>(device, M * size_t(K), -7);
-    b.recv_topk_weights = sentinel_filled<float>(device, M * size_t(K), -7.0f);
-    b.recv_src_idx = sentinel_filled<int32_t>(device, M, -7);
+    poison_receive_outputs(device, b, problem, expected[size_t(r)].recv_src_idx.size());
     // never empty: null means "not given"
     b.forward_peer_masks =
         sentinel_filled<uint32_t>(device, size_t(std::max(num_forwarded[size_t(r)], 1)), 0xeeeeeeeeu);
@@ -153,37 +146,15 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
     RankBuffers& b = buffers[size_t(r)];
     kernels::InternodeDispatchArgs<Shm> args;
     args.comm = cluster.comm(r);
-    args.x = b.x.get<void const>();
-    args.hidden_bytes = hb;
-    args.x_scales = sb > 0 ? b.x_scales.get<void const>() : nullptr;
-    args.scale_bytes = sb;
-    args.topk_idx = b.topk_idx.get<int64_t const>();
-    args.topk_weights = b.topk_weights.get<float const>();
-    args.num_topk = K;
-    args.num_experts = E;
-    args.num_tokens = N;
+    set_shared_dispatch_fields(args, b, problem, N);
     args.max_nodes_per_token = NN;
-    args.is_token_in_rank = b.in_rank.get<bool const>();
-    args.recv_channel_prefix_matrix = b.channel_prefix.get<int32_t const>();
     args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t const>();
-    args.recv_x = b.recv_x.get();
-    args.recv_x_scales = sb > 0 ? b.recv_x_scales.get() : nullptr;
-    args.recv_topk_idx = b.recv_topk_idx.get<int64_t>();
-    args.recv_topk_weights = b.recv_topk_weights.get<float>();
-    args.recv_src_idx = b.recv_src_idx.get<int32_t>();
     args.forward_peer_masks = b.forward_peer_masks.get<uint32_t>();
     device.launch(r, args);
   }).seconds;
   for (int r = 0; r < R; ++r) {
     RankBuffers& b = buffers[size_t(r)];
-    test::ExpectedReceive& want = expected[size_t(r)];
-    expect_equal(device, "internode_dispatch recv_src_idx", r, b.recv_src_idx, want.recv_src_idx);
-    expect_equal(device, "internode_dispatch recv_x", r, b.recv_x, want.recv_x);
-    expect_equal(device, "internode_dispatch recv_x_scales", r, b.recv_x_scales, want.recv_x_scales);
-    expect_equal(device, "internode_dispatch recv_topk_idx", r, b.recv_topk_idx, want.recv_topk_idx);
-    expect_equal(device, "internode_dispatch recv_topk_weights", r, b.recv_topk_weights, want.recv_topk_weights);
-    std::vector<uint8_t>().swap(want.recv_x);
-    std::vector<uint8_t>().swap(want.recv_x_scales);
+    expect_received(device, "internode_dispatch", r, b, expected[size_t(r)]);
   }
   uint64_t const record = cluster.rdma_workspace().record_bytes;
   std::vector<uint64_t> const dispatch_bytes = cluster.take_link_bytes();
@@ -220,8 +191,8 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
     args.hidden = problem.hidden;
     args.num_topk = K;
     args.num_tokens = N;
-    args.is_token_in_rank = b.in_rank.get<bool const>();
-    args.recv_channel_prefix_matrix = b.channel_prefix.get<int32_t const>();
+    args.is_token_in_rank = b.is_token_in_rank.get<bool const>();
+    args.recv_channel_prefix_matrix = b.recv_channel_prefix.get<int32_t const>();
     args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t const>();
     args.forward_peer_masks = b.forward_peer_masks.get<uint32_t const>();
     args.combined_x = b.combined_x.get();

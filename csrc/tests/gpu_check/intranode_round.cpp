@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fake_cluster.hpp"
+#include "normal_rank_buffers.hpp"
 
 namespace epcomm::gpu_check {
 
@@ -14,12 +15,8 @@ namespace {
 constexpr int kExpertAlignment = 4;  // per-expert receive counts come back rounded up to this
 
 // One rank's inputs and outputs on the device.
-struct RankBuffers {
-  DeviceBuffer x, x_scales, topk_idx, topk_weights;                              // inputs
-  DeviceBuffer num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank;     // layout
-  DeviceBuffer recv_rank_prefix, recv_channel_prefix, num_recv_per_expert, call_agreed;  // notify
-  DeviceBuffer recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx;    // dispatch
-  DeviceBuffer expert_out, combined_x, combined_topk_weights;                    // combine
+struct RankBuffers : NormalRankBuffers {
+  DeviceBuffer num_tokens_per_rank, call_agreed;  // the layout kernel's, notify's call check
 };
 
 void fail_if(std::string const& difference) {
@@ -155,46 +152,19 @@ RoundTimes run_intranode_round(Device& device, Problem const& problem, kernels::
   // Dispatch
   for (int r = 0; r < R; ++r) {
     RankBuffers& b = buffers[size_t(r)];
-    size_t const M = expected[size_t(r)].recv_src_idx.size();
-    b.recv_x = sentinel_filled<uint8_t>(device, M * size_t(hb), 0xee);
-    b.recv_x_scales = sentinel_filled<uint8_t>(device, M * size_t(sb), 0xee);
-    b.recv_topk_idx = sentinel_filled<int64_t>(device, M * size_t(K), -7);
-    b.recv_topk_weights = sentinel_filled<float>(device, M * size_t(K), -7.0f);
-    b.recv_src_idx = sentinel_filled<int32_t>(device, M, -7);
+    poison_receive_outputs(device, b, problem, expected[size_t(r)].recv_src_idx.size());
   }
   RoundTimes times;
   times.dispatch_s = run_step(device, cluster.slots(), "intranode_dispatch", ranks, limit_s, [&](int r) {
     RankBuffers& b = buffers[size_t(r)];
     kernels::IntranodeDispatchArgs args;
     args.comm = cluster.comm(r);
-    args.x = b.x.get<void const>();
-    args.hidden_bytes = hb;
-    args.x_scales = sb > 0 ? b.x_scales.get<void const>() : nullptr;
-    args.scale_bytes = sb;
-    args.topk_idx = b.topk_idx.get<int64_t const>();
-    args.topk_weights = b.topk_weights.get<float const>();
-    args.num_topk = K;
-    args.num_experts = problem.num_experts;
-    args.num_tokens = N;
-    args.is_token_in_rank = b.is_token_in_rank.get<bool const>();
-    args.recv_channel_prefix_matrix = b.recv_channel_prefix.get<int32_t const>();
-    args.recv_x = b.recv_x.get();
-    args.recv_x_scales = sb > 0 ? b.recv_x_scales.get() : nullptr;
-    args.recv_topk_idx = b.recv_topk_idx.get<int64_t>();
-    args.recv_topk_weights = b.recv_topk_weights.get<float>();
-    args.recv_src_idx = b.recv_src_idx.get<int32_t>();
+    set_shared_dispatch_fields(args, b, problem, N);
     device.launch(r, args);
   }).seconds;
   for (int r = 0; r < R; ++r) {
     RankBuffers& b = buffers[size_t(r)];
-    test::ExpectedReceive& want = expected[size_t(r)];
-    expect_equal(device, "dispatch recv_src_idx", r, b.recv_src_idx, want.recv_src_idx);
-    expect_equal(device, "dispatch recv_x", r, b.recv_x, want.recv_x);
-    expect_equal(device, "dispatch recv_x_scales", r, b.recv_x_scales, want.recv_x_scales);
-    expect_equal(device, "dispatch recv_topk_idx", r, b.recv_topk_idx, want.recv_topk_idx);
-    expect_equal(device, "dispatch recv_topk_weights", r, b.recv_topk_weights, want.recv_topk_weights);
-    std::vector<uint8_t>().swap(want.recv_x);  // the rows are checked: free them before combine's
-    std::vector<uint8_t>().swap(want.recv_x_scales);
+    expect_received(device, "dispatch", r, b, expected[size_t(r)]);  // frees the reference rows for combine
   }
 
   // Expert outputs: random bf16 rows whose sum depends on the order (test_common.hpp)
