@@ -12,16 +12,12 @@
 
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
+#include "elements.cuh"
 #include "intranode.hpp"
 
 namespace epcomm::kernels {
 
 inline constexpr uint32_t kFullWarpMask = 0xffffffffu;
-
-// 16 bytes moved as one vector: a single 128-bit load or store on the GPU (LDG.E.128 / STG.E.128).
-struct alignas(16) Vec16 {
-  uint32_t word[4];
-};
 
 EPCOMM_HOST_DEVICE bool both_16_byte_aligned(void const* a, void const* b) {
   return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15u) == 0;

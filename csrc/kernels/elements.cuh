@@ -95,6 +95,46 @@ EPCOMM_DEVICE float add_rn(float a, float b) {
 #endif
 }
 
+// 16 bytes moved as one vector: a single 128-bit load or store on the GPU (LDG.E.128 / STG.E.128).
+struct alignas(16) Vec16 {
+  uint32_t word[4];
+};
+
+// Elements of `kKind` in one Vec16: 8 (bf16, fp16) or 4 (fp32).
+template <ElementKind kKind>
+inline constexpr int kElementsPerVector = kKind == ElementKind::kFloat32 ? 4 : 8;
+
+// The kElementsPerVector<kKind> elements of `v`, widened to fp32 (the first element in the lowest bytes).
+// By value: the caller's dereference of a Vec16 pointer is then one 128-bit load, not four 32-bit ones.
+template <ElementKind kKind>
+EPCOMM_HOST_DEVICE void widen_vector(Vec16 const v, float (&out)[kElementsPerVector<kKind>]) {
+  for (int i = 0; i < kElementsPerVector<kKind>; ++i) {
+    if constexpr (kKind == ElementKind::kFloat32) {
+      out[i] = bits_to_float(v.word[i]);
+    } else {
+      uint16_t const half = uint16_t(v.word[i / 2] >> (16 * (i % 2)));
+      out[i] = kKind == ElementKind::kBfloat16 ? bf16_bits_to_float(half) : fp16_bits_to_float(half);
+    }
+  }
+}
+
+// `in`, each value rounded to `kKind`, as one Vec16.
+template <ElementKind kKind>
+EPCOMM_HOST_DEVICE Vec16 narrow_vector(float const (&in)[kElementsPerVector<kKind>]) {
+  Vec16 v;
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (kKind == ElementKind::kFloat32) {
+      v.word[i] = float_to_bits(in[i]);
+    } else {
+      auto const narrow = [](float value) -> uint32_t {
+        return kKind == ElementKind::kBfloat16 ? float_to_bf16_bits(value) : float_to_fp16_bits(value);
+      };
+      v.word[i] = narrow(in[2 * i]) | narrow(in[2 * i + 1]) << 16;
+    }
+  }
+  return v;
+}
+
 // Element `index` of a row of `kind`, widened to fp32.
 EPCOMM_HOST_DEVICE float load_element(void const* row, int64_t index, ElementKind kind) {
   switch (kind) {

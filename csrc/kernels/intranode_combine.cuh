@@ -43,6 +43,28 @@ EPCOMM_DEVICE void combine_sender(IntranodeCombineArgs const& args, int channel,
   ring.publish(lane);
 }
 
+// The x part of one batch's reduction with 16-byte loads and stores: each thread sums
+// kElementsPerVector<kKind> consecutive elements of every source row at once. Needs whole vectors per
+// row and a 16-byte aligned combined_x (the ring slots are aligned; rows start on 16 bytes).
+template <ElementKind kKind>
+EPCOMM_DEVICE void reduce_batch_x_vectors(IntranodeCombineArgs const& args, void* own_buffer, int channel,
+                                          int const (&rows)[kMaxCombineBatchTokens][kMaxNvlRanks], int num_tokens,
+                                          int batch_begin) {
+  constexpr int kVector = kElementsPerVector<kKind>;
+  constexpr int kElementBytes = 16 / kVector;
+  NvlWorkspace const& ws = args.comm.workspace;
+  reduce_batch_in_order_vectors<kVector>(
+      rows, num_tokens, args.comm.num_ranks, args.hidden,
+      [&](int d, int row, int j, float (&values)[kVector]) {
+        widen_vector<kKind>(*reinterpret_cast<Vec16 const*>(ws.slot(own_buffer, channel, d, row) + j * kElementBytes),
+                            values);
+      },
+      [&](int i, int j, float const (&sums)[kVector]) {
+        char* const out = static_cast<char*>(args.combined_x) + (int64_t(batch_begin + i) * args.hidden + j) * kElementBytes;
+        *reinterpret_cast<Vec16*>(out) = narrow_vector<kKind>(sums);
+      });
+}
+
 // Reduces the channel's tokens in batches; every thread of the block takes part.
 EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channel) {
   // ring row holding batch token i's row from rank d, or -1 when rank d has no row of it
@@ -60,6 +82,8 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
 
   TokenRange const range = channel_token_range(args.num_tokens, comm.config.num_channels, channel);
   int const batch_tokens = combine_batch_tokens(comm.config);
+  bool const vectors = (args.hidden * element_bytes(args.element_kind)) % 16 == 0 &&
+                       both_16_byte_aligned(args.combined_x, args.combined_x);
   for (int batch_begin = range.begin; batch_begin < range.end; batch_begin += batch_tokens) {
     int const num_batch_tokens = min_int(batch_tokens, range.end - batch_begin);
     int needed = consumed;
@@ -80,13 +104,22 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
     __syncthreads();
     if (failed != 0) return;
 
-    // Reduce: ascending source rank, fp32, starting from +0.0, one rounding to the rows' dtype
-    reduce_batch_in_order(
-        ring_rows, num_batch_tokens, num_ranks, args.hidden,
-        [&](int d, int row, int j) { return load_element(ws.slot(own_buffer, channel, d, row), j, args.element_kind); },
-        [&](int i, int j, float sum) {
-          store_element(args.combined_x, int64_t(batch_begin + i) * args.hidden + j, sum, args.element_kind);
-        });
+    // Reduce: ascending source rank, fp32, starting from +0.0, one rounding to the rows' dtype; 16 bytes
+    // per load and store when the rows allow it (the same sums, the same bits)
+    if (vectors && args.element_kind == ElementKind::kBfloat16) {
+      reduce_batch_x_vectors<ElementKind::kBfloat16>(args, own_buffer, channel, ring_rows, num_batch_tokens, batch_begin);
+    } else if (vectors && args.element_kind == ElementKind::kFloat32) {
+      reduce_batch_x_vectors<ElementKind::kFloat32>(args, own_buffer, channel, ring_rows, num_batch_tokens, batch_begin);
+    } else if (vectors) {
+      reduce_batch_x_vectors<ElementKind::kFloat16>(args, own_buffer, channel, ring_rows, num_batch_tokens, batch_begin);
+    } else {
+      reduce_batch_in_order(
+          ring_rows, num_batch_tokens, num_ranks, args.hidden,
+          [&](int d, int row, int j) { return load_element(ws.slot(own_buffer, channel, d, row), j, args.element_kind); },
+          [&](int i, int j, float sum) {
+            store_element(args.combined_x, int64_t(batch_begin + i) * args.hidden + j, sum, args.element_kind);
+          });
+    }
     if (args.combined_topk_weights != nullptr)
       reduce_batch_in_order(
           ring_rows, num_batch_tokens, num_ranks, args.num_topk,

@@ -96,24 +96,18 @@ EPCOMM_DEVICE void ll_reduce_elements(LowLatencyCombineRecvArgs<Transport> const
     int64_t const expert = args.topk_idx[index];
     if (expert < 0) continue;
     float const weight = args.topk_weights[index];
-    Vec16 const values =
+    float values[8];
+    widen_vector<ElementKind::kBfloat16>(
         *reinterpret_cast<Vec16 const*>(local + layout.combine_recv(args.slot, int(expert), args.slot_of[index]) +
-                                          size_t(element) * 2);
+                                        size_t(element) * 2),
+        values);
 #if EPCOMM_TARGET_CUDA
 #pragma unroll
 #endif
-    for (int i = 0; i < 8; ++i) {
-      float const value = bf16_bits_to_float(uint16_t(values.word[i / 2] >> (16 * (i % 2))));
-      acc[i] = add_rn(acc[i], mul_rn(weight, value));
-    }
+    for (int i = 0; i < 8; ++i) acc[i] = add_rn(acc[i], mul_rn(weight, values[i]));
   }
-  Vec16 out;
-#if EPCOMM_TARGET_CUDA
-#pragma unroll
-#endif
-  for (int i = 0; i < 4; ++i)
-    out.word[i] = uint32_t(float_to_bf16_bits(acc[2 * i])) | uint32_t(float_to_bf16_bits(acc[2 * i + 1])) << 16;
-  *reinterpret_cast<Vec16*>(static_cast<char*>(args.out) + (int64_t(token) * layout.hidden + element) * 2) = out;
+  *reinterpret_cast<Vec16*>(static_cast<char*>(args.out) + (int64_t(token) * layout.hidden + element) * 2) =
+      narrow_vector<ElementKind::kBfloat16>(acc);
 }
 
 template <class Transport>
