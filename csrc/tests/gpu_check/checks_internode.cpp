@@ -95,15 +95,8 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
     kernels::InternodeNotifyArgs<Shm> args;
     args.comm = cluster.comm(r);
     args.epoch = epoch;
-    args.exchange_counts = true;
-    args.is_token_in_rank = b.is_token_in_rank.get<bool const>();
-    args.num_tokens_per_expert = b.num_tokens_per_expert.get<int32_t const>();
-    args.num_tokens = N;
-    args.expert_alignment = alignment;
-    args.recv_rank_prefix = b.recv_rank_prefix.get<int32_t>();
-    args.recv_channel_prefix_matrix = b.recv_channel_prefix.get<int32_t>();
+    set_notify_count_fields(args, b, N, alignment);
     args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t>();
-    args.num_recv_tokens_per_expert = b.num_recv_per_expert.get<int32_t>();
     device.launch(r, args);
   });
   std::vector<test::ExpectedReceive> expected = expected_receives(problem, tokens, alignment);

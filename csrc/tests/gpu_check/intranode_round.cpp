@@ -126,14 +126,7 @@ RoundTimes run_intranode_round(Device& device, Problem const& problem, kernels::
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
     args.epoch = epoch;
-    args.exchange_counts = true;
-    args.is_token_in_rank = b.is_token_in_rank.get<bool const>();
-    args.num_tokens_per_expert = b.num_tokens_per_expert.get<int32_t const>();
-    args.num_tokens = N;
-    args.expert_alignment = kExpertAlignment;
-    args.recv_rank_prefix = b.recv_rank_prefix.get<int32_t>();
-    args.recv_channel_prefix_matrix = b.recv_channel_prefix.get<int32_t>();
-    args.num_recv_tokens_per_expert = b.num_recv_per_expert.get<int32_t>();
+    set_notify_count_fields(args, b, N, kExpertAlignment);
     args.call_digest = int64_t(problem.seed);
     args.call_flags = 0;
     args.call_agreed = b.call_agreed.get<int32_t>();

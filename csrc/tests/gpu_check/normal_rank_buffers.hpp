@@ -31,6 +31,19 @@ inline void poison_receive_outputs(Device& device, NormalRankBuffers& b, Problem
   b.recv_src_idx = sentinel_filled<int32_t>(device, num_rows, -7);
 }
 
+// The count-exchange fields of a notify (both kernel families: EPCOMM_NOTIFY_FIELDS) from rank buffers `b`.
+template <class Args>
+void set_notify_count_fields(Args& args, NormalRankBuffers& b, int num_tokens, int expert_alignment) {
+  args.exchange_counts = true;
+  args.is_token_in_rank = b.is_token_in_rank.get<bool const>();
+  args.num_tokens_per_expert = b.num_tokens_per_expert.get<int32_t const>();
+  args.num_tokens = num_tokens;
+  args.expert_alignment = expert_alignment;
+  args.recv_rank_prefix = b.recv_rank_prefix.get<int32_t>();
+  args.recv_channel_prefix_matrix = b.recv_channel_prefix.get<int32_t>();
+  args.num_recv_tokens_per_expert = b.num_recv_per_expert.get<int32_t>();
+}
+
 // The dispatch fields of `args` that intranode and internode dispatch share (kernels/intranode.hpp
 // EPCOMM_DISPATCH_FIELDS), from rank buffers `b` with `num_tokens` tokens.
 template <class Args>
