@@ -3,7 +3,10 @@
 * ``epcomm._C`` (g++, always built): the cpu device runtime (POSIX shared memory) with the SIMT
   layer, so kernels run on the CPU.
 * ``epcomm._C_cuda`` (nvcc, sm_90 + sm_100, PTX for newer): the cuda device runtime; built whenever nvcc is found.
-  ``EPCOMM_BUILD_CUDA=0`` skips it, ``EPCOMM_BUILD_CUDA=1`` makes a missing nvcc an error.
+  ``EPCOMM_BUILD_CUDA=0`` skips it, ``EPCOMM_BUILD_CUDA=1`` makes a missing nvcc an error. With NCCL's
+  headers (the ``nvidia-nccl`` wheel torch depends on, or ``NCCL_HOME``) it also carries the internode
+  kernels over NCCL GIN and links ``libnccl.so.2``; without them it is built for one node only, and
+  across nodes the backend says what is missing.
 
 Install with ``pip install --no-build-isolation -e .`` (an isolated build environment has no
 torch). CUDA_HOME is found from nvcc even when the nvcc on PATH is a wrapper script, and ninja
@@ -44,6 +47,21 @@ def _cuda_home_from_nvcc() -> str | None:
     return str(home) if (home / "include" / "cuda_runtime.h").exists() else None
 
 
+def _nccl_home() -> Path | None:
+    """NCCL's root (include/nccl_device.h, lib/libnccl.so.2): NCCL_HOME, else the nvidia-nccl wheel."""
+    candidates = [os.environ["NCCL_HOME"]] if os.environ.get("NCCL_HOME") else []
+    try:
+        import nvidia.nccl  # torch's dependency (nvidia-nccl-cu13); a namespace package: no __file__
+
+        candidates += list(nvidia.nccl.__path__)
+    except ImportError:
+        pass
+    for home in map(Path, candidates):
+        if (home / "include" / "nccl_device.h").exists() and (home / "lib" / "libnccl.so.2").exists():
+            return home
+    return None
+
+
 def _extensions() -> tuple[list, dict]:
     cuda_home = _cuda_home_from_nvcc()
     want_cuda = os.environ.get("EPCOMM_BUILD_CUDA", "auto")
@@ -77,15 +95,26 @@ def _extensions() -> tuple[list, dict]:
     ]
     if build_cuda:
         lib64 = str(Path(cuda_home) / "lib64")
+        sources = ["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cuda_runtime.cu",
+                   f"{runtime}/cuda_entries.cu", "csrc/kernels/intranode_launch.cu"]
+        include_dirs, link_args = [str(CSRC)], [f"-Wl,-rpath,{lib64}"]
+        nccl = _nccl_home()
+        if nccl is not None:
+            # across nodes: the internode kernels over NCCL GIN (their entries register themselves), the
+            # network set-up, and libnccl.so.2 (the wheel ships only the versioned name; rpath to it)
+            sources += [f"{runtime}/gin_network.cu", f"{runtime}/gin_setup.cu", f"{runtime}/gin_entries.cu",
+                        "csrc/kernels/internode_launch_gin.cu"]
+            include_dirs.append(str(nccl / "include"))
+            link_args += [f"-L{nccl / 'lib'}", "-l:libnccl.so.2", f"-Wl,-rpath,{nccl / 'lib'}"]
+        else:
+            print("epcomm: NCCL's headers not found (no nvidia-nccl wheel, NCCL_HOME unset): epcomm._C_cuda is built "
+                  "without the internode kernels; across nodes backend='cuda' will say so", file=sys.stderr)
+            sources.append(f"{runtime}/gin_network_absent.cpp")
         extensions.append(
             CUDAExtension(
                 "epcomm._C_cuda",
-                sources=["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cuda_runtime.cu",
-                         f"{runtime}/cuda_entries.cu", "csrc/kernels/intranode_launch.cu",
-                         # the internode kernels over peer memory (ShmTransport), compiled in; not yet
-                         # registered as entries (GPU runs across nodes wait for the GIN transport)
-                         "csrc/kernels/internode_launch.cu"],
-                include_dirs=[str(CSRC)],
+                sources=sources,
+                include_dirs=include_dirs,
                 extra_compile_args={
                     "cxx": [*common, "-DEPCOMM_WITH_CUDA_RUNTIME=1"],
                     # our own -gencode replaces torch's arch flags: sm_90 (H100/H200), sm_100 (B200/GB200),
@@ -93,7 +122,7 @@ def _extensions() -> tuple[list, dict]:
                     "nvcc": ["-std=c++20", "-O2", "-gencode=arch=compute_90,code=sm_90",
                              "-gencode=arch=compute_100,code=sm_100", "-gencode=arch=compute_100,code=compute_100"],
                 },
-                extra_link_args=[f"-Wl,-rpath,{lib64}"],
+                extra_link_args=link_args,
             )
         )
     return extensions, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

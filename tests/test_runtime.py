@@ -247,15 +247,16 @@ def test_cuda_runtime_without_gpu_is_a_clear_error(pools):
         assert "no CUDA GPU/driver on this machine: use backend='sim' or 'torch'" in message, message
 
 
-def test_cuda_extension_carries_the_intranode_kernels():
-    """The cuda build has the cpu build's intranode kernel entries (compiled for sm_90 by setup.py)."""
+def test_cuda_extension_carries_the_intranode_and_internode_kernels():
+    """The cuda build has the cpu build's intranode kernel entries and, when NCCL's headers were there at
+    build time (GIN_BUILT), its internode ones over GIN (compiled for sm_90 and sm_100 by setup.py)."""
     try:
         ext = load_extension("cuda")
     except epcomm.EpcommBackendUnavailable as err:
         pytest.skip(f"the cuda extension is not built here: {err}")
-    cpu = {name for name in load_extension("cpu").registered_kernels()
-           if not name.startswith(("internode_", "low_latency_"))}
-    assert set(ext.registered_kernels()) == cpu  # internode and low-latency on GPUs wait for the GIN transport
+    skipped = ("low_latency_",) if ext.GIN_BUILT else ("internode_", "low_latency_")
+    cpu = {name for name in load_extension("cpu").registered_kernels() if not name.startswith(skipped)}
+    assert set(ext.registered_kernels()) == cpu  # low-latency on GPUs waits for its GIN signal range
 
 
 def cuda_buffer_without_gpu(rank, world):
@@ -264,6 +265,28 @@ def cuda_buffer_without_gpu(rank, world):
     except epcomm.EpcommBackendUnavailable as err:
         return str(err)
     return "no error"
+
+
+def cuda_buffer_on_nodes(rank, world, num_nvl_ranks):
+    try:
+        epcomm.Buffer(None, backend="cuda", num_nvl_ranks=num_nvl_ranks)
+    except epcomm.EpcommBackendUnavailable as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - the test says which error it was
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+@pytest.mark.parametrize("num_nvl_ranks", [2, 4], ids=["2x2", "1x4"])
+def test_cuda_backend_takes_multi_node_groups_and_names_the_missing_gpu(pools, num_nvl_ranks):
+    """Across nodes too (the two-hop kernels over CUDA IPC + NCCL GIN), a machine without a GPU makes every
+    rank raise EpcommBackendUnavailable naming the missing GPU, not a refusal of the group's shape."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for message in pools(4).run(cuda_buffer_on_nodes, num_nvl_ranks):
+        assert "backend 'cuda' is unavailable on 4 of 4 ranks" in message, message
+        assert all(f"rank {r}: torch.cuda.is_available() is False" in message for r in range(4)), message
+        assert "intranode-only" not in message, message
 
 
 def test_cuda_backend_without_gpu_fails_on_every_rank(pools):

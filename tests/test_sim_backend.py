@@ -73,12 +73,10 @@ def flat_across_nodes(rank, world, backend, algorithm="flat"):
 
 
 def test_kernel_backends_run_two_hop_across_nodes(pools):
-    """The kernels implement the two-hop path across nodes; asking sim for flat says so on every rank
-    (and cuda, intranode-only for now, says it is)."""
-    for name, message in pools(4).run(flat_across_nodes, "sim"):
-        assert name == "ValueError" and "runs the two-hop kernels across nodes" in message, message
-    for name, message in pools(4).run(flat_across_nodes, "cuda", "auto"):
-        assert name == "EpcommBackendUnavailable" and "intranode-only" in message and "backend='sim'" in message
+    """The kernels implement the two-hop path across nodes; asking sim or cuda for flat says so on every rank."""
+    for backend in ("sim", "cuda"):
+        for name, message in pools(4).run(flat_across_nodes, backend):
+            assert name == "ValueError" and "runs the two-hop kernels across nodes" in message, message
 
 
 def test_auto_does_not_pick_sim():

@@ -18,6 +18,9 @@
 #include <cstring>
 
 #include "../runtime/device_runtime.hpp"
+#if defined(EPCOMM_WITH_CUDA_RUNTIME)
+#include "../runtime/gin_network.hpp"
+#endif
 #include "../runtime/internode_entries.hpp"
 #include "../runtime/low_latency_entries.hpp"
 #include "../runtime/intranode_entries.hpp"
@@ -68,8 +71,8 @@ IpcHandle handle_from_bytes(py::bytes const& data) {
 // A runtime with its default stream, as Python sees it.
 class PyRuntime {
  public:
-  PyRuntime(int rank, int num_ranks, std::string run_token, int device)
-      : runtime_(make_runtime(RuntimeOptions{rank, num_ranks, std::move(run_token), device})) {}
+  PyRuntime(int rank, int num_ranks, std::string run_token, int device, int num_nvl_ranks)
+      : runtime_(make_runtime(RuntimeOptions{rank, num_ranks, std::move(run_token), device, num_nvl_ranks})) {}
 
   DeviceRuntime& get() {
     if (!runtime_) throw RuntimeError(ErrorCode::kInvalidArgument, "this runtime was closed");
@@ -147,8 +150,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<PyRuntime>(m, "DeviceRuntime",
                         "One rank's device runtime: its peer-visible buffer, the peers' mappings, kernels.")
-      .def(py::init<int, int, std::string, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("run_token"),
-           py::arg("device") = -1)
+      .def(py::init<int, int, std::string, int, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("run_token"),
+           py::arg("device") = -1, py::arg("num_nvl_ranks") = 0)
       .def_property_readonly("kind", [](PyRuntime& self) { return std::string(self.get().kind()); })
       .def_property_readonly("rank", [](PyRuntime& self) { return self.get().rank(); })
       .def_property_readonly("num_ranks", [](PyRuntime& self) { return self.get().num_ranks(); })
@@ -169,6 +172,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            },
            py::arg("handles"))
       .def("release_names", [](PyRuntime& self) { self.get().release_names(); })
+      .def("open_network",
+           [](PyRuntime& self, py::bytes const& network_id, size_t rdma_bytes, int num_signals, double timeout_s) {
+             IpcHandle const id = handle_from_bytes(network_id);
+             py::gil_scoped_release release;
+             self.get().open_network(id, rdma_bytes, num_signals, timeout_s);
+           },
+           py::arg("network_id"), py::arg("rdma_bytes"), py::arg("num_signals"), py::arg("timeout_s"),
+           "Collective across every node: the network between nodes (cuda: NCCL GIN) from rank 0's "
+           "create_network_id(); an RDMA window of rdma_bytes and num_signals signals. kNoDevice where there is none.")
+      .def_property_readonly("network_rdma_bytes",
+                             [](PyRuntime& self) -> size_t {
+#if defined(EPCOMM_WITH_CUDA_RUNTIME)
+                               if (GinNetwork* network = self.get().network()) return network->rdma_bytes();
+#endif
+                               return 0;
+                             })
+      .def_property_readonly("network_signals",
+                             [](PyRuntime& self) -> int {
+#if defined(EPCOMM_WITH_CUDA_RUNTIME)
+                               if (GinNetwork* network = self.get().network()) return network->num_signals();
+#endif
+                               return 0;
+                             })
+      .def("zero_network", [](PyRuntime& self) { self.get().zero_network(self.get().default_stream()); },
+           "Zero this rank's RDMA window (a re-layout), in stream order; nothing without a network.")
       .def("close", &PyRuntime::close,
            "Unmap and free everything; idempotent. Only after every peer's close_peers() (a host barrier between).")
       .def("close_peers", &PyRuntime::close_peers,
@@ -249,6 +277,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "'' when the intranode kernels take this spec, else the rule it breaks.");
   m.def("spec_problem", py::overload_cast<kernels::InternodeSpec const&>(&entries::spec_problem), py::arg("spec"),
         "'' when the internode kernels take this spec, else the rule it breaks.");
+
+  m.def("transport_signals",
+        [](kernels::InternodeSpec const& spec) {
+          return kernels::RdmaWorkspace(spec.workspace, spec.config).num_signals();
+        },
+        py::arg("spec"), "Transport signals the internode kernels of `spec` use (a GIN session needs as many).");
+
+#if defined(EPCOMM_WITH_CUDA_RUNTIME)
+  m.attr("GIN_BUILT") = gin_network_built();
+  m.def("create_network_id",
+        [] {
+          NetworkId const id = create_network_id();
+          return py::bytes(reinterpret_cast<char const*>(id.data()), id.size());
+        },
+        "An NCCL unique id (rank 0 makes it; the process group carries it to every rank's open_network).");
+#endif
 
 #if defined(EPCOMM_WITH_CPU_RUNTIME)
   m.def("segment_name", &cpu_segment_name, py::arg("run_token"), py::arg("rank"));

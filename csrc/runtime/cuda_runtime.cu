@@ -4,14 +4,22 @@
 //
 // Without a usable GPU every entry point fails with RuntimeError(kNoDevice): the process has no
 // CUDA driver (cudaErrorInsufficientDriver, 35) or no device (cudaErrorNoDevice, 100).
+//
+// Across nodes (RuntimeOptions::num_nvl_ranks < num_ranks): CUDA IPC reaches this node's GPUs only, so
+// open_peers maps the ranks of this node (node * L .. node * L + L - 1) and leaves the others' table
+// entries null; the peer barrier runs over this node's ranks (the Python side meets the other nodes on
+// the host after it); the network between nodes is a GinNetwork (gin_network.hpp, open_network), whose
+// teardown is collective and runs in close_peers, before the IPC mappings go.
 
 #include <cuda_runtime.h>
 #include <unistd.h>
 
 #include <cstring>
+#include <limits>
 #include <memory>
 
 #include "device_runtime.hpp"
+#include "gin_network.hpp"
 #include "peer_barrier.cuh"
 
 namespace epcomm::runtime {
@@ -92,6 +100,10 @@ class CudaRuntime final : public DeviceRuntime {
     if (count == 0) check_cuda(cudaErrorNoDevice, "cudaGetDeviceCount");
     if (options_.device >= 0) check_cuda(cudaSetDevice(options_.device), "cudaSetDevice");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
+    num_nvl_ranks_ = options_.num_nvl_ranks > 0 ? options_.num_nvl_ranks : num_ranks();
+    if (num_ranks() % num_nvl_ranks_ != 0)
+      throw RuntimeError(ErrorCode::kInvalidArgument, "num_nvl_ranks=" + std::to_string(num_nvl_ranks_) +
+                                                          " does not divide num_ranks=" + std::to_string(num_ranks()));
     int clock_khz = 0;
     check_cuda(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_), "cudaDeviceGetAttribute(clock rate)");
     ticks_per_second_ = double(clock_khz) * 1e3;
@@ -149,14 +161,25 @@ class CudaRuntime final : public DeviceRuntime {
                            "open_peers: rank " + std::to_string(peer) + "'s buffer has " +
                                std::to_string(handle.total_bytes) + " bytes, this rank's " + std::to_string(total_bytes_) +
                                " (every rank allocates the same size)");
-      if (peer == rank()) continue;
+      if (peer == rank() || !on_this_node(peer)) continue;  // other nodes: through the network only
       void* base = nullptr;
-      check_cuda(cudaIpcOpenMemHandle(&base, handle.ipc, cudaIpcMemLazyEnablePeerAccess),
-                 ("cudaIpcOpenMemHandle(rank " + std::to_string(peer) + ")").c_str());
+      cudaError_t const opened = cudaIpcOpenMemHandle(&base, handle.ipc, cudaIpcMemLazyEnablePeerAccess);
+      if (opened != cudaSuccess && !is_no_device(opened))
+        // Refused IPC (a container without a shared IPC namespace, GPUs without peer access, a wrong
+        // num_nvl_ranks putting another node's rank here): this machine cannot run the backend as asked.
+        throw RuntimeError(ErrorCode::kNoDevice,
+                           "CUDA IPC refused: cudaIpcOpenMemHandle(rank " + std::to_string(peer) + ", pid " +
+                               std::to_string(handle.pid) + ") failed with " + cudaGetErrorName(opened) + ": " +
+                               cudaGetErrorString(opened) + " (are ranks " + std::to_string(first_node_rank()) + ".." +
+                               std::to_string(first_node_rank() + num_nvl_ranks_ - 1) +
+                               " on one machine, with peer access between their GPUs? num_nvl_ranks=" +
+                               std::to_string(num_nvl_ranks_) + ")");
+      check_cuda(opened, ("cudaIpcOpenMemHandle(rank " + std::to_string(peer) + ")").c_str());
       bases_[size_t(peer)] = base;
       peer_data_[size_t(peer)] = static_cast<char*>(base) + kControlBytes;
     }
     // Device-side pointer tables for kernels
+    // [R] by world rank; null for the ranks of other nodes (never mapped, never read by a kernel)
     std::vector<uint64_t*> flags(static_cast<size_t>(num_ranks()));
     for (int peer = 0; peer < num_ranks(); ++peer) flags[size_t(peer)] = static_cast<uint64_t*>(bases_[size_t(peer)]);
     size_t const table_bytes = sizeof(void*) * size_t(num_ranks());
@@ -175,8 +198,40 @@ class CudaRuntime final : public DeviceRuntime {
 
   void release_names() override {}  // IPC handles need no cleanup: the allocation owns them
 
+  void open_network(NetworkId const& network_id, size_t rdma_bytes, int num_signals, double timeout_s) override {
+    check_state("open_network", true, true);
+    if (network_ != nullptr)
+      throw RuntimeError(ErrorCode::kInvalidArgument, "open_network: already called (once per runtime)");
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");  // NCCL binds the communicator to the current device
+    network_ = std::make_unique<GinNetwork>(network_id, rank(), num_ranks(), rdma_bytes, num_signals, timeout_s);
+    network_timeout_s_ = timeout_s;
+  }
+
+  GinNetwork* network() const override { return network_.get(); }
+
   // Peers' IPC mappings and the device peer tables (which point into them); this rank's buffer stays.
+  // Across nodes first the network, collectively (every rank's close_peers is part of the collective
+  // teardown): after this rank's stream is idle, as GinSession::close requires. A failed network
+  // teardown aborts the communicator, still unmaps the peers, then throws. A network aborted after a host
+  // timeout is only dropped: its kernel may still run, so the stream is not waited for.
   void close_peers() override {
+    std::string network_failure;
+    if (network_ != nullptr && !network_->usable()) network_.reset();
+    if (network_ != nullptr) {
+      try {
+        default_stream().synchronize();
+        network_->close(network_timeout_s_);
+      } catch (std::exception const& error) {
+        network_->abort();
+        network_failure = error.what();
+      }
+      network_.reset();
+    }
+    unmap_peers();
+    if (!network_failure.empty()) throw RuntimeError(ErrorCode::kSystem, "close_peers: " + network_failure);
+  }
+
+  void unmap_peers() {
     for (int peer = 0; peer < int(bases_.size()); ++peer) {
       if (peer == rank() || bases_[size_t(peer)] == nullptr) continue;
       cudaIpcCloseMemHandle(bases_[size_t(peer)]);
@@ -198,7 +253,13 @@ class CudaRuntime final : public DeviceRuntime {
   void release(bool free_own) {
     if (closed_) return;
     closed_ = true;
-    close_peers();
+    if (network_ != nullptr) {
+      // Still open: close_peers (the collective part) was skipped, so the peers may not be there to
+      // meet: abort, which is local and never waits (abandon, the destructor, a close without close_peers).
+      network_->abort();
+      network_.reset();
+    }
+    unmap_peers();
     if (free_own && local_base_ != nullptr) cudaFree(local_base_);
     local_base_ = nullptr;
     bases_.clear();
@@ -223,33 +284,52 @@ class CudaRuntime final : public DeviceRuntime {
                "cudaMemsetAsync");
   }
 
+  void zero_network(Stream& stream) override {
+    if (network_ == nullptr || !network_->usable()) return;
+    check_cuda(cudaMemsetAsync(network_->local_buffer(), 0, network_->rdma_bytes(), native_stream(stream)),
+               "cudaMemsetAsync(RDMA window)");
+  }
+
   std::unique_ptr<Stream> create_stream() override { return std::make_unique<CudaStream>(); }
   std::unique_ptr<Event> create_event() override { return std::make_unique<CudaEvent>(); }
   double clock_ticks_per_second() const override { return ticks_per_second_; }
 
  protected:
+  // Over this node's ranks: their flag slots are indexed by local rank (the kernel sees a node of L ranks).
+  // Across nodes the Python side meets the other nodes on the host after it (CudaRuntime.barrier).
   bool launch_peer_barrier(Stream& stream, uint64_t epoch, double timeout_s) override {
     status_->timed_out = 0;
-    PeerBarrierArgs args{static_cast<uint64_t* const*>(device_flag_table_), static_cast<uint64_t*>(local_base_),
-                         device_status_, rank(), num_ranks(), epoch, (long long)(timeout_s * ticks_per_second_)};
+    PeerBarrierArgs args{static_cast<uint64_t* const*>(device_flag_table_) + first_node_rank(),
+                         static_cast<uint64_t*>(local_base_), device_status_, rank() - first_node_rank(),
+                         num_nvl_ranks_, epoch, (long long)(timeout_s * ticks_per_second_)};
     peer_barrier_kernel<<<1, kPeerBarrierThreads, 0, native_stream(stream)>>>(args);
     check_cuda(cudaGetLastError(), "peer_barrier launch");
     stream.synchronize();
     return status_->timed_out != 0;
   }
 
+  // By world rank: slot i of this node's barrier is rank first_node_rank() + i; ranks of other nodes
+  // take no part in it and read as arrived.
   std::vector<uint64_t> read_own_flags() override {
-    std::vector<uint64_t> flags(static_cast<size_t>(num_ranks()));
+    std::vector<uint64_t> slots(static_cast<size_t>(num_nvl_ranks_));
     // after the barrier kernel (synchronized on its stream); read on the runtime's stream, not the legacy one
-    check_cuda(cudaMemcpyAsync(flags.data(), local_base_, flags.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost,
+    check_cuda(cudaMemcpyAsync(slots.data(), local_base_, slots.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost,
                                native_stream(default_stream())),
                "cudaMemcpyAsync(barrier flags)");
     default_stream().synchronize();
+    std::vector<uint64_t> flags(static_cast<size_t>(num_ranks()), std::numeric_limits<uint64_t>::max());
+    for (int local = 0; local < num_nvl_ranks_; ++local) flags[size_t(first_node_rank() + local)] = slots[size_t(local)];
     return flags;
   }
 
  private:
+  int first_node_rank() const { return rank() / num_nvl_ranks_ * num_nvl_ranks_; }
+  bool on_this_node(int peer) const { return peer / num_nvl_ranks_ == rank() / num_nvl_ranks_; }
+
   int device_ = 0;
+  int num_nvl_ranks_ = 1;
+  std::unique_ptr<GinNetwork> network_;  // across nodes, once open_network ran
+  double network_timeout_s_ = 0;
   double ticks_per_second_ = 1e9;
   bool closed_ = false;
   size_t total_bytes_ = 0;

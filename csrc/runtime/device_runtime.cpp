@@ -30,6 +30,11 @@ DeviceRuntime::DeviceRuntime(RuntimeOptions options) : options_(std::move(option
                                                         std::to_string(options_.num_ranks) + ")");
 }
 
+void DeviceRuntime::open_network(std::array<uint8_t, kHandleBytes> const&, size_t, int, double) {
+  throw RuntimeError(ErrorCode::kNoDevice, std::string("the ") + kind() + " runtime has no network between nodes "
+                                           "(its transport reaches every rank's mapped buffer)");
+}
+
 void* DeviceRuntime::peer_data(int rank) const {
   if (rank < 0 || rank >= num_ranks())
     throw RuntimeError(ErrorCode::kInvalidArgument,

@@ -95,7 +95,12 @@ struct RuntimeOptions {
   int num_ranks = 1;
   std::string run_token;  // the same on every rank of one run: names the cpu segments (hex, <= 32 chars)
   int device = -1;        // cuda: the device to use (-1: the current one); ignored by cpu
+  // Ranks per node (0: every rank on one node). cuda: open_peers maps this node's ranks only (CUDA IPC
+  // does not reach other nodes; the network does, open_network). cpu: ignored, every rank maps every rank.
+  int num_nvl_ranks = 0;
 };
+
+class GinNetwork;  // gin_network.hpp: the cuda runtime's network across nodes
 
 class DeviceRuntime;
 
@@ -155,17 +160,30 @@ class DeviceRuntime {
   // called. Idempotent.
   virtual void abandon() = 0;
 
+  // The network between nodes, collective over every rank of every node (cuda: an NCCL communicator made
+  // from `network_id`, which rank 0 made with create_network_id() and every rank got from it, and a GIN
+  // session: an RDMA window of rdma_bytes and num_signals signals; gin_network.hpp). Throws kNoDevice
+  // where there is none: the cpu runtime (its ShmTransport reaches every rank's mapped buffer), or a cuda
+  // build without NCCL's headers. Call after open_peers; once per runtime (a new window: a new runtime).
+  virtual void open_network(std::array<uint8_t, kHandleBytes> const& network_id, size_t rdma_bytes, int num_signals,
+                            double timeout_s);
+  // The network open_network made, or null.
+  virtual GinNetwork* network() const { return nullptr; }
+
   size_t num_bytes() const { return num_bytes_; }
   bool peers_open() const { return peers_open_; }
   // The data region of rank r's buffer as mapped in this process (device pointers on cuda).
   void* peer_data(int rank) const;
   void* local_data() const { return peer_data(rank()); }
-  // Device-accessible arrays of num_ranks pointers: every rank's data region / control region.
+  // Device-accessible arrays of num_ranks pointers: every rank's data region / control region (cuda across
+  // nodes: null for the ranks of other nodes, which are not mapped).
   virtual void* const* device_peer_data_table() const = 0;
   virtual uint64_t* const* device_peer_flag_table() const = 0;
 
   // Zeroes num_bytes of this rank's data region from offset, in stream order.
   virtual void zero(Stream& stream, size_t offset, size_t num_bytes) = 0;
+  // Zeroes this rank's RDMA window of the network (a re-layout), in stream order; nothing without a network.
+  virtual void zero_network(Stream& /*stream*/) {}
 
   virtual std::unique_ptr<Stream> create_stream() = 0;
   virtual std::unique_ptr<Event> create_event() = 0;

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <climits>
 #include <string>
 
@@ -37,18 +38,33 @@ char const* gin_type_name(int type) {
   throw RuntimeError(code, "GIN transport: " + message);
 }
 
-// A non-blocking communicator (torch's TORCH_NCCL_USE_COMM_NONBLOCKING) answers ncclInProgress
-// first; the call's real outcome is then the communicator's async error once it settles.
-ncclResult_t settle(ncclComm_t comm, ncclResult_t result) {
+using Clock = std::chrono::steady_clock;
+
+// When a collective call must have settled by; Clock::time_point::max(): no limit.
+Clock::time_point deadline_after(double timeout_s) {
+  if (!(timeout_s > 0)) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+}
+
+// A non-blocking communicator (the cuda runtime's own, gin_network.cu) answers ncclInProgress
+// first; the call's real outcome is then the communicator's async error once it settles. Past
+// `deadline` the call is reported as ncclInProgress still (the caller names it and aborts the communicator).
+ncclResult_t settle(ncclComm_t comm, ncclResult_t result, Clock::time_point deadline = Clock::time_point::max()) {
   while (result == ncclInProgress) {
     if (ncclResult_t const query = ncclCommGetAsyncError(comm, &result); query != ncclSuccess) return query;
+    if (result == ncclInProgress && Clock::now() >= deadline) return ncclInProgress;
   }
   return result;
 }
 
-// Throws for a failed NCCL call: the call, NCCL's words for it, and what to do.
-void check_nccl(ncclComm_t comm, ncclResult_t result, char const* call, std::string const& advice) {
-  result = settle(comm, result);
+// Throws for a failed NCCL call: the call, NCCL's words for it, and what to do; kTimeout when it
+// did not settle by `deadline` (a peer that never made the matching call).
+void check_nccl(ncclComm_t comm, ncclResult_t result, char const* call, std::string const& advice,
+                Clock::time_point deadline = Clock::time_point::max()) {
+  result = settle(comm, result, deadline);
+  if (result == ncclInProgress)
+    fail(ErrorCode::kTimeout, std::string(call) + " did not complete in time: some rank did not make the same "
+                                                  "collective call (dead, late, or failed earlier)");
   if (result == ncclSuccess) return;
   std::string message = std::string(call) + " failed with " + ncclGetErrorString(result) + " (ncclResult_t " +
                         std::to_string(int(result)) + ")";
@@ -123,6 +139,8 @@ void check_backends(ncclDevComm const& dev_comm, int num_signals) {
 
 struct GinSession::State {
   ncclComm_t comm = nullptr;
+  double timeout_s = 0;                      // per collective call (0: no limit)
+  int num_signals = 0;
   int gin_type = NCCL_GIN_TYPE_NONE;
   size_t buffer_bytes = 0;
   void* buffer = nullptr;                    // ncclMemAlloc
@@ -139,9 +157,12 @@ struct GinSession::State {
       if (failed && first.empty()) first = std::string(call) + " failed";
     };
     if (device_dev_comm != nullptr) note(cudaFree(device_dev_comm) != cudaSuccess, "cudaFree");
-    if (has_dev_comm) note(settle(comm, ncclDevCommDestroy(comm, &dev_comm)) != ncclSuccess, "ncclDevCommDestroy");
+    if (has_dev_comm)
+      note(settle(comm, ncclDevCommDestroy(comm, &dev_comm), deadline_after(timeout_s)) != ncclSuccess,
+           "ncclDevCommDestroy");
     if (window != nullptr)
-      note(settle(comm, ncclCommWindowDeregister(comm, window)) != ncclSuccess, "ncclCommWindowDeregister");
+      note(settle(comm, ncclCommWindowDeregister(comm, window), deadline_after(timeout_s)) != ncclSuccess,
+           "ncclCommWindowDeregister");
     if (buffer != nullptr) note(ncclMemFree(buffer) != ncclSuccess, "ncclMemFree");
     device_dev_comm = nullptr, has_dev_comm = false, window = nullptr, buffer = nullptr;
     return first;
@@ -149,12 +170,15 @@ struct GinSession::State {
   ~State() { release(); }
 };
 
-GinSession::GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals) : state_(std::make_unique<State>()) {
+GinSession::GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals, double timeout_s)
+    : state_(std::make_unique<State>()) {
   if (comm == nullptr || buffer_bytes == 0 || num_signals <= 0)
     fail(ErrorCode::kInvalidArgument, "GinSession needs a communicator, buffer_bytes > 0 and num_signals > 0 (got " +
                                           std::to_string(buffer_bytes) + ", " + std::to_string(num_signals) + ")");
   State& s = *state_;
   s.comm = comm;
+  s.timeout_s = timeout_s;
+  s.num_signals = num_signals;
   ncclCommProperties_t const properties = query_properties(comm);
   s.gin_type = properties.ginType;
 
@@ -165,13 +189,15 @@ GinSession::GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals) : 
   check_cuda(cudaMemset(s.buffer, 0, s.buffer_bytes), "cudaMemset");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   check_nccl(comm, ncclCommWindowRegister(comm, s.buffer, s.buffer_bytes, &s.window, NCCL_WIN_COLL_SYMMETRIC),
-             "ncclCommWindowRegister", "every rank must register the same size at the same point");
+             "ncclCommWindowRegister", "every rank must register the same size at the same point",
+             deadline_after(timeout_s));
 
   ncclDevCommRequirements_t const reqs = requirements(num_signals);
   check_nccl(comm, ncclDevCommCreate(comm, &reqs, &s.dev_comm), "ncclDevCommCreate",
              "GIN could not be set up for " + std::to_string(num_signals) +
                  " signals, 1 context, every rank connected (NCCL_DEBUG=INFO says why; NCCL_GIN_TYPE=2 "
-                 "selects the proxy backend); or " + kOtherTransports);
+                 "selects the proxy backend); or " + kOtherTransports,
+             deadline_after(timeout_s));
   s.has_dev_comm = true;
   check_backends(s.dev_comm, num_signals);
 
@@ -201,6 +227,13 @@ transport::GinTransport const& GinSession::transport() const {
 size_t GinSession::buffer_bytes() const { return state_->buffer_bytes; }
 
 int GinSession::gin_type() const { return state_->gin_type; }
+
+int GinSession::num_signals() const { return state_->num_signals; }
+
+void GinSession::abandon() noexcept {
+  State& s = *state_;
+  s.device_dev_comm = nullptr, s.has_dev_comm = false, s.window = nullptr, s.buffer = nullptr;
+}
 
 void GinSession::close() {
   if (std::string const failure = state_->release(); !failure.empty())

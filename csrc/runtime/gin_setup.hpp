@@ -7,12 +7,13 @@
 //   ... launch, synchronize ...
 //   session.close();                                      // collective; the destructor does it too
 //
-// Where the communicator comes from: torch's ProcessGroupNCCL owns one per device, and
-// c10d::ProcessGroupNCCL::getCommPtr() returns it as an int64_t (torch 2.14 also binds it to
-// Python as `_comm_ptr()` on the group's NCCL backend, `group._get_backend(torch.device("cuda"))`).
-// It exists only once NCCL has been initialised on that group (init_process_group(device_id=...)
-// or a first collective). The session borrows it: the process group must outlive the session.
-// (The torch glue is not here.)
+// Where the communicator comes from: the cuda runtime makes its own from an NCCL unique id carried
+// over the Buffer's process group (gin_network.hpp: no private torch API, any group). The session
+// borrows it: the communicator must outlive the session.
+//
+// Deadlines: with a non-blocking communicator (ncclConfig_t.blocking = 0) NCCL answers ncclInProgress
+// and the call settles later; `timeout_s` > 0 bounds that wait (RuntimeError kTimeout naming the call),
+// so a peer that never makes the matching collective call cannot hold this rank forever.
 //
 // Errors throw RuntimeError (device_runtime.hpp; a std::runtime_error) naming the failed call,
 // NCCL's description, and what to do; ErrorCode::kNoDevice when this communicator cannot do GIN.
@@ -37,7 +38,8 @@ class GinSession {
   // Collective over `comm`. Allocates and registers a symmetric RDMA buffer of `buffer_bytes`
   // (rounded up to NCCL_WIN_REQUIRED_ALIGNMENT, zeroed) and a device communicator with
   // `num_signals` GIN signals and one GIN context.
-  GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals);
+  // timeout_s > 0: how long each collective call may take to settle (see above); 0: no limit.
+  GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals, double timeout_s = 0);
   ~GinSession();  // close() if still open, without throwing
   GinSession(GinSession const&) = delete;
   GinSession& operator=(GinSession const&) = delete;
@@ -47,8 +49,13 @@ class GinSession {
   size_t buffer_bytes() const;
   int gin_type() const;  // ncclGinType_t from ncclCommQueryProperties
 
+  int num_signals() const;
+
   // Collective: no kernel may still use the transport (synchronize its streams first).
   void close();
+  // After ncclCommAbort: forgets the window, buffer and device communicator without NCCL calls (an
+  // aborted communicator takes none); they are released with the process. Local, never throws.
+  void abandon() noexcept;
 
  private:
   struct State;

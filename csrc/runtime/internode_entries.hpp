@@ -2,12 +2,14 @@
 // The internode (two-hop) kernels (kernels/internode.hpp) as entries of a device runtime, generic
 // over the Target (kernel_entries.hpp) and the Transport (transport/transport.cuh): an entry for a
 // new pair is an instantiation plus, for a new transport, one TransportBinding specialization.
-// Each rank's data region is [NVL workspace | RDMA workspace at spec.rdma_offset].
+// Each rank's data region holds the NVL workspace at 0; where the RDMA workspace lives is the
+// binding's business: ShmTransport's is in the data region at spec.rdma_offset (after the NVL one),
+// GinTransport's is the NCCL window of the runtime's network (gin_entries.cu), where spec.rdma_offset
+// only bounds the NVL region.
 //
-// Instantiated today: cpu + ShmTransport (cpu_entries.cpp: every rank's buffer mapped by every
-// rank through POSIX shared memory, ShmTransport's puts standing in for the network). The cuda
-// runtime needs GinTransport (its binding builds the transport from the runtime's NCCL GIN
-// session, runtime/gin_setup.cu) and a Target whose peer-table pointers are device memory.
+// Instantiated: cpu + ShmTransport (cpu_entries.cpp: every rank's buffer mapped by every rank through
+// POSIX shared memory, ShmTransport's puts standing in for the network) and cuda + GinTransport
+// (gin_entries.cu: the NVL peers of this node over CUDA IPC, the network over NCCL GIN).
 
 #include <string>
 #include <utility>
@@ -40,6 +42,12 @@ struct TransportBinding<transport::ShmTransport> {
     return {runtime.rank(), runtime.num_ranks(), spec.workspace.num_nvl_ranks, rdma_buffers.data(),
             workspace.signals_offset, byte_counters};
   }
+  // The RDMA region is the rest of the data region after spec.rdma_offset.
+  static size_t rdma_capacity(KernelCall const& call, kernels::InternodeSpec const& spec) {
+    size_t const offset = size_t(spec.rdma_offset < 0 ? 0 : spec.rdma_offset);
+    return call.runtime.num_bytes() > offset ? call.runtime.num_bytes() - offset : 0;
+  }
+  void host_gave_up() {}  // CPU grids run to completion
 };
 
 // "" when the internode kernels take `spec`, else the rule it breaks.
@@ -75,12 +83,16 @@ kernels::InternodeComm<Transport> internode_comm(KernelCall const& call, kernels
   comm.nvl_workspace = kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl);
   comm.rdma_workspace = kernels::RdmaWorkspace(shape, spec.config);
   size_t const nvl_bytes = comm.nvl_workspace.required_bytes(), rdma_bytes = comm.rdma_workspace.required_bytes();
-  if (spec.rdma_offset < 0 || nvl_bytes > size_t(spec.rdma_offset) || size_t(spec.rdma_offset) + rdma_bytes > runtime.num_bytes())
+  size_t const rdma_capacity = TransportBinding<Transport>::rdma_capacity(call, spec);
+  if (spec.rdma_offset < 0 || nvl_bytes > size_t(spec.rdma_offset) || size_t(spec.rdma_offset) > runtime.num_bytes() ||
+      rdma_bytes > rdma_capacity)
     throw invalid_argument(name, "the kernels need " + std::to_string(nvl_bytes) + " NVL bytes before rdma_offset=" +
                                      std::to_string(spec.rdma_offset) + " and " + std::to_string(rdma_bytes) +
-                                     " RDMA bytes after it; the buffer has " + std::to_string(runtime.num_bytes()) +
-                                     " bytes");
-  void* const* peers = runtime.device_peer_data_table();  // [R]: this node's ranks are contiguous
+                                     " RDMA bytes; the buffer has " + std::to_string(runtime.num_bytes()) +
+                                     " bytes, the RDMA region " + std::to_string(rdma_capacity));
+  // [R] by world rank; this node's ranks are contiguous, and only they need be mapped (the cuda runtime
+  // across nodes opens this node's peers only: the others' entries are null and never read here)
+  void* const* peers = runtime.device_peer_data_table();
   comm.nvl_peer_buffers = peers + comm.node() * shape.num_nvl_ranks;
   comm.transport = binding.make(call, spec, comm.rdma_workspace, byte_counters);
   comm.error = slot;
@@ -102,7 +114,7 @@ void run_internode(KernelCall const& call, kernels::InternodeSpec const& spec, t
   static_cast<typename Args::Params&>(args) = params;
   args.comm = internode_comm(call, spec, slot.kernel_view(), binding, byte_counters_of(params), Args::kName);
   if constexpr (requires { args.max_nodes_per_token; }) args.max_nodes_per_token = spec.workspace.max_nodes_per_token;
-  launch_and_finish<Target>(call, args, slot);
+  launch_and_finish<Target>(call, args, slot, [&binding] { binding.host_gave_up(); });
 }
 
 template <DeviceTarget Target, class Transport>

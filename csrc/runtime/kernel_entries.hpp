@@ -63,12 +63,22 @@ inline void finish(char const* name, KernelCall const& call, LaunchOutcome const
 }
 
 // Validates the kernel's Args (kernels/*_validate.hpp, found by ADL at instantiation), launches it on Target and reports its outcome.
-template <DeviceTarget Target, class Args>
-void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot& slot) {
+// `host_gave_up()` runs when the host stopped waiting for a grid that may still run (its deadline), before
+// the error is thrown: a transport's chance to end waits the kernel cannot bound (GIN aborts its communicator).
+template <DeviceTarget Target, class Args, class HostGaveUp>
+void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot& slot, HostGaveUp&& host_gave_up) {
   if (char const* problem = validate(args)) throw invalid_argument(Args::kName, problem);
   LaunchOutcome const outcome = Target::launch(args, call);
-  if (outcome.grid_may_still_run) slot.abandon();
+  if (outcome.grid_may_still_run) {
+    slot.abandon();
+    host_gave_up();
+  }
   finish(Args::kName, call, outcome, slot.read());
+}
+
+template <DeviceTarget Target, class Args>
+void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot& slot) {
+  launch_and_finish<Target>(call, args, slot, [] {});
 }
 
 }  // namespace epcomm::runtime::entries

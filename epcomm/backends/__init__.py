@@ -3,8 +3,9 @@
 * ``torch``: torch.distributed collectives; any process group (gloo on CPU, NCCL on GPU).
 * ``sim``: epcomm's own kernels on the CPU SIMT layer: intranode on one node, two-hop internode across
   nodes. Never chosen by ``"auto"`` (a correctness tool, far slower).
-* ``cuda``: the same kernels on GPUs (``epcomm._C_cuda``, built wherever nvcc is found; one node;
-  never run on a GPU yet). Not chosen by ``"auto"`` until it has been validated on GPUs.
+* ``cuda``: the same kernels on GPUs (``epcomm._C_cuda``, built wherever nvcc is found; intranode on one
+  node, two-hop across nodes over CUDA IPC and NCCL GIN; never run on a GPU yet). Not chosen by ``"auto"``
+  until it has been validated on GPUs.
 
 A backend is a :class:`~epcomm.backends.base.DispatchBackend` subclass; :func:`register_backend`
 adds one (out-of-tree backends included). :func:`backend_unavailable_reason` says, on this rank,

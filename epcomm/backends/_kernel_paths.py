@@ -3,7 +3,8 @@
 * :class:`IntranodePath` (one node): ``intranode_notify`` / ``_dispatch`` / ``_combine`` over NVLink
   rings in each rank's NVL buffer (csrc/runtime/intranode_entries.hpp).
 * :class:`InternodePath` (several nodes): the two-hop ``internode_*`` kernels: network rings in a
-  symmetric RDMA region after the NVL region, forwarders, node partials (csrc/runtime/internode_entries.hpp).
+  symmetric RDMA region (sim: after the NVL region in each buffer; cuda: the NCCL GIN window, with
+  ``rdma_offset`` bounding the NVL region only), forwarders, node partials (csrc/runtime/internode_entries.hpp).
 
 A kernel call is ``runtime.run(spec, params, timeout_s)``. Both are structs of the extension whose
 fields are the kernels' own (csrc/kernels/intranode.hpp, internode.hpp): the ``*Spec`` holds the

@@ -1,16 +1,22 @@
-"""The ``cuda`` backend: epcomm's intranode kernels on GPUs, the same plumbing as ``sim``.
+"""The ``cuda`` backend: epcomm's kernels on GPUs, the same plumbing as ``sim``.
 
 :class:`CudaRuntime` is :class:`~epcomm.backends.sim_backend.SimRuntime` with the device runtime
 of ``epcomm._C_cuda`` (csrc/runtime/cuda_runtime.cu): cudaMalloc'ed buffers shared through CUDA
-IPC handles, kernels (csrc/runtime/cuda_entries.cu) launched on the runtime's stream.
+IPC handles, kernels (csrc/runtime/cuda_entries.cu, gin_entries.cu) launched on the runtime's stream.
 :class:`CudaDispatchBackend` is :class:`~epcomm.backends.sim_backend.SimDispatchBackend` on that
 runtime, with tensors on the current CUDA device.
 
-Status: compiled for sm_90 in every build (CI included) but never run on a GPU (none is lent to
-development). Calls are synchronous: each kernel waits for torch's current stream, runs on the
-runtime's stream and is waited for (``async_finish`` has no effect yet). One node only, like sim.
-Without a GPU, ``Buffer(backend="cuda")`` raises :class:`~epcomm.EpcommBackendUnavailable` on
-every rank.
+One node: the intranode kernels over CUDA IPC. Across nodes: the two-hop internode kernels, the NVL
+region over CUDA IPC between the ranks of a node (only those are mapped), the network over NCCL GIN:
+each runtime makes its own NCCL communicator from an NCCL unique id that rank 0 creates and the
+Buffer's process group carries to every rank (no private torch API; any group, gloo included), and a
+GIN session on it whose window holds the RDMA workspace (csrc/runtime/gin_network.hpp).
+
+Status: compiled for sm_90 and sm_100 in every build (CI included) but never run on a GPU (none is
+lent to development). Calls are synchronous: each kernel waits for torch's current stream, runs on the
+runtime's stream and is waited for (``async_finish`` has no effect yet). Without a GPU,
+``Buffer(backend="cuda")`` raises :class:`~epcomm.EpcommBackendUnavailable` on every rank; so does a
+set-up that finds no GIN, an NCCL older than 2.30, or CUDA IPC refused, naming the cause.
 """
 
 from __future__ import annotations
@@ -18,24 +24,80 @@ from __future__ import annotations
 import torch
 
 from .._comm import GroupComm
-from ..errors import EpcommBackendUnavailable
+from ..errors import EpcommError
 from ..topology import Topology
+from ._kernel_paths import rdma_offset
 from .base import BackendOptions
-from .sim_backend import SimRuntime, SimDispatchBackend
+from .sim_backend import SimDispatchBackend, SimRuntime
 
 __all__ = ["CudaRuntime", "CudaDispatchBackend"]
 
+# The share of the set-up timeout NCCL's collective set-up calls may take: a rank whose set-up failed
+# reaches the status exchange at once, the others after at most this, well within the exchange's own
+# deadline (the full timeout).
+_NETWORK_SETUP_SHARE = 0.5
 
 
 class CudaRuntime(SimRuntime):
-    """One rank's CUDA device runtime; see :class:`SimRuntime` for the arguments."""
+    """One rank's CUDA device runtime; see :class:`SimRuntime` for the arguments.
+
+    Args:
+        network: across nodes, ``(rdma_bytes, num_signals)`` of the GIN session (the RDMA window and the
+            transport signals the internode kernels need); ``None`` on one node.
+    """
 
     runtime_kind = "cuda"
     backend_name = "cuda"
 
+    def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int, *, timeout_s: float | None = None,
+                 network: tuple[int, int] | None = None) -> None:
+        if (topo.num_nodes > 1) != (network is not None):
+            raise ValueError(f"the cuda runtime needs network=(rdma_bytes, num_signals) exactly when the group spans "
+                             f"nodes ({topo.num_nodes} here), got {network}")
+        self.network = network
+        super().__init__(comm, topo, num_nvl_bytes, timeout_s=timeout_s)
+
     def _new_runtime(self):
         device = torch.cuda.current_device() if torch.cuda.is_available() else -1
-        return self._ext.DeviceRuntime(self.topo.rank, self.topo.world_size, self.run_token, device)
+        # num_nvl_ranks: CUDA IPC maps this node's ranks only
+        return self._ext.DeviceRuntime(self.topo.rank, self.topo.world_size, self.run_token, device,
+                                       self.topo.num_nvl_ranks)
+
+    def _set_up(self) -> None:
+        super()._set_up()  # buffers, handles, this node's peers mapped
+        if self.network is not None:
+            self._open_network(*self.network)
+
+    def _open_network(self, rdma_bytes: int, num_signals: int) -> None:
+        """The GIN network across nodes: rank 0's NCCL unique id to every rank over the process group, then
+        every rank joins the communicator and the GIN session (collective; bounded by the set-up timeout)."""
+        error, network_id = None, b""
+        if not getattr(self._ext, "GIN_BUILT", False):  # every rank says so, in the same exchange as the id
+            error = ("EpcommBackendUnavailable: this epcomm._C_cuda was built without NCCL's headers, so it has no "
+                     "internode kernels: rebuild with torch's nvidia-nccl wheel installed (or NCCL_HOME set)")
+        elif self.topo.rank == 0:
+            try:
+                network_id = self._ext.create_network_id()
+            except (EpcommError, ValueError, RuntimeError) as err:
+                error = f"{type(err).__name__}: {err}"
+        network_id = self._gather_status("network id", error, network_id, self._ext.HANDLE_BYTES)[0]
+        error = None
+        try:
+            self._runtime.open_network(network_id, rdma_bytes, num_signals, self.timeout_s * _NETWORK_SETUP_SHARE)
+        except (EpcommError, ValueError, RuntimeError) as err:
+            error = f"{type(err).__name__}: {err}"
+        # a rank that could not join leaves the others timing out inside NCCL: the cause is the former
+        self._gather_status("open network", error, timeouts_follow_unavailable=True)
+
+    @property
+    def network_rdma_bytes(self) -> int:
+        """Bytes of this rank's RDMA window (0 on one node)."""
+        return int(self.runtime.network_rdma_bytes)
+
+    @property
+    def network_signals(self) -> int:
+        """Transport signals of the GIN session (0 on one node)."""
+        return int(self.runtime.network_signals)
 
     def run(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
         # inputs were written on torch's stream; the runtime's stream must not start before them
@@ -43,19 +105,36 @@ class CudaRuntime(SimRuntime):
         super().run(spec, params, timeout_s=timeout_s, op=op)
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
+        """All ranks meet. The peer-barrier kernel meets this node's ranks (IPC reaches no further); across
+        nodes the ranks then meet on the host. That is enough for what a barrier orders here: every kernel
+        before it has finished (the runtime waits for each), writes to peer memory stay inside a node (the
+        kernel's release/acquire), and across nodes only GIN writes, into the RDMA window, whose signals the
+        kernels (and a re-layout's reset) have waited for before they ended."""
         torch.cuda.current_stream().synchronize()
         super().barrier(timeout_s=timeout_s, op=op)
+        if self.network is not None:
+            self.comm.all_gather(op or f"{self.backend_name} backend", "meet across nodes",
+                                 torch.zeros(1, dtype=torch.int64, device=self.comm.device))
+
+    def zero(self, num_bytes: int) -> None:
+        """Zero the NVL data region's first ``num_bytes`` and, across nodes, the whole RDMA window (it holds the
+        RDMA workspace: ring counters and signal bases restart at 0 in a new layout)."""
+        super().zero(num_bytes)
+        self.runtime.zero_network()
 
     def peer_view(self, rank: int, dtype: torch.dtype = torch.uint8, offset: int = 0, count: int = -1) -> torch.Tensor:
         raise NotImplementedError("peer_view is CPU-only; on GPUs read peer memory from a kernel")
 
 
 class CudaDispatchBackend(SimDispatchBackend):
-    """Dispatch/combine through the intranode kernels on this rank's current CUDA device.
+    """Dispatch/combine through epcomm's kernels on this rank's current CUDA device.
 
     ``Buffer`` has checked on every rank that a GPU and the extension are there (the registry's
     availability, agreed collectively), so a machine without one makes every rank raise the same
-    EpcommBackendUnavailable before anything is set up.
+    EpcommBackendUnavailable before anything is set up. Across nodes the buffers are two: the IPC
+    buffer holds the NVL region (sized to the spec's ``rdma_offset``), the GIN window the RDMA region;
+    a layout that needs more of either, or more transport signals than the session has, gets a new
+    runtime (buffers and session), collectively, as the sim backend's growth does.
     """
 
     name = "cuda"
@@ -69,13 +148,52 @@ class CudaDispatchBackend(SimDispatchBackend):
 
     @classmethod
     def check_options(cls, topo: Topology, options: BackendOptions) -> None:
-        if topo.num_nodes != 1:
-            raise EpcommBackendUnavailable(
-                f"the cuda backend is intranode-only for now: this group has {topo.num_nodes} nodes ({topo.world_size} "
-                f"ranks, {topo.num_nvl_ranks} per node). The two-hop internode kernels run on backend='sim' (CPU); "
-                f"their GPU transport (NCCL GIN) is compiled but not wired yet. Use backend='torch' across nodes."
-            )
+        """As sim: one node runs the intranode kernels, several the two-hop ones (``flat`` is refused)."""
+        super().check_options(topo, options)
 
     def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self._sizing_spec = None  # the spec the next runtime is sized for (None: the Buffer's explicit sizes)
+        self._network_floor = (0, 0, 0)  # (NVL bytes, RDMA bytes, signals) of the last runtime: never shrink
         super().__init__(comm, topo, options)
+
+    # ------------------------------------------------------------ sizing across nodes
+    def _network_sizes(self) -> tuple[int, int, int]:
+        """(IPC data bytes, RDMA window bytes, signals) for a new runtime across nodes: the most of the spec
+        being set up (the default layout before any), the Buffer's explicit sizes and the last runtime's."""
+        spec = self._sizing_spec or self.path.spec(self.path.kernel_config(None), 0, 4, 2, 4)
+        spec_nvl, spec_rdma = self.path.region_bytes(spec)
+        explicit_nvl, explicit_rdma = self.explicit_bytes
+        floor_nvl, floor_rdma, floor_signals = self._network_floor
+        sizes = (max(rdma_offset(spec_nvl), rdma_offset(explicit_nvl), floor_nvl),
+                 max(spec_rdma, explicit_rdma, floor_rdma, 1),
+                 max(int(self._ext.transport_signals(spec)), floor_signals))
+        self._network_floor = sizes
+        return sizes
+
+    def _new_runtime(self, num_bytes: int) -> SimRuntime:
+        if self.topo.num_nodes == 1:
+            return super()._new_runtime(num_bytes)
+        nvl_bytes, rdma_bytes, num_signals = self._network_sizes()
+        return self.runtime_class(self.comm, self.topo, nvl_bytes, timeout_s=self.timeout_s,
+                                  network=(rdma_bytes, num_signals))
+
+    def _holds(self, runtime: SimRuntime, spec) -> bool:
+        """Across nodes: the NVL region in the IPC buffer, the RDMA region in the window, the signals in the session."""
+        if self.topo.num_nodes == 1:
+            return super()._holds(runtime, spec)
+        nvl, rdma = self.path.region_bytes(spec)
+        return (rdma_offset(nvl) <= runtime.num_nvl_bytes and rdma <= runtime.network_rdma_bytes
+                and int(self._ext.transport_signals(spec)) <= runtime.network_signals)
+
+    def _ensure(self, spec, op: str) -> SimRuntime:
+        self._sizing_spec = spec
+        runtime = self._device_runtime
+        if (runtime is not None and self.topo.num_nodes > 1
+                and int(self._ext.transport_signals(spec)) > runtime.network_signals):
+            # A GIN session's signal count is fixed: a layout that needs more gets a new session, as a larger
+            # buffer gets new buffers (even with explicit sizes, which say nothing about signals). Its window
+            # starts zeroed and its signals at 0 (assumed of ncclDevCommCreate), so no reset is needed.
+            runtime.close(collective=True, op=op)
+            self._device_runtime = None
+        return super()._ensure(spec, op)

@@ -36,7 +36,7 @@ from .._comm import GroupComm
 from .._ext import load_extension
 from .._validate import Invalid
 from ..config import Config
-from ..errors import EpcommBackendUnavailable, EpcommError
+from ..errors import EpcommBackendUnavailable, EpcommError, EpcommTimeoutError
 from ..topology import LinkClass, Topology
 from ._kernel_paths import (CALL_NEEDS_LAYOUT, CALL_REFUSED, InternodePath, IntranodePath, NotifyOutputs, rdma_offset,
                             row_bytes)
@@ -94,8 +94,14 @@ class SimRuntime:
         """All-gather ``size`` bytes from every rank (through GroupComm: deadlines apply)."""
         return self.comm.all_gather_bytes(self._op, stage, payload, size)
 
-    def _gather_status(self, stage: str, error: str | None, payload: bytes = b"", size: int = 0) -> list[bytes]:
-        """All-gather (ok flag, failure message, payload); raise on every rank if any rank failed."""
+    def _gather_status(self, stage: str, error: str | None, payload: bytes = b"", size: int = 0,
+                       timeouts_follow_unavailable: bool = False) -> list[bytes]:
+        """All-gather (ok flag, failure message, payload); raise on every rank if any rank failed.
+
+        ``timeouts_follow_unavailable``: a stage that is one collective call inside a library (NCCL's
+        communicator set-up), where a rank that cannot take part leaves the others waiting until their
+        deadline: when some rank found the backend unavailable and every other failure is such a timeout,
+        the cause is the unavailable one, and every rank raises EpcommBackendUnavailable."""
         message = (error or "").encode()[: _MESSAGE_BYTES - 1]
         rows = self._gather_bytes(stage, bytes([error is None]) + message.ljust(_MESSAGE_BYTES, b"\0") + payload,
                                   1 + _MESSAGE_BYTES + size)
@@ -103,7 +109,10 @@ class SimRuntime:
                   for r, row in enumerate(rows) if row[0] != 1}
         if failed:
             lines = "\n".join(f"  rank {r}: {msg}" for r, msg in sorted(failed.items()))
-            unavailable = all(msg.startswith(EpcommBackendUnavailable.__name__) for msg in failed.values())
+            is_unavailable = lambda msg: msg.startswith(EpcommBackendUnavailable.__name__)  # noqa: E731
+            follows = (lambda msg: is_unavailable(msg) or msg.startswith(EpcommTimeoutError.__name__)  # noqa: E731
+                       if timeouts_follow_unavailable else is_unavailable)
+            unavailable = (any(map(is_unavailable, failed.values())) and all(map(follows, failed.values())))
             raise (EpcommBackendUnavailable if unavailable else EpcommError)(
                 f"epcomm {self._op}: stage '{stage}' failed on {len(failed)} of {self.topo.world_size} ranks:\n{lines}"
             )
@@ -214,6 +223,10 @@ class SimRuntime:
     def registered_kernels(self) -> list[str]:
         return list(self._ext.registered_kernels())
 
+    def zero(self, num_bytes: int) -> None:
+        """Zero the first ``num_bytes`` of this rank's data region (a re-layout), in the runtime's stream order."""
+        self.runtime.zero(0, num_bytes)
+
     def close(self, collective: bool = False, op: str | None = None) -> None:
         """Release the buffers; idempotent.
 
@@ -231,8 +244,8 @@ class SimRuntime:
         if not collective:
             runtime.abandon()
             return
-        runtime.close_peers()
         try:
+            runtime.close_peers()  # (cuda across nodes: also the network's collective teardown, which may fail)
             self.comm.all_gather(op or f"{self.backend_name} backend teardown", "close buffers",
                                  torch.zeros(1, dtype=torch.int64, device=self.comm.device))
         except BaseException:
@@ -441,7 +454,7 @@ class SimDispatchBackend(DispatchBackend):
         persist across calls), so the buffers are re-laid out (:meth:`_relayout`).
         """
         need = self.required_bytes(spec)
-        if self._device_runtime is None or self._device_runtime.num_nvl_bytes < need:
+        if self._device_runtime is None or not self._holds(self._device_runtime, spec):
             if any(self.explicit_bytes) and self._device_runtime is not None:
                 raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._device_runtime.num_nvl_bytes} bytes, "
                                   f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
@@ -468,9 +481,13 @@ class SimDispatchBackend(DispatchBackend):
             self._run(runtime, self._last_spec, self.path.notify_params(self._next_epoch(), reset_signals=True), op)
         else:
             runtime.barrier(op=op)
-        runtime.runtime.zero(0, num_bytes)
+        runtime.zero(num_bytes)
         self._epoch = 0
         runtime.barrier(op=op)
+
+    def _holds(self, runtime: SimRuntime, spec) -> bool:
+        """Whether ``runtime``'s buffers hold ``spec``'s workspace (else new buffers are needed)."""
+        return self.required_bytes(spec) <= runtime.num_nvl_bytes
 
     def _call_spec(self, op: str, tensors: dict[str, torch.Tensor], plan: SimPlan | None, config: Config | None,
                    num_topk: int = 0, experts: ExpertCounts | None = None):
@@ -498,7 +515,7 @@ class SimDispatchBackend(DispatchBackend):
         if not call.refused:
             try:
                 spec = self._call_spec(call.op, call.tensors, call.plan, call.config, call.num_topk, call.experts)
-                if spec != layout or self.required_bytes(spec) > runtime.num_nvl_bytes:
+                if spec != layout or not self._holds(runtime, spec):
                     flags |= CALL_NEEDS_LAYOUT
                 elif call.op == "dispatch":
                     in_rank = call.is_token_in_rank.contiguous()

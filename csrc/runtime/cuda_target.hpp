@@ -1,0 +1,167 @@
+#pragma once
+// How the cuda runtime runs a kernel entry (a Target of kernel_entries.hpp): grids are launched on the
+// call's stream and waited for (polling the stream against a host-owned deadline, see
+// wait_with_deadline), so a call returns with its outputs written, with the kernel's own error, or
+// with a host timeout. The ErrorSlot is pinned, mapped host memory from a pool (allocated once,
+// reused: no allocation, free or device-wide synchronization per call): the kernel writes it over
+// PCIe, the host reads it after the stream is synchronized. Shared by cuda_entries.cu (intranode)
+// and gin_entries.cu (internode over NCCL GIN). No torch headers here.
+//
+// A launch goes through `cuda_launch_grid(args, stream, refused)`, found by argument-dependent lookup
+// in epcomm::kernels: one overload per Args type, declared before the entries are registered.
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../kernels/co_residency.hpp"
+#include "../kernels/intranode.hpp"
+#include "device_runtime.hpp"
+#include "kernel_entries.hpp"
+
+namespace epcomm::kernels {
+
+// notify is one block: nothing to refuse
+inline int cuda_launch_grid(NotifyArgs const& args, void* stream, CoResidency*) {
+  return cuda_launch_notify(args, stream);
+}
+inline int cuda_launch_grid(IntranodeDispatchArgs const& args, void* stream, CoResidency* refused) {
+  return cuda_launch_intranode_dispatch(args, stream, refused);
+}
+inline int cuda_launch_grid(IntranodeCombineArgs const& args, void* stream, CoResidency* refused) {
+  return cuda_launch_intranode_combine(args, stream, refused);
+}
+
+}  // namespace epcomm::kernels
+
+namespace epcomm::runtime {
+
+using entries::LaunchOutcome;
+
+// Beyond twice the kernels' own timeout, the host's allowance for the launch and the work itself.
+inline constexpr double kHostDeadlineSlackSeconds = 5.0;
+
+inline std::string cuda_problem(char const* what, cudaError_t error) {
+  return std::string(what) + " failed with " + cudaGetErrorName(error) + ": " + cudaGetErrorString(error);
+}
+
+// Mapped ErrorSlots, allocated once and reused by every later call (of every runtime of the process).
+// Why not one cudaHostAlloc/cudaFreeHost pair per call: cudaFreeHost synchronizes the whole device
+// (torch's compute streams and NCCL's included), which costs milliseconds, forbids overlap, and can
+// deadlock ranks when another stream holds an in-flight collective. A slot is taken for a call and
+// given back when the call has finished with it (launch_and_finish synchronizes the call's stream
+// first), so the pool holds as many slots as calls ever ran at once. They are never freed: a few
+// hundred bytes of pinned memory per concurrent call, released with the process (freeing them from
+// a static destructor would race the CUDA runtime's own teardown).
+class ErrorSlotPool {
+ public:
+  struct Mapped {
+    kernels::ErrorSlot* host = nullptr;
+    kernels::ErrorSlot* device = nullptr;
+  };
+
+  static ErrorSlotPool& instance() {
+    static ErrorSlotPool* const pool = new ErrorSlotPool;  // never destroyed (see above)
+    return *pool;
+  }
+
+  Mapped take() {
+    {
+      std::lock_guard<std::mutex> const lock(mutex_);
+      if (!free_.empty()) {
+        Mapped const slot = free_.back();
+        free_.pop_back();
+        return slot;
+      }
+    }
+    Mapped slot;  // the first call (or more calls at once than ever before): one allocation
+    cudaError_t error = cudaHostAlloc(reinterpret_cast<void**>(&slot.host), sizeof(kernels::ErrorSlot), cudaHostAllocMapped);
+    if (error == cudaSuccess) error = cudaHostGetDevicePointer(reinterpret_cast<void**>(&slot.device), slot.host, 0);
+    if (error != cudaSuccess) throw RuntimeError(ErrorCode::kSystem, cuda_problem("cudaHostAlloc(ErrorSlot)", error));
+    return slot;
+  }
+
+  void give_back(Mapped slot) {
+    std::lock_guard<std::mutex> const lock(mutex_);
+    free_.push_back(slot);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Mapped> free_;
+};
+
+struct CudaTarget {
+  static constexpr char const* kKind = "cuda";
+
+  // A pooled mapped ErrorSlot, zeroed (a plain host store, complete before the launch is issued).
+  class Slot {
+   public:
+    Slot() : slot_(ErrorSlotPool::instance().take()) { *slot_.host = kernels::ErrorSlot{}; }
+    ~Slot() {
+      if (!abandoned_) ErrorSlotPool::instance().give_back(slot_);
+    }
+    // The host stopped waiting for the grid: it may still write here, so the slot is never reused (leaked).
+    void abandon() { abandoned_ = true; }
+    Slot(Slot const&) = delete;
+    Slot& operator=(Slot const&) = delete;
+    kernels::ErrorSlot* kernel_view() { return slot_.device; }
+    kernels::ErrorSlot read() const { return *slot_.host; }  // after the stream synchronized
+
+   private:
+    ErrorSlotPool::Mapped slot_;
+    bool abandoned_ = false;
+  };
+
+  template <class Args>
+  static LaunchOutcome launch(Args const& args, KernelCall const& call) {
+    void* const stream = call.stream.native();
+    kernels::CoResidency refused;
+    // cuda_launch_grid: an overload per Args type in epcomm::kernels, found by argument-dependent lookup
+    // (the intranode ones above; the GIN internode ones in gin_entries.cu)
+    if (int const error = cuda_launch_grid(args, stream, &refused); error != int(cudaSuccess)) {
+      // Nothing was launched: the Config asks for more channels than this device holds at once
+      if (error == kernels::kCoResidencyRefused)
+        return {ErrorCode::kInvalidArgument, kernels::describe_co_residency(refused)};
+      return {ErrorCode::kKernelFailed, cuda_problem("kernel launch", cudaError_t(error))};
+    }
+    return wait_with_deadline(static_cast<cudaStream_t>(stream), call.timeout_s);
+  }
+
+  // The host owns a deadline, not cudaStreamSynchronize: the kernels' own waits give up after
+  // timeout_s (data waits after twice that), but a wait inside NCCL (a GIN flush or a put on a full
+  // queue towards a dead peer) or a hung GPU never returns. Polls the stream: yields for the first
+  // 200 us (small kernels finish there), then sleeps 50 us between queries.
+  static LaunchOutcome wait_with_deadline(cudaStream_t stream, double timeout_s) {
+    using Clock = std::chrono::steady_clock;
+    double const limit_s = 2 * timeout_s + kHostDeadlineSlackSeconds;
+    Clock::time_point const start = Clock::now();
+    Clock::time_point const deadline =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s));
+    for (;;) {
+      cudaError_t const state = cudaStreamQuery(stream);
+      if (state == cudaSuccess) return {};
+      if (state != cudaErrorNotReady) return {ErrorCode::kKernelFailed, cuda_problem("cudaStreamQuery", state)};
+      Clock::time_point const now = Clock::now();
+      if (now >= deadline)
+        return {ErrorCode::kTimeout,
+                "the kernel was still running " + std::to_string(int(limit_s)) + " s after launch although its own "
+                "waits give up after " + std::to_string(timeout_s) + " s (a wait inside NCCL towards a dead peer, or a "
+                "hung GPU); the host stopped waiting. The kernel may still be running: treat this process's CUDA "
+                "context as unusable and restart the process",
+                /*grid_may_still_run=*/true};
+      if (now - start < std::chrono::microseconds(200))
+        std::this_thread::yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+};
+
+static_assert(entries::DeviceTarget<CudaTarget>);
+
+}  // namespace epcomm::runtime
