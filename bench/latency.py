@@ -21,9 +21,9 @@ and counts the slowest rank's time, ``bandwidth.py``'s timer):
 * the baseline, ``bare dispatch (fixed slots)`` / ``bare combine (fixed slots)``: one bare
   ``dist.all_to_all_single`` with equal splits moving exactly the byte arrays the torch backend's
   LL exchange moves (dispatch: per destination rank ``4 E_loc + E_loc M (4 + payload)`` bytes;
-  combine: ``E_loc M 2H`` bytes), from a pre-filled uint8 buffer into a freshly allocated one
-  (``_baselines.BareAllToAll``; the backend also allocates its receive array per call). The ratio
-  ``x bare`` = LL median / this median;
+  combine: ``E_loc M 2H`` bytes), from a pre-filled uint8 buffer into one receive buffer kept across
+  calls (``_baselines.BareAllToAll(reuse_output=True)``; the backend also keeps its send and receive
+  arrays per buffer slot). The ratio ``x bare`` = LL median / this median;
 * ``bare dispatch (valid messages)`` / ``bare combine (valid messages)``: the same collective moving
   only what a kernel backend would move (one message per (token, expert) pair: 16-byte header +
   payload for dispatch, a bf16 row for combine; variable splits from the routing), for scale.
@@ -194,8 +194,10 @@ def bare_ops(c: LLCase):
     msg = c.expected["message_bytes"]
     ones = [1] * W
     a2a = {
-        "bare dispatch (fixed slots)": ("dispatch", BareAllToAll(c.topo, [(ones, ones, chunk["dispatch"])])),
-        "bare combine (fixed slots)": ("combine", BareAllToAll(c.topo, [(ones, ones, chunk["combine"])])),
+        "bare dispatch (fixed slots)": ("dispatch", BareAllToAll(c.topo, [(ones, ones, chunk["dispatch"])],
+                                                                 reuse_output=True)),
+        "bare combine (fixed slots)": ("combine", BareAllToAll(c.topo, [(ones, ones, chunk["combine"])],
+                                                               reuse_output=True)),
         "bare dispatch (valid messages)": ("dispatch", BareAllToAll(
             c.topo, [(ex[rank].tolist(), ex[:, rank].tolist(), msg["kernel_dispatch"])])),
         "bare combine (valid messages)": ("combine", BareAllToAll(

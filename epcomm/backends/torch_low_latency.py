@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .._comm import GroupComm
+from .._comm import GroupComm, PendingWork
 from ..fp8 import per_token_cast_to_fp8
 from ..low_latency import LowLatencyCombineCall, LowLatencyDispatchCall, LowLatencyDispatchResult, LowLatencyLayout
 from ..topology import Topology
@@ -109,6 +109,25 @@ class TorchLowLatency:
         self.comm, self.topo = comm, topo
         self._dispatch_slots = [SlotTensors(), SlotTensors()]
         self._combine_send = [SlotTensors(), SlotTensors()]
+        # The exchange buffers (send, recv) of each slot and each direction, kept from call to call: fresh
+        # ones of this size (hundreds of MB at EP8 x 256 experts) cost more in page faults than the
+        # exchange itself. A slot's buffers are reused only after that slot's previous exchange finished.
+        self._exchange = {("dispatch", 0): SlotTensors(), ("dispatch", 1): SlotTensors(),
+                          ("combine", 0): SlotTensors(), ("combine", 1): SlotTensors()}
+        self._in_flight: dict[tuple[str, int], PendingWork] = {}
+        self._unpack_scratch = SlotTensors()  # receive() runs on the caller's thread: one at a time
+
+    def _exchange_buffers(self, direction: str, slot: int, shape: tuple[int, ...], dtype: torch.dtype,
+                          device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(send, recv) of ``shape`` for ``slot``'s exchanges in ``direction``, once its last one finished."""
+        previous = self._in_flight.pop((direction, slot), None)
+        if previous is not None:
+            previous.wait()  # a result whose hook was never called: its exchange still owns the buffers
+        buffers = self._exchange[direction, slot].get(
+            (shape, dtype, device),
+            lambda: {"send": torch.empty(shape, dtype=dtype, device=device),
+                     "recv": torch.empty(shape, dtype=dtype, device=device)})
+        return buffers["send"], buffers["recv"]
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, call: LowLatencyDispatchCall) -> LowLatencyDispatchResult:
@@ -133,19 +152,19 @@ class TorchLowLatency:
             rows[:, _INDEX_BYTES:] = x.view(torch.uint8)
 
         slots, counts = token_slots(topk_idx, layout.num_experts)
-        send = torch.empty((world, chunk), dtype=torch.uint8, device=device)
+        send, recv = self._exchange_buffers("dispatch", call.slot, (world, chunk), torch.uint8, device)
         send[:, : 4 * e_loc] = counts.to(torch.int32).view(world, e_loc).view(torch.uint8)
         messages = send[:, 4 * e_loc :].unflatten(1, (e_loc * m, message))  # [dest, j * M + p, message]
         valid = topk_idx >= 0
         token_of = torch.arange(num_tokens, device=device).view(-1, 1).expand_as(topk_idx)[valid]
         expert = topk_idx[valid]
         messages[expert // e_loc, (expert % e_loc) * m + slots[valid]] = rows.index_select(0, token_of)
-        # (unfilled slots travel as they are: fixed shapes are the point)
+        # (unfilled slots travel as they are, earlier calls' bytes included: fixed shapes are the point)
 
-        recv = torch.empty_like(send)
         self._record("low_latency_dispatch", counts.view(world, e_loc).sum(1), payload, chunk)
         pending = self.comm.start("low_latency_dispatch", "exchange",
                                   lambda: dist.all_to_all_single(recv, send, group=self.comm.group, async_op=True))
+        self._in_flight["dispatch", call.slot] = pending
 
         out = self._dispatch_slots[call.slot].get(
             (hidden, m, e_loc, world, call.use_fp8, call.use_ue8m0, device),
@@ -156,7 +175,7 @@ class TorchLowLatency:
             started = time.perf_counter_ns()
             pending.wait()
             waited = time.perf_counter_ns() - started
-            keep_alive = (send, rows)  # noqa: F841  (the send buffer must outlive the exchange)
+            keep_alive = rows  # noqa: F841
             self._unpack_dispatch(call, recv, out, message)
             if call.wait_stats is not None:
                 call.wait_stats.add_(waited)
@@ -184,7 +203,9 @@ class TorchLowLatency:
         target = torch.arange(e_loc, device=device).view(1, e_loc, 1) * rows + begin_sj + p
         target = torch.where(p < counts_sj, target, e_loc * rows).flatten()
         # (moved as int32 words: messages are multiples of 4 bytes, and word copies are ~4x faster)
-        packed = torch.empty((e_loc * rows + 1, message // 4), dtype=torch.int32, device=device)
+        packed = self._unpack_scratch.get(
+            (e_loc * rows + 1, message // 4, device),
+            lambda: {"packed": torch.empty((e_loc * rows + 1, message // 4), dtype=torch.int32, device=device)})["packed"]
         packed.index_copy_(0, target, recv[:, 4 * e_loc :].reshape(world * e_loc * m, message).view(torch.int32))
         packed = packed[:-1].view(torch.uint8)
         out["src_info"].copy_(packed[:, :_INDEX_BYTES].contiguous().view(torch.int32).view(e_loc, rows))
@@ -216,15 +237,15 @@ class TorchLowLatency:
         p = torch.arange(m, device=device).view(1, 1, m)
         begin_sj, counts_sj = begin.t().unsqueeze(2), counts.t().unsqueeze(2)
         source_row = torch.arange(e_loc, device=device).view(1, e_loc, 1) * rows + torch.where(p < counts_sj, begin_sj + p, 0)
-        send = x.reshape(e_loc * rows, hidden).index_select(0, source_row.flatten())  # [R * E_loc * M, H]
-        recv = torch.empty_like(send)
+        send, recv = self._exchange_buffers("combine", call.slot, (world * e_loc * m, hidden), x.dtype, device)
+        torch.index_select(x.reshape(e_loc * rows, hidden), 0, source_row.flatten(), out=send)  # [R * E_loc * M, H]
         self._record("low_latency_combine", counts.sum(0), 2 * hidden, e_loc * m * 2 * hidden)
         pending = self.comm.start("low_latency_combine", "exchange",
                                   lambda: dist.all_to_all_single(recv, send, group=self.comm.group, async_op=True))
+        self._in_flight["combine", call.slot] = pending
 
         def receive() -> None:
             pending.wait()
-            keep_alive = send  # noqa: F841
             # recv row (e * M + p): the output of expert e for this rank's p-th token routed to e
             valid = call.topk_idx >= 0
             flat = torch.where(valid, call.topk_idx * m + call.token_slots.to(torch.int64), 0)
