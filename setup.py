@@ -100,10 +100,12 @@ def _extensions() -> tuple[list, dict]:
         include_dirs, link_args = [str(CSRC)], [f"-Wl,-rpath,{lib64}"]
         nccl = _nccl_home()
         if nccl is not None:
-            # across nodes: the internode kernels over NCCL GIN (their entries register themselves), the
+            # across nodes: the internode kernels over NCCL GIN, and the LL kernels over GIN for every peer (their
+            # entries register themselves), the
             # network set-up, and libnccl.so.2 (the wheel ships only the versioned name; rpath to it)
             sources += [f"{runtime}/gin_network.cu", f"{runtime}/gin_setup.cu", f"{runtime}/gin_entries.cu",
-                        "csrc/kernels/internode_launch_gin.cu"]
+                        "csrc/kernels/internode_launch_gin.cu", f"{runtime}/gin_low_latency_entries.cu",
+                        "csrc/kernels/low_latency_launch_gin.cu"]
             include_dirs.append(str(nccl / "include"))
             link_args += [f"-L{nccl / 'lib'}", "-l:libnccl.so.2", f"-Wl,-rpath,{nccl / 'lib'}"]
         else:

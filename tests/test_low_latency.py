@@ -652,3 +652,47 @@ def test_decode_step_example_runs_under_mpiexec(backend):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the signal reset
+
+def reset_signals_round(rank, world, case: LLCase):
+    """Three LL rounds (slots 0, 1, 0) leave every signal but the abort one non-zero; the reset kernel waits
+    for each signal's due units (calls on its slot x (M + 1)) and zeroes it through the transport, and times
+    out naming itself when more units are claimed than ever arrive."""
+    buf = _buffer(case, "sim")
+    x, topk, weights = case.inputs(rank)
+    for _ in range(3):
+        recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+        buf.low_latency_combine(recv_x, topk, weights, handle)
+    engine, runtime = buf._impl.low_latency(), buf._impl._device_runtime
+    runtime.barrier(op="test")  # every rank's combine sends (adds to signals its reducers never read) are done
+    signals = lambda: runtime.peer_view(rank, torch.int64, 0, 4 * case.num_experts + 1).clone()  # noqa: E731
+    unit, e = case.num_max + 1, case.num_experts
+    expected = torch.tensor([2 * unit] * e + [unit] * e + [2 * unit] * e + [unit] * e + [0])
+    assert torch.equal(signals(), expected), signals()
+    # a clean waits for those units on every rank, zeroes the signals and the region; the next round starts at
+    # generation 1 (it would time out if the counts were not restarted, or pass stale signals if not zeroed)
+    buf.clean_low_latency_buffer(case.num_max, case.hidden, case.num_experts)
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    buf.low_latency_combine(recv_x, topk, weights, handle)
+    runtime.barrier(op="test")
+    assert engine._dispatches == engine._combines == [0, 1]  # the slots alternate across a clean
+    assert torch.equal(signals(), torch.tensor([0] * e + [unit] * e + [0] * e + [unit] * e + [0])), signals()
+    # the kernel alone (no peers: rank by rank): zeroes what is due
+    spec = engine._spec(engine.layout)
+    runtime.run(spec, engine._reset_params([0, 1], [0, 1]), op="test")
+    assert (signals() == 0).all()
+    # more units claimed than ever arrive: a timeout naming the kernel (the process group is failed after
+    # it, as after any kernel timeout)
+    with pytest.raises(epcomm.EpcommTimeoutError, match="low_latency_reset_signals"):
+        runtime.run(spec, engine._reset_params([0, 1], [0, 0]), op="test", timeout_s=0.2)
+    return True
+
+
+def test_reset_signals_kernel_waits_for_due_adds_then_zeroes(pools):
+    """low_latency_reset_signals (what clean_low_latency_buffer runs between the re-layout's meetings, so
+    GIN's signals, which live outside the buffer, restart at 0 too) on the CPU path over ShmTransport."""
+    pool = pools(4)
+    assert all(pool.run(reset_signals_round, LLCase(4, 2)))
+    pool.close()  # the group is failed by design after the timeout

@@ -247,16 +247,17 @@ def test_cuda_runtime_without_gpu_is_a_clear_error(pools):
         assert "no CUDA GPU/driver on this machine: use backend='sim' or 'torch'" in message, message
 
 
-def test_cuda_extension_carries_the_intranode_and_internode_kernels():
+def test_cuda_extension_carries_the_intranode_internode_and_low_latency_kernels():
     """The cuda build has the cpu build's intranode kernel entries and, when NCCL's headers were there at
-    build time (GIN_BUILT), its internode ones over GIN (compiled for sm_90 and sm_100 by setup.py)."""
+    build time (GIN_BUILT), its internode and low-latency ones over GIN (compiled for sm_90 and sm_100 by
+    setup.py)."""
     try:
         ext = load_extension("cuda")
     except epcomm.EpcommBackendUnavailable as err:
         pytest.skip(f"the cuda extension is not built here: {err}")
-    skipped = ("low_latency_",) if ext.GIN_BUILT else ("internode_", "low_latency_")
+    skipped = () if ext.GIN_BUILT else ("internode_", "low_latency_")
     cpu = {name for name in load_extension("cpu").registered_kernels() if not name.startswith(skipped)}
-    assert set(ext.registered_kernels()) == cpu  # low-latency on GPUs waits for its GIN signal range
+    assert set(ext.registered_kernels()) == cpu
 
 
 def cuda_buffer_without_gpu(rank, world):
@@ -319,7 +320,8 @@ def test_runtime_rejects_misuse():
     assert list(ext.registered_kernels()) == ["internode_combine", "internode_dispatch", "internode_notify",
                                               "intranode_combine", "intranode_dispatch", "intranode_notify",
                                               "low_latency_combine_recv", "low_latency_combine_send",
-                                              "low_latency_dispatch_recv", "low_latency_dispatch_send"]
+                                              "low_latency_dispatch_recv", "low_latency_dispatch_send",
+                                              "low_latency_reset_signals"]
     config = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=6, nvl_ring_tokens=32)
     spec = ext.IntranodeSpec(config=config, workspace=ext.NvlWorkspaceShape(
         num_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=1 << 20))

@@ -243,6 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("timeout_s"), Release())
       .def("run", &PyRuntime::run<kernels::LowLatencyCombineRecvParams>, py::arg("spec"), py::arg("params"),
            py::arg("timeout_s"), Release())
+      .def("run", &PyRuntime::run<kernels::LowLatencyResetSignalsParams>, py::arg("spec"), py::arg("params"),
+           py::arg("timeout_s"), Release())
       .def_property_readonly("clock_ticks_per_second", [](PyRuntime& self) { return self.get().clock_ticks_per_second(); });
 
   m.def("registered_kernels", [] { return registered_kernels(kKind); });

@@ -147,6 +147,8 @@ inline void bind_kernel_types(py::module_& m) {
                      "low_latency_combine_send (kernels/low_latency.hpp).");
   EPCOMM_BIND_STRUCT(m, LowLatencyCombineRecvParams, EPCOMM_LL_COMBINE_RECV_FIELDS,
                      "low_latency_combine_recv (kernels/low_latency.hpp).");
+  EPCOMM_BIND_STRUCT(m, LowLatencyResetSignalsParams, EPCOMM_LL_RESET_SIGNALS_FIELDS,
+                     "low_latency_reset_signals (kernels/low_latency.hpp).");
 }
 
 #undef EPCOMM_BIND_STRUCT

@@ -34,6 +34,7 @@ enum class KernelId : int32_t {
   kLowLatencyDispatchRecv = 8,
   kLowLatencyCombineSend = 9,
   kLowLatencyCombineRecv = 10,
+  kLowLatencyResetSignals = 11,
 };
 
 enum class Role : int32_t {
@@ -99,6 +100,7 @@ inline char const* kernel_name(int32_t kernel) {
     case KernelId::kLowLatencyDispatchRecv: return "low_latency_dispatch_recv";
     case KernelId::kLowLatencyCombineSend: return "low_latency_combine_send";
     case KernelId::kLowLatencyCombineRecv: return "low_latency_combine_recv";
+    case KernelId::kLowLatencyResetSignals: return "low_latency_reset_signals";
   }
   return "unknown";
 }

@@ -34,7 +34,8 @@
 // combines on the slot since the last clean, counting this one: the dispatch's generation when every
 // dispatch on the slot is combined exactly once (the usual pattern). Signals only grow; `clean`
 // (the host zeroes [region_offset, region_offset + counters_end()) -- or the whole region -- on every
-// rank, between two barriers) restarts generations at 0. After any failure (ErrorSlot set; the abort
+// rank, between two barriers, and runs low_latency_reset_signals in between for transports whose signals
+// live outside the region: GIN) restarts generations at 0. After any failure (ErrorSlot set; the abort
 // signal is raised on every rank) clean before the next LL call.
 //
 // Reuse: slot x of call g + 2 overwrites what call g left there. That is safe when every rank runs its
@@ -70,7 +71,9 @@
 //     contraction), so both targets agree bit for bit.
 //   - Signal ids: the LL kernels use the transport's signals 0 .. 4E (layout.num_signals()). A binding
 //     that also serves the internode path gives LL its own signal range (ShmTransport: signals_offset_ =
-//     layout.signals_buffer_offset(); GIN: a separate signal block, or an id base added by the binding).
+//     layout.signals_buffer_offset(); GIN: the top 4E + 1 signals of the session, an id base the binding
+//     adds, runtime/gin_low_latency_entries.cu). Signals outlive a zeroing of the region on GIN:
+//     low_latency_reset_signals zeroes them through the transport (clean_low_latency_buffer runs it).
 //   - clock64 (the wait-cost statistic and timeouts): SM cycles on a GPU, nanoseconds on the CPU target.
 
 #include <cstddef>
@@ -332,6 +335,32 @@ struct LowLatencyCombineRecvArgs : WithComm<LowLatencyComm<Transport>>, LowLaten
   using Params = LowLatencyCombineRecvParams;
 };
 
+// low_latency_reset_signals: zeroes this rank's 4E + 1 LL transport signals (a clean, or a change of LL
+// layout). Zeroing the region is not enough on every transport: GIN keeps its signals in the session,
+// outside the window. Before zeroing a signal it waits for the adds still due to it (a network add may land
+// after the kernel that issued it ended, and a receive kernel waits only for what it reads: the combine
+// signals of experts none of this rank's tokens chose, or a dispatch whose hook never ran): every call
+// adds one unit (M + 1) to each signal of its slot, so signal (slot x) reaches calls-on-x * (M + 1). It
+// waits for nothing once the abort signal is set (a failed call: its adds are unknown). The caller makes
+// sure no new add comes meanwhile: every rank has finished its LL calls before, and meets every other rank
+// after, as clean_low_latency_buffer does (ncclGin::resetSignal "may not race with concurrent
+// modifications").
+#define EPCOMM_LL_RESET_SIGNALS_FIELDS(F)                                                                 \
+  F(int64_t, dispatches_slot0, 0, "LL dispatches on slot 0 since the last clean (its dispatch signals' units)") \
+  F(int64_t, dispatches_slot1, 0, "LL dispatches on slot 1 since the last clean")                         \
+  F(int64_t, combines_slot0, 0, "LL combines on slot 0 since the last clean (its combine signals' units)") \
+  F(int64_t, combines_slot1, 0, "LL combines on slot 1 since the last clean")
+struct LowLatencyResetSignalsParams {
+  using Spec = LowLatencySpec;
+  static constexpr char const* kName = "low_latency_reset_signals";
+  EPCOMM_LL_RESET_SIGNALS_FIELDS(EPCOMM_DECLARE_FIELD)
+};
+template <class Transport>
+struct LowLatencyResetSignalsArgs : WithComm<LowLatencyComm<Transport>>, LowLatencyResetSignalsParams {
+  using Params = LowLatencyResetSignalsParams;
+};
+inline constexpr int kLowLatencyResetBlocks = 1;  // a few thousand stores at most: one block strides over them
+
 // Grid sizes (the same on both targets): one warp per work item, strided when capped.
 EPCOMM_HOST_DEVICE int low_latency_blocks_for(int64_t work_items) {
   int64_t const blocks = (work_items + kLowLatencyWarps - 1) / kLowLatencyWarps;
@@ -359,6 +388,7 @@ int cuda_launch_low_latency_dispatch_send(LowLatencyDispatchSendArgs<transport::
 int cuda_launch_low_latency_dispatch_recv(LowLatencyDispatchRecvArgs<transport::ShmTransport> const& args, void* stream);
 int cuda_launch_low_latency_combine_send(LowLatencyCombineSendArgs<transport::ShmTransport> const& args, void* stream);
 int cuda_launch_low_latency_combine_recv(LowLatencyCombineRecvArgs<transport::ShmTransport> const& args, void* stream);
+int cuda_launch_low_latency_reset_signals(LowLatencyResetSignalsArgs<transport::ShmTransport> const& args, void* stream);
 
 }  // namespace epcomm::kernels
 
@@ -375,6 +405,8 @@ void add_low_latency_combine_send(simt::ConcurrentLaunch& launch,
                                   LowLatencyCombineSendArgs<transport::ShmTransport> const& args);
 void add_low_latency_combine_recv(simt::ConcurrentLaunch& launch,
                                   LowLatencyCombineRecvArgs<transport::ShmTransport> const& args);
+void add_low_latency_reset_signals(simt::ConcurrentLaunch& launch,
+                                   LowLatencyResetSignalsArgs<transport::ShmTransport> const& args);
 
 }  // namespace epcomm::kernels
 #endif

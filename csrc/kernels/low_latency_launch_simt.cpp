@@ -4,6 +4,7 @@
 #include "low_latency.hpp"
 #include "low_latency_combine.cuh"
 #include "low_latency_dispatch.cuh"
+#include "low_latency_reset.cuh"
 #include "low_latency_validate.hpp"
 #include "simt_launch_util.hpp"
 
@@ -37,6 +38,13 @@ void add_low_latency_combine_recv(simt::ConcurrentLaunch& launch, LowLatencyComb
   launch.add(rank_grid_name(LowLatencyCombineRecvParams::kName, args.comm.rank),
              low_latency_combine_recv_blocks(args.num_tokens, args.comm.layout.hidden), kLowLatencyThreads, 0,
              low_latency_combine_recv_kernel<ShmTransport>, args);
+}
+
+void add_low_latency_reset_signals(simt::ConcurrentLaunch& launch,
+                                   LowLatencyResetSignalsArgs<ShmTransport> const& args) {
+  throw_if_invalid(args);
+  launch.add(rank_grid_name(LowLatencyResetSignalsParams::kName, args.comm.rank), kLowLatencyResetBlocks,
+             kLowLatencyThreads, 0, low_latency_reset_signals_kernel<ShmTransport>, args);
 }
 
 }  // namespace epcomm::kernels

@@ -143,4 +143,13 @@ char const* validate(LowLatencyCombineRecvArgs<Transport> const& args) {
   return nullptr;
 }
 
+template <class Transport>
+char const* validate(LowLatencyResetSignalsArgs<Transport> const& args) {
+  using detail::invalid;
+  if (char const* problem = validate(args.comm)) return problem;
+  if (args.dispatches_slot0 < 0 || args.dispatches_slot1 < 0 || args.combines_slot0 < 0 || args.combines_slot1 < 0)
+    return invalid("%s: the call counts must be >= 0", LowLatencyResetSignalsParams::kName);
+  return nullptr;
+}
+
 }  // namespace epcomm::kernels

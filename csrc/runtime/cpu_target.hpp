@@ -68,6 +68,9 @@ struct CpuTarget {
   static void add_grid(simt::ConcurrentLaunch& grid, kernels::LowLatencyCombineRecvArgs<Shm> const& args) {
     kernels::add_low_latency_combine_recv(grid, args);
   }
+  static void add_grid(simt::ConcurrentLaunch& grid, kernels::LowLatencyResetSignalsArgs<Shm> const& args) {
+    kernels::add_low_latency_reset_signals(grid, args);
+  }
 };
 static_assert(entries::DeviceTarget<CpuTarget>);
 

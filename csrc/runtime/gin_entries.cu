@@ -27,14 +27,7 @@ template <>
 struct TransportBinding<transport::GinTransport> {
   GinNetwork* network = nullptr;
 
-  static GinNetwork& network_of(KernelCall const& call) {
-    GinNetwork* const network = call.runtime.network();
-    if (network == nullptr || !network->usable())
-      throw RuntimeError(ErrorCode::kInvalidArgument,
-                         "internode kernels on the cuda runtime need its network across nodes: call open_network "
-                         "first (or it was closed or aborted after a host timeout)");
-    return *network;
-  }
+  static GinNetwork& network_of(KernelCall const& call) { return usable_network(call.runtime, "internode kernels"); }
 
   transport::GinTransport make(KernelCall const& call, kernels::InternodeSpec const& /*spec*/,
                                kernels::RdmaWorkspace const& workspace, uint64_t* byte_counters) {

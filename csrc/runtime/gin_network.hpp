@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "device_runtime.hpp"
 
@@ -70,5 +71,16 @@ class GinNetwork {
   struct State;
   std::unique_ptr<State> state_;
 };
+
+// The runtime's network, for kernels that go through it (`what` names them in the error): throws
+// kInvalidArgument when open_network was never called or the network was closed or aborted.
+inline GinNetwork& usable_network(DeviceRuntime const& runtime, char const* what) {
+  GinNetwork* const network = runtime.network();
+  if (network == nullptr || !network->usable())
+    throw RuntimeError(ErrorCode::kInvalidArgument,
+                       std::string(what) + " on the cuda runtime need its GIN network: call open_network first (or it "
+                       "was closed or aborted after a host timeout)");
+  return *network;
+}
 
 }  // namespace epcomm::runtime

@@ -5,9 +5,13 @@
 // DeepEP's "clean before LL" rule); the transport's "RDMA buffer" of rank r is rank r's whole data
 // region, so the layout's absolute offsets name the same place on every rank.
 //
-// Instantiated today: cpu + ShmTransport (cpu_entries.cpp). The cuda runtime would need a
-// LowLatencyTransportBinding<GinTransport> giving LL its own signal range (the layout's 4E + 1
-// signals) in the GIN session, and device-memory peer tables; not registered yet.
+// Where the region lives is the binding's business (as TransportBinding's RDMA region for the internode
+// kernels): ShmTransport's is each rank's data region (region_capacity: the runtime's bytes), with its
+// signals inside the region; GinTransport's is the GIN window of the runtime's network, with the
+// signals in the GIN session (gin_low_latency_entries.cu).
+//
+// Instantiated: cpu + ShmTransport (cpu_entries.cpp) and cuda + GinTransport (gin_low_latency_entries.cu,
+// built with NCCL's headers: every peer through GIN, same-node peers included).
 
 #include <string>
 #include <vector>
@@ -33,6 +37,9 @@ struct LowLatencyTransportBinding<transport::ShmTransport> {
             reinterpret_cast<char* const*>(runtime.device_peer_data_table()), layout.signals_buffer_offset(),
             byte_counters};
   }
+  // The LL region lies in each rank's data region.
+  static size_t region_capacity(KernelCall const& call) { return call.runtime.num_bytes(); }
+  void host_gave_up() {}  // CPU grids run to completion
 };
 
 // Bytes per rank the LL region of `spec` ends at (region_offset + both slots), with `num_ranks` ranks.
@@ -55,9 +62,10 @@ template <DeviceTarget Target, class Args, class Transport>
 void run_low_latency(KernelCall const& call, kernels::LowLatencySpec const& spec, typename Args::Params const& params) {
   DeviceRuntime const& runtime = call.runtime;
   size_t const need = low_latency_workspace_bytes(spec, runtime.num_ranks());
-  if (need > runtime.num_bytes())
+  size_t const capacity = LowLatencyTransportBinding<Transport>::region_capacity(call);
+  if (need > capacity)
     throw invalid_argument(Args::kName, "the LL region ends at byte " + std::to_string(need) + " but the buffer has " +
-                                            std::to_string(runtime.num_bytes()) + " bytes");
+                                            std::to_string(capacity) + " bytes");
   if (spec.num_nvl_ranks < 1 || runtime.num_ranks() % spec.num_nvl_ranks)
     throw invalid_argument(Args::kName, "spec.num_nvl_ranks must divide the " + std::to_string(runtime.num_ranks()) + " ranks");
   typename Target::Slot slot;
@@ -70,7 +78,7 @@ void run_low_latency(KernelCall const& call, kernels::LowLatencySpec const& spec
   args.comm.transport = binding.make(call, spec, args.comm.layout, low_latency_counters(params));
   args.comm.error = slot.kernel_view();
   args.comm.timeout_cycles = timeout_cycles(call);
-  launch_and_finish<Target>(call, args, slot);
+  launch_and_finish<Target>(call, args, slot, [&binding] { binding.host_gave_up(); });
 }
 
 template <DeviceTarget Target, class Transport>
@@ -84,6 +92,8 @@ void register_low_latency_entries() {
       Target::kKind, run_low_latency<Target, LowLatencyCombineSendArgs<Transport>, Transport>);
   register_kernel<LowLatencyCombineRecvParams>(
       Target::kKind, run_low_latency<Target, LowLatencyCombineRecvArgs<Transport>, Transport>);
+  register_kernel<LowLatencyResetSignalsParams>(
+      Target::kKind, run_low_latency<Target, LowLatencyResetSignalsArgs<Transport>, Transport>);
 }
 
 }  // namespace epcomm::runtime::entries

@@ -108,6 +108,15 @@ inline LaunchStatus run_job(std::shared_ptr<LaunchJob> const& job, LaunchOptions
   }
 
   std::vector<std::thread> threads;
+  // Whatever leaves this function early (an exception from the watchdog or from describing the blocks)
+  // must not destroy a joinable std::thread, which calls std::terminate: such threads are detached.
+  struct DetachJoinable {
+    std::vector<std::thread>& threads;
+    ~DetachJoinable() {
+      for (std::thread& thread : threads)
+        if (thread.joinable()) thread.detach();
+    }
+  } const detach_on_unwind{threads};
   threads.reserve(job->blocks.size());
   for (size_t i = 0; i < job->blocks.size(); ++i) {
     try {

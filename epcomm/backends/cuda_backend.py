@@ -142,9 +142,10 @@ class CudaDispatchBackend(SimDispatchBackend):
 
     def low_latency(self):
         raise NotImplementedError(
-            "the 'cuda' backend has no low-latency mode yet: the LL kernels build for sm_90 (make -C csrc "
-            "kernels-check) but the cuda runtime does not register them (they need a GIN signal range and "
-            "device peer tables); use Buffer(backend='torch') on NCCL")
+            "the 'cuda' backend has no low-latency mode yet: its runtime registers the LL kernels over GIN "
+            "(csrc/runtime/gin_low_latency_entries.cu) but every cuda-runtime call synchronizes the host, and LL "
+            "calls must be CUDA-graph capturable (an enqueue-only launch path is not built yet); use "
+            "Buffer(backend='torch') on NCCL")
 
     @classmethod
     def check_options(cls, topo: Topology, options: BackendOptions) -> None:

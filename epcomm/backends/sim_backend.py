@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -468,9 +469,11 @@ class SimDispatchBackend(DispatchBackend):
         self._last_spec = spec
         return self._device_runtime
 
-    def _relayout(self, op: str, num_bytes: int) -> None:
+    def _relayout(self, op: str, num_bytes: int, reset_signals: Callable[[], None] | None = None) -> None:
         """Every rank leaves the current layout, zeroes its first ``num_bytes`` and counts epochs from 0
-        again; all meet once more before anyone signals a peer. Collective.
+        again; all meet once more before anyone signals a peer. Collective. ``reset_signals`` (LL mode's
+        clean) runs once every rank has left, before the zeroing (it waits for adds still due to signals the
+        zeroing may wipe on shm, or not reach at all on GIN, then zeroes them).
 
         Across nodes, leaving a normal-mode layout is a notify in it that also zeroes this rank's
         transport signals once the adds still due to them have landed (a transport may keep signals
@@ -481,6 +484,8 @@ class SimDispatchBackend(DispatchBackend):
             self._run(runtime, self._last_spec, self.path.notify_params(self._next_epoch(), reset_signals=True), op)
         else:
             runtime.barrier(op=op)
+        if reset_signals is not None:
+            reset_signals()
         runtime.zero(num_bytes)
         self._epoch = 0
         runtime.barrier(op=op)

@@ -47,6 +47,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class SimLowLatency:
     """The LL engine of the sim backend (see the module docs)."""
 
+    # Whether the LL signals keep their values through normal-mode calls. Not on the shm transport: they
+    # sit in the region, which a normal-mode layout overwrites (and a re-layout zeroes). A transport that
+    # keeps them elsewhere (GIN: in the session) would say True.
+    signals_survive_normal_mode = False
+
     def __init__(self, backend) -> None:
         self.backend = backend
         self.ext = backend._ext
@@ -54,6 +59,7 @@ class SimLowLatency:
         self.layout: LowLatencyLayout | None = None
         self._dispatches = [0, 0]
         self._combines = [0, 0]
+        self._signals = None  # (runtime, layout) whose LL signals the counts above describe
         self._outputs = [SlotTensors(), SlotTensors()]
 
     # ------------------------------------------------------------------ checks (before the agreement)
@@ -98,6 +104,7 @@ class SimLowLatency:
         if self.layout is None:
             self._allocate(layout, op)
         backend._last_spec = _NOT_NORMAL_MODE
+        self._signals = (backend._device_runtime, self.layout)
         return backend._device_runtime
 
     def _allocate(self, layout: LowLatencyLayout, op: str) -> None:
@@ -111,9 +118,30 @@ class SimLowLatency:
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
             backend._epoch = 0
         else:  # reuse: the signals must start from zero on every rank before anyone signals a peer
-            backend._relayout(op, need)
+            backend._relayout(op, need, lambda: self._reset_signals(runtime, layout, op))
+        self._signals = None
         self.layout = layout
         self._dispatches, self._combines = [0, 0], [0, 0]
+
+    def _reset_signals(self, runtime, layout: LowLatencyLayout, op: str) -> None:
+        """Zero this rank's LL transport signals through the transport (reset_signal), between the
+        re-layout's two meetings: every rank has finished its LL calls before, and nobody signals again before
+        the meeting after. The kernel first waits for the adds still due from the calls counted since the last
+        clean, in the layout they were made in (when those signals are still intact here); otherwise it zeroes
+        ``layout``'s signals without waiting. On ShmTransport the signals sit in the zeroed region (zeroed
+        again); on GIN they live in the session, where zeroing the window does not reach."""
+        last_runtime, last_layout = self._signals or (None, None)
+        intact = last_runtime is runtime and last_layout is not None and (
+            self.signals_survive_normal_mode or self.backend._last_spec is _NOT_NORMAL_MODE)
+        if intact:
+            runtime.run(self._spec(last_layout), self._reset_params(self._dispatches, self._combines), op=op,
+                        timeout_s=self.backend.timeout_s)
+        if not intact or last_layout != layout:
+            runtime.run(self._spec(layout), self._reset_params([0, 0], [0, 0]), op=op, timeout_s=self.backend.timeout_s)
+
+    def _reset_params(self, dispatches: list[int], combines: list[int]):
+        return self.ext.LowLatencyResetSignalsParams(dispatches_slot0=dispatches[0], dispatches_slot1=dispatches[1],
+                                                     combines_slot0=combines[0], combines_slot1=combines[1])
 
     def clean(self, layout: LowLatencyLayout) -> None:
         self.layout = None

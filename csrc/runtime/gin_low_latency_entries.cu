@@ -1,0 +1,76 @@
+// The low-latency kernels as cuda-runtime entries over NCCL GIN: every peer, this node's included, through
+// the runtime's GinNetwork (gin_network.hpp). Built with NCCL's headers only (setup.py).
+//
+// Where the LL region lives: in the GIN window, at spec.region_offset (0 from Python), not in the IPC
+// buffer. The LL layout names places by absolute offset, the same on every rank, and GinTransport's offsets
+// are offsets into the symmetric window, so the window is where those places exist on every peer. It is the
+// window the internode kernels' RDMA workspace uses too: LL and normal mode share it, as they share the
+// buffer in DeepEP and in the sim backend (hence "clean before LL"; the Python side sizes the window for
+// the larger of the two).
+//
+// Same-node peers: through GIN as well, not NVLink (allow_nvlink_for_low_latency_mode has no effect on the
+// cuda backend). GPU-only assumption: NCCL's device API lets a GIN put or signal target a peer of the same
+// node and the rank itself (its guide allows a loopback peer); never run here.
+//
+// Signals: the layout's 4E + 1 signals are their own range of the session, at its top:
+// [num_signals - (4E + 1), num_signals), while the internode kernels use [0, RdmaWorkspace::num_signals()).
+// The two never overlap as long as the session has at least the sum, which the Python side asks for when
+// it makes the session (CudaDispatchBackend); here only "the LL range fits" can be checked.
+
+#include "../transport/gin_transport.cuh"  // first: it configures NCCL's device headers
+
+#include <string>
+
+#include "../kernels/low_latency_gin.hpp"
+#include "cuda_target.hpp"
+#include "gin_network.hpp"
+#include "low_latency_entries.hpp"
+
+namespace epcomm::runtime::entries {
+
+template <>
+struct LowLatencyTransportBinding<transport::GinTransport> {
+  GinNetwork* network = nullptr;
+
+  transport::GinTransport make(KernelCall const& call, kernels::LowLatencySpec const& /*spec*/,
+                               kernels::LowLatencyLayout const& layout, uint64_t* byte_counters) {
+    network = &usable_network(call.runtime, "low-latency kernels");
+    // GIN counts no bytes: the counters stay as the caller zeroed them (buffer.traffic has no
+    // transport-counted LL bytes on the cuda backend).
+    (void)byte_counters;
+    int const num_signals = layout.num_signals();
+    if (num_signals > network->num_signals())
+      throw RuntimeError(ErrorCode::kInvalidArgument,
+                         "this LL layout needs " + std::to_string(num_signals) + " GIN signals, the network session "
+                         "has " + std::to_string(network->num_signals()) + " (a new session is needed)");
+    transport::GinTransport transport = network->transport();
+    transport.signal_base += ncclGinSignal_t(network->num_signals() - num_signals);
+    transport.num_signals = num_signals;
+    return transport;
+  }
+
+  // The whole window can hold the LL region.
+  static size_t region_capacity(KernelCall const& call) {
+    return usable_network(call.runtime, "low-latency kernels").rdma_bytes();
+  }
+
+  // As the internode entries: a grid the host stopped waiting for may be inside NCCL; abort the
+  // communicator so NCCL's own waits end (the backend is unusable from here on).
+  void host_gave_up() {
+    if (network != nullptr) network->abort();
+  }
+};
+
+}  // namespace epcomm::runtime::entries
+
+namespace epcomm::runtime {
+
+namespace {
+
+struct RegisterLowLatencyOverGin {
+  RegisterLowLatencyOverGin() { entries::register_low_latency_entries<CudaTarget, transport::GinTransport>(); }
+} const register_low_latency_over_gin;
+
+}  // namespace
+
+}  // namespace epcomm::runtime
