@@ -24,6 +24,7 @@ from .backends.base import BackendOptions, CallCheck, DispatchCall, ExpertCounts
 from .config import Config
 from .errors import EpcommError, EpcommInputError
 from ._async import AsyncRunner, copy_into, private_group
+from ._streams import tensors_in
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
 from .layout import DispatchLayout, compute_layout, token_node_mask
@@ -240,10 +241,13 @@ class Buffer:
         return EventOverlap(EventHandle())
 
     def get_comm_stream(self) -> object:
-        """The stream epcomm's calls run on: the caller's current stream (epcomm has no stream of its
-        own; its calls return with their results ready), ``torch.cuda.current_stream()`` on a GPU,
-        else ``torch.cpu.current_stream()``."""
+        """The stream epcomm's data phases run on: the ``cuda`` backend's communication stream (its kernels
+        run there, after the caller's stream); for the other backends the caller's current stream
+        (``torch.cuda.current_stream()`` on a GPU, else ``torch.cpu.current_stream()``)."""
         self._check_alive("get_comm_stream")
+        comm_stream = getattr(self._impl, "comm_stream", None)
+        if comm_stream is not None:
+            return comm_stream
         if getattr(self._impl, "device", torch.device("cpu")).type == "cuda":
             return torch.cuda.current_stream()
         return torch.cpu.current_stream()
@@ -508,7 +512,9 @@ class Buffer:
                        _empty(rows, num_topk, torch.float32, placement is not None and has_weights, tensors["x"].device))
             plan = None
         else:
-            outputs, counted, plan = data_phase()
+            scope = self._impl.stream_scope(tensors["x"].device, async_finish)
+            with scope:
+                outputs, counted, plan = data_phase()
             if experts is not None:
                 num_recv_per_expert = counted if counted is not None else self._gather_expert_counts(op, experts)
         if num_worst_tokens:
@@ -537,7 +543,7 @@ class Buffer:
 
             event = self._submit(phase_and_plan, outputs)
         else:
-            event = EventOverlap.capture(tensors["x"].device)
+            event = scope.finish(tensors_in(tensors, prepared["is_token_in_rank"]), tensors_in(outputs))
         recv_x, recv_topk_idx, recv_topk_weights = outputs
         return recv_x, recv_topk_idx, recv_topk_weights, num_recv_per_expert, new_handle, event
 
@@ -642,7 +648,10 @@ class Buffer:
         if self._runs_async(async_finish):
             recv_x = _empty_rows(x, handle.num_worst_tokens or handle.num_recv_tokens)
             return recv_x, None, None, None, None, self._submit(data_phase, recv_x)
-        return data_phase(), None, None, None, None, EventOverlap.capture(tensors["x"].device)
+        scope = self._impl.stream_scope(tensors["x"].device, async_finish)
+        with scope:
+            recv_x = data_phase()
+        return recv_x, None, None, None, None, scope.finish(tensors_in(tensors), tensors_in(recv_x))
 
     # --------------------------------------------------------------- combine
     def combine(
@@ -730,8 +739,11 @@ class Buffer:
                        _empty(handle.num_tokens, topk_weights.size(1) if topk_weights is not None else 0,
                               torch.float32, topk_weights is not None, x.device))
             return (*outputs, self._submit(data_phase, outputs))
-        combined_x, combined_weights = data_phase()
-        return combined_x, combined_weights, EventOverlap.capture(combined_x.device)
+        scope = self._impl.stream_scope(x.device, async_finish)
+        with scope:
+            combined_x, combined_weights = data_phase()
+        return combined_x, combined_weights, scope.finish(tensors_in(tensors, biases),
+                                                          tensors_in(combined_x, combined_weights))
 
     internode_combine = combine  # DeepEP's public name for the multi-node path; combine picks the path itself
 

@@ -10,9 +10,13 @@ import torch
 import torch.distributed as dist
 
 import epcomm
+from backend_selection import selected_backends
 from cases import Case, expert_output, make_input, same_bits
 
-TOPOLOGIES = [("torch", 1, 4), ("torch", 2, 2), ("sim", 1, 4), ("sim", 2, 2)]
+# cuda (EPCOMM_TEST_BACKENDS=cuda, make gpu-check on 4 GPUs): async_finish returns a CUDA event on the
+# communication stream, the data kernels only enqueued (README "Streams on GPUs")
+TOPOLOGIES = [("torch", 1, 4), ("torch", 2, 2), ("sim", 1, 4), ("sim", 2, 2)] + (
+    [("cuda", 1, 4)] if "cuda" in selected_backends() else [])
 
 
 def _round(buf: epcomm.Buffer, case: Case, rank: int, async_finish: bool) -> dict:

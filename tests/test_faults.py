@@ -116,14 +116,15 @@ def die_in_sim_kernel(rank, world, kernel, nodes, timeout_s):
     from epcomm.backends.sim_backend import SimRuntime
 
     if rank == VICTIM:
-        original = SimRuntime.run
+        for name in ("run", "enqueue"):  # waited-for kernels and data kernels (issued only)
+            original = getattr(SimRuntime, name)
 
-        def run_or_die(self, spec, params, *args, **kwargs):
-            if type(params).KERNEL == kernel:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, spec, params, *args, **kwargs)
+            def run_or_die(self, spec, params, *args, _original=original, **kwargs):
+                if type(params).KERNEL == kernel:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return _original(self, spec, params, *args, **kwargs)
 
-        SimRuntime.run = run_or_die
+            setattr(SimRuntime, name, run_or_die)
     case = SIM_CASE if nodes == 1 else CASE
     buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, timeout_s=timeout_s)
     return _dispatch_combine_until_failure(buf, make_input(case, rank), case.num_experts)

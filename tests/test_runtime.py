@@ -386,3 +386,79 @@ def collective_teardown(rank, world):
 def test_collective_teardown_closes_peers_before_freeing(pools):
     for rank, (peers_gone, kept, closed) in enumerate(pools(2).run(collective_teardown)):
         assert peers_gone and kept == 16 * rank and closed
+
+
+# ---------------------------------------------------------------- enqueue-only kernels
+def _notify_barrier(ext, world, epoch):
+    """A notify that only meets the peers (no counts): the smallest kernel that waits on every rank."""
+    config = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=6, nvl_ring_tokens=32)
+    spec = ext.IntranodeSpec(config=config, workspace=ext.NvlWorkspaceShape(
+        num_ranks=world, num_local_experts=0, num_topk=8, max_row_bytes=64))
+    params = ext.NotifyParams(epoch=epoch, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None,
+                              num_tokens=0, expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
+                              num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None)
+    return spec, params
+
+
+def enqueue_with_one_absent(rank, world, absent):
+    sim = _backend(rank, world)
+    try:
+        sim.barrier()
+        if rank == absent:
+            return None
+        runtime, ext = sim.runtime, sim._ext
+        spec, params = _notify_barrier(ext, world, epoch=1)
+        runtime.run(spec, params, 0.5, 0, True)  # issued; its timeout is in its error slot, not raised here
+        pending_after_launch = runtime.num_pending
+        try:
+            runtime.check_pending(False)
+            reported = "no error"
+        except epcomm.EpcommTimeoutError as err:
+            reported = str(err)
+        pending_after_report = runtime.num_pending
+        # an unreported failure reaches the runtime's next call, before that call launches anything
+        runtime.run(spec, params, 0.5, 0, True)
+        try:
+            runtime.barrier(0.5)
+            next_call = "no error"
+        except epcomm.EpcommError as err:  # the first kernel's abort flag: this one saw it ("peer_aborted")
+            next_call = str(err)
+        return pending_after_launch, reported, pending_after_report, next_call, runtime.num_pending
+    finally:
+        sim.close()
+
+
+def enqueue_and_wait(rank, world, rounds):
+    sim = _backend(rank, world)
+    try:
+        sim.barrier()
+        runtime, ext = sim.runtime, sim._ext
+        for epoch in range(1, rounds + 1):
+            spec, params = _notify_barrier(ext, world, epoch)
+            runtime.run(spec, params, 10.0, 0, True)
+        pending = runtime.num_pending
+        runtime.check_pending(True)
+        return pending, runtime.num_pending
+    finally:
+        sim.close()
+
+
+def test_enqueued_kernels_report_at_check_pending_or_the_next_call(pools):
+    """enqueue_only: the call returns once the kernel is issued; its error slot is read by check_pending
+    (or the runtime's next call, which raises it before launching), once, naming the kernel and rank."""
+    world, absent = 2, 1
+    results = pools(world).run(enqueue_with_one_absent, absent)
+    pending_after_launch, reported, pending_after_report, next_call, pending_at_end = results[0]
+    assert pending_after_launch == 1
+    assert reported.startswith("epcomm intranode_notify on rank 0: "), reported
+    assert "notify timeout" in reported and "peer=1" in reported, reported  # its error slot: role and peer
+    assert pending_after_report == 0
+    assert next_call.startswith("epcomm intranode_notify on rank 0: "), next_call  # not the barrier's own timeout
+    assert pending_at_end == 0
+    assert results[absent] is None
+
+
+def test_enqueued_kernels_that_succeed_leave_nothing_pending(pools):
+    # each call first reports the enqueued kernels that have finished (on the cpu runtime: all of them), so
+    # one stays pending until check_pending; none after it
+    assert pools(2).run(enqueue_and_wait, 3) == [(1, 0), (1, 0)]

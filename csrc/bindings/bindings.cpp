@@ -16,6 +16,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "../runtime/device_runtime.hpp"
 #if defined(EPCOMM_WITH_CUDA_RUNTIME)
@@ -88,13 +90,38 @@ class PyRuntime {
     if (runtime_) runtime_->abandon();
   }
   template <class Params>
-  void run(typename Params::Spec const& spec, Params const& params, double timeout_s) {
-    get().run(get().default_stream(), spec, params, timeout_s);
+  void run(typename Params::Spec const& spec, Params const& params, double timeout_s, uintptr_t stream,
+           bool enqueue_only) {
+    get().run(stream_for(stream), spec, params, timeout_s, enqueue_only);
+  }
+
+  // `native` 0: the runtime's own stream; otherwise a stream it borrows (cuda: a cudaStream_t such as
+  // torch.cuda.current_stream().cuda_stream), wrapped once and kept while the runtime lives.
+  Stream& stream_for(uintptr_t native) {
+    DeviceRuntime& runtime = get();
+    if (native == 0) return runtime.default_stream();
+    std::lock_guard<std::mutex> const lock(streams_mutex_);
+    std::unique_ptr<Stream>& stream = borrowed_[native];
+    if (!stream) stream = runtime.borrow_stream(reinterpret_cast<void*>(native));
+    return *stream;
   }
 
  private:
   std::unique_ptr<DeviceRuntime> runtime_;
+  std::mutex streams_mutex_;
+  std::unordered_map<uintptr_t, std::unique_ptr<Stream>> borrowed_;
 };
+
+// runtime.run(spec, params, timeout_s, stream=0, enqueue_only=False) for every kernel's Params type.
+template <class... Params>
+void bind_run(py::class_<PyRuntime>& runtime) {
+  using Release = py::call_guard<py::gil_scoped_release>;
+  (runtime.def("run", &PyRuntime::run<Params>, py::arg("spec"), py::arg("params"), py::arg("timeout_s"),
+               py::arg("stream") = uintptr_t(0), py::arg("enqueue_only") = false, Release(),
+               "Run the kernel of `params` (its type picks it) with `spec` on `stream` (0: the runtime's own). "
+               "Waits for it to finish, or with enqueue_only returns once it is issued (check_pending reports it)."),
+   ...);
+}
 
 #if defined(EPCOMM_WITH_CPU_RUNTIME)
 // Two processes ping-pong `rounds` messages through shared mappings: a 64-byte payload written with
@@ -148,9 +175,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_RANKS") = kMaxRanks;
   using Release = py::call_guard<py::gil_scoped_release>;
 
-  py::class_<PyRuntime>(m, "DeviceRuntime",
-                        "One rank's device runtime: its peer-visible buffer, the peers' mappings, kernels.")
-      .def(py::init<int, int, std::string, int, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("run_token"),
+  py::class_<PyRuntime> runtime(m, "DeviceRuntime",
+                                 "One rank's device runtime: its peer-visible buffer, the peers' mappings, kernels.");
+  runtime.def(py::init<int, int, std::string, int, int>(), py::arg("rank"), py::arg("num_ranks"), py::arg("run_token"),
            py::arg("device") = -1, py::arg("num_nvl_ranks") = 0)
       .def_property_readonly("kind", [](PyRuntime& self) { return std::string(self.get().kind()); })
       .def_property_readonly("rank", [](PyRuntime& self) { return self.get().rank(); })
@@ -195,7 +222,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
                                return 0;
                              })
-      .def("zero_network", [](PyRuntime& self) { self.get().zero_network(self.get().default_stream()); },
+      .def("zero_network", [](PyRuntime& self, uintptr_t stream) { self.get().zero_network(self.stream_for(stream)); },
+           py::arg("stream") = uintptr_t(0),
            "Zero this rank's RDMA window (a re-layout), in stream order; nothing without a network.")
       .def("close", &PyRuntime::close,
            "Unmap and free everything; idempotent. Only after every peer's close_peers() (a host barrier between).")
@@ -214,38 +242,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("peer_table_ptr",
                              [](PyRuntime& self) { return reinterpret_cast<uintptr_t>(self.get().device_peer_data_table()); })
       .def("zero",
-           [](PyRuntime& self, size_t offset, int64_t num_bytes) {
+           [](PyRuntime& self, size_t offset, int64_t num_bytes, uintptr_t stream) {
              DeviceRuntime& runtime = self.get();
              size_t const count = num_bytes < 0 ? runtime.num_bytes() - std::min(offset, runtime.num_bytes()) : size_t(num_bytes);
-             runtime.zero(runtime.default_stream(), offset, count);
+             runtime.zero(self.stream_for(stream), offset, count);
            },
-           py::arg("offset") = 0, py::arg("num_bytes") = -1)
-      .def("synchronize", [](PyRuntime& self) { self.get().default_stream().synchronize(); }, Release())
-      .def("barrier", [](PyRuntime& self, double timeout_s) { self.get().barrier(self.get().default_stream(), timeout_s); },
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::NotifyParams>, py::arg("spec"), py::arg("params"), py::arg("timeout_s"),
-           Release(), "Run the kernel of `params` (its type picks it) with `spec`; waits for it to finish.")
-      .def("run", &PyRuntime::run<kernels::IntranodeDispatchParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::IntranodeCombineParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::InternodeNotifyParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::InternodeDispatchParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::InternodeCombineParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::LowLatencyDispatchSendParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::LowLatencyDispatchRecvParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::LowLatencyCombineSendParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::LowLatencyCombineRecvParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
-      .def("run", &PyRuntime::run<kernels::LowLatencyResetSignalsParams>, py::arg("spec"), py::arg("params"),
-           py::arg("timeout_s"), Release())
+           py::arg("offset") = 0, py::arg("num_bytes") = -1, py::arg("stream") = uintptr_t(0))
+      .def("synchronize", [](PyRuntime& self, uintptr_t stream) { self.stream_for(stream).synchronize(); },
+           py::arg("stream") = uintptr_t(0), Release())
+      .def("barrier",
+           [](PyRuntime& self, double timeout_s, uintptr_t stream) { self.get().barrier(self.stream_for(stream), timeout_s); },
+           py::arg("timeout_s"), py::arg("stream") = uintptr_t(0), Release())
+      .def("check_pending", [](PyRuntime& self, bool wait) { self.get().check_pending(wait); }, py::arg("wait"), Release(),
+           "Report the kernels run with enqueue_only, oldest first: drop those finished (raising the first error), "
+           "give up on those past their host deadline. wait: block until each finished or passed its deadline.")
+      .def_property_readonly("num_pending", [](PyRuntime& self) { return self.get().num_pending(); })
       .def_property_readonly("clock_ticks_per_second", [](PyRuntime& self) { return self.get().clock_ticks_per_second(); });
+  bind_run<kernels::NotifyParams, kernels::IntranodeDispatchParams, kernels::IntranodeCombineParams,
+           kernels::InternodeNotifyParams, kernels::InternodeDispatchParams, kernels::InternodeCombineParams,
+           kernels::LowLatencyDispatchSendParams, kernels::LowLatencyDispatchRecvParams,
+           kernels::LowLatencyCombineSendParams, kernels::LowLatencyCombineRecvParams,
+           kernels::LowLatencyResetSignalsParams>(runtime);
 
   m.def("registered_kernels", [] { return registered_kernels(kKind); });
 

@@ -223,6 +223,7 @@ class CpuRuntime final : public DeviceRuntime {
   }
 
   std::unique_ptr<Stream> create_stream() override { return std::make_unique<CpuStream>(); }
+  std::unique_ptr<Stream> borrow_stream(void*) override { return std::make_unique<CpuStream>(); }
   std::unique_ptr<Event> create_event() override { return std::make_unique<CpuEvent>(); }
   double clock_ticks_per_second() const override { return 1e9; }
 

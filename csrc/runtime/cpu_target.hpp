@@ -37,6 +37,13 @@ struct CpuTarget {
     if (status.kind == simt::ErrorKind::InvalidConfig) code = ErrorCode::kInvalidArgument;
     return {code, std::string(simt::error_kind_name(status.kind)) + ": " + status.message};
   }
+  // cpu streams run work at once: an enqueued grid has finished when this returns (its ErrorSlot is
+  // still read later, by check_pending, as on cuda)
+  template <class Args>
+  static entries::LaunchOutcome launch_only(Args const& args, KernelCall const& call) {
+    return launch(args, call);
+  }
+  static double host_deadline_s(double timeout_s) { return timeout_s; }  // never reached: grids have finished
 
  private:
   using Shm = transport::ShmTransport;

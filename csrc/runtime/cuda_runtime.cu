@@ -66,6 +66,17 @@ class CudaStream final : public Stream {
   cudaStream_t stream_ = nullptr;
 };
 
+// A stream the runtime does not own (borrow_stream): torch's current stream, for kernels in its order.
+class BorrowedCudaStream final : public Stream {
+ public:
+  explicit BorrowedCudaStream(cudaStream_t stream) : stream_(stream) {}
+  void synchronize() override { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+  void* native() const override { return stream_; }
+
+ private:
+  cudaStream_t stream_;
+};
+
 cudaStream_t native_stream(Stream& stream) { return static_cast<cudaStream_t>(stream.native()); }
 
 class CudaEvent final : public Event {
@@ -291,6 +302,9 @@ class CudaRuntime final : public DeviceRuntime {
   }
 
   std::unique_ptr<Stream> create_stream() override { return std::make_unique<CudaStream>(); }
+  std::unique_ptr<Stream> borrow_stream(void* native) override {
+    return std::make_unique<BorrowedCudaStream>(static_cast<cudaStream_t>(native));
+  }
   std::unique_ptr<Event> create_event() override { return std::make_unique<CudaEvent>(); }
   double clock_ticks_per_second() const override { return ticks_per_second_; }
 

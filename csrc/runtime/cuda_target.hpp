@@ -1,10 +1,11 @@
 #pragma once
 // How the cuda runtime runs a kernel entry (a Target of kernel_entries.hpp): grids are launched on the
-// call's stream and waited for (polling the stream against a host-owned deadline, see
+// call's stream and either waited for (launch: polling the stream against a host-owned deadline, see
 // wait_with_deadline), so a call returns with its outputs written, with the kernel's own error, or
-// with a host timeout. The ErrorSlot is pinned, mapped host memory from a pool (allocated once,
-// reused: no allocation, free or device-wide synchronization per call): the kernel writes it over
-// PCIe, the host reads it after the stream is synchronized. Shared by cuda_entries.cu (intranode)
+// with a host timeout; or only issued (launch_only: the runtime's check_pending reads the ErrorSlot
+// once an event after the grid has passed). The ErrorSlot is pinned, mapped host memory from a pool
+// (allocated once, reused: no allocation, free or device-wide synchronization per call): the kernel
+// writes it over PCIe, the host reads it once the grid is known to have ended. Shared by cuda_entries.cu (intranode)
 // and gin_entries.cu (internode over NCCL GIN). No torch headers here.
 //
 // A launch goes through `cuda_launch_grid(args, stream, refused)`, found by argument-dependent lookup
@@ -53,8 +54,8 @@ inline std::string cuda_problem(char const* what, cudaError_t error) {
 // Why not one cudaHostAlloc/cudaFreeHost pair per call: cudaFreeHost synchronizes the whole device
 // (torch's compute streams and NCCL's included), which costs milliseconds, forbids overlap, and can
 // deadlock ranks when another stream holds an in-flight collective. A slot is taken for a call and
-// given back when the call has finished with it (launch_and_finish synchronizes the call's stream
-// first), so the pool holds as many slots as calls ever ran at once. They are never freed: a few
+// given back when the call has finished with it (the grid has ended: its stream was synchronized, or
+// an event after it passed), so the pool holds as many slots as calls ever ran or were pending at once. They are never freed: a few
 // hundred bytes of pinned memory per concurrent call, released with the process (freeing them from
 // a static destructor would race the CUDA runtime's own teardown).
 class ErrorSlotPool {
@@ -119,18 +120,31 @@ struct CudaTarget {
 
   template <class Args>
   static LaunchOutcome launch(Args const& args, KernelCall const& call) {
-    void* const stream = call.stream.native();
+    LaunchOutcome const issued = launch_only(args, call);
+    if (!issued.problem.empty()) return issued;
+    return wait_with_deadline(static_cast<cudaStream_t>(call.stream.native()), call.timeout_s);
+  }
+
+  // Issues the grid in the call's stream and returns (an empty problem: issued).
+  template <class Args>
+  static LaunchOutcome launch_only(Args const& args, KernelCall const& call) {
     kernels::CoResidency refused;
     // cuda_launch_grid: an overload per Args type in epcomm::kernels, found by argument-dependent lookup
     // (the intranode ones above; the GIN internode ones in gin_entries.cu)
-    if (int const error = cuda_launch_grid(args, stream, &refused); error != int(cudaSuccess)) {
+    if (int const error = cuda_launch_grid(args, call.stream.native(), &refused); error != int(cudaSuccess)) {
       // Nothing was launched: the Config asks for more channels than this device holds at once
       if (error == kernels::kCoResidencyRefused)
         return {ErrorCode::kInvalidArgument, kernels::describe_co_residency(refused)};
       return {ErrorCode::kKernelFailed, cuda_problem("kernel launch", cudaError_t(error))};
     }
-    return wait_with_deadline(static_cast<cudaStream_t>(stream), call.timeout_s);
+    return {ErrorCode::kKernelFailed, ""};
   }
+
+  // Beyond twice the kernels' own timeout (their data waits), the host's allowance for the launch and the
+  // work itself. An enqueued grid's deadline counts from its launch, so it also covers the work queued
+  // before it in its stream (the caller's, when the stream is torch's): a longer queue needs a larger
+  // timeout_s.
+  static double host_deadline_s(double timeout_s) { return 2 * timeout_s + kHostDeadlineSlackSeconds; }
 
   // The host owns a deadline, not cudaStreamSynchronize: the kernels' own waits give up after
   // timeout_s (data waits after twice that), but a wait inside NCCL (a GIN flush or a put on a full
@@ -138,7 +152,7 @@ struct CudaTarget {
   // 200 us (small kernels finish there), then sleeps 50 us between queries.
   static LaunchOutcome wait_with_deadline(cudaStream_t stream, double timeout_s) {
     using Clock = std::chrono::steady_clock;
-    double const limit_s = 2 * timeout_s + kHostDeadlineSlackSeconds;
+    double const limit_s = host_deadline_s(timeout_s);
     Clock::time_point const start = Clock::now();
     Clock::time_point const deadline =
         start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s));

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
+#include <thread>
 
 namespace epcomm::runtime {
 
@@ -50,8 +52,49 @@ void DeviceRuntime::check_state(char const* call, bool need_allocated, bool need
     throw RuntimeError(ErrorCode::kInvalidArgument, std::string(call) + ": call open_peers() first");
 }
 
+void DeviceRuntime::check_pending(bool wait) {
+  std::optional<RuntimeError> first;
+  auto keep = [&](std::exception_ptr error) {
+    try {
+      std::rethrow_exception(error);
+    } catch (RuntimeError const& e) {
+      if (!first) first = e;
+    } catch (std::exception const& e) {
+      if (!first) first = RuntimeError(ErrorCode::kSystem, e.what());
+    }
+  };
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    PendingKernel& kernel = **it;
+    bool done = false;
+    try {
+      done = kernel.finished();
+      // as a synchronous launch waits (cuda_target.hpp): yield for the first 200 us, then sleep 50 us
+      for (auto const start = PendingKernel::Clock::now(); !done && wait && PendingKernel::Clock::now() < kernel.deadline();
+           done = kernel.finished()) {
+        if (PendingKernel::Clock::now() - start < std::chrono::microseconds(200))
+          std::this_thread::yield();
+        else
+          std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+      if (!done && PendingKernel::Clock::now() < kernel.deadline()) {
+        ++it;  // still running, within its time
+        continue;
+      }
+      if (done)
+        kernel.report();
+      else
+        kernel.give_up();
+    } catch (...) {
+      keep(std::current_exception());
+    }
+    it = pending_.erase(it);
+  }
+  if (first) throw *first;
+}
+
 void DeviceRuntime::barrier(Stream& stream, double timeout_s) {
   check_state("barrier", true, true);
+  check_pending(false);
   if (!(timeout_s > 0)) throw RuntimeError(ErrorCode::kInvalidArgument, "barrier: timeout_s must be > 0");
   uint64_t const epoch = ++barrier_epoch_;
   if (!launch_peer_barrier(stream, epoch, timeout_s)) return;

@@ -27,6 +27,7 @@
 // nvcc (CUDA runtime) both include it.
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -105,11 +106,30 @@ class GinNetwork;  // gin_network.hpp: the cuda runtime's network across nodes
 class DeviceRuntime;
 
 // What a registered kernel entry gets besides its typed spec and params: the runtime (peer
-// tables, rank), the stream to launch on, and the time limit for peer waits.
+// tables, rank), the stream to launch on, the time limit for peer waits, and whether the call only
+// enqueues the kernel (the runtime then reports its outcome later: DeviceRuntime::check_pending).
 struct KernelCall {
   DeviceRuntime& runtime;
   Stream& stream;
   double timeout_s;
+  bool enqueue_only = false;
+};
+
+// A kernel launched without waiting for it (KernelCall::enqueue_only), as the runtime keeps it until
+// its outcome is reported: its ErrorSlot, a marker after it in its stream, its host deadline.
+class PendingKernel {
+ public:
+  using Clock = std::chrono::steady_clock;
+  virtual ~PendingKernel() = default;
+  // Whether its stream has passed it (never blocks). Throws what the stream reports (cuda: an
+  // asynchronous fault such as an illegal address, which makes the context unusable).
+  virtual bool finished() = 0;
+  // Once finished(): throws the kernel's error (its ErrorSlot), if any.
+  virtual void report() = 0;
+  // Its deadline passed while it still runs: never reuse its ErrorSlot, end the transport's waits it may
+  // be stuck in (GIN: abort the communicator), and throw RuntimeError(kTimeout).
+  virtual void give_up() = 0;
+  virtual Clock::time_point deadline() const = 0;
 };
 
 // A kernel is named by the type of its parameters (kernels/intranode.hpp, internode.hpp):
@@ -186,6 +206,10 @@ class DeviceRuntime {
   virtual void zero_network(Stream& /*stream*/) {}
 
   virtual std::unique_ptr<Stream> create_stream() = 0;
+  // A stream this runtime does not own (cuda: the cudaStream_t `native`, e.g. torch's current stream;
+  // it must outlive the wrapper and every kernel launched on it). cpu: a stream like any other (work
+  // runs at once on the calling thread), `native` ignored.
+  virtual std::unique_ptr<Stream> borrow_stream(void* native) = 0;
   virtual std::unique_ptr<Event> create_event() = 0;
   Stream& default_stream() { return *default_stream_; }
 
@@ -197,13 +221,28 @@ class DeviceRuntime {
   // peers that did not arrive within timeout_s. Synchronous: returns after the kernel finished.
   void barrier(Stream& stream, double timeout_s);
 
-  // Runs the kernel registered for Params on this runtime's kind (see register_kernel).
+  // Runs the kernel registered for Params on this runtime's kind (see register_kernel). `enqueue_only`:
+  // returns once the kernel is launched (cuda: in `stream`'s order, the host does not wait), and its
+  // ErrorSlot is read later by check_pending; otherwise returns when it finished, throwing its error.
+  // Either way the outcomes of earlier enqueued kernels that have finished are reported first
+  // (check_pending(false)), so an enqueued kernel's error reaches the caller at the latest at the
+  // runtime's next call.
   template <class Params>
-  void run(Stream& stream, typename Params::Spec const& spec, Params const& params, double timeout_s) {
+  void run(Stream& stream, typename Params::Spec const& spec, Params const& params, double timeout_s,
+           bool enqueue_only = false) {
     auto const entry = std::static_pointer_cast<KernelEntry<Params> const>(
         detail::find_entry(kind(), typeid(Params), Params::kName));
-    (*entry)(KernelCall{*this, stream, timeout_s}, spec, params);
+    check_pending(false);
+    (*entry)(KernelCall{*this, stream, timeout_s, enqueue_only}, spec, params);
   }
+
+  // Keeps an enqueued kernel until check_pending reports it (an entry's job, kernel_entries.hpp).
+  void defer(std::unique_ptr<PendingKernel> kernel) { pending_.push_back(std::move(kernel)); }
+  // Reports the enqueued kernels, oldest first: drops every one that finished (throwing the first error
+  // among them once all are dropped) or whose host deadline passed (give_up). `wait`: blocks until every
+  // one has finished or passed its deadline (polling, like a synchronous launch); otherwise never blocks.
+  void check_pending(bool wait);
+  size_t num_pending() const { return pending_.size(); }
 
  protected:
   explicit DeviceRuntime(RuntimeOptions options);
@@ -245,6 +284,7 @@ class DeviceRuntime {
   std::vector<void*> peer_data_;  // num_ranks entries once peers are open (own entry from allocate)
   std::unique_ptr<Stream> default_stream_;
   uint64_t barrier_epoch_ = 0;
+  std::vector<std::unique_ptr<PendingKernel>> pending_;  // enqueued kernels not yet reported, oldest first
 };
 
 // The implementations. make_cuda_runtime throws RuntimeError(kNoDevice) without a usable GPU.

@@ -11,6 +11,7 @@
 // POSIX shared memory, ShmTransport's puts standing in for the network) and cuda + GinTransport
 // (gin_entries.cu: the NVL peers of this node over CUDA IPC, the network over NCCL GIN).
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -108,13 +109,14 @@ uint64_t* byte_counters_of(Params const& params) {
 
 template <DeviceTarget Target, class Args, class Transport>
 void run_internode(KernelCall const& call, kernels::InternodeSpec const& spec, typename Args::Params const& params) {
-  typename Target::Slot slot;
+  auto slot = std::make_unique<typename Target::Slot>();  // a stable address: an enqueued kernel writes it later
   TransportBinding<Transport> binding;
   Args args;
   static_cast<typename Args::Params&>(args) = params;
-  args.comm = internode_comm(call, spec, slot.kernel_view(), binding, byte_counters_of(params), Args::kName);
+  args.comm = internode_comm(call, spec, slot->kernel_view(), binding, byte_counters_of(params), Args::kName);
   if constexpr (requires { args.max_nodes_per_token; }) args.max_nodes_per_token = spec.workspace.max_nodes_per_token;
-  launch_and_finish<Target>(call, args, slot, [&binding] { binding.host_gave_up(); });
+  // the give-up action holds a copy of the binding: an enqueued kernel outlives this frame
+  launch_kernel<Target>(call, args, std::move(slot), [binding]() mutable { binding.host_gave_up(); });
 }
 
 template <DeviceTarget Target, class Transport>

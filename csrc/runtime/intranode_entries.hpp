@@ -4,6 +4,7 @@
 // (cuda_entries.cu). An entry adds to the Params Python set the runtime's view of the peers: every
 // rank's NVL buffer (the runtime's data regions), this rank's error slot and the timeout.
 
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -50,11 +51,11 @@ inline kernels::CommArgs intranode_comm(KernelCall const& call, kernels::Intrano
 
 template <DeviceTarget Target, class Args>
 void run_intranode(KernelCall const& call, kernels::IntranodeSpec const& spec, typename Args::Params const& params) {
-  typename Target::Slot slot;
+  auto slot = std::make_unique<typename Target::Slot>();  // a stable address: an enqueued kernel writes it later
   Args args;
   static_cast<typename Args::Params&>(args) = params;
-  args.comm = intranode_comm(call, spec, slot.kernel_view(), Args::kName);
-  launch_and_finish<Target>(call, args, slot);
+  args.comm = intranode_comm(call, spec, slot->kernel_view(), Args::kName);
+  launch_kernel<Target>(call, args, std::move(slot));
 }
 
 template <DeviceTarget Target>

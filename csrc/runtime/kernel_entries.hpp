@@ -5,7 +5,10 @@
 //   Python: runtime.run(spec, params, timeout_s)          typed structs, fields set by name
 //     -> DeviceRuntime::run<Params>                        finds the entry registered for Params
 //     -> entry: Args = Params + the runtime's peer tables, error slot and timeout (the path's job)
-//     -> launch_and_finish<Target>: validate(Args), Target::launch, ErrorSlot -> RuntimeError
+//     -> launch_kernel<Target>: validate(Args), then
+//          waiting:      Target::launch (runs the grid to completion), ErrorSlot -> RuntimeError
+//          enqueue-only: Target::launch_only, the ErrorSlot kept as a PendingKernel that the runtime's
+//                        check_pending reports once the stream passed it (its next call at the latest)
 //
 // A Target says how one runtime kind launches and where the kernel's ErrorSlot lives:
 //   struct Target {
@@ -13,11 +16,16 @@
 //     class Slot { ErrorSlot* kernel_view(); ErrorSlot read(); void abandon(); };
 //       // zeroed, kernel-writable, host-readable; abandon(): a grid may still write it, never reuse it
 //     static LaunchOutcome launch(Args const&, KernelCall const&);  // runs the grid to completion
+//     static LaunchOutcome launch_only(Args const&, KernelCall const&);  // issues it in the call's stream
+//       // (cpu: runs it to completion too; its streams run work at once)
+//     static double host_deadline_s(double timeout_s);  // how long the host waits for a grid at most
 //   };
 // A failed kernel throws RuntimeError(kTimeout / kKernelFailed) with the ErrorSlot's description.
 
 #include <concepts>
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "../kernels/error.cuh"
 #include "device_runtime.hpp"
@@ -49,9 +57,8 @@ inline RuntimeError invalid_argument(char const* name, std::string const& proble
 }
 
 // Throws what a failed launch or kernel reported; returns when both are clean.
-inline void finish(char const* name, KernelCall const& call, LaunchOutcome const& outcome,
-                   kernels::ErrorSlot const& slot) {
-  std::string const where = std::string("epcomm ") + name + " on rank " + std::to_string(call.runtime.rank()) + ": ";
+inline void finish(char const* name, int rank, LaunchOutcome const& outcome, kernels::ErrorSlot const& slot) {
+  std::string const where = std::string("epcomm ") + name + " on rank " + std::to_string(rank) + ": ";
   if (slot.code != 0) {
     char text[256];
     kernels::describe_error(slot, text, sizeof(text));
@@ -62,23 +69,85 @@ inline void finish(char const* name, KernelCall const& call, LaunchOutcome const
   if (!outcome.problem.empty()) throw RuntimeError(outcome.code, where + outcome.problem);
 }
 
-// Validates the kernel's Args (kernels/*_validate.hpp, found by ADL at instantiation), launches it on Target and reports its outcome.
-// `host_gave_up()` runs when the host stopped waiting for a grid that may still run (its deadline), before
-// the error is thrown: a transport's chance to end waits the kernel cannot bound (GIN aborts its communicator).
-template <DeviceTarget Target, class Args, class HostGaveUp>
-void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot& slot, HostGaveUp&& host_gave_up) {
-  if (char const* problem = validate(args)) throw invalid_argument(Args::kName, problem);
-  LaunchOutcome const outcome = Target::launch(args, call);
-  if (outcome.grid_may_still_run) {
-    slot.abandon();
-    host_gave_up();
+// A kernel issued by launch_kernel without waiting: owns its ErrorSlot (the kernel writes it until it
+// ends), a marker event recorded after it, and the transport's give-up action (a copy of the binding's).
+template <DeviceTarget Target, class HostGaveUp>
+class PendingLaunch final : public PendingKernel {
+ public:
+  PendingLaunch(char const* name, KernelCall const& call, std::unique_ptr<typename Target::Slot> slot,
+                HostGaveUp host_gave_up)
+      : name_(name),
+        rank_(call.runtime.rank()),
+        limit_s_(Target::host_deadline_s(call.timeout_s)),
+        timeout_s_(call.timeout_s),
+        deadline_(Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s_))),
+        slot_(std::move(slot)),
+        marker_(call.runtime.create_event()),
+        host_gave_up_(std::move(host_gave_up)) {
+    marker_->record(call.stream);
   }
-  finish(Args::kName, call, outcome, slot.read());
+  ~PendingLaunch() override {
+    if (!reported_) slot_->abandon();  // dropped unreported (the runtime went away): the grid may still write it
+  }
+  bool finished() override { return marker_->query(); }
+  void report() override {
+    reported_ = true;
+    finish(name_, rank_, LaunchOutcome{ErrorCode::kKernelFailed, ""}, slot_->read());
+  }
+  void give_up() override {
+    slot_->abandon();
+    host_gave_up_();
+    reported_ = true;
+    throw RuntimeError(ErrorCode::kTimeout,
+                       std::string("epcomm ") + name_ + " on rank " + std::to_string(rank_) + ": the kernel, enqueued " +
+                           std::to_string(int(limit_s_)) + " s ago, has not finished although its own waits give up "
+                           "after " + std::to_string(timeout_s_) + " s (a wait inside the transport towards a dead "
+                           "peer, its stream blocked by other work, or a hung GPU); the host stopped waiting. Treat this "
+                           "process's device context as unusable and restart the process");
+  }
+  Clock::time_point deadline() const override { return deadline_; }
+
+ private:
+  char const* name_;
+  int rank_;
+  double limit_s_, timeout_s_;
+  Clock::time_point deadline_;
+  std::unique_ptr<typename Target::Slot> slot_;
+  std::unique_ptr<Event> marker_;
+  HostGaveUp host_gave_up_;
+  bool reported_ = false;
+};
+
+// Validates the kernel's Args (kernels/*_validate.hpp, found by ADL at instantiation), launches it on Target and,
+// unless the call is enqueue-only, waits for it and reports its outcome. `host_gave_up()` runs when the host
+// stopped waiting for a grid that may still run (its deadline), before the error is thrown: a transport's
+// chance to end waits the kernel cannot bound (GIN aborts its communicator). An enqueue-only call keeps a
+// copy of it for the PendingKernel; a launch the device refused throws at once either way.
+template <DeviceTarget Target, class Args, class HostGaveUp>
+void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typename Target::Slot> slot,
+                   HostGaveUp host_gave_up) {
+  if (char const* problem = validate(args)) throw invalid_argument(Args::kName, problem);
+  if (!call.enqueue_only) {
+    LaunchOutcome const outcome = Target::launch(args, call);
+    if (outcome.grid_may_still_run) {
+      slot->abandon();
+      host_gave_up();
+    }
+    finish(Args::kName, call.runtime.rank(), outcome, slot->read());
+    return;
+  }
+  LaunchOutcome const outcome = Target::launch_only(args, call);
+  if (!outcome.problem.empty()) {  // nothing runs (cpu: the grid broke a SIMT rule or its watchdog fired)
+    if (outcome.grid_may_still_run) slot->abandon();
+    finish(Args::kName, call.runtime.rank(), outcome, slot->read());
+  }
+  call.runtime.defer(std::make_unique<PendingLaunch<Target, HostGaveUp>>(Args::kName, call, std::move(slot),
+                                                                          std::move(host_gave_up)));
 }
 
 template <DeviceTarget Target, class Args>
-void launch_and_finish(KernelCall const& call, Args const& args, typename Target::Slot& slot) {
-  launch_and_finish<Target>(call, args, slot, [] {});
+void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typename Target::Slot> slot) {
+  launch_kernel<Target>(call, args, std::move(slot), [] {});
 }
 
 }  // namespace epcomm::runtime::entries

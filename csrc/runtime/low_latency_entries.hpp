@@ -68,7 +68,7 @@ void run_low_latency(KernelCall const& call, kernels::LowLatencySpec const& spec
                                             std::to_string(capacity) + " bytes");
   if (spec.num_nvl_ranks < 1 || runtime.num_ranks() % spec.num_nvl_ranks)
     throw invalid_argument(Args::kName, "spec.num_nvl_ranks must divide the " + std::to_string(runtime.num_ranks()) + " ranks");
-  typename Target::Slot slot;
+  auto slot = std::make_unique<typename Target::Slot>();  // a stable address: an enqueued kernel writes it later
   LowLatencyTransportBinding<Transport> binding;
   Args args;
   static_cast<typename Args::Params&>(args) = params;
@@ -76,9 +76,10 @@ void run_low_latency(KernelCall const& call, kernels::LowLatencySpec const& spec
   args.comm.num_ranks = runtime.num_ranks();
   args.comm.layout = kernels::low_latency_layout(spec, runtime.num_ranks());
   args.comm.transport = binding.make(call, spec, args.comm.layout, low_latency_counters(params));
-  args.comm.error = slot.kernel_view();
+  args.comm.error = slot->kernel_view();
   args.comm.timeout_cycles = timeout_cycles(call);
-  launch_and_finish<Target>(call, args, slot, [&binding] { binding.host_gave_up(); });
+  // the give-up action holds a copy of the binding: an enqueued kernel outlives this frame
+  launch_kernel<Target>(call, args, std::move(slot), [binding]() mutable { binding.host_gave_up(); });
 }
 
 template <DeviceTarget Target, class Transport>

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from .._comm import GroupComm
+from .._streams import StreamScope
 from ..config import Config
 from ..placement import ExpertPlacement
 from ..topology import Topology
@@ -212,6 +213,11 @@ class DispatchBackend(abc.ABC):
             casts once), ``topk_weights`` float32. They may live in the backend's scratch memory,
             valid until its next call.
         """
+
+    def stream_scope(self, device: torch.device, async_finish: bool) -> StreamScope:
+        """Where an operation's data phase runs and the event it returns (``epcomm/_streams.py``). The default:
+        the caller's stream (an ``async_finish`` on the CPU runs on the Buffer's worker instead)."""
+        return StreamScope(device)
 
     def low_latency(self) -> object:
         """This backend's low-latency engine (``dispatch``, ``combine``, ``combine_buffer``, ``clean``;

@@ -12,9 +12,17 @@ each runtime makes its own NCCL communicator from an NCCL unique id that rank 0 
 Buffer's process group carries to every rank (no private torch API; any group, gloo included), and a
 GIN session on it whose window holds the RDMA workspace (csrc/runtime/gin_network.hpp).
 
+Streams (DeepEP's semantics, ``epcomm/_streams.py``): every kernel of a Buffer runs on one communication
+stream (kernels share the buffers, so none may overlap another), which first waits for torch's current
+stream (the inputs were written in its order); the Buffer runs an operation's data phase with that
+stream current, so the post-processing follows the kernels without the host waiting. The kernels whose outputs the host reads (notify: counts, the call check's
+verdict; the peer barrier) are waited for by polling their stream against a host deadline; the data
+kernels (dispatch, combine) are only enqueued, and their error slots are read when their event has
+passed: by the runtime's next call, or by ``event.synchronize()``. Nothing synchronizes the device or
+torch's other streams.
+
 Status: compiled for sm_90 and sm_100 in every build (CI included) but never run on a GPU (none is
-lent to development). Calls are synchronous: each kernel waits for torch's current stream, runs on the
-runtime's stream and is waited for (``async_finish`` has no effect yet). Without a GPU,
+lent to development). Without a GPU,
 ``Buffer(backend="cuda")`` raises :class:`~epcomm.EpcommBackendUnavailable` on every rank; so does a
 set-up that finds no GIN, an NCCL older than 2.30, or CUDA IPC refused, naming the cause.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._comm import GroupComm
+from .._streams import CommStreamScope, tensors_in
 from ..errors import EpcommError
 from ..topology import Topology
 from ._kernel_paths import rdma_offset
@@ -50,11 +59,12 @@ class CudaRuntime(SimRuntime):
     backend_name = "cuda"
 
     def __init__(self, comm: GroupComm, topo: Topology, num_nvl_bytes: int, *, timeout_s: float | None = None,
-                 network: tuple[int, int] | None = None) -> None:
+                 network: tuple[int, int] | None = None, comm_stream: torch.cuda.Stream | None = None) -> None:
         if (topo.num_nodes > 1) != (network is not None):
             raise ValueError(f"the cuda runtime needs network=(rdma_bytes, num_signals) exactly when the group spans "
                              f"nodes ({topo.num_nodes} here), got {network}")
         self.network = network
+        self.comm_stream = comm_stream
         super().__init__(comm, topo, num_nvl_bytes, timeout_s=timeout_s)
 
     def _new_runtime(self):
@@ -99,18 +109,27 @@ class CudaRuntime(SimRuntime):
         """Transport signals of the GIN session (0 on one node)."""
         return int(self.runtime.network_signals)
 
-    def run(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
-        # inputs were written on torch's stream; the runtime's stream must not start before them
-        torch.cuda.current_stream().synchronize()
-        super().run(spec, params, timeout_s=timeout_s, op=op)
+    host_waits_for_enqueued = False  # stream order: the data kernels' error slots are read later
+
+    def stream(self) -> int:
+        """The communication stream, after torch's current stream (a no-op inside a data phase, where it is
+        the current one): every kernel of this runtime runs there, in call order."""
+        if self.comm_stream is None:
+            self.comm_stream = torch.cuda.Stream()
+        current = torch.cuda.current_stream()
+        if current != self.comm_stream:
+            self.comm_stream.wait_stream(current)
+        return self.comm_stream.cuda_stream
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
         """All ranks meet. The peer-barrier kernel meets this node's ranks (IPC reaches no further); across
         nodes the ranks then meet on the host. That is enough for what a barrier orders here: every kernel
-        before it has finished (the runtime waits for each), writes to peer memory stay inside a node (the
-        kernel's release/acquire), and across nodes only GIN writes, into the RDMA window, whose signals the
-        kernels (and a re-layout's reset) have waited for before they ended."""
-        torch.cuda.current_stream().synchronize()
+        before it in its stream has finished (the barrier kernel follows them and the host waits for it),
+        writes to peer memory stay inside a node (the kernel's release/acquire), and across nodes only GIN
+        writes, into the RDMA window, whose signals the kernels (and a re-layout's reset) have waited for
+        before they ended. Every kernel runs in torch's current stream, so one before the barrier is a kernel
+        before it in its stream as long as the Buffer's operations use one stream (the communication stream
+        for data phases, whose barriers run inside them too)."""
         super().barrier(timeout_s=timeout_s, op=op)
         if self.network is not None:
             self.comm.all_gather(op or f"{self.backend_name} backend", "meet across nodes",
@@ -120,7 +139,7 @@ class CudaRuntime(SimRuntime):
         """Zero the NVL data region's first ``num_bytes`` and, across nodes, the whole RDMA window (it holds the
         RDMA workspace: ring counters and signal bases restart at 0 in a new layout)."""
         super().zero(num_bytes)
-        self.runtime.zero_network()
+        self.runtime.zero_network(self.stream())  # in the kernels' stream order, as the data region's zeroing
 
     def peer_view(self, rank: int, dtype: torch.dtype = torch.uint8, offset: int = 0, count: int = -1) -> torch.Tensor:
         raise NotImplementedError("peer_view is CPU-only; on GPUs read peer memory from a kernel")
@@ -140,6 +159,27 @@ class CudaDispatchBackend(SimDispatchBackend):
     name = "cuda"
     runtime_class = CudaRuntime
 
+    def stream_scope(self, device: torch.device, async_finish: bool) -> CommStreamScope:
+        """The data phase on this Buffer's communication stream (``epcomm/_streams.py``)."""
+        return CommStreamScope(self.device, self._comm_stream, async_finish, self._report_enqueued)
+
+    @property
+    def comm_stream(self) -> torch.cuda.Stream:
+        """The stream every kernel of this Buffer runs on (``Buffer.get_comm_stream()``)."""
+        return self._comm_stream
+
+    def _kernel_reads(self, *tensors: torch.Tensor | None) -> None:
+        """Tensors an enqueued kernel uses (the handle's routing, inputs, outputs) are marked as used on the
+        communication stream: freed by the caller (a handle dropped after combine), their memory must not go
+        to new work before the kernel ends."""
+        for t in tensors_in(tensors):
+            if t.is_cuda:
+                t.record_stream(self._comm_stream)
+
+    def _report_enqueued(self, wait: bool) -> None:
+        if self._device_runtime is not None:
+            self._device_runtime.report_enqueued(wait)
+
     def low_latency(self):
         raise NotImplementedError(
             "the 'cuda' backend has no low-latency mode yet: its runtime registers the LL kernels over GIN "
@@ -154,6 +194,9 @@ class CudaDispatchBackend(SimDispatchBackend):
 
     def __init__(self, comm: GroupComm, topo: Topology, options: BackendOptions) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device())
+        # every kernel's stream and the data phases' (kept across runtimes: a new runtime's first kernel
+        # must follow the old one's last)
+        self._comm_stream = torch.cuda.Stream(self.device)
         self._sizing_spec = None  # the spec the next runtime is sized for (None: the Buffer's explicit sizes)
         self._network_floor = (0, 0, 0)  # (NVL bytes, RDMA bytes, signals) of the last runtime: never shrink
         super().__init__(comm, topo, options)
@@ -174,10 +217,11 @@ class CudaDispatchBackend(SimDispatchBackend):
 
     def _new_runtime(self, num_bytes: int) -> SimRuntime:
         if self.topo.num_nodes == 1:
-            return super()._new_runtime(num_bytes)
+            return self.runtime_class(self.comm, self.topo, num_bytes, timeout_s=self.timeout_s,
+                                      comm_stream=self._comm_stream)
         nvl_bytes, rdma_bytes, num_signals = self._network_sizes()
         return self.runtime_class(self.comm, self.topo, nvl_bytes, timeout_s=self.timeout_s,
-                                  network=(rdma_bytes, num_signals))
+                                  network=(rdma_bytes, num_signals), comm_stream=self._comm_stream)
 
     def _holds(self, runtime: SimRuntime, spec) -> bool:
         """Across nodes: the NVL region in the IPC buffer, the RDMA region in the window, the signals in the session."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 
@@ -192,8 +193,17 @@ class SimRuntime:
         raw = (ctypes.c_char * nbytes).from_address(self.peer_pointers[rank] + offset)
         return torch.frombuffer(raw, dtype=dtype, count=count)
 
+    # Whether the host waits for an enqueued kernel before its call returns (see :meth:`enqueue`). The cpu
+    # runtime's grids have finished when the launch returns, so waiting costs nothing and a kernel's error
+    # reaches the call that ran it; the cuda runtime says False (stream order, no host wait).
+    host_waits_for_enqueued = True
+
+    def stream(self) -> int:
+        """The stream kernels run on, as the runtime takes it (0: its own; cuda: torch's current stream)."""
+        return 0
+
     def run(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
-        """Run the kernel of ``params`` on this rank (collective when the kernel waits on peers).
+        """Run the kernel of ``params`` on this rank and wait for it (collective when the kernel waits on peers).
 
         Args:
             spec: the ``IntranodeSpec`` / ``InternodeSpec`` every rank runs this call with.
@@ -203,17 +213,39 @@ class SimRuntime:
                 stage of ``op`` on the progress board: a failure names the operation, the kernel and
                 the dead or late peers, and marks the process group broken (as a failed collective does).
         Raises:
-            EpcommTimeoutError: a peer did not arrive in time (the message names rank and peers).
+            EpcommTimeoutError: a peer did not arrive in time (the message names rank and peers), in this
+                kernel or in one enqueued earlier (:meth:`enqueue`) whose outcome was not reported yet.
             EpcommPeerError: a peer failed first and aborted the kernel (``op`` given).
             ValueError: no such kernel for this runtime, or bad arguments.
         """
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
-        self._wait_on_peers(type(params).KERNEL, lambda: self.runtime.run(spec, params, limit), op)
+        stream = self.stream()
+        self._wait_on_peers(type(params).KERNEL, lambda: self.runtime.run(spec, params, limit, stream), op)
+
+    def enqueue(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
+        """Like :meth:`run`, but the kernel is only issued in :meth:`stream`'s order: its error slot is read
+        by :meth:`report_enqueued` (at once here, where :attr:`host_waits_for_enqueued`; on cuda by the
+        runtime's next call, or the event of the call)."""
+        limit = self.timeout_s if timeout_s is None else float(timeout_s)
+        stream, runtime = self.stream(), self.runtime
+
+        def issue() -> None:
+            runtime.run(spec, params, limit, stream, True)
+            if self.host_waits_for_enqueued:
+                runtime.check_pending(True)
+
+        self._wait_on_peers(type(params).KERNEL, issue, op)
+
+    def report_enqueued(self, wait: bool, op: str | None = None) -> None:
+        """Raise the first error of the enqueued kernels that have finished (``wait``: wait for all of
+        them first, each against its host deadline); forget every one reported."""
+        self._wait_on_peers("enqueued kernel", lambda: self.runtime.check_pending(wait), op)
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
         """All ranks meet in peer memory (the peer barrier kernel); writes before it are visible after it."""
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
-        self._wait_on_peers("peer_barrier", lambda: self.runtime.barrier(limit), op)
+        stream = self.stream()
+        self._wait_on_peers("peer_barrier", lambda: self.runtime.barrier(limit, stream), op)
 
     def _wait_on_peers(self, kernel: str, launch, op: str | None) -> None:
         if op is None:
@@ -225,8 +257,8 @@ class SimRuntime:
         return list(self._ext.registered_kernels())
 
     def zero(self, num_bytes: int) -> None:
-        """Zero the first ``num_bytes`` of this rank's data region (a re-layout), in the runtime's stream order."""
-        self.runtime.zero(0, num_bytes)
+        """Zero the first ``num_bytes`` of this rank's data region (a re-layout), in :meth:`stream`'s order."""
+        self.runtime.zero(0, num_bytes, self.stream())
 
     def close(self, collective: bool = False, op: str | None = None) -> None:
         """Release the buffers; idempotent.
@@ -242,6 +274,11 @@ class SimRuntime:
         runtime, self._runtime = self._runtime, None
         if runtime is None:
             return
+        try:  # no kernel may still use the buffers (an error nobody asked for is dropped: teardown goes on)
+            runtime.check_pending(True)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"epcomm {self.backend_name} backend on rank {self.topo.rank}: a kernel failed and nobody "
+                          f"waited for its event: {err}", RuntimeWarning, stacklevel=2)
         if not collective:
             runtime.abandon()
             return
@@ -570,6 +607,17 @@ class SimDispatchBackend(DispatchBackend):
     def _run(self, runtime: SimRuntime, spec, params, op: str) -> None:
         runtime.run(spec, params, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
 
+    def _enqueue(self, runtime: SimRuntime, spec, params, op: str, plan: SimPlan, *tensors) -> None:
+        """A data kernel (dispatch, combine): nothing on the host reads its outputs, so it is only issued
+        (:meth:`SimRuntime.enqueue`). ``plan`` and ``tensors``: what it reads and writes (:meth:`_kernel_reads`)."""
+        self._kernel_reads(plan.is_token_in_rank, plan.recv_channel_prefix, plan.forward_channel_prefix,
+                           plan.forward_peer_masks, *tensors)
+        runtime.enqueue(spec, params, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
+
+    def _kernel_reads(self, *tensors) -> None:
+        """Tensors an enqueued kernel uses; nothing to do where kernels have finished when the call returns
+        (the cuda backend marks them as used by its stream)."""
+
     def _barrier(self, runtime: SimRuntime, spec, op: str) -> None:
         """notify without counts: all ranks meet and reset their NVL ring counters."""
         self._run(runtime, spec, self.path.notify_params(self._next_epoch()), op)
@@ -621,20 +669,23 @@ class SimDispatchBackend(DispatchBackend):
                     topk_weights=new(m, num_topk, dtype=torch.float32) if inputs["topk_weights"] is not None else None,
                     src_idx=new(m, dtype=torch.int32))
         counters = self._counters()
-        self._run(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv), op)
+        self._enqueue(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv), op, plan, inputs, recv)
         if counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
             self.comm.record_rows_to_peers(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
         else:
-            self._record_two_hop_dispatch(op, plan, counters, hidden_bytes + scale_bytes, spec)
+            self._record_two_hop_dispatch(op, runtime, plan, counters, hidden_bytes + scale_bytes, spec)
         recv.pop("src_idx")
         return {name: t for name, t in recv.items() if t is not None}
 
-    def _record_two_hop_dispatch(self, op: str, plan: SimPlan, counters: torch.Tensor, row_bytes_: int,
-                                 spec) -> None:
-        """The network hop as the transport counted it; the NVLink hop from the rows this rank forwarded."""
+    def _record_two_hop_dispatch(self, op: str, runtime: SimRuntime, plan: SimPlan, counters: torch.Tensor,
+                                 row_bytes_: int, spec) -> None:
+        """The network hop as the transport counted it; the NVLink hop from the rows this rank forwarded (the
+        dispatch kernel's masks: only where the host has waited for it, as reading them would wait)."""
         self._record_puts(op, counters, row_bytes_, self.path.put_metadata(spec)[0])
+        if not runtime.host_waits_for_enqueued:
+            return
         masks = plan.forward_peer_masks[: plan.num_forwarded].to(torch.int64)
         own = (masks >> self.topo.local_rank) & 1
         popcount = sum(((masks >> p) & 1) for p in range(self.topo.num_nvl_ranks))
@@ -667,8 +718,9 @@ class SimDispatchBackend(DispatchBackend):
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
         counters = self._counters()
-        self._run(runtime, spec, self.path.combine_params(plan, counters, x, weights, num_topk, combined, combined_w,
-                                                          node_partial_dtype), "combine")
+        self._enqueue(runtime, spec, self.path.combine_params(plan, counters, x, weights, num_topk, combined, combined_w,
+                                                              node_partial_dtype), "combine", plan,
+                      x, weights, combined, combined_w)
         row = x.size(1) * x.element_size()
         if counters is None:
             self.comm.record_rows_to_peers("combine", plan.recv_counts, row, 4 * num_topk)

@@ -68,8 +68,10 @@ class OneRankCall {
     combined_weights_ = DeviceBuffer(device, size_t(N) * size_t(K) * sizeof(float));
   }
 
-  // notify (counts) -> dispatch -> notify (barrier) -> combine, each a runtime call waited for on its stream.
-  void run(double timeout_s) {
+  // notify (counts) -> dispatch -> notify (barrier) -> combine, each a runtime call on one stream. `enqueue`: the
+  // data kernels (dispatch, combine) only issued, as the cuda backend issues them, then check_pending waits for
+  // them and reads their ErrorSlots; otherwise every call is waited for.
+  void run(double timeout_s, bool enqueue = false) {
     int const N = problem_.num_tokens, K = problem_.num_topk;
     kernels::NotifyParams notify;
     notify.epoch = ++epoch_;
@@ -96,7 +98,7 @@ class OneRankCall {
     dispatch.recv_topk_idx = recv_topk_idx_.get<int64_t>();
     dispatch.recv_topk_weights = recv_topk_weights_.get<float>();
     dispatch.recv_src_idx = recv_src_idx_.get<int32_t>();
-    runtime_->run(*stream_, spec_, dispatch, timeout_s);
+    runtime_->run(*stream_, spec_, dispatch, timeout_s, enqueue);
 
     kernels::NotifyParams barrier;
     barrier.epoch = ++epoch_;
@@ -112,7 +114,11 @@ class OneRankCall {
     combine.recv_channel_prefix_matrix = channel_prefix_.get<int32_t const>();
     combine.combined_x = combined_x_.get();
     combine.combined_topk_weights = combined_weights_.get<float>();
-    runtime_->run(*stream_, spec_, combine, timeout_s);
+    runtime_->run(*stream_, spec_, combine, timeout_s, enqueue);
+    if (enqueue) {
+      if (runtime_->num_pending() == 0) throw CheckFailed("an enqueued combine left nothing pending to report");
+      runtime_->check_pending(true);
+    }
   }
 
   // The outputs of the last run against the reference (throws CheckFailed naming the first difference).
@@ -153,22 +159,22 @@ std::string milliseconds(double seconds) {
   return text;
 }
 
-Verdict call_next_to_long_kernel(Device& device, Scale const& scale) {
+Verdict call_next_to_long_kernel(Device& device, Scale const& scale, bool enqueue) {
   OneRankCall call(device, scale);
   // The first call takes the runtime's one-time allocations (the ErrorSlot pool's first slot)
-  call.run(scale.kernel_timeout_s);
+  call.run(scale.kernel_timeout_s, enqueue);
   call.check("first call:");
 
   using Clock = std::chrono::steady_clock;
   bool const long_kernel = device.start_long_kernel(scale.long_kernel_max_s);
   Clock::time_point const start = Clock::now();
-  call.run(scale.kernel_timeout_s);
+  call.run(scale.kernel_timeout_s, enqueue);
   double const seconds = std::chrono::duration<double>(Clock::now() - start).count();
   bool const still_running = long_kernel && device.long_kernel_running();
   if (long_kernel) device.stop_long_kernel();
   call.check("timed call:");
-  std::string const what =
-      "a dispatch + combine (4 runtime calls, " + call.describe() + ") took " + milliseconds(seconds);
+  std::string const what = std::string(enqueue ? "an enqueued " : "a ") + "dispatch + combine (4 runtime calls" +
+                           (enqueue ? " and check_pending, " : ", ") + call.describe() + ") took " + milliseconds(seconds);
   if (!long_kernel)
     return {Status::kSkip, "the SIMT target runs no kernel next to a call (its streams run work at once); " + what +
                                " through the cpu runtime and matched the reference"};
@@ -182,7 +188,9 @@ Verdict call_next_to_long_kernel(Device& device, Scale const& scale) {
 
 std::vector<Check> long_kernel_checks(Scale const& scale) {
   return {{"call_does_not_wait_for_a_long_kernel_on_another_stream",
-           [scale](Device& device) { return call_next_to_long_kernel(device, scale); }}};
+           [scale](Device& device) { return call_next_to_long_kernel(device, scale, false); }},
+          {"enqueued_call_reports_at_check_pending_next_to_a_long_kernel",
+           [scale](Device& device) { return call_next_to_long_kernel(device, scale, true); }}};
 }
 
 }  // namespace epcomm::gpu_check
