@@ -19,8 +19,9 @@ namespace epcomm::kernels {
 
 inline constexpr uint32_t kFullWarpMask = 0xffffffffu;
 
+EPCOMM_HOST_DEVICE bool is_16_byte_aligned(void const* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 EPCOMM_HOST_DEVICE bool both_16_byte_aligned(void const* a, void const* b) {
-  return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15u) == 0;
+  return is_16_byte_aligned(a) && is_16_byte_aligned(b);
 }
 
 // One warp copies `num_vectors` 16-byte vectors (both ends 16-byte aligned).

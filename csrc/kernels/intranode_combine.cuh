@@ -83,7 +83,7 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
   TokenRange const range = channel_token_range(args.num_tokens, comm.config.num_channels, channel);
   int const batch_tokens = combine_batch_tokens(comm.config);
   bool const vectors = (args.hidden * element_bytes(args.element_kind)) % 16 == 0 &&
-                       both_16_byte_aligned(args.combined_x, args.combined_x);
+                       is_16_byte_aligned(args.combined_x);
   for (int batch_begin = range.begin; batch_begin < range.end; batch_begin += batch_tokens) {
     int const num_batch_tokens = min_int(batch_tokens, range.end - batch_begin);
     int needed = consumed;

@@ -34,32 +34,36 @@ EPCOMM_DEVICE void ll_fail(LowLatencyComm<Transport> const& comm, WaitContext co
   ll_raise_abort(comm, lane);
 }
 
+enum class LowLatencyWait { kReached = 0, kTimeout = 1, kAborted = 2 };
+
+// The spin every LL wait shares (one thread): polls this rank's `signal` (acquire) until it is >= expected,
+// checking the abort signal and the clock every 16 polls. `observed`: the last value read.
+template <class Transport>
+EPCOMM_DEVICE LowLatencyWait ll_spin_until(LowLatencyComm<Transport> const& comm, int signal, uint64_t expected,
+                                           long long start, uint64_t* observed) {
+  Transport const& transport = comm.transport;
+  *observed = transport.read_signal(signal);
+  for (int spins = 0; *observed < expected; ++spins) {
+    if ((spins & 15) == 15) {
+      if (transport.read_signal(comm.layout.abort_signal()) != 0) return LowLatencyWait::kAborted;
+      if (ptx::read_clock64() - start > comm.timeout_cycles) return LowLatencyWait::kTimeout;
+    }
+    *observed = transport.read_signal(signal);
+  }
+  return LowLatencyWait::kReached;
+}
+
 // Warp-collective: every lane with a signal (>= 0) waits, in parallel, for this rank's signal
-// >= expected (acquire), checking the abort signal and the clock every 16 polls. `context` is the
-// lane's own (its peer and channel). On a failure the lowest failing lane's wait is reported; after a
-// timeout every rank's abort signal is raised, after an abort (kPeerAborted) nothing more. The trailing
-// syncwarp orders every lane's acquire before the whole warp's reads. `waited` (may be null): the
-// clock64 ticks lane 0 spent in here.
+// >= expected (ll_spin_until). `context` is the lane's own (its peer and channel). On a failure the lowest
+// failing lane's wait is reported; after a timeout every rank's abort signal is raised, after an abort
+// (kPeerAborted) nothing more. The trailing syncwarp orders every lane's acquire before the whole warp's
+// reads. `waited` (may be null): the clock64 ticks lane 0 spent in here.
 template <class Transport>
 EPCOMM_DEVICE bool ll_warp_wait(LowLatencyComm<Transport> const& comm, WaitContext const& context, int signal,
                                 uint64_t expected, int lane, long long* waited) {
-  Transport const& transport = comm.transport;
-  int outcome = 0;  // 0: reached; 1: timeout; 2: aborted
   long long const start = ptx::read_clock64();
-  uint64_t observed = signal >= 0 ? transport.read_signal(signal) : expected;
-  for (int spins = 0; observed < expected; ++spins) {
-    if ((spins & 15) == 15) {
-      if (transport.read_signal(comm.layout.abort_signal()) != 0) {
-        outcome = 2;
-        break;
-      }
-      if (ptx::read_clock64() - start > context.timeout_cycles) {
-        outcome = 1;
-        break;
-      }
-    }
-    observed = transport.read_signal(signal);
-  }
+  uint64_t observed = expected;
+  int outcome = signal >= 0 ? int(ll_spin_until(comm, signal, expected, start, &observed)) : int(LowLatencyWait::kReached);
   long long const ticks = ptx::read_clock64() - start;
   if (waited != nullptr) *waited = ptx::shfl_sync(kFullWarpMask, ticks, 0);
   uint32_t const failed = ptx::ballot_sync(kFullWarpMask, outcome != 0);
@@ -70,10 +74,10 @@ EPCOMM_DEVICE bool ll_warp_wait(LowLatencyComm<Transport> const& comm, WaitConte
   int const leader = __ffs(int(failed)) - 1;
   outcome = ptx::shfl_sync(kFullWarpMask, outcome, leader);
   if (lane == leader)
-    report_failure(context, outcome == 1 ? ErrorCode::kTimeout : ErrorCode::kPeerAborted, int64_t(expected),
+    report_failure(context, outcome == int(LowLatencyWait::kTimeout) ? ErrorCode::kTimeout : ErrorCode::kPeerAborted, int64_t(expected),
                    int64_t(observed));
   ptx::syncwarp();
-  if (outcome == 1) ll_raise_abort(comm, lane);
+  if (outcome == int(LowLatencyWait::kTimeout)) ll_raise_abort(comm, lane);
   return false;
 }
 

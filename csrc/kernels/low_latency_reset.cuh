@@ -35,17 +35,12 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kLowLatencyThreads, 1)
   for (int signal = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x); signal < comm.layout.num_signals();
        signal += num_threads) {
     uint64_t const due = ll_signal_due(args, signal);
-    long long const start = ptx::read_clock64();
+    uint64_t observed = 0;
     bool timed_out = false;
-    for (uint64_t observed = comm.transport.read_signal(signal); observed < due;
-         observed = comm.transport.read_signal(signal)) {
-      if (comm.transport.read_signal(comm.layout.abort_signal()) != 0) break;
-      if (ptx::read_clock64() - start > comm.timeout_cycles) {
-        WaitContext const context = ll_context(comm, KernelId::kLowLatencyResetSignals, Role::kSignalReset, signal, -1);
-        report_failure(context, ErrorCode::kTimeout, int64_t(due), int64_t(observed));
-        timed_out = true;
-        break;
-      }
+    if (ll_spin_until(comm, signal, due, ptx::read_clock64(), &observed) == LowLatencyWait::kTimeout) {
+      WaitContext const context = ll_context(comm, KernelId::kLowLatencyResetSignals, Role::kSignalReset, signal, -1);
+      report_failure(context, ErrorCode::kTimeout, int64_t(due), int64_t(observed));
+      timed_out = true;
     }
     if (!timed_out) comm.transport.reset_signal(signal);
   }

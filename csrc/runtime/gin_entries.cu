@@ -24,33 +24,20 @@ namespace epcomm::runtime::entries {
 // session (RdmaWorkspace::num_signals(): the session must have at least as many; the backend makes a new
 // runtime, and so a new session, when a layout needs more).
 template <>
-struct TransportBinding<transport::GinTransport> {
-  GinNetwork* network = nullptr;
-
+struct TransportBinding<transport::GinTransport> : GinBinding {
   static GinNetwork& network_of(KernelCall const& call) { return usable_network(call.runtime, "internode kernels"); }
 
   transport::GinTransport make(KernelCall const& call, kernels::InternodeSpec const& /*spec*/,
                                kernels::RdmaWorkspace const& workspace, uint64_t* byte_counters) {
-    network = &network_of(call);
     // GIN counts no bytes: the counters stay as the caller zeroed them, so buffer.traffic has no
     // transport-counted bytes on the cuda backend across nodes (not wired yet).
     (void)byte_counters;
-    if (workspace.num_signals() > network->num_signals())
-      throw RuntimeError(ErrorCode::kInvalidArgument,
-                         "this layout needs " + std::to_string(workspace.num_signals()) + " GIN signals, the network "
-                         "session has " + std::to_string(network->num_signals()) + " (a new session is needed)");
-    return network->transport();
+    return attach(call, workspace.num_signals(), "internode kernels").transport();
   }
 
   // The whole window holds the RDMA workspace.
   static size_t rdma_capacity(KernelCall const& call, kernels::InternodeSpec const& /*spec*/) {
     return network_of(call).rdma_bytes();
-  }
-
-  // The host stopped waiting for a grid that may still be inside NCCL (a put or flush towards a dead
-  // peer): abort the communicator so NCCL's own waits end; the backend is unusable from here on.
-  void host_gave_up() {
-    if (network != nullptr) network->abort();
   }
 };
 

@@ -29,22 +29,15 @@
 namespace epcomm::runtime::entries {
 
 template <>
-struct LowLatencyTransportBinding<transport::GinTransport> {
-  GinNetwork* network = nullptr;
-
+struct LowLatencyTransportBinding<transport::GinTransport> : GinBinding {
   transport::GinTransport make(KernelCall const& call, kernels::LowLatencySpec const& /*spec*/,
                                kernels::LowLatencyLayout const& layout, uint64_t* byte_counters) {
-    network = &usable_network(call.runtime, "low-latency kernels");
     // GIN counts no bytes: the counters stay as the caller zeroed them (buffer.traffic has no
     // transport-counted LL bytes on the cuda backend).
     (void)byte_counters;
     int const num_signals = layout.num_signals();
-    if (num_signals > network->num_signals())
-      throw RuntimeError(ErrorCode::kInvalidArgument,
-                         "this LL layout needs " + std::to_string(num_signals) + " GIN signals, the network session "
-                         "has " + std::to_string(network->num_signals()) + " (a new session is needed)");
-    transport::GinTransport transport = network->transport();
-    transport.signal_base += ncclGinSignal_t(network->num_signals() - num_signals);
+    transport::GinTransport transport = attach(call, num_signals, "low-latency kernels").transport();
+    transport.signal_base += ncclGinSignal_t(network->num_signals() - num_signals);  // the top of the session
     transport.num_signals = num_signals;
     return transport;
   }
@@ -52,12 +45,6 @@ struct LowLatencyTransportBinding<transport::GinTransport> {
   // The whole window can hold the LL region.
   static size_t region_capacity(KernelCall const& call) {
     return usable_network(call.runtime, "low-latency kernels").rdma_bytes();
-  }
-
-  // As the internode entries: a grid the host stopped waiting for may be inside NCCL; abort the
-  // communicator so NCCL's own waits end (the backend is unusable from here on).
-  void host_gave_up() {
-    if (network != nullptr) network->abort();
   }
 };
 

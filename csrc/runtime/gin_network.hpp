@@ -83,4 +83,26 @@ inline GinNetwork& usable_network(DeviceRuntime const& runtime, char const* what
   return *network;
 }
 
+// What the GIN bindings of the kernel entries (gin_entries.cu: internode; gin_low_latency_entries.cu: LL)
+// share: the runtime's network for one call, checked to have the signals it needs, and the host's give-up.
+struct GinBinding {
+  GinNetwork* network = nullptr;
+
+  // `what` names the kernels in errors; a session with fewer than `num_signals` signals needs replacing.
+  GinNetwork& attach(KernelCall const& call, int num_signals, char const* what) {
+    network = &usable_network(call.runtime, what);
+    if (num_signals > network->num_signals())
+      throw RuntimeError(ErrorCode::kInvalidArgument,
+                         std::string(what) + ": this layout needs " + std::to_string(num_signals) + " GIN signals, the "
+                         "network session has " + std::to_string(network->num_signals()) + " (a new session is needed)");
+    return *network;
+  }
+
+  // The host stopped waiting for a grid that may still be inside NCCL (a put or flush towards a dead peer):
+  // abort the communicator so NCCL's own waits end; the backend is unusable from here on.
+  void host_gave_up() {
+    if (network != nullptr) network->abort();
+  }
+};
+
 }  // namespace epcomm::runtime
