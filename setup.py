@@ -96,7 +96,8 @@ def _extensions() -> tuple[list, dict]:
     if build_cuda:
         lib64 = str(Path(cuda_home) / "lib64")
         sources = ["csrc/bindings/bindings.cpp", f"{runtime}/device_runtime.cpp", f"{runtime}/cuda_runtime.cu",
-                   f"{runtime}/cuda_entries.cu", "csrc/kernels/intranode_launch.cu"]
+                   f"{runtime}/cuda_entries.cu", "csrc/kernels/intranode_launch.cu",
+                   f"{runtime}/cuda_low_latency_entries.cu", "csrc/kernels/low_latency_launch.cu"]
         include_dirs, link_args = [str(CSRC)], [f"-Wl,-rpath,{lib64}"]
         nccl = _nccl_home()
         if nccl is not None:

@@ -337,9 +337,11 @@ class Buffer:
                 pass
 
     def _runs_async(self, async_finish: bool) -> bool:
-        """Whether an agreed ``async_finish`` call runs its data phase off the calling thread (CPU
-        process groups; on CUDA the call is stream-ordered as it is, see the README)."""
-        return bool(async_finish) and self._comm.device.type == "cpu"
+        """Whether an agreed ``async_finish`` call runs its data phase off the calling thread: CPU tensors
+        (the group's device, and the backend's: the cuda backend over a gloo group is stream-ordered on its
+        communication stream instead, README "Streams on GPUs")."""
+        return (bool(async_finish) and self._comm.device.type == "cpu"
+                and getattr(self._impl, "device", self._comm.device).type == "cpu")
 
     def _submit(self, phase: Callable[[], object], outputs: object) -> EventOverlap:
         """Run the data phase ``phase`` on the worker, copying its results into ``outputs`` (allocated
@@ -512,7 +514,7 @@ class Buffer:
                        _empty(rows, num_topk, torch.float32, placement is not None and has_weights, tensors["x"].device))
             plan = None
         else:
-            scope = self._impl.stream_scope(tensors["x"].device, async_finish)
+            scope = self._impl.stream_scope(tensors["x"].device, async_finish, op)
             with scope:
                 outputs, counted, plan = data_phase()
             if experts is not None:
@@ -648,7 +650,7 @@ class Buffer:
         if self._runs_async(async_finish):
             recv_x = _empty_rows(x, handle.num_worst_tokens or handle.num_recv_tokens)
             return recv_x, None, None, None, None, self._submit(data_phase, recv_x)
-        scope = self._impl.stream_scope(tensors["x"].device, async_finish)
+        scope = self._impl.stream_scope(tensors["x"].device, async_finish, op)
         with scope:
             recv_x = data_phase()
         return recv_x, None, None, None, None, scope.finish(tensors_in(tensors), tensors_in(recv_x))
@@ -739,7 +741,7 @@ class Buffer:
                        _empty(handle.num_tokens, topk_weights.size(1) if topk_weights is not None else 0,
                               torch.float32, topk_weights is not None, x.device))
             return (*outputs, self._submit(data_phase, outputs))
-        scope = self._impl.stream_scope(x.device, async_finish)
+        scope = self._impl.stream_scope(x.device, async_finish, op)
         with scope:
             combined_x, combined_weights = data_phase()
         return combined_x, combined_weights, scope.finish(tensors_in(tensors, biases),

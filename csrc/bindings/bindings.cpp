@@ -80,14 +80,28 @@ class PyRuntime {
     if (!runtime_) throw RuntimeError(ErrorCode::kInvalidArgument, "this runtime was closed");
     return *runtime_;
   }
+  // Each teardown step first waits for the kernels still enqueued (DeviceRuntime::drain_pending): none may
+  // use the buffers, the peers' mappings or the network past it.
+  ~PyRuntime() {
+    if (runtime_) runtime_->drain_pending();
+  }
   void close() {
-    if (runtime_) runtime_->close();
+    if (runtime_) {
+      runtime_->drain_pending();
+      runtime_->close();
+    }
   }
   void close_peers() {
-    if (runtime_) runtime_->close_peers();
+    if (runtime_) {
+      runtime_->drain_pending();
+      runtime_->close_peers();
+    }
   }
   void abandon() {
-    if (runtime_) runtime_->abandon();
+    if (runtime_) {
+      runtime_->drain_pending();
+      runtime_->abandon();
+    }
   }
   template <class Params>
   void run(typename Params::Spec const& spec, Params const& params, double timeout_s, uintptr_t stream,

@@ -18,6 +18,7 @@
 #include <limits>
 #include <memory>
 
+#include "cuda_target.hpp"
 #include "device_runtime.hpp"
 #include "gin_network.hpp"
 #include "peer_barrier.cuh"
@@ -318,7 +319,13 @@ class CudaRuntime final : public DeviceRuntime {
                          num_nvl_ranks_, epoch, (long long)(timeout_s * ticks_per_second_)};
     peer_barrier_kernel<<<1, kPeerBarrierThreads, 0, native_stream(stream)>>>(args);
     check_cuda(cudaGetLastError(), "peer_barrier launch");
-    stream.synchronize();
+    // Polled against the host deadline, not cudaStreamSynchronize: enqueued kernels may run before the barrier
+    // in its stream, and one stuck inside NCCL (a GIN wait towards a dead peer) would hang the host.
+    entries::LaunchOutcome const outcome = CudaTarget::wait_with_deadline(native_stream(stream), timeout_s);
+    if (!outcome.problem.empty()) {
+      if (outcome.grid_may_still_run && network_ != nullptr) network_->abort();  // end NCCL's own waits
+      throw RuntimeError(outcome.code, "epcomm peer_barrier on rank " + std::to_string(rank()) + ": " + outcome.problem);
+    }
     return status_->timed_out != 0;
   }
 

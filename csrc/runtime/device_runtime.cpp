@@ -52,7 +52,15 @@ void DeviceRuntime::check_state(char const* call, bool need_allocated, bool need
     throw RuntimeError(ErrorCode::kInvalidArgument, std::string(call) + ": call open_peers() first");
 }
 
+void DeviceRuntime::drain_pending() noexcept {
+  try {
+    check_pending(true);
+  } catch (...) {  // teardown: nobody is left to tell
+  }
+}
+
 void DeviceRuntime::check_pending(bool wait) {
+  std::lock_guard<std::mutex> const lock(pending_mutex_);
   std::optional<RuntimeError> first;
   auto keep = [&](std::exception_ptr error) {
     try {
@@ -97,7 +105,9 @@ void DeviceRuntime::barrier(Stream& stream, double timeout_s) {
   check_pending(false);
   if (!(timeout_s > 0)) throw RuntimeError(ErrorCode::kInvalidArgument, "barrier: timeout_s must be > 0");
   uint64_t const epoch = ++barrier_epoch_;
-  if (!launch_peer_barrier(stream, epoch, timeout_s)) return;
+  bool const timed_out = launch_peer_barrier(stream, epoch, timeout_s);
+  check_pending(false);  // the stream passed the barrier: what was enqueued before it has ended
+  if (!timed_out) return;
 
   // Name the missing peers from this rank's own flags (they may still arrive: say what was seen).
   std::vector<uint64_t> const flags = read_own_flags();

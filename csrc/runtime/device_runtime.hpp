@@ -33,6 +33,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <typeindex>
@@ -234,15 +235,28 @@ class DeviceRuntime {
         detail::find_entry(kind(), typeid(Params), Params::kName));
     check_pending(false);
     (*entry)(KernelCall{*this, stream, timeout_s, enqueue_only}, spec, params);
+    // the host waited for the stream: the kernels enqueued before in it have ended, report them now (under
+    // this call) rather than at the next one
+    if (!enqueue_only) check_pending(false);
   }
 
   // Keeps an enqueued kernel until check_pending reports it (an entry's job, kernel_entries.hpp).
-  void defer(std::unique_ptr<PendingKernel> kernel) { pending_.push_back(std::move(kernel)); }
+  void defer(std::unique_ptr<PendingKernel> kernel) {
+    std::lock_guard<std::mutex> const lock(pending_mutex_);
+    pending_.push_back(std::move(kernel));
+  }
   // Reports the enqueued kernels, oldest first: drops every one that finished (throwing the first error
   // among them once all are dropped) or whose host deadline passed (give_up). `wait`: blocks until every
   // one has finished or passed its deadline (polling, like a synchronous launch); otherwise never blocks.
   void check_pending(bool wait);
-  size_t num_pending() const { return pending_.size(); }
+  // Teardown: waits for every enqueued kernel (against its deadline) and drops what they report; no kernel may
+  // use the buffers, peer tables or network past this. What close(), close_peers() and abandon() of the
+  // bindings do first.
+  void drain_pending() noexcept;
+  size_t num_pending() const {
+    std::lock_guard<std::mutex> const lock(pending_mutex_);
+    return pending_.size();
+  }
 
  protected:
   explicit DeviceRuntime(RuntimeOptions options);
@@ -285,6 +299,7 @@ class DeviceRuntime {
   std::unique_ptr<Stream> default_stream_;
   uint64_t barrier_epoch_ = 0;
   std::vector<std::unique_ptr<PendingKernel>> pending_;  // enqueued kernels not yet reported, oldest first
+  mutable std::mutex pending_mutex_;  // a thread may wait on an event (check_pending) while another calls
 };
 
 // The implementations. make_cuda_runtime throws RuntimeError(kNoDevice) without a usable GPU.

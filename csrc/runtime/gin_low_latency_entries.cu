@@ -22,6 +22,7 @@
 #include <string>
 
 #include "../kernels/low_latency_gin.hpp"
+#include "cuda_low_latency.hpp"
 #include "cuda_target.hpp"
 #include "gin_network.hpp"
 #include "low_latency_entries.hpp"
@@ -50,14 +51,33 @@ struct LowLatencyTransportBinding<transport::GinTransport> : GinBinding {
 
 }  // namespace epcomm::runtime::entries
 
-namespace epcomm::runtime {
+namespace epcomm::runtime::entries {
 
-namespace {
+// The GIN half of the cuda runtime's LL entries (cuda_low_latency_entries.cu registers them and picks).
+void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
+                              kernels::LowLatencyDispatchSendParams const& params) {
+  run_low_latency<CudaTarget, kernels::LowLatencyDispatchSendArgs<transport::GinTransport>, transport::GinTransport>(
+      call, spec, params);
+}
+void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
+                              kernels::LowLatencyDispatchRecvParams const& params) {
+  run_low_latency<CudaTarget, kernels::LowLatencyDispatchRecvArgs<transport::GinTransport>, transport::GinTransport>(
+      call, spec, params);
+}
+void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
+                              kernels::LowLatencyCombineSendParams const& params) {
+  run_low_latency<CudaTarget, kernels::LowLatencyCombineSendArgs<transport::GinTransport>, transport::GinTransport>(
+      call, spec, params);
+}
+void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
+                              kernels::LowLatencyCombineRecvParams const& params) {
+  run_low_latency<CudaTarget, kernels::LowLatencyCombineRecvArgs<transport::GinTransport>, transport::GinTransport>(
+      call, spec, params);
+}
+void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
+                              kernels::LowLatencyResetSignalsParams const& params) {
+  run_low_latency<CudaTarget, kernels::LowLatencyResetSignalsArgs<transport::GinTransport>, transport::GinTransport>(
+      call, spec, params);
+}
 
-struct RegisterLowLatencyOverGin {
-  RegisterLowLatencyOverGin() { entries::register_low_latency_entries<CudaTarget, transport::GinTransport>(); }
-} const register_low_latency_over_gin;
-
-}  // namespace
-
-}  // namespace epcomm::runtime
+}  // namespace epcomm::runtime::entries

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "cuda_low_latency.hpp"
 #include "gin_network.hpp"
 
 namespace epcomm::runtime {
@@ -33,5 +34,27 @@ int GinNetwork::num_signals() const { return 0; }
 bool GinNetwork::usable() const { return false; }
 void GinNetwork::close(double) {}
 void GinNetwork::abort() noexcept {}
+
+namespace entries {
+
+// Across nodes the LL kernels go through GIN (cuda_low_latency.hpp); a runtime of this build never has a
+// network (open_network throws first), so these are never reached but say why if they were.
+void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyDispatchSendParams const&) {
+  no_gin();
+}
+void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyDispatchRecvParams const&) {
+  no_gin();
+}
+void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyCombineSendParams const&) {
+  no_gin();
+}
+void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyCombineRecvParams const&) {
+  no_gin();
+}
+void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyResetSignalsParams const&) {
+  no_gin();
+}
+
+}  // namespace entries
 
 }  // namespace epcomm::runtime

@@ -74,18 +74,17 @@ inline void finish(char const* name, int rank, LaunchOutcome const& outcome, ker
 template <DeviceTarget Target, class HostGaveUp>
 class PendingLaunch final : public PendingKernel {
  public:
+  // `marker`: an event recorded in the kernel's stream right after it.
   PendingLaunch(char const* name, KernelCall const& call, std::unique_ptr<typename Target::Slot> slot,
-                HostGaveUp host_gave_up)
+                std::unique_ptr<Event> marker, HostGaveUp host_gave_up)
       : name_(name),
         rank_(call.runtime.rank()),
         limit_s_(Target::host_deadline_s(call.timeout_s)),
         timeout_s_(call.timeout_s),
         deadline_(Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s_))),
         slot_(std::move(slot)),
-        marker_(call.runtime.create_event()),
-        host_gave_up_(std::move(host_gave_up)) {
-    marker_->record(call.stream);
-  }
+        marker_(std::move(marker)),
+        host_gave_up_(std::move(host_gave_up)) {}
   ~PendingLaunch() override {
     if (!reported_) slot_->abandon();  // dropped unreported (the runtime went away): the grid may still write it
   }
@@ -141,8 +140,16 @@ void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typ
     if (outcome.grid_may_still_run) slot->abandon();
     finish(Args::kName, call.runtime.rank(), outcome, slot->read());
   }
+  std::unique_ptr<Event> marker;
+  try {
+    marker = call.runtime.create_event();
+    marker->record(call.stream);
+  } catch (...) {  // the grid runs and may write the slot: never hand it to another call
+    slot->abandon();
+    throw;
+  }
   call.runtime.defer(std::make_unique<PendingLaunch<Target, HostGaveUp>>(Args::kName, call, std::move(slot),
-                                                                          std::move(host_gave_up)));
+                                                                          std::move(marker), std::move(host_gave_up)));
 }
 
 template <DeviceTarget Target, class Args>

@@ -214,8 +214,8 @@ class DispatchBackend(abc.ABC):
             valid until its next call.
         """
 
-    def stream_scope(self, device: torch.device, async_finish: bool) -> StreamScope:
-        """Where an operation's data phase runs and the event it returns (``epcomm/_streams.py``). The default:
+    def stream_scope(self, device: torch.device, async_finish: bool, op: str) -> StreamScope:
+        """Where the data phase of ``op`` runs and the event it returns (``epcomm/_streams.py``). The default:
         the caller's stream (an ``async_finish`` on the CPU runs on the Buffer's worker instead)."""
         return StreamScope(device)
 

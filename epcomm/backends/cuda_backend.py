@@ -159,9 +159,11 @@ class CudaDispatchBackend(SimDispatchBackend):
     name = "cuda"
     runtime_class = CudaRuntime
 
-    def stream_scope(self, device: torch.device, async_finish: bool) -> CommStreamScope:
-        """The data phase on this Buffer's communication stream (``epcomm/_streams.py``)."""
-        return CommStreamScope(self.device, self._comm_stream, async_finish, self._report_enqueued)
+    def stream_scope(self, device: torch.device, async_finish: bool, op: str) -> CommStreamScope:
+        """The data phase on this Buffer's communication stream (``epcomm/_streams.py``); the event's
+        ``synchronize()`` raises a failed kernel's error as a failure of ``op``."""
+        return CommStreamScope(self.device, self._comm_stream, async_finish,
+                               lambda wait: self._report_enqueued(wait, op))
 
     @property
     def comm_stream(self) -> torch.cuda.Stream:
@@ -176,9 +178,9 @@ class CudaDispatchBackend(SimDispatchBackend):
             if t.is_cuda:
                 t.record_stream(self._comm_stream)
 
-    def _report_enqueued(self, wait: bool) -> None:
+    def _report_enqueued(self, wait: bool, op: str) -> None:
         if self._device_runtime is not None:
-            self._device_runtime.report_enqueued(wait)
+            self._device_runtime.report_enqueued(wait, op)
 
     def low_latency(self):
         raise NotImplementedError(
@@ -239,6 +241,7 @@ class CudaDispatchBackend(SimDispatchBackend):
             # A GIN session's signal count is fixed: a layout that needs more gets a new session, as a larger
             # buffer gets new buffers (even with explicit sizes, which say nothing about signals). Its window
             # starts zeroed and its signals at 0 (assumed of ncclDevCommCreate), so no reset is needed.
+            runtime.report_enqueued(wait=True, op=op)  # an earlier kernel's error is raised, not dropped
             runtime.close(collective=True, op=op)
             self._device_runtime = None
         return super()._ensure(spec, op)

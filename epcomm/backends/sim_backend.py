@@ -497,6 +497,7 @@ class SimDispatchBackend(DispatchBackend):
                 raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._device_runtime.num_nvl_bytes} bytes, "
                                   f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
             if self._device_runtime is not None:
+                self._device_runtime.report_enqueued(wait=True, op=op)  # an earlier kernel's error is raised
                 self._device_runtime.close(collective=True, op=op)  # nobody uses or maps the old buffers after
                 self._device_runtime = None
             self._device_runtime = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))

@@ -113,6 +113,7 @@ class SimLowLatency:
         runtime = backend._device_runtime
         if runtime is None or runtime.num_nvl_bytes < need:
             if runtime is not None:
+                runtime.report_enqueued(wait=True, op=op)  # an earlier kernel's error is raised, not dropped
                 runtime.close(collective=True, op=op)  # nobody uses or maps the old buffers after
                 backend._device_runtime = None
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
