@@ -18,6 +18,7 @@ struct CpuTarget {
 
   class Slot {
    public:
+    explicit Slot(KernelCall const& /*the cpu runtime never captures*/) {}
     kernels::ErrorSlot* kernel_view() { return &slot_; }
     kernels::ErrorSlot read() const { return slot_; }
     void abandon() {}  // a CPU launch returns when its grid has finished

@@ -140,6 +140,10 @@ class CudaRuntime final : public DeviceRuntime {
     // it returns, and a peer's first flag write must not be overwritten by it.
     check_cuda(cudaMemsetAsync(local_base_, 0, total_bytes_, native_stream(default_stream())), "cudaMemsetAsync(NVL buffer)");
     default_stream().synchronize();
+    // before any capture (a pinned allocation inside one may be refused); one per runtime, kept with the
+    // process like the pool's (graphs captured on this runtime may still be replayed after it closes)
+    captured_slot_ = ErrorSlotPool::instance().take();
+    *captured_slot_.host = kernels::ErrorSlot{};
     num_bytes_ = num_bytes;
     bases_.assign(size_t(num_ranks()), nullptr);
     bases_[size_t(rank())] = local_base_;
@@ -309,7 +313,30 @@ class CudaRuntime final : public DeviceRuntime {
   std::unique_ptr<Event> create_event() override { return std::make_unique<CudaEvent>(); }
   double clock_ticks_per_second() const override { return ticks_per_second_; }
 
+  bool stream_is_capturing(Stream& stream) const override {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(native_stream(stream), &status), "cudaStreamIsCapturing");
+    return status != cudaStreamCaptureStatusNone;
+  }
+  MappedSlot captured_error_slot() override {
+    check_state("a captured kernel", true, false);
+    return {captured_slot_.host, captured_slot_.device};
+  }
+
  protected:
+  // A replayed kernel's error: read while replays may still run, so a slot still being written (claimed) is
+  // left for the next call; a complete one is cleared and thrown (later failures of the same replays are
+  // dropped, as in any ErrorSlot: the first failure is the cause).
+  void report_captured() override {
+    if (captured_slot_.host == nullptr) return;
+    // the kernel release-stores `code` after the other fields (report_failure)
+    int32_t const code = __atomic_load_n(&captured_slot_.host->code, __ATOMIC_ACQUIRE);
+    if (code == 0 || code == kernels::kErrorSlotClaimed) return;
+    kernels::ErrorSlot const seen = *captured_slot_.host;
+    *captured_slot_.host = kernels::ErrorSlot{};
+    entries::finish("graph-replayed kernel", rank(), entries::LaunchOutcome{ErrorCode::kKernelFailed, ""}, seen);
+  }
+
   // Over this node's ranks: their flag slots are indexed by local rank (the kernel sees a node of L ranks).
   // Across nodes the Python side meets the other nodes on the host after it (CudaRuntime.barrier).
   bool launch_peer_barrier(Stream& stream, uint64_t epoch, double timeout_s) override {
@@ -358,6 +385,7 @@ class CudaRuntime final : public DeviceRuntime {
   std::vector<void*> bases_;  // every rank's whole buffer (control + data)
   void* device_data_table_ = nullptr;
   void* device_flag_table_ = nullptr;
+  ErrorSlotPool::Mapped captured_slot_;         // what kernels captured in a CUDA graph write (allocate)
   PeerBarrierStatus* status_ = nullptr;         // host view (mapped, pinned)
   PeerBarrierStatus* device_status_ = nullptr;  // device view
 };

@@ -99,10 +99,21 @@ class ErrorSlotPool {
 struct CudaTarget {
   static constexpr char const* kKind = "cuda";
 
-  // A pooled mapped ErrorSlot, zeroed (a plain host store, complete before the launch is issued).
+  // A pooled mapped ErrorSlot, zeroed (a plain host store, complete before the launch is issued); for a call
+  // capturing a CUDA graph, the runtime's captured-kernel slot instead, as it is (not zeroed: it may hold an
+  // error not reported yet), never given back.
   class Slot {
    public:
-    Slot() : slot_(ErrorSlotPool::instance().take()) { *slot_.host = kernels::ErrorSlot{}; }
+    explicit Slot(KernelCall const& call) {
+      if (call.capturing) {
+        DeviceRuntime::MappedSlot const captured = call.runtime.captured_error_slot();
+        slot_ = {static_cast<kernels::ErrorSlot*>(captured.host), static_cast<kernels::ErrorSlot*>(captured.device)};
+        abandoned_ = true;  // the runtime's: never in the pool
+        return;
+      }
+      slot_ = ErrorSlotPool::instance().take();
+      *slot_.host = kernels::ErrorSlot{};
+    }
     ~Slot() {
       if (!abandoned_) ErrorSlotPool::instance().give_back(slot_);
     }

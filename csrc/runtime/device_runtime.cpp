@@ -61,6 +61,7 @@ void DeviceRuntime::drain_pending() noexcept {
 
 void DeviceRuntime::check_pending(bool wait) {
   std::lock_guard<std::mutex> const lock(pending_mutex_);
+  report_captured();
   std::optional<RuntimeError> first;
   auto keep = [&](std::exception_ptr error) {
     try {

@@ -114,6 +114,9 @@ struct KernelCall {
   Stream& stream;
   double timeout_s;
   bool enqueue_only = false;
+  // `stream` is capturing a CUDA graph (enqueue-only calls only): the kernel writes the runtime's
+  // captured-kernel ErrorSlot (DeviceRuntime::captured_error_slot) and nothing is kept to report.
+  bool capturing = false;
 };
 
 // A kernel launched without waiting for it (KernelCall::enqueue_only), as the runtime keeps it until
@@ -233,11 +236,30 @@ class DeviceRuntime {
            bool enqueue_only = false) {
     auto const entry = std::static_pointer_cast<KernelEntry<Params> const>(
         detail::find_entry(kind(), typeid(Params), Params::kName));
-    check_pending(false);
-    (*entry)(KernelCall{*this, stream, timeout_s, enqueue_only}, spec, params);
+    bool const capturing = stream_is_capturing(stream);
+    if (capturing && !enqueue_only)
+      throw RuntimeError(ErrorCode::kInvalidArgument,
+                         std::string("epcomm ") + Params::kName + " on rank " + std::to_string(rank()) +
+                             ": the host waits for this kernel, which a stream capturing a CUDA graph cannot do");
+    if (!capturing) check_pending(false);
+    (*entry)(KernelCall{*this, stream, timeout_s, enqueue_only, capturing}, spec, params);
     // the host waited for the stream: the kernels enqueued before in it have ended, report them now (under
     // this call) rather than at the next one
     if (!enqueue_only) check_pending(false);
+  }
+
+  // Whether `stream` is capturing a CUDA graph (cuda: cudaStreamIsCapturing; cpu: never).
+  virtual bool stream_is_capturing(Stream& /*stream*/) const { return false; }
+  // The ErrorSlot (a kernels::ErrorSlot in mapped host memory: host and device views) every kernel captured
+  // in a CUDA graph writes: a replay runs the kernels with the arguments they were captured with, so the
+  // slot must outlive every replay. check_pending reads it at every call outside a capture (report_captured).
+  // cpu: none (it never captures).
+  struct MappedSlot {
+    void* host = nullptr;
+    void* device = nullptr;
+  };
+  virtual MappedSlot captured_error_slot() {
+    throw RuntimeError(ErrorCode::kInvalidArgument, std::string("the ") + kind() + " runtime captures no CUDA graph");
   }
 
   // Keeps an enqueued kernel until check_pending reports it (an entry's job, kernel_entries.hpp).
@@ -298,6 +320,10 @@ class DeviceRuntime {
   std::vector<void*> peer_data_;  // num_ranks entries once peers are open (own entry from allocate)
   std::unique_ptr<Stream> default_stream_;
   uint64_t barrier_epoch_ = 0;
+  // Throws the error a kernel replayed from a CUDA graph left in captured_error_slot() (then clears it);
+  // called by check_pending. cpu: nothing.
+  virtual void report_captured() {}
+
   std::vector<std::unique_ptr<PendingKernel>> pending_;  // enqueued kernels not yet reported, oldest first
   mutable std::mutex pending_mutex_;  // a thread may wait on an event (check_pending) while another calls
 };

@@ -109,7 +109,7 @@ uint64_t* byte_counters_of(Params const& params) {
 
 template <DeviceTarget Target, class Args, class Transport>
 void run_internode(KernelCall const& call, kernels::InternodeSpec const& spec, typename Args::Params const& params) {
-  auto slot = std::make_unique<typename Target::Slot>();  // a stable address: an enqueued kernel writes it later
+  auto slot = std::make_unique<typename Target::Slot>(call);  // a stable address: an enqueued kernel writes it later
   TransportBinding<Transport> binding;
   Args args;
   static_cast<typename Args::Params&>(args) = params;

@@ -51,7 +51,7 @@ inline kernels::CommArgs intranode_comm(KernelCall const& call, kernels::Intrano
 
 template <DeviceTarget Target, class Args>
 void run_intranode(KernelCall const& call, kernels::IntranodeSpec const& spec, typename Args::Params const& params) {
-  auto slot = std::make_unique<typename Target::Slot>();  // a stable address: an enqueued kernel writes it later
+  auto slot = std::make_unique<typename Target::Slot>(call);  // a stable address: an enqueued kernel writes it later
   Args args;
   static_cast<typename Args::Params&>(args) = params;
   args.comm = intranode_comm(call, spec, slot->kernel_view(), Args::kName);

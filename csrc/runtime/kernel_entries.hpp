@@ -13,8 +13,9 @@
 // A Target says how one runtime kind launches and where the kernel's ErrorSlot lives:
 //   struct Target {
 //     static constexpr char const* kKind;                        // "cpu" / "cuda"
-//     class Slot { ErrorSlot* kernel_view(); ErrorSlot read(); void abandon(); };
-//       // zeroed, kernel-writable, host-readable; abandon(): a grid may still write it, never reuse it
+//     class Slot { Slot(KernelCall const&); ErrorSlot* kernel_view(); ErrorSlot read(); void abandon(); };
+//       // zeroed, kernel-writable, host-readable; abandon(): a grid may still write it, never reuse it;
+//       // for a capturing call: the runtime's captured_error_slot (cuda)
 //     static LaunchOutcome launch(Args const&, KernelCall const&);  // runs the grid to completion
 //     static LaunchOutcome launch_only(Args const&, KernelCall const&);  // issues it in the call's stream
 //       // (cpu: runs it to completion too; its streams run work at once)
@@ -40,7 +41,8 @@ struct LaunchOutcome {
 };
 
 template <class T>
-concept DeviceTarget = requires(typename T::Slot slot, typename T::Slot const& read_only) {
+concept DeviceTarget = std::constructible_from<typename T::Slot, KernelCall const&> &&
+                       requires(typename T::Slot slot, typename T::Slot const& read_only) {
   { T::kKind } -> std::convertible_to<char const*>;
   { slot.kernel_view() } -> std::same_as<kernels::ErrorSlot*>;
   { read_only.read() } -> std::same_as<kernels::ErrorSlot>;
@@ -140,6 +142,7 @@ void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typ
     if (outcome.grid_may_still_run) slot->abandon();
     finish(Args::kName, call.runtime.rank(), outcome, slot->read());
   }
+  if (call.capturing) return;  // captured into a graph: its slot is the runtime's (report_captured reads it)
   std::unique_ptr<Event> marker;
   try {
     marker = call.runtime.create_event();

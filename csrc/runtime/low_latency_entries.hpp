@@ -68,7 +68,7 @@ void run_low_latency(KernelCall const& call, kernels::LowLatencySpec const& spec
                                             std::to_string(capacity) + " bytes");
   if (spec.num_nvl_ranks < 1 || runtime.num_ranks() % spec.num_nvl_ranks)
     throw invalid_argument(Args::kName, "spec.num_nvl_ranks must divide the " + std::to_string(runtime.num_ranks()) + " ranks");
-  auto slot = std::make_unique<typename Target::Slot>();  // a stable address: an enqueued kernel writes it later
+  auto slot = std::make_unique<typename Target::Slot>(call);  // a stable address: an enqueued kernel writes it later
   LowLatencyTransportBinding<Transport> binding;
   Args args;
   static_cast<typename Args::Params&>(args) = params;

@@ -37,6 +37,7 @@ from ..errors import EpcommError
 from ..topology import Topology
 from ._kernel_paths import rdma_offset
 from .base import BackendOptions
+from .cuda_low_latency import CudaLowLatency
 from .sim_backend import SimDispatchBackend, SimRuntime
 
 __all__ = ["CudaRuntime", "CudaDispatchBackend"]
@@ -144,6 +145,27 @@ class CudaRuntime(SimRuntime):
     def peer_view(self, rank: int, dtype: torch.dtype = torch.uint8, offset: int = 0, count: int = -1) -> torch.Tensor:
         raise NotImplementedError("peer_view is CPU-only; on GPUs read peer memory from a kernel")
 
+    def local_view(self, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+        """A CUDA tensor over ``count`` elements of this rank's data region from byte ``offset`` (no copy; it does
+        not own the memory: invalid once the runtime closes), through ``__cuda_array_interface__``."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = count * itemsize
+        if offset < 0 or count < 0 or offset + nbytes > self.num_nvl_bytes:
+            raise ValueError(f"[{offset}, {offset + nbytes}) is outside the {self.num_nvl_bytes}-byte data region")
+        if nbytes == 0:
+            return torch.empty(0, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+        raw = torch.as_tensor(_DeviceBytes(self.local_pointer + offset, nbytes), device="cuda")
+        return raw.view(dtype)
+
+
+class _DeviceBytes:
+    """``nbytes`` of device memory at ``address`` as ``__cuda_array_interface__`` describes it (for
+    ``torch.as_tensor``, which then wraps them without a copy or a stream synchronization)."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
+                                         "version": 3, "strides": None, "stream": None}
+
 
 class CudaDispatchBackend(SimDispatchBackend):
     """Dispatch/combine through epcomm's kernels on this rank's current CUDA device.
@@ -182,12 +204,9 @@ class CudaDispatchBackend(SimDispatchBackend):
         if self._device_runtime is not None:
             self._device_runtime.report_enqueued(wait, op)
 
-    def low_latency(self):
-        raise NotImplementedError(
-            "the 'cuda' backend has no low-latency mode yet: its runtime registers the LL kernels over GIN "
-            "(csrc/runtime/gin_low_latency_entries.cu) but every cuda-runtime call synchronizes the host, and LL "
-            "calls must be CUDA-graph capturable (an enqueue-only launch path is not built yet); use "
-            "Buffer(backend='torch') on NCCL")
+    def low_latency(self) -> CudaLowLatency:
+        """The LL engine (``cuda_low_latency.py``); one node only so far (raises NotImplementedError saying so)."""
+        return CudaLowLatency(self)
 
     @classmethod
     def check_options(cls, topo: Topology, options: BackendOptions) -> None:

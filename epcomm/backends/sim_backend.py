@@ -222,12 +222,13 @@ class SimRuntime:
         stream = self.stream()
         self._wait_on_peers(type(params).KERNEL, lambda: self.runtime.run(spec, params, limit, stream), op)
 
-    def enqueue(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
-        """Like :meth:`run`, but the kernel is only issued in :meth:`stream`'s order: its error slot is read
-        by :meth:`report_enqueued` (at once here, where :attr:`host_waits_for_enqueued`; on cuda by the
-        runtime's next call, or the event of the call)."""
+    def enqueue(self, spec, params, timeout_s: float | None = None, op: str | None = None,
+                stream: int | None = None) -> None:
+        """Like :meth:`run`, but the kernel is only issued, in the order of ``stream`` (None: :meth:`stream`):
+        its error slot is read by :meth:`report_enqueued` (at once here, where :attr:`host_waits_for_enqueued`;
+        on cuda by the runtime's next call, or the event of the call)."""
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
-        stream, runtime = self.stream(), self.runtime
+        stream, runtime = self.stream() if stream is None else stream, self.runtime
 
         def issue() -> None:
             runtime.run(spec, params, limit, stream, True)
@@ -240,6 +241,11 @@ class SimRuntime:
         """Raise the first error of the enqueued kernels that have finished (``wait``: wait for all of
         them first, each against its host deadline); forget every one reported."""
         self._wait_on_peers("enqueued kernel", lambda: self.runtime.check_pending(wait), op)
+
+    def local_view(self, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+        """A tensor over ``count`` elements of this rank's data region from byte ``offset`` (no copy; on the
+        device kernels see; invalid after :meth:`close`)."""
+        return self.peer_view(self.topo.rank, dtype, offset, count)
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
         """All ranks meet in peer memory (the peer barrier kernel); writes before it are visible after it."""

@@ -153,8 +153,23 @@ class SimLowLatency:
         runtime = self._runtime(layout, "get_next_low_latency_combine_buffer")
         where = self.ext.low_latency_layout(self._spec(layout), self.topo.world_size, slot)
         count = layout.num_local_experts * layout.recv_rows * layout.hidden
-        view = runtime.peer_view(self.topo.rank, torch.bfloat16, where["combine_send_buffer"], count)
+        view = runtime.local_view(torch.bfloat16, where["combine_send_buffer"], count)
         return view.view(layout.num_local_experts, layout.recv_rows, layout.hidden)
+
+    # ------------------------------------------------------------------ kernels
+    def _launch(self, runtime, spec, params, op: str) -> None:
+        """An LL kernel, only issued (``SimRuntime.enqueue``): nothing on the host waits for it or reads its
+        outputs (on the CPU its grid has finished anyway), in :meth:`_stream`'s order."""
+        runtime.enqueue(spec, params, op=op, timeout_s=self.backend.timeout_s, stream=self._stream())
+
+    def _stream(self) -> int | None:
+        """The stream LL kernels run on (None: the runtime's)."""
+        return None
+
+    def _byte_counters(self) -> torch.Tensor | None:
+        """``[3]`` int64 the transport adds the bytes it puts to, per link class, read on the host after the
+        call; None where that would be a host read of device memory (cuda)."""
+        return torch.zeros(3, dtype=torch.int64)
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, call: LowLatencyDispatchCall) -> LowLatencyDispatchResult:
@@ -163,12 +178,12 @@ class SimLowLatency:
         runtime = self._runtime(layout, op)
         spec = self._spec(layout)
         num_tokens, num_topk = call.topk_idx.shape
-        slot_of = torch.empty((num_tokens, num_topk), dtype=torch.int32)
-        counters = torch.zeros(3, dtype=torch.int64)
-        runtime.run(spec, self.ext.LowLatencyDispatchSendParams(
+        slot_of = torch.empty((num_tokens, num_topk), dtype=torch.int32, device=self.backend.device)
+        counters = self._byte_counters()
+        self._launch(runtime, spec, self.ext.LowLatencyDispatchSendParams(
             slot=call.slot, x=call.x.data_ptr(), num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
             num_topk=num_topk, use_fp8=call.use_fp8, round_scale=call.round_scale, use_ue8m0=call.use_ue8m0,
-            slot_of=slot_of.data_ptr(), byte_counters=counters.data_ptr()), op=op, timeout_s=self.backend.timeout_s)
+            slot_of=slot_of.data_ptr(), byte_counters=_ptr(counters)), op)
         self._record(op, counters, call.topk_idx // layout.num_local_experts, layout.payload_bytes(call.use_fp8)
                      if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
         self._dispatches[call.slot] += 1
@@ -179,12 +194,12 @@ class SimLowLatency:
         scales = out.get("scales_ue8m0" if call.use_ue8m0 else "scales")
 
         def receive() -> None:
-            runtime.run(spec, self.ext.LowLatencyDispatchRecvParams(
+            self._launch(runtime, spec, self.ext.LowLatencyDispatchRecvParams(
                 slot=call.slot, generation=generation, use_fp8=call.use_fp8, use_ue8m0=call.use_ue8m0,
                 recv_x=out["x"].data_ptr(), recv_x_scales=_ptr(scales), recv_count=out["count"].data_ptr(),
                 src_info=out["src_info"].data_ptr(), layout_range=out["layout_range"].data_ptr(),
                 cumulative_local_expert_recv_stats=_ptr(call.recv_stats),
-                dispatch_wait_recv_cost_stats=_ptr(call.wait_stats)), op=op, timeout_s=self.backend.timeout_s)
+                dispatch_wait_recv_cost_stats=_ptr(call.wait_stats)), op)
 
         return LowLatencyDispatchResult(out["x"], scales, out["count"], out["src_info"], out["layout_range"], slot_of,
                                         receive)
@@ -195,11 +210,11 @@ class SimLowLatency:
         layout = call.layout
         runtime = self._runtime(layout, op)
         spec = self._spec(layout)
-        counters = torch.zeros(3, dtype=torch.int64)
-        runtime.run(spec, self.ext.LowLatencyCombineSendParams(
+        counters = self._byte_counters()
+        self._launch(runtime, spec, self.ext.LowLatencyCombineSendParams(
             slot=call.slot, x=call.x.data_ptr(), layout_range=call.layout_range.data_ptr(),
-            byte_counters=counters.data_ptr()), op=op, timeout_s=self.backend.timeout_s)
-        if not is_host_sync_free():
+            byte_counters=_ptr(counters)), op)
+        if not is_host_sync_free() and counters is not None:
             rows_back = (call.layout_range & 0xFFFFFFFF).sum(0)  # [R]: rows going back to each source
             self._record_rows(op, counters, rows_back, 2 * layout.hidden)
         else:
@@ -209,26 +224,27 @@ class SimLowLatency:
         num_tokens, num_topk = call.topk_idx.shape
 
         def receive() -> None:
-            runtime.run(spec, self.ext.LowLatencyCombineRecvParams(
+            self._launch(runtime, spec, self.ext.LowLatencyCombineRecvParams(
                 slot=call.slot, generation=generation, num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
                 topk_weights=call.topk_weights.data_ptr(), num_topk=num_topk, slot_of=call.token_slots.data_ptr(),
-                out=call.out.data_ptr()), op=op, timeout_s=self.backend.timeout_s)
+                out=call.out.data_ptr()), op)
 
         return receive
 
     # ------------------------------------------------------------------ bytes
-    def _record(self, op: str, counters: torch.Tensor, dest_rank: torch.Tensor, payload: int) -> None:
+    def _record(self, op: str, counters: torch.Tensor | None, dest_rank: torch.Tensor, payload: int) -> None:
         rows = None
-        if not is_host_sync_free():
+        if not is_host_sync_free() and counters is not None:
             valid = dest_rank >= 0
             rows = torch.bincount(dest_rank[valid], minlength=self.topo.world_size)
         self._record_rows(op, counters, rows, payload)
 
-    def _record_rows(self, op: str, counters: torch.Tensor, rows_to_peer: torch.Tensor | None, payload: int) -> None:
+    def _record_rows(self, op: str, counters: torch.Tensor | None, rows_to_peer: torch.Tensor | None,
+                     payload: int) -> None:
         """What the transport counted per link class; rows and their payload from the routing (eager calls),
-        the rest (message headers, count messages) as metadata. Not recorded in host-sync-free calls (the
-        counters are device memory on a GPU)."""
-        if is_host_sync_free():
+        the rest (message headers, count messages) as metadata. Not recorded in host-sync-free calls, nor
+        without counters (cuda: they would be device memory read on the host)."""
+        if is_host_sync_free() or counters is None:
             return
         per_link = {link: 0 for link in _LINKS}
         if rows_to_peer is not None:
