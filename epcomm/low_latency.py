@@ -94,6 +94,7 @@ class LowLatencyLayout:
     starts 128-byte aligned:
 
     * signals: uint64 ``[4E + 1]`` (dispatch ``[2][E_loc][R]``, combine ``[2][E]``, abort);
+    * generations: uint64 ``[2][2]`` (each slot's dispatches and combines since the last clean);
     * two slots (double buffering), each: count staging int32 ``[E]``, counts int32 ``[E_loc, R]``,
       dispatch staging ``[M]`` messages (each token once, quantized), dispatch receive
       ``[E_loc, R, M]`` messages, combine send bf16 ``[E_loc, R * M, H]`` (the zero-copy buffer of
@@ -137,6 +138,12 @@ class LowLatencyLayout:
     def signals_bytes(self) -> int:
         return 8 * (4 * self.num_experts + 1)
 
+    @property
+    def generations_bytes(self) -> int:
+        """uint64 ``[2 (slot)][dispatch, combine]``: the calls on each slot since the last clean, counted by
+        the send kernels in each rank's own memory (so a replayed CUDA graph counts too)."""
+        return 8 * 4
+
     def slot_regions(self) -> dict[str, int]:
         """Bytes of each region of one buffer slot, in layout order."""
         m, r, e, e_loc, h = (self.num_max_dispatch_tokens_per_rank, self.num_ranks, self.num_experts,
@@ -156,8 +163,9 @@ class LowLatencyLayout:
 
     @property
     def rdma_bytes(self) -> int:
-        """Exact bytes of the LL workspace on each rank: the signals and two slots."""
-        return _align(self.signals_bytes, _REGION_ALIGN) + 2 * self.slot_bytes
+        """Exact bytes of the LL workspace on each rank: the signals, the generations and two slots."""
+        return (_align(self.signals_bytes, _REGION_ALIGN) + _align(self.generations_bytes, _REGION_ALIGN)
+                + 2 * self.slot_bytes)
 
 
 def _align(n: int, to: int = 16) -> int:

@@ -15,6 +15,7 @@ import torch
 
 import epcomm
 import epcomm._ext
+from backend_selection import selected_backends
 from epcomm.low_latency import LowLatencyLayout, host_sync_free
 
 BACKENDS = ["torch", "sim"]
@@ -618,7 +619,7 @@ def test_size_hint_is_the_exact_workspace():
     msg = 16 + 2 * 7168
     slot = (a(4 * 256) + a(4 * 32 * 8) + a(128 * msg) + a(32 * 8 * 128 * msg) + a(32 * 8 * 128 * 2 * 7168)
             + a(256 * 128 * 2 * 7168))
-    assert hint == a(8 * (4 * 256 + 1)) + 2 * slot
+    assert hint == a(8 * (4 * 256 + 1)) + a(8 * 4) + 2 * slot  # signals, generations, two slots
     with pytest.raises(ValueError, match="multiple of the 8 ranks"):
         epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 250)
     try:
@@ -677,16 +678,20 @@ def reset_signals_round(rank, world, case: LLCase):
     recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
     buf.low_latency_combine(recv_x, topk, weights, handle)
     runtime.barrier(op="test")
-    assert engine._dispatches == engine._combines == [0, 1]  # the slots alternate across a clean
-    assert torch.equal(signals(), torch.tensor([0] * e + [unit] * e + [0] * e + [unit] * e + [0])), signals()
-    # the kernel alone (no peers: rank by rank): zeroes what is due
     spec = engine._spec(engine.layout)
-    runtime.run(spec, engine._reset_params([0, 1], [0, 1]), op="test")
+    where = [buf._impl._ext.low_latency_layout(spec, world, slot) for slot in (0, 1)]
+    generation = lambda slot, op: int(runtime.peer_view(rank, torch.int64, where[slot][f"{op}_generation"], 1))  # noqa: E731
+    # the send kernels counted one call per op on slot 1 since the clean (the slots alternate across it)
+    assert [generation(s, op) for s in (0, 1) for op in ("dispatch", "combine")] == [0, 0, 1, 1]
+    assert torch.equal(signals(), torch.tensor([0] * e + [unit] * e + [0] * e + [unit] * e + [0])), signals()
+    # the kernel alone (no peers: rank by rank): zeroes what the generations say is due
+    runtime.run(spec, engine._reset_params(wait_for_due=True), op="test")
     assert (signals() == 0).all()
-    # more units claimed than ever arrive: a timeout naming the kernel (the process group is failed after
-    # it, as after any kernel timeout)
+    # more units due than ever arrive (a generation claiming a second call): a timeout naming the kernel (the
+    # process group is failed after it, as after any kernel timeout)
+    runtime.peer_view(rank, torch.int64, where[1]["dispatch_generation"], 1).fill_(2)
     with pytest.raises(epcomm.EpcommTimeoutError, match="low_latency_reset_signals"):
-        runtime.run(spec, engine._reset_params([0, 1], [0, 0]), op="test", timeout_s=0.2)
+        runtime.run(spec, engine._reset_params(wait_for_due=True), op="test", timeout_s=0.2)
     return True
 
 
@@ -696,3 +701,44 @@ def test_reset_signals_kernel_waits_for_due_adds_then_zeroes(pools):
     pool = pools(4)
     assert all(pool.run(reset_signals_round, LLCase(4, 2)))
     pool.close()  # the group is failed by design after the timeout
+
+
+# ----------------------------------------------------------------------------- the cuda backend (GPUs only)
+
+def cuda_decode_step_in_a_graph(rank, world, case: LLCase):
+    """Eager cuda LL equals sim bit for bit; a decode step (dispatch + hook, combine + hook) captured in a CUDA
+    graph and replayed three times gives the same result each time (the slot's generation is counted on the
+    device, so each replay waits for its own signals)."""
+    x, topk, weights = case.inputs(rank)
+    ref = _buffer(case, "sim")
+    recv_x, count, handle, _, _ = ref.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    want, _, _ = ref.low_latency_combine(recv_x, topk, weights, handle)
+    buf = _buffer(case, "cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
+    xd, topkd, wd = x.to(device), topk.to(device), weights.to(device)
+    got_x, got_count, got_handle, _, _ = buf.low_latency_dispatch(xd, topkd, case.num_max, case.num_experts,
+                                                                  use_fp8=False)
+    assert torch.equal(got_count.cpu(), count)
+    got, _, _ = buf.low_latency_combine(got_x, topkd, wd, got_handle)
+    assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)), f"rank {rank}: eager combine differs"
+    static_out = torch.zeros_like(got)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_x, _, step_handle, _, hook = buf.low_latency_dispatch(xd, topkd, case.num_max, case.num_experts,
+                                                                   use_fp8=False, return_recv_hook=True)
+        hook()
+        _, _, hook = buf.low_latency_combine(step_x, topkd, wd, step_handle, out=static_out, return_recv_hook=True)
+        hook()
+    for replay in range(3):
+        static_out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out.cpu().view(torch.int16), want.view(torch.int16)), f"rank {rank}: replay {replay}"
+    buf.low_latency_dispatch(xd, topkd, case.num_max, case.num_experts, use_fp8=False)  # reports replays' errors
+    return True
+
+
+@pytest.mark.skipif("cuda" not in selected_backends(),
+                    reason="needs 4 GPUs and EPCOMM_TEST_BACKENDS=cuda (make gpu-check runs it)")
+def test_cuda_decode_step_captured_in_a_graph_replays_exactly(pools):
+    assert all(pools(4).run(cuda_decode_step_in_a_graph, LLCase(4, 4)))

@@ -300,12 +300,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](kernels::LowLatencySpec const& spec, int num_ranks, int slot) {
           kernels::LowLatencyLayout const layout = kernels::low_latency_layout(spec, num_ranks);
           return py::dict(py::arg("combine_send_buffer") = layout.combine_send_buffer(slot),
+                          py::arg("dispatch_generation") = layout.generation(slot, false),
+                          py::arg("combine_generation") = layout.generation(slot, true),
                           py::arg("counters_end") = size_t(spec.region_offset) + layout.counters_end(),
                           py::arg("total_bytes") = size_t(spec.region_offset) + layout.required_bytes());
         },
         py::arg("spec"), py::arg("num_ranks"), py::arg("slot"),
-        "Absolute byte offsets of the LL layout Python needs: the slot's zero-copy combine buffer, the end of "
-        "the signals (zeroing [region_offset, counters_end) is a clean), the region's end.");
+        "Absolute byte offsets of the LL layout Python needs: the slot's zero-copy combine buffer, its uint64 "
+        "dispatch/combine generations, the end of the signals and generations (zeroing [region_offset, "
+        "counters_end) is a clean), the region's end.");
   m.def("spec_problem", py::overload_cast<kernels::IntranodeSpec const&>(&entries::spec_problem), py::arg("spec"),
         "'' when the intranode kernels take this spec, else the rule it breaks.");
   m.def("spec_problem", py::overload_cast<kernels::InternodeSpec const&>(&entries::spec_problem), py::arg("spec"),

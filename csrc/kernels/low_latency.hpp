@@ -28,11 +28,13 @@
 // begin = sum of count(j, s') over s' < s; inside a slice, row p is the p-th token of s (ascending
 // token index) routed to expert j: p = slot_of[n, k] = #{n' < n on s routed to the same expert}.
 //
-// Double buffering: the region holds two identical slots. A call names its slot and the slot's
-// generation: the number of LL dispatches on that slot since the last clean, counting this one (the
-// same on every rank, as calls are collective). The combine of a dispatch passes the number of LL
-// combines on the slot since the last clean, counting this one: the dispatch's generation when every
-// dispatch on the slot is combined exactly once (the usual pattern). Signals only grow; `clean`
+// Double buffering: the region holds two identical slots. A call names its slot. The slot's generation
+// is the number of LL dispatches (combines) on it since the last clean, counting this one, the same on
+// every rank as calls are collective. It lives in the region, not in the kernels' parameters: each rank's
+// generation words (this rank's own memory, never touched by peers), which the send kernel increments
+// and the receive kernel of the same call, later in the same stream, reads. So a CUDA graph that captured
+// a decode step counts its replays too (a generation passed as a parameter would be replayed as it was
+// captured, and a receive would see the previous call's signals as complete). Signals only grow; `clean`
 // (the host zeroes [region_offset, region_offset + counters_end()) -- or the whole region -- on every
 // rank, between two barriers, and runs low_latency_reset_signals in between for transports whose signals
 // live outside the region: GIN) restarts generations at 0. After any failure (ErrorSlot set; the abort
@@ -110,6 +112,7 @@ inline constexpr float kLowLatencyAmaxEps = 1e-4f;     // FP8: a block's amax is
 //     dispatch         [2 (slot)][L (local expert)][R (source)]      source: +1 per row, count   slice receiver
 //     combine          [2 (slot)][E (global expert)]                 owner: +1 per row, rest     reducer
 //     abort            [1]                                           any failing rank: +1        every LL wait
+//   generations        uint64 [2 (slot)][2 (dispatch, combine)]      this rank's send kernels    its receive kernels
 //   slot x (2 copies, slot_bytes each, from slots_offset):
 //     count_staging    int32 [E]                    this rank: count of its tokens per expert, then put
 //     counts           int32 [L][R]                 put by source s: rows of s for local expert j
@@ -124,7 +127,7 @@ struct LowLatencyLayout {
   int num_max_tokens = 0, hidden = 0, num_ranks = 0, num_local_experts = 0;
   size_t region_offset = 0;
   size_t message_bytes = 0;  // stride of a dispatch message
-  size_t signals_offset = 0, slots_offset = 0, slot_bytes = 0, total_bytes = 0;
+  size_t signals_offset = 0, generations_offset = 0, slots_offset = 0, slot_bytes = 0, total_bytes = 0;
   size_t count_staging_offset = 0, counts_offset = 0, dispatch_staging_offset = 0, dispatch_recv_offset = 0,
          combine_send_offset = 0, combine_recv_offset = 0;  // within a slot
 
@@ -146,6 +149,7 @@ struct LowLatencyLayout {
       return start;
     };
     signals_offset = region(sizeof(uint64_t) * size_t(num_signals()));
+    generations_offset = region(sizeof(uint64_t) * kGenerationWords);
     slots_offset = offset;
     offset = 0;
     count_staging_offset = region(sizeof(int32_t) * E);
@@ -159,10 +163,11 @@ struct LowLatencyLayout {
   }
 
   static constexpr size_t kMessageHeaderBytes = 16;
+  static constexpr size_t kGenerationWords = 4;  // [slot][dispatch, combine]
 
   // Bytes of the LL region in every rank's buffer (both slots).
   EPCOMM_HOST_DEVICE size_t required_bytes() const { return total_bytes; }
-  // Bytes [0, counters_end()) of the region hold the signals: zeroing them is a full clean.
+  // Bytes [0, counters_end()) of the region hold the signals and generations: zeroing them is a full clean.
   EPCOMM_HOST_DEVICE size_t counters_end() const { return slots_offset; }
   EPCOMM_HOST_DEVICE int num_experts() const { return num_ranks * num_local_experts; }
   EPCOMM_HOST_DEVICE int64_t rows_per_expert() const { return int64_t(num_ranks) * num_max_tokens; }
@@ -180,6 +185,10 @@ struct LowLatencyLayout {
   EPCOMM_HOST_DEVICE size_t signals_buffer_offset() const { return region_offset + signals_offset; }
   // What each call adds to each of its signals.
   EPCOMM_HOST_DEVICE uint64_t signal_unit() const { return uint64_t(num_max_tokens) + 1; }
+  // Absolute offset of the uint64 generation of `slot`'s dispatches (or combines) in this rank's buffer.
+  EPCOMM_HOST_DEVICE size_t generation(int slot, bool combine) const {
+    return region_offset + generations_offset + sizeof(uint64_t) * size_t(2 * slot + (combine ? 1 : 0));
+  }
 
   // Absolute offsets in the RDMA buffer.
   EPCOMM_HOST_DEVICE size_t slot_base(int slot) const { return region_offset + slots_offset + size_t(slot) * slot_bytes; }
@@ -277,7 +286,6 @@ struct LowLatencyDispatchSendArgs : WithComm<LowLatencyComm<Transport>>, LowLate
 // low_latency_dispatch_recv: waits for every source's slices of this rank's experts and places them.
 #define EPCOMM_LL_DISPATCH_RECV_FIELDS(F)                                                                        \
   F(int, slot, 0, "the dispatch's slot")                                                                        \
-  F(int64_t, generation, 1, "LL dispatches on this slot since clean, counting this one (same on every rank)")  \
   F(bool, use_fp8, false, "as the send kernel")                                                                \
   F(bool, use_ue8m0, false, "as the send kernel")                                                              \
   F(void*, recv_x, nullptr, "[L, R*M, H] out: bf16, or e4m3 with use_fp8")                                     \
@@ -318,7 +326,6 @@ struct LowLatencyCombineSendArgs : WithComm<LowLatencyComm<Transport>>, LowLaten
 // w[n, k] * float(row)), in fp32 from 0.0f, rounded once.
 #define EPCOMM_LL_COMBINE_RECV_FIELDS(F)                                                                        \
   F(int, slot, 0, "the dispatch's slot")                                                                       \
-  F(int64_t, generation, 1, "LL combines on this slot since clean, counting this one (= the dispatch's generation when each dispatch is combined once)") \
   F(int, num_tokens, 0, "N of the dispatch")                                                                   \
   F(int64_t const*, topk_idx, nullptr, "[N, K] of the dispatch")                                               \
   F(float const*, topk_weights, nullptr, "[N, K]")                                                             \
@@ -346,10 +353,7 @@ struct LowLatencyCombineRecvArgs : WithComm<LowLatencyComm<Transport>>, LowLaten
 // after, as clean_low_latency_buffer does (ncclGin::resetSignal "may not race with concurrent
 // modifications").
 #define EPCOMM_LL_RESET_SIGNALS_FIELDS(F)                                                                 \
-  F(int64_t, dispatches_slot0, 0, "LL dispatches on slot 0 since the last clean (its dispatch signals' units)") \
-  F(int64_t, dispatches_slot1, 0, "LL dispatches on slot 1 since the last clean")                         \
-  F(int64_t, combines_slot0, 0, "LL combines on slot 0 since the last clean (its combine signals' units)") \
-  F(int64_t, combines_slot1, 0, "LL combines on slot 1 since the last clean")
+  F(bool, wait_for_due, true, "wait for the adds due by the region's generations; false: zero at once (the region was overwritten)")
 struct LowLatencyResetSignalsParams {
   using Spec = LowLatencySpec;
   static constexpr char const* kName = "low_latency_reset_signals";

@@ -57,6 +57,7 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kLowLatencyThreads, 1)
   int const warp = int(blockIdx.x) * (int(blockDim.x) / 32) + int(threadIdx.x) / 32;
   int const num_warps = int(gridDim.x) * (int(blockDim.x) / 32);
   int const num_ranks = args.comm.num_ranks;
+  ll_count_call(args.comm, args.slot, /*combine=*/true);
   for (int pair = warp; pair < args.comm.layout.num_experts(); pair += num_warps)
     ll_combine_row_sender(args, pair / num_ranks, pair % num_ranks, lane);
   args.comm.transport.flush(WarpCoop{lane});
@@ -80,7 +81,7 @@ EPCOMM_DEVICE bool ll_wait_token_rows(LowLatencyCombineRecvArgs<Transport> const
     ll_raise_abort(comm, lane);
     return false;
   }
-  uint64_t const expected = uint64_t(args.generation) * layout.signal_unit();
+  uint64_t const expected = ll_expected(comm, args.slot, /*combine=*/true);
   return ll_warp_wait(comm, context, expert >= 0 ? layout.combine_signal(args.slot, int(expert)) : -1, expected, lane,
                       nullptr);
 }

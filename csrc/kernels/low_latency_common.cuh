@@ -19,6 +19,27 @@ EPCOMM_DEVICE WaitContext ll_context(LowLatencyComm<Transport> const& comm, Kern
   return WaitContext{comm.error, nullptr, 0, 0, comm.rank, kernel, role, channel, peer, comm.timeout_cycles};
 }
 
+// This rank's generation word of `slot`'s dispatches (or combines): LowLatencyLayout::generation.
+template <class Transport>
+EPCOMM_DEVICE uint64_t* ll_generation(LowLatencyComm<Transport> const& comm, int slot, bool combine) {
+  return reinterpret_cast<uint64_t*>(comm.transport.local_buffer() + comm.layout.generation(slot, combine));
+}
+
+// A send kernel counts its call: one thread adds one to the slot's generation (plain: no other kernel of
+// the call touches it until the receive kernel, a later launch in this rank's stream).
+template <class Transport>
+EPCOMM_DEVICE void ll_count_call(LowLatencyComm<Transport> const& comm, int slot, bool combine) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *ll_generation(comm, slot, combine) += 1;
+}
+
+// What a receive kernel waits for on each signal of its call: generation units (a receive with no send
+// since the last clean waits as the first call would).
+template <class Transport>
+EPCOMM_DEVICE uint64_t ll_expected(LowLatencyComm<Transport> const& comm, int slot, bool combine) {
+  uint64_t const generation = *ll_generation(comm, slot, combine);
+  return (generation > 0 ? generation : 1) * comm.layout.signal_unit();
+}
+
 // Warp-collective: the abort signal of every rank += 1 (this rank's too: it ends its other waits).
 template <class Transport>
 EPCOMM_DEVICE void ll_raise_abort(LowLatencyComm<Transport> const& comm, int lane) {

@@ -135,6 +135,7 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kLowLatencyThreads, 1)
   int const warp = int(blockIdx.x) * (int(blockDim.x) / 32) + int(threadIdx.x) / 32;
   int const num_warps = int(gridDim.x) * (int(blockDim.x) / 32);
   char* const local = args.comm.transport.local_buffer();
+  ll_count_call(args.comm, args.slot, /*combine=*/false);
   for (int expert = warp; expert < args.comm.layout.num_experts(); expert += num_warps)
     ll_count_sender(args, expert, lane);
   for (int token = warp; token < args.num_tokens; token += num_warps) {
@@ -169,7 +170,7 @@ EPCOMM_DEVICE void ll_slice_receiver(LowLatencyDispatchRecvArgs<Transport> const
                                      int lane) {
   LowLatencyComm<Transport> const& comm = args.comm;
   LowLatencyLayout const& layout = comm.layout;
-  uint64_t const expected = uint64_t(args.generation) * layout.signal_unit();
+  uint64_t const expected = ll_expected(comm, args.slot, /*combine=*/false);
   // This source's slice (lane 0; the wait statistic), then every earlier source's count (for begin),
   // 32 sources at a time
   long long waited = 0;

@@ -11,18 +11,16 @@
 
 namespace epcomm::kernels {
 
-// The value signal `signal` reaches once every call counted in `args` has landed its one unit
-// (low_latency.hpp: "Completion by counting"); the abort signal is never waited for.
+// The value signal `signal` reaches once every call counted in the region's generation words has landed its
+// one unit (low_latency.hpp: "Completion by counting"); 0 without wait_for_due. The abort signal is never
+// waited for.
 template <class Transport>
 EPCOMM_DEVICE uint64_t ll_signal_due(LowLatencyResetSignalsArgs<Transport> const& args, int signal) {
-  LowLatencyLayout const& layout = args.comm.layout;
-  int const num_experts = layout.num_experts();
-  int64_t calls = 0;
-  if (signal < num_experts) calls = args.dispatches_slot0;           // dispatch, slot 0: [L][R]
-  else if (signal < 2 * num_experts) calls = args.dispatches_slot1;  // dispatch, slot 1
-  else if (signal < 3 * num_experts) calls = args.combines_slot0;    // combine, slot 0: [E]
-  else if (signal < 4 * num_experts) calls = args.combines_slot1;    // combine, slot 1
-  return uint64_t(calls) * layout.signal_unit();
+  LowLatencyComm<Transport> const& comm = args.comm;
+  int const num_experts = comm.layout.num_experts();
+  if (!args.wait_for_due || signal >= 4 * num_experts) return 0;
+  int const group = signal / num_experts;  // dispatch slot 0, dispatch slot 1, combine slot 0, combine slot 1
+  return *ll_generation(comm, group % 2, /*combine=*/group >= 2) * comm.layout.signal_unit();
 }
 
 // One thread per signal (strided): wait for its due adds (giving up at once when the abort signal is set,

@@ -75,12 +75,6 @@ inline char const* check_format(char const* kernel, bool use_fp8, bool round_sca
   return nullptr;
 }
 
-inline char const* check_generation(char const* kernel, int64_t generation) {
-  if (generation < 1)
-    return invalid("%s: generation=%lld must be >= 1 (calls on the slot since clean, counting this one)", kernel,
-                   static_cast<long long>(generation));
-  return nullptr;
-}
 }  // namespace detail
 
 template <class Transport>
@@ -105,7 +99,6 @@ char const* validate(LowLatencyDispatchRecvArgs<Transport> const& args) {
   char const* const kernel = LowLatencyDispatchRecvParams::kName;
   if (char const* problem = validate(args.comm)) return problem;
   if (char const* problem = check_slot(kernel, args.slot)) return problem;
-  if (char const* problem = check_generation(kernel, args.generation)) return problem;
   if (char const* problem = check_format(kernel, args.use_fp8, args.use_ue8m0, args.use_ue8m0, args.comm.layout.hidden))
     return problem;
   if (args.recv_x == nullptr || args.recv_count == nullptr || args.src_info == nullptr || args.layout_range == nullptr)
@@ -133,7 +126,6 @@ char const* validate(LowLatencyCombineRecvArgs<Transport> const& args) {
   char const* const kernel = LowLatencyCombineRecvParams::kName;
   if (char const* problem = validate(args.comm)) return problem;
   if (char const* problem = check_slot(kernel, args.slot)) return problem;
-  if (char const* problem = check_generation(kernel, args.generation)) return problem;
   if (char const* problem = check_tokens(kernel, args.num_tokens, args.num_topk, args.comm.layout.num_max_tokens))
     return problem;
   if (args.num_tokens > 0 &&
@@ -145,10 +137,7 @@ char const* validate(LowLatencyCombineRecvArgs<Transport> const& args) {
 
 template <class Transport>
 char const* validate(LowLatencyResetSignalsArgs<Transport> const& args) {
-  using detail::invalid;
   if (char const* problem = validate(args.comm)) return problem;
-  if (args.dispatches_slot0 < 0 || args.dispatches_slot1 < 0 || args.combines_slot0 < 0 || args.combines_slot1 < 0)
-    return invalid("%s: the call counts must be >= 0", LowLatencyResetSignalsParams::kName);
   return nullptr;
 }
 

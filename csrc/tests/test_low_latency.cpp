@@ -267,10 +267,8 @@ struct RankOutput {
 
 struct Call {
   int slot;
-  int64_t generation;
   Mode mode;
   bool zero_copy = false;
-  bool split = false;  // each op's send and receive kernels in two launches (the receive hook's shape)
 };
 
 // One call (dispatch + combine) in pieces, so that tests can launch its kernels in any grouping.
@@ -323,7 +321,6 @@ struct CallState {
     kernels::LowLatencyDispatchRecvArgs<ShmTransport> recv;
     recv.comm = cluster.comm(r);
     recv.slot = call.slot;
-    recv.generation = call.generation;
     recv.use_fp8 = call.mode.fp8;
     recv.use_ue8m0 = call.mode.ue8m0;
     recv.recv_x = o.recv_x.data();
@@ -394,7 +391,6 @@ struct CallState {
     kernels::LowLatencyCombineRecvArgs<ShmTransport> recv;
     recv.comm = cluster.comm(r);
     recv.slot = call.slot;
-    recv.generation = call.generation;
     recv.num_tokens = in.num_tokens;
     recv.topk_idx = in.topk.data();
     recv.topk_weights = in.weights.data();
@@ -430,8 +426,28 @@ struct CallState {
   }
 };
 
-// One dispatch + combine on every rank, each op's send and receive kernels of all ranks in one launch
-// (or two, with call.split), checked against the reference and the transport's byte counts.
+// Each op of a call in three launches: the first half of the ranks send; their receivers then run next to
+// the other half's senders (they wait on kernels running at the same time); then the other half receives.
+// A rank's receive kernel always follows its own send kernel, as in its stream on a GPU (it reads the
+// generation its send kernel counted).
+template <class AddSend, class AddRecv>
+void run_op(Cluster& cluster, std::string const& name, AddSend&& add_send, AddRecv&& add_recv) {
+  int const R = cluster.shape.num_ranks, half = (R + 1) / 2;
+  std::string const names[3] = {name + "_first_senders", name + "_first_receivers_other_senders",
+                                name + "_other_receivers"};  // alive while the launches run
+  simt::ConcurrentLaunch first(cluster.options(names[0].c_str()));
+  simt::ConcurrentLaunch middle(cluster.options(names[1].c_str()));
+  simt::ConcurrentLaunch last(cluster.options(names[2].c_str()));
+  for (int r = 0; r < R; ++r) {
+    add_send(r < half ? first : middle, r);
+    add_recv(r < half ? middle : last, r);
+  }
+  cluster.run(first);
+  cluster.run(middle);
+  if (half < R) cluster.run(last);
+}
+
+// One dispatch + combine on every rank (run_op), checked against the reference and the transport's byte counts.
 std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector<RankInput> const& inputs,
                                  uint64_t seed) {
   Shape const& shape = cluster.shape;
@@ -439,15 +455,11 @@ std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector
   CallState state(cluster, call, inputs, seed);
   cluster.link_bytes.take_total();
   {
-    simt::ConcurrentLaunch launch(cluster.options("low_latency_dispatch"));
-    simt::ConcurrentLaunch send_launch(cluster.options("low_latency_dispatch_send"));
-    for (int r = 0; r < R; ++r) {
-      state.add_dispatch_send(call.split ? send_launch : launch, cluster, r);
-      state.add_dispatch_recv(launch, cluster, r);
-    }
     std::vector<std::vector<int64_t>> const wait_before = cluster.wait_stats;
-    if (call.split) cluster.run(send_launch);
-    cluster.run(launch);
+    run_op(
+        cluster, "low_latency_dispatch",
+        [&](simt::ConcurrentLaunch& launch, int r) { state.add_dispatch_send(launch, cluster, r); },
+        [&](simt::ConcurrentLaunch& launch, int r) { state.add_dispatch_recv(launch, cluster, r); });
     for (int r = 0; r < R; ++r)
       for (int s = 0; s < R; ++s) CHECK(cluster.wait_stats[r][s] >= wait_before[r][s]);
   }
@@ -462,16 +474,10 @@ std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector
   }
   state.check_dispatch(cluster);
   state.make_expert_outputs(cluster);
-  {
-    simt::ConcurrentLaunch launch(cluster.options("low_latency_combine"));
-    simt::ConcurrentLaunch send_launch(cluster.options("low_latency_combine_send"));
-    for (int r = 0; r < R; ++r) {
-      state.add_combine_send(call.split ? send_launch : launch, cluster, r);
-      state.add_combine_recv(launch, cluster, r);
-    }
-    if (call.split) cluster.run(send_launch);
-    cluster.run(launch);
-  }
+  run_op(
+      cluster, "low_latency_combine",
+      [&](simt::ConcurrentLaunch& launch, int r) { state.add_combine_send(launch, cluster, r); },
+      [&](simt::ConcurrentLaunch& launch, int r) { state.add_combine_recv(launch, cluster, r); });
   {
     uint64_t rows = 0;
     for (int d = 0; d < R; ++d)
@@ -482,9 +488,9 @@ std::vector<RankOutput> run_call(Cluster& cluster, Call const& call, std::vector
   return state.out;
 }
 
-// A sequence of calls on both slots without clean in between: bf16, FP8 (send and receive kernels in
-// separate launches, zero-copy combine), FP8 + UE8M0 (generation 2 of slot 0), the last repeated on
-// slot 1 (generation 2) with identical outputs; then clean and a first generation again (zero-copy).
+// A sequence of calls on both slots without clean in between: bf16, FP8 (zero-copy combine), FP8 + UE8M0
+// (generation 2 of slot 0), the last repeated on slot 1 (generation 2) with identical outputs; then clean and
+// a first generation again (zero-copy).
 void run_sequence(Shape const& shape, uint64_t seed, std::optional<uint64_t> fuzz_seed = std::nullopt) {
   Cluster cluster(shape, fuzz_seed);
   int const R = shape.num_ranks, L = shape.num_local_experts;
@@ -498,19 +504,19 @@ void run_sequence(Shape const& shape, uint64_t seed, std::optional<uint64_t> fuz
   Mode const bf16{}, fp8{true, false, false}, ue8m0{true, true, ue8m0_fits};
 
   std::vector<RankInput> a = make_inputs(shape, seed), b = make_inputs(shape, seed + 1), c = make_inputs(shape, seed + 2);
-  run_call(cluster, {0, 1, bf16, false}, a, seed);
+  run_call(cluster, {0, bf16, false}, a, seed);
   account(a);
-  run_call(cluster, {1, 1, fp8_fits ? fp8 : bf16, true, true}, b, seed + 1);
+  run_call(cluster, {1, fp8_fits ? fp8 : bf16, true}, b, seed + 1);
   account(b);
-  std::vector<RankOutput> const first = run_call(cluster, {0, 2, fp8_fits ? ue8m0 : bf16, false}, c, seed + 2);
+  std::vector<RankOutput> const first = run_call(cluster, {0, fp8_fits ? ue8m0 : bf16, false}, c, seed + 2);
   account(c);
-  std::vector<RankOutput> const second = run_call(cluster, {1, 2, fp8_fits ? ue8m0 : bf16, false}, c, seed + 2);
+  std::vector<RankOutput> const second = run_call(cluster, {1, fp8_fits ? ue8m0 : bf16, false}, c, seed + 2);
   account(c);
   for (int r = 0; r < R; ++r) CHECK(first[r] == second[r]);  // repeats are bitwise identical
   CHECK(cluster.cumulative_stats == expected_stats);
   // clean restarts the generations
   cluster.clean();
-  run_call(cluster, {0, 1, bf16, true}, a, seed + 3);
+  run_call(cluster, {0, bf16, true}, a, seed + 3);
 }
 
 int const kMaxTokens = test::kSanitized ? 6 : 16;
@@ -535,14 +541,15 @@ EPCOMM_TEST(low_latency_fuzzed_schedules) {
     run_sequence({seed % 2 ? 2 : 3, 2, 4, 128, 3}, 600 + seed, seed);
 }
 
-// Two calls in flight on the two slots, their kernels overlapping in the same launches:
-//   [send A] [recv A + send B] [recv B + combine A (send + recv)] [combine B]
+// Two calls in flight on the two slots, their kernels overlapping in the same launches (each rank's receive
+// after its send, as in its stream):
+//   [send A] [recv A + send B] [recv B + combine-send A] [combine-recv A + combine-send B] [combine-recv B]
 EPCOMM_TEST(low_latency_overlapping_slots) {
   Shape const shape{4, 2, kMaxTokens, 256, 4};
   Cluster cluster(shape);
   std::vector<RankInput> const a = make_inputs(shape, 801), b = make_inputs(shape, 802);
-  CallState first(cluster, {0, 1, {true, true, false}, false}, a, 801);
-  CallState second(cluster, {1, 1, {}, true}, b, 802);
+  CallState first(cluster, {0, {true, true, false}, false}, a, 801);
+  CallState second(cluster, {1, {}, true}, b, 802);
   cluster.run_on_every_rank("send_a", [&](simt::ConcurrentLaunch& l, int r) {
     first.add_dispatch_send(l, cluster, r);
   });
@@ -552,16 +559,18 @@ EPCOMM_TEST(low_latency_overlapping_slots) {
   });
   first.check_dispatch(cluster);
   first.make_expert_outputs(cluster);
-  cluster.run_on_every_rank("recv_b_combine_a", [&](simt::ConcurrentLaunch& l, int r) {
+  cluster.run_on_every_rank("recv_b_combine_send_a", [&](simt::ConcurrentLaunch& l, int r) {
     second.add_dispatch_recv(l, cluster, r);
     first.add_combine_send(l, cluster, r);
-    first.add_combine_recv(l, cluster, r);
   });
   second.check_dispatch(cluster);
-  first.check_combine(cluster);
   second.make_expert_outputs(cluster);
-  cluster.run_on_every_rank("combine_b", [&](simt::ConcurrentLaunch& l, int r) {
+  cluster.run_on_every_rank("combine_recv_a_combine_send_b", [&](simt::ConcurrentLaunch& l, int r) {
+    first.add_combine_recv(l, cluster, r);
     second.add_combine_send(l, cluster, r);
+  });
+  first.check_combine(cluster);
+  cluster.run_on_every_rank("combine_recv_b", [&](simt::ConcurrentLaunch& l, int r) {
     second.add_combine_recv(l, cluster, r);
   });
   second.check_combine(cluster);
@@ -663,7 +672,9 @@ EPCOMM_TEST(low_latency_layout_and_validation) {
   CHECK_EQ(layout.message_bytes, message);
   CHECK_EQ(layout.num_signals(), 4 * 128 + 1);
   CHECK_EQ(layout.signals_offset, size_t(0));
-  CHECK_EQ(layout.slots_offset, kernels::align_up(8 * (4 * 128 + 1), 128));
+  CHECK_EQ(layout.generations_offset, kernels::align_up(8 * (4 * 128 + 1), 128));
+  CHECK_EQ(layout.slots_offset, layout.generations_offset + 128);  // 4 uint64 generations, 128-aligned
+  CHECK_EQ(layout.generation(1, true), (size_t(1) << 20) + layout.generations_offset + 3 * 8);
   CHECK_EQ(layout.count_staging_offset, size_t(0));
   CHECK_EQ(layout.counts_offset, size_t(512));
   CHECK_EQ(layout.dispatch_staging_offset, size_t(1024));
@@ -718,9 +729,7 @@ EPCOMM_TEST(low_latency_layout_and_validation) {
   CHECK_CONTAINS(std::string(kernels::validate(odd_send)), "use_fp8 needs hidden=136 to be a multiple of 128");
   kernels::LowLatencyCombineRecvArgs<ShmTransport> recv;
   recv.comm = cluster.comm(1);
-  recv.generation = 0;
   recv.num_topk = 2;
-  CHECK_CONTAINS(std::string(kernels::validate(recv)), "generation=0 must be >= 1");
   recv.comm.rank = 2;
   CHECK_CONTAINS(std::string(kernels::validate(recv)), "rank=2 must be in [0, num_ranks=2)");
 }

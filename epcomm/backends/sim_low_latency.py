@@ -13,8 +13,10 @@ a clean first, which also invalidates the tensors returned by
 :meth:`~epcomm.Buffer.get_next_low_latency_combine_buffer` (views into the region).
 
 Signals only grow; each call adds one unit to each of its signals and the receive kernels wait for
-``generation`` units, where the generation is counted per slot here (dispatches and combines
-separately) and restarts at 0 when the region is cleaned or re-allocated.
+``generation`` units, where the generation of a slot (dispatches and combines separately) is counted in
+the region by the send kernels (``csrc/kernels/low_latency.hpp``), not passed from here: a CUDA graph
+that captured a decode step counts its replays too. It restarts at 0 when the region is cleaned or
+re-allocated.
 """
 
 from __future__ import annotations
@@ -57,8 +59,6 @@ class SimLowLatency:
         self.ext = backend._ext
         self.topo = backend.topo
         self.layout: LowLatencyLayout | None = None
-        self._dispatches = [0, 0]
-        self._combines = [0, 0]
         self._signals = None  # (runtime, layout) whose LL signals the counts above describe
         self._outputs = [SlotTensors(), SlotTensors()]
 
@@ -122,7 +122,6 @@ class SimLowLatency:
             backend._relayout(op, need, lambda: self._reset_signals(runtime, layout, op))
         self._signals = None
         self.layout = layout
-        self._dispatches, self._combines = [0, 0], [0, 0]
 
     def _reset_signals(self, runtime, layout: LowLatencyLayout, op: str) -> None:
         """Zero this rank's LL transport signals through the transport (reset_signal), between the
@@ -135,14 +134,16 @@ class SimLowLatency:
         intact = last_runtime is runtime and last_layout is not None and (
             self.signals_survive_normal_mode or self.backend._last_spec is _NOT_NORMAL_MODE)
         if intact:
-            runtime.run(self._spec(last_layout), self._reset_params(self._dispatches, self._combines), op=op,
+            runtime.run(self._spec(last_layout), self._reset_params(wait_for_due=True), op=op,
                         timeout_s=self.backend.timeout_s)
         if not intact or last_layout != layout:
-            runtime.run(self._spec(layout), self._reset_params([0, 0], [0, 0]), op=op, timeout_s=self.backend.timeout_s)
+            runtime.run(self._spec(layout), self._reset_params(wait_for_due=False), op=op,
+                        timeout_s=self.backend.timeout_s)
 
-    def _reset_params(self, dispatches: list[int], combines: list[int]):
-        return self.ext.LowLatencyResetSignalsParams(dispatches_slot0=dispatches[0], dispatches_slot1=dispatches[1],
-                                                     combines_slot0=combines[0], combines_slot1=combines[1])
+    def _reset_params(self, wait_for_due: bool):
+        """The reset kernel's: wait for the adds the region's generation words say are due (the region is
+        intact), or zero the signals at once."""
+        return self.ext.LowLatencyResetSignalsParams(wait_for_due=wait_for_due)
 
     def clean(self, layout: LowLatencyLayout) -> None:
         self.layout = None
@@ -186,8 +187,6 @@ class SimLowLatency:
             slot_of=slot_of.data_ptr(), byte_counters=_ptr(counters)), op)
         self._record(op, counters, call.topk_idx // layout.num_local_experts, layout.payload_bytes(call.use_fp8)
                      if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
-        self._dispatches[call.slot] += 1
-        generation = self._dispatches[call.slot]
         out = self._outputs[call.slot].get(
             (layout, call.use_fp8, call.use_ue8m0),
             lambda: dispatch_outputs(layout, call.use_fp8, call.use_ue8m0, self.backend.device, scales_ue8m0_only=True))
@@ -195,7 +194,7 @@ class SimLowLatency:
 
         def receive() -> None:
             self._launch(runtime, spec, self.ext.LowLatencyDispatchRecvParams(
-                slot=call.slot, generation=generation, use_fp8=call.use_fp8, use_ue8m0=call.use_ue8m0,
+                slot=call.slot, use_fp8=call.use_fp8, use_ue8m0=call.use_ue8m0,
                 recv_x=out["x"].data_ptr(), recv_x_scales=_ptr(scales), recv_count=out["count"].data_ptr(),
                 src_info=out["src_info"].data_ptr(), layout_range=out["layout_range"].data_ptr(),
                 cumulative_local_expert_recv_stats=_ptr(call.recv_stats),
@@ -219,13 +218,11 @@ class SimLowLatency:
             self._record_rows(op, counters, rows_back, 2 * layout.hidden)
         else:
             self._record_rows(op, counters, None, 2 * layout.hidden)
-        self._combines[call.slot] += 1
-        generation = self._combines[call.slot]
         num_tokens, num_topk = call.topk_idx.shape
 
         def receive() -> None:
             self._launch(runtime, spec, self.ext.LowLatencyCombineRecvParams(
-                slot=call.slot, generation=generation, num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
+                slot=call.slot, num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
                 topk_weights=call.topk_weights.data_ptr(), num_topk=num_topk, slot_of=call.token_slots.data_ptr(),
                 out=call.out.data_ptr()), op)
 
