@@ -721,19 +721,23 @@ def cuda_decode_step_in_a_graph(rank, world, case: LLCase):
     assert torch.equal(got_count.cpu(), count)
     got, _, _ = buf.low_latency_combine(got_x, topkd, wd, got_handle)
     assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16)), f"rank {rank}: eager combine differs"
-    static_out = torch.zeros_like(got)
+    # two decode steps per graph: an even number of LL dispatches keeps the slots alternating across replays
+    static_out = [torch.zeros_like(got), torch.zeros_like(got)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step_x, _, step_handle, _, hook = buf.low_latency_dispatch(xd, topkd, case.num_max, case.num_experts,
-                                                                   use_fp8=False, return_recv_hook=True)
-        hook()
-        _, _, hook = buf.low_latency_combine(step_x, topkd, wd, step_handle, out=static_out, return_recv_hook=True)
-        hook()
+        for out in static_out:
+            step_x, _, step_handle, _, hook = buf.low_latency_dispatch(xd, topkd, case.num_max, case.num_experts,
+                                                                       use_fp8=False, return_recv_hook=True)
+            hook()
+            _, _, hook = buf.low_latency_combine(step_x, topkd, wd, step_handle, out=out, return_recv_hook=True)
+            hook()
     for replay in range(3):
-        static_out.zero_()
+        for out in static_out:
+            out.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_out.cpu().view(torch.int16), want.view(torch.int16)), f"rank {rank}: replay {replay}"
+        for out in static_out:
+            assert torch.equal(out.cpu().view(torch.int16), want.view(torch.int16)), f"rank {rank}: replay {replay}"
     buf.low_latency_dispatch(xd, topkd, case.num_max, case.num_experts, use_fp8=False)  # reports replays' errors
     return True
 

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 
 #include "../runtime/device_runtime.hpp"
@@ -104,19 +105,20 @@ class PyRuntime {
     }
   }
   template <class Params>
-  void run(typename Params::Spec const& spec, Params const& params, double timeout_s, uintptr_t stream,
-           bool enqueue_only) {
+  void run(typename Params::Spec const& spec, Params const& params, double timeout_s,
+           std::optional<uintptr_t> stream, bool enqueue_only) {
     get().run(stream_for(stream), spec, params, timeout_s, enqueue_only);
   }
 
-  // `native` 0: the runtime's own stream; otherwise a stream it borrows (cuda: a cudaStream_t such as
-  // torch.cuda.current_stream().cuda_stream), wrapped once and kept while the runtime lives.
-  Stream& stream_for(uintptr_t native) {
+  // `native` None: the runtime's own stream; otherwise a stream it borrows (cuda: a cudaStream_t such as
+  // torch.cuda.current_stream().cuda_stream, 0 being the legacy default stream), wrapped once and kept
+  // while the runtime lives.
+  Stream& stream_for(std::optional<uintptr_t> native) {
     DeviceRuntime& runtime = get();
-    if (native == 0) return runtime.default_stream();
+    if (!native) return runtime.default_stream();
     std::lock_guard<std::mutex> const lock(streams_mutex_);
-    std::unique_ptr<Stream>& stream = borrowed_[native];
-    if (!stream) stream = runtime.borrow_stream(reinterpret_cast<void*>(native));
+    std::unique_ptr<Stream>& stream = borrowed_[*native];
+    if (!stream) stream = runtime.borrow_stream(reinterpret_cast<void*>(*native));
     return *stream;
   }
 
@@ -131,8 +133,8 @@ template <class... Params>
 void bind_run(py::class_<PyRuntime>& runtime) {
   using Release = py::call_guard<py::gil_scoped_release>;
   (runtime.def("run", &PyRuntime::run<Params>, py::arg("spec"), py::arg("params"), py::arg("timeout_s"),
-               py::arg("stream") = uintptr_t(0), py::arg("enqueue_only") = false, Release(),
-               "Run the kernel of `params` (its type picks it) with `spec` on `stream` (0: the runtime's own). "
+               py::arg("stream") = py::none(), py::arg("enqueue_only") = false, Release(),
+               "Run the kernel of `params` (its type picks it) with `spec` on `stream` (None: the runtime's own). "
                "Waits for it to finish, or with enqueue_only returns once it is issued (check_pending reports it)."),
    ...);
 }
@@ -236,8 +238,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
                                return 0;
                              })
-      .def("zero_network", [](PyRuntime& self, uintptr_t stream) { self.get().zero_network(self.stream_for(stream)); },
-           py::arg("stream") = uintptr_t(0),
+      .def("zero_network",
+           [](PyRuntime& self, std::optional<uintptr_t> stream) { self.get().zero_network(self.stream_for(stream)); },
+           py::arg("stream") = py::none(),
            "Zero this rank's RDMA window (a re-layout), in stream order; nothing without a network.")
       .def("close", &PyRuntime::close,
            "Unmap and free everything; idempotent. Only after every peer's close_peers() (a host barrier between).")
@@ -256,17 +259,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("peer_table_ptr",
                              [](PyRuntime& self) { return reinterpret_cast<uintptr_t>(self.get().device_peer_data_table()); })
       .def("zero",
-           [](PyRuntime& self, size_t offset, int64_t num_bytes, uintptr_t stream) {
+           [](PyRuntime& self, size_t offset, int64_t num_bytes, std::optional<uintptr_t> stream) {
              DeviceRuntime& runtime = self.get();
              size_t const count = num_bytes < 0 ? runtime.num_bytes() - std::min(offset, runtime.num_bytes()) : size_t(num_bytes);
              runtime.zero(self.stream_for(stream), offset, count);
            },
-           py::arg("offset") = 0, py::arg("num_bytes") = -1, py::arg("stream") = uintptr_t(0))
-      .def("synchronize", [](PyRuntime& self, uintptr_t stream) { self.stream_for(stream).synchronize(); },
-           py::arg("stream") = uintptr_t(0), Release())
+           py::arg("offset") = 0, py::arg("num_bytes") = -1, py::arg("stream") = py::none())
+      .def("synchronize",
+           [](PyRuntime& self, std::optional<uintptr_t> stream) { self.stream_for(stream).synchronize(); },
+           py::arg("stream") = py::none(), Release())
       .def("barrier",
-           [](PyRuntime& self, double timeout_s, uintptr_t stream) { self.get().barrier(self.stream_for(stream), timeout_s); },
-           py::arg("timeout_s"), py::arg("stream") = uintptr_t(0), Release())
+           [](PyRuntime& self, double timeout_s, std::optional<uintptr_t> stream) {
+             self.get().barrier(self.stream_for(stream), timeout_s);
+           },
+           py::arg("timeout_s"), py::arg("stream") = py::none(), Release())
       .def("check_pending", [](PyRuntime& self, bool wait) { self.get().check_pending(wait); }, py::arg("wait"), Release(),
            "Report the kernels run with enqueue_only, oldest first: drop those finished (raising the first error), "
            "give up on those past their host deadline. wait: block until each finished or passed its deadline.")

@@ -140,8 +140,9 @@ class CudaRuntime final : public DeviceRuntime {
     // it returns, and a peer's first flag write must not be overwritten by it.
     check_cuda(cudaMemsetAsync(local_base_, 0, total_bytes_, native_stream(default_stream())), "cudaMemsetAsync(NVL buffer)");
     default_stream().synchronize();
-    // before any capture (a pinned allocation inside one may be refused); one per runtime, kept with the
-    // process like the pool's (graphs captured on this runtime may still be replayed after it closes)
+    // before any capture (a pinned allocation inside one may be refused); one per runtime, never freed (like
+    // the pool's). A graph must not be replayed after its runtime closed: its kernels point at the freed
+    // buffers (the Python side refuses to replace a runtime that captured kernels use)
     captured_slot_ = ErrorSlotPool::instance().take();
     *captured_slot_.host = kernels::ErrorSlot{};
     num_bytes_ = num_bytes;
@@ -330,10 +331,16 @@ class CudaRuntime final : public DeviceRuntime {
   void report_captured() override {
     if (captured_slot_.host == nullptr) return;
     // the kernel release-stores `code` after the other fields (report_failure)
-    int32_t const code = __atomic_load_n(&captured_slot_.host->code, __ATOMIC_ACQUIRE);
+    kernels::ErrorSlot* const slot = captured_slot_.host;
+    int32_t code = __atomic_load_n(&slot->code, __ATOMIC_ACQUIRE);
     if (code == 0 || code == kernels::kErrorSlotClaimed) return;
-    kernels::ErrorSlot const seen = *captured_slot_.host;
-    *captured_slot_.host = kernels::ErrorSlot{};
+    kernels::ErrorSlot const seen = *slot;
+    // While `code` is set no kernel writes the other fields (their claim needs code == 0): clear them first, then
+    // release `code` last, so a kernel claiming the slot right after writes a whole new report.
+    kernels::ErrorSlot cleared{};
+    cleared.code = code;
+    *slot = cleared;
+    __atomic_compare_exchange_n(&slot->code, &code, 0, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
     entries::finish("graph-replayed kernel", rank(), entries::LaunchOutcome{ErrorCode::kKernelFailed, ""}, seen);
   }
 

@@ -140,7 +140,8 @@ void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typ
   LaunchOutcome const outcome = Target::launch_only(args, call);
   if (!outcome.problem.empty()) {  // nothing runs (cpu: the grid broke a SIMT rule or its watchdog fired)
     if (outcome.grid_may_still_run) slot->abandon();
-    finish(Args::kName, call.runtime.rank(), outcome, slot->read());
+    // a capturing call's slot is the runtime's captured one, which may hold a replay's error: not this launch's
+    finish(Args::kName, call.runtime.rank(), outcome, call.capturing ? kernels::ErrorSlot{} : slot->read());
   }
   if (call.capturing) return;  // captured into a graph: its slot is the runtime's (report_captured reads it)
   std::unique_ptr<Event> marker;

@@ -638,7 +638,11 @@ EPCOMM_TEST(low_latency_bad_expert_aborts_every_rank) {
   std::vector<std::vector<int64_t>> layout_range(2, std::vector<int64_t>(2));
   std::vector<std::vector<uint16_t>> recv_x(2, std::vector<uint16_t>(8 * 128));
   auto const start = std::chrono::steady_clock::now();
+  // rank 1 sends (nothing but its counts); then rank 0 sends while rank 1 receives; then rank 0 receives (each
+  // rank's receive after its own send, as in its stream)
+  simt::ConcurrentLaunch first(cluster.options("low_latency_bad_expert_rank1_send"));
   simt::ConcurrentLaunch launch(cluster.options("low_latency_bad_expert"));
+  simt::ConcurrentLaunch last(cluster.options("low_latency_bad_expert_rank0_recv"));
   for (int r = 0; r < 2; ++r) {
     kernels::LowLatencyDispatchSendArgs<ShmTransport> send;
     send.comm = cluster.comm(r);
@@ -647,7 +651,7 @@ EPCOMM_TEST(low_latency_bad_expert_aborts_every_rank) {
     send.topk_idx = topk.data();
     send.num_topk = 2;
     send.slot_of = slot_of.data();
-    kernels::add_low_latency_dispatch_send(launch, send);
+    kernels::add_low_latency_dispatch_send(r == 1 ? first : launch, send);
     kernels::LowLatencyDispatchRecvArgs<ShmTransport> recv;
     recv.comm = cluster.comm(r);
     recv.comm.timeout_cycles = 20'000'000'000LL;
@@ -655,9 +659,11 @@ EPCOMM_TEST(low_latency_bad_expert_aborts_every_rank) {
     recv.recv_count = recv_count[r].data();
     recv.src_info = src_info[r].data();
     recv.layout_range = layout_range[r].data();
-    kernels::add_low_latency_dispatch_recv(launch, recv);
+    kernels::add_low_latency_dispatch_recv(r == 1 ? launch : last, recv);
   }
+  CHECK(first.try_run().ok());
   CHECK(launch.try_run().ok());
+  CHECK(last.try_run().ok());
   double const seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   CHECK_CONTAINS(error_text(cluster.errors[0]),
                  "low_latency_dispatch_send bad_input: rank=0 role=ll_row_sender channel=-1 peer=-1 expected=2 observed=99");

@@ -260,7 +260,5 @@ class CudaDispatchBackend(SimDispatchBackend):
             # A GIN session's signal count is fixed: a layout that needs more gets a new session, as a larger
             # buffer gets new buffers (even with explicit sizes, which say nothing about signals). Its window
             # starts zeroed and its signals at 0 (assumed of ncclDevCommCreate), so no reset is needed.
-            runtime.report_enqueued(wait=True, op=op)  # an earlier kernel's error is raised, not dropped
-            runtime.close(collective=True, op=op)
-            self._device_runtime = None
+            self._retire_runtime(op)
         return super()._ensure(spec, op)

@@ -10,7 +10,12 @@ The same kernels, launch sequence and Python paths, with what a GPU changes:
   host waits for, so the two streams never run epcomm kernels at once.
 * While capturing, each kernel writes the runtime's captured-kernel error slot (kept as long as the process:
   graphs are replayed with the pointers they were captured with); the Buffer's next call outside a capture
-  raises what a replay left there. Outside a capture the error slot of each kernel is read by the runtime's
+  raises what a replay left there. A Buffer whose runtime captured kernels refuses to grow (a replay would
+  use freed buffers): size it up front. The slot of a captured call is fixed in the graph, so a graph
+  should hold an even number of LL dispatches (DeepEP's double buffering alternates too): replaying one
+  with a single dispatch back to back reuses a slot on consecutive calls, which the "Reuse" rule of
+  ``csrc/kernels/low_latency.hpp`` does not cover when a rank's tokens skip some peer.
+* A receive (the hook) waits for an event after its send, so it follows the send whatever stream it runs on. Outside a capture the error slot of each kernel is read by the runtime's
   next call, as for normal mode. The first LL call (or ``clean_low_latency_buffer``) lays out the region and
   waits on the host: make it before capturing, as with DeepEP.
 * One node: peer memory over CUDA IPC (ShmTransport on the runtime's peer table; the LL region in each rank's
@@ -46,3 +51,19 @@ class CudaLowLatency(SimLowLatency):
 
     def _byte_counters(self) -> None:
         return None
+
+    def _launch(self, runtime, spec, params, op: str) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            # the graph's kernels point at this runtime's buffers: growth must not free them (Buffer refuses)
+            self.backend._captured_on = runtime
+        super()._launch(runtime, spec, params, op)
+
+    def _mark_sent(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        return event
+
+    def _follow(self, sent: torch.cuda.Event) -> None:
+        # a hook run under another current stream must still follow its send (an event wait: no host wait,
+        # legal inside a capture)
+        torch.cuda.current_stream().wait_event(sent)

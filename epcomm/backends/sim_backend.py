@@ -198,9 +198,9 @@ class SimRuntime:
     # reaches the call that ran it; the cuda runtime says False (stream order, no host wait).
     host_waits_for_enqueued = True
 
-    def stream(self) -> int:
-        """The stream kernels run on, as the runtime takes it (0: its own; cuda: torch's current stream)."""
-        return 0
+    def stream(self) -> int | None:
+        """The stream kernels run on, as the runtime takes it (None: its own; cuda: the communication stream)."""
+        return None
 
     def run(self, spec, params, timeout_s: float | None = None, op: str | None = None) -> None:
         """Run the kernel of ``params`` on this rank and wait for it (collective when the kernel waits on peers).
@@ -239,8 +239,10 @@ class SimRuntime:
 
     def report_enqueued(self, wait: bool, op: str | None = None) -> None:
         """Raise the first error of the enqueued kernels that have finished (``wait``: wait for all of
-        them first, each against its host deadline); forget every one reported."""
-        self._wait_on_peers("enqueued kernel", lambda: self.runtime.check_pending(wait), op)
+        them first, each against its host deadline); forget every one reported. Nothing (no round trip)
+        when none is pending."""
+        if self.runtime.num_pending:
+            self._wait_on_peers("enqueued kernel", lambda: self.runtime.check_pending(wait), op)
 
     def local_view(self, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
         """A tensor over ``count`` elements of this rank's data region from byte ``offset`` (no copy; on the
@@ -368,6 +370,7 @@ class SimDispatchBackend(DispatchBackend):
                      else InternodePath(self._ext, topo, options.max_nodes_per_token, options.combine_node_partials))
         self.explicit_bytes = (num_nvl_bytes, num_rdma_bytes if topo.num_nodes > 1 else 0)
         self._device_runtime: SimRuntime | None = None
+        self._captured_on: SimRuntime | None = None  # the runtime CUDA graphs captured kernels on (cuda LL)
         self._epoch = 0
         self._last_spec = None
         self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
@@ -503,15 +506,27 @@ class SimDispatchBackend(DispatchBackend):
                 raise EpcommError(f"epcomm {self.name} backend: the buffers hold {self._device_runtime.num_nvl_bytes} bytes, "
                                   f"this call needs {need}; raise Buffer(num_nvl_bytes=..., num_rdma_bytes=...)")
             if self._device_runtime is not None:
-                self._device_runtime.report_enqueued(wait=True, op=op)  # an earlier kernel's error is raised
-                self._device_runtime.close(collective=True, op=op)  # nobody uses or maps the old buffers after
-                self._device_runtime = None
+                self._retire_runtime(op)
             self._device_runtime = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
             self._epoch = 0
         elif self._last_spec is not None and spec != self._last_spec:
             self._relayout(op, self._device_runtime.num_nvl_bytes)
         self._last_spec = spec
         return self._device_runtime
+
+    def _retire_runtime(self, op: str) -> None:
+        """Close the device runtime for a new one (growth), collectively: an enqueued kernel's error is raised
+        first (not dropped), and nobody uses or maps the old buffers after. Refused while CUDA graphs captured
+        on it may be replayed (their kernels point at its buffers)."""
+        runtime = self._device_runtime
+        if runtime is self._captured_on:
+            raise EpcommError(f"epcomm {self.name} {op} on rank {self.topo.rank}: this call needs larger buffers, but "
+                              "CUDA graphs captured low-latency kernels on the current ones, which a replay would "
+                              "still use; size the Buffer for every call up front (num_nvl_bytes / num_rdma_bytes, "
+                              "Buffer.get_low_latency_rdma_size_hint) before capturing")
+        runtime.report_enqueued(wait=True, op=op)
+        runtime.close(collective=True, op=op)
+        self._device_runtime = None
 
     def _relayout(self, op: str, num_bytes: int, reset_signals: Callable[[], None] | None = None) -> None:
         """Every rank leaves the current layout, zeroes its first ``num_bytes`` and counts epochs from 0

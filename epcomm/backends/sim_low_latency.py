@@ -113,9 +113,7 @@ class SimLowLatency:
         runtime = backend._device_runtime
         if runtime is None or runtime.num_nvl_bytes < need:
             if runtime is not None:
-                runtime.report_enqueued(wait=True, op=op)  # an earlier kernel's error is raised, not dropped
-                runtime.close(collective=True, op=op)  # nobody uses or maps the old buffers after
-                backend._device_runtime = None
+                backend._retire_runtime(op)
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
             backend._epoch = 0
         else:  # reuse: the signals must start from zero on every rank before anyone signals a peer
@@ -167,6 +165,14 @@ class SimLowLatency:
         """The stream LL kernels run on (None: the runtime's)."""
         return None
 
+    def _mark_sent(self) -> object:
+        """A mark after a send kernel, for its receive (:meth:`_follow`); None where kernels end at launch."""
+        return None
+
+    def _follow(self, sent: object) -> None:
+        """Before a receive kernel: order it after its send (it reads the generation the send counted), whichever
+        stream the hook runs on."""
+
     def _byte_counters(self) -> torch.Tensor | None:
         """``[3]`` int64 the transport adds the bytes it puts to, per link class, read on the host after the
         call; None where that would be a host read of device memory (cuda)."""
@@ -185,14 +191,17 @@ class SimLowLatency:
             slot=call.slot, x=call.x.data_ptr(), num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
             num_topk=num_topk, use_fp8=call.use_fp8, round_scale=call.round_scale, use_ue8m0=call.use_ue8m0,
             slot_of=slot_of.data_ptr(), byte_counters=_ptr(counters)), op)
-        self._record(op, counters, call.topk_idx // layout.num_local_experts, layout.payload_bytes(call.use_fp8)
-                     if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
+        sent = self._mark_sent()
+        if counters is not None:
+            self._record(op, counters, call.topk_idx // layout.num_local_experts, layout.payload_bytes(call.use_fp8)
+                         if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
         out = self._outputs[call.slot].get(
             (layout, call.use_fp8, call.use_ue8m0),
             lambda: dispatch_outputs(layout, call.use_fp8, call.use_ue8m0, self.backend.device, scales_ue8m0_only=True))
         scales = out.get("scales_ue8m0" if call.use_ue8m0 else "scales")
 
         def receive() -> None:
+            self._follow(sent)
             self._launch(runtime, spec, self.ext.LowLatencyDispatchRecvParams(
                 slot=call.slot, use_fp8=call.use_fp8, use_ue8m0=call.use_ue8m0,
                 recv_x=out["x"].data_ptr(), recv_x_scales=_ptr(scales), recv_count=out["count"].data_ptr(),
@@ -213,6 +222,7 @@ class SimLowLatency:
         self._launch(runtime, spec, self.ext.LowLatencyCombineSendParams(
             slot=call.slot, x=call.x.data_ptr(), layout_range=call.layout_range.data_ptr(),
             byte_counters=_ptr(counters)), op)
+        sent = self._mark_sent()
         if not is_host_sync_free() and counters is not None:
             rows_back = (call.layout_range & 0xFFFFFFFF).sum(0)  # [R]: rows going back to each source
             self._record_rows(op, counters, rows_back, 2 * layout.hidden)
@@ -221,6 +231,7 @@ class SimLowLatency:
         num_tokens, num_topk = call.topk_idx.shape
 
         def receive() -> None:
+            self._follow(sent)
             self._launch(runtime, spec, self.ext.LowLatencyCombineRecvParams(
                 slot=call.slot, num_tokens=num_tokens, topk_idx=call.topk_idx.data_ptr(),
                 topk_weights=call.topk_weights.data_ptr(), num_topk=num_topk, slot_of=call.token_slots.data_ptr(),
