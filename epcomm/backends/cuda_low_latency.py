@@ -21,7 +21,9 @@ The same kernels, launch sequence and Python paths, with what a GPU changes:
 * One node: peer memory over CUDA IPC (ShmTransport on the runtime's peer table; the LL region in each rank's
   IPC buffer, as on ``sim``); ``allow_nvlink_for_low_latency_mode`` is moot there. Across nodes the kernels
   go through NCCL GIN (``csrc/runtime/gin_low_latency_entries.cu``), but this engine does not size a GIN
-  session for them yet, so it refuses groups that span nodes.
+  session for them yet, so it refuses groups that span nodes. (When it does: the generation words live in
+  the GIN window, which a normal-mode re-layout zeroes while GIN's signals survive in the session, so
+  leaving LL mode must first run the reset kernel with ``wait_for_due=True``.)
 
 Compiled for sm_90/sm_100; never run on a GPU (none lent to development).
 """
