@@ -13,10 +13,8 @@
 
 #include <cuda_runtime.h>
 
-#include <chrono>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "../kernels/co_residency.hpp"
@@ -159,31 +157,21 @@ struct CudaTarget {
 
   // The host owns a deadline, not cudaStreamSynchronize: the kernels' own waits give up after
   // timeout_s (data waits after twice that), but a wait inside NCCL (a GIN flush or a put on a full
-  // queue towards a dead peer) or a hung GPU never returns. Polls the stream: yields for the first
-  // 200 us (small kernels finish there), then sleeps 50 us between queries.
+  // queue towards a dead peer) or a hung GPU never returns. Polls the stream (poll_until).
   static LaunchOutcome wait_with_deadline(cudaStream_t stream, double timeout_s) {
-    using Clock = std::chrono::steady_clock;
     double const limit_s = host_deadline_s(timeout_s);
-    Clock::time_point const start = Clock::now();
-    Clock::time_point const deadline =
-        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s));
-    for (;;) {
-      cudaError_t const state = cudaStreamQuery(stream);
-      if (state == cudaSuccess) return {};
-      if (state != cudaErrorNotReady) return {ErrorCode::kKernelFailed, cuda_problem("cudaStreamQuery", state)};
-      Clock::time_point const now = Clock::now();
-      if (now >= deadline)
-        return {ErrorCode::kTimeout,
-                "the kernel was still running " + std::to_string(int(limit_s)) + " s after launch although its own "
-                "waits give up after " + std::to_string(timeout_s) + " s (a wait inside NCCL towards a dead peer, or a "
-                "hung GPU); the host stopped waiting. The kernel may still be running: treat this process's CUDA "
-                "context as unusable and restart the process",
-                /*grid_may_still_run=*/true};
-      if (now - start < std::chrono::microseconds(200))
-        std::this_thread::yield();
-      else
-        std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
+    cudaError_t state = cudaErrorNotReady;
+    bool const ended =
+        poll_until([&] { return (state = cudaStreamQuery(stream)) != cudaErrorNotReady; }, deadline_after(limit_s));
+    if (!ended)
+      return {ErrorCode::kTimeout,
+              "the kernel was still running " + std::to_string(int(limit_s)) + " s after launch although its own "
+              "waits give up after " + std::to_string(timeout_s) + " s (a wait inside NCCL towards a dead peer, or a "
+              "hung GPU); the host stopped waiting. The kernel may still be running: treat this process's CUDA "
+              "context as unusable and restart the process",
+              /*grid_may_still_run=*/true};
+    if (state != cudaSuccess) return {ErrorCode::kKernelFailed, cuda_problem("cudaStreamQuery", state)};
+    return {};
   }
 };
 

@@ -8,7 +8,6 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
-#include <thread>
 
 namespace epcomm::runtime {
 
@@ -74,18 +73,10 @@ void DeviceRuntime::check_pending(bool wait) {
   };
   for (auto it = pending_.begin(); it != pending_.end();) {
     PendingKernel& kernel = **it;
-    bool done = false;
     try {
-      done = kernel.finished();
-      // as a synchronous launch waits (cuda_target.hpp): yield for the first 200 us, then sleep 50 us
-      for (auto const start = PendingKernel::Clock::now(); !done && wait && PendingKernel::Clock::now() < kernel.deadline();
-           done = kernel.finished()) {
-        if (PendingKernel::Clock::now() - start < std::chrono::microseconds(200))
-          std::this_thread::yield();
-        else
-          std::this_thread::sleep_for(std::chrono::microseconds(50));
-      }
-      if (!done && PendingKernel::Clock::now() < kernel.deadline()) {
+      bool const done =
+          kernel.finished() || (wait && poll_until([&kernel] { return kernel.finished(); }, kernel.deadline()));
+      if (!done && HostClock::now() < kernel.deadline()) {
         ++it;  // still running, within its time
         continue;
       }

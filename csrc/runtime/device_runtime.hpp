@@ -36,6 +36,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <typeindex>
 #include <vector>
 
@@ -119,11 +120,35 @@ struct KernelCall {
   bool capturing = false;
 };
 
+/// The host's wait for device work
+
+using HostClock = std::chrono::steady_clock;
+
+inline HostClock::time_point deadline_after(double seconds) {
+  return HostClock::now() + std::chrono::duration_cast<HostClock::duration>(std::chrono::duration<double>(seconds));
+}
+
+// Polls `done()` until it returns true or `deadline` passes; returns whether it did. Yields for the first
+// 200 us (short kernels end there), then sleeps 50 us between polls. How the host waits for a grid: a
+// synchronous launch (cuda_target.hpp) and an enqueued kernel's report (check_pending) alike.
+template <class Done>
+bool poll_until(Done&& done, HostClock::time_point deadline) {
+  HostClock::time_point const start = HostClock::now();
+  for (;;) {
+    if (done()) return true;
+    HostClock::time_point const now = HostClock::now();
+    if (now >= deadline) return false;
+    if (now - start < std::chrono::microseconds(200))
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 // A kernel launched without waiting for it (KernelCall::enqueue_only), as the runtime keeps it until
 // its outcome is reported: its ErrorSlot, a marker after it in its stream, its host deadline.
 class PendingKernel {
  public:
-  using Clock = std::chrono::steady_clock;
   virtual ~PendingKernel() = default;
   // Whether its stream has passed it (never blocks). Throws what the stream reports (cuda: an
   // asynchronous fault such as an illegal address, which makes the context unusable).
@@ -133,7 +158,7 @@ class PendingKernel {
   // Its deadline passed while it still runs: never reuse its ErrorSlot, end the transport's waits it may
   // be stuck in (GIN: abort the communicator), and throw RuntimeError(kTimeout).
   virtual void give_up() = 0;
-  virtual Clock::time_point deadline() const = 0;
+  virtual HostClock::time_point deadline() const = 0;
 };
 
 // A kernel is named by the type of its parameters (kernels/intranode.hpp, internode.hpp):

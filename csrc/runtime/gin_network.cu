@@ -8,10 +8,8 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
-#include <chrono>
 #include <cstring>
 #include <string>
-#include <thread>
 
 #include "../transport/gin_transport.cuh"
 #include "gin_network.hpp"
@@ -24,18 +22,8 @@ namespace {
 // NCCL_VERSION_CODE of 2.30.0: the first release with the GIN device API gin_transport.cuh is written against.
 constexpr int kMinNcclVersion = 23000;
 
-using Clock = std::chrono::steady_clock;
-
 [[noreturn]] void fail(ErrorCode code, std::string const& message) {
   throw RuntimeError(code, "NCCL network across nodes: " + message);
-}
-
-std::string nccl_problem(ncclComm_t comm, char const* call, ncclResult_t result) {
-  std::string message = std::string(call) + " failed with " + ncclGetErrorString(result) + " (ncclResult_t " +
-                        std::to_string(int(result)) + ")";
-  char const* last = ncclGetLastError(comm);
-  if (last != nullptr && last[0] != '\0') message += ": " + std::string(last);
-  return message;
 }
 
 // The NCCL library this process loaded (not the headers it was built with) must have GIN.
@@ -49,27 +37,16 @@ void check_nccl_version() {
                                    "; GIN needs NCCL >= 2.30 (torch's nvidia-nccl wheel, or LD_LIBRARY_PATH to one)");
 }
 
-// Polls a non-blocking communicator until `call` settled; throws kTimeout past `deadline`, `on_failure`
-// when NCCL reports an error.
-void wait_settled(ncclComm_t comm, ncclResult_t result, char const* call, Clock::time_point deadline,
+// Waits until `call` on the non-blocking communicator settled (settle_nccl); throws kTimeout past `deadline`,
+// `on_failure` when NCCL reports an error.
+void wait_settled(ncclComm_t comm, ncclResult_t result, char const* call, HostClock::time_point deadline,
                   ErrorCode on_failure) {
-  while (result == ncclInProgress) {
-    if (ncclResult_t const query = ncclCommGetAsyncError(comm, &result); query != ncclSuccess) {
-      result = query;
-      break;
-    }
-    if (result != ncclInProgress) break;
-    if (Clock::now() >= deadline)
-      fail(ErrorCode::kTimeout, std::string(call) + " did not complete in time: some rank did not take part "
-                                                    "(dead, late, or failed before it)");
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-  }
+  result = settle_nccl(comm, result, deadline);
+  if (result == ncclInProgress)
+    fail(ErrorCode::kTimeout, std::string(call) + " did not complete in time: some rank did not take part "
+                                                  "(dead, late, or failed before it)");
   if (result != ncclSuccess)
     fail(on_failure, nccl_problem(comm, call, result) + " (NCCL_DEBUG=INFO says why)");
-}
-
-Clock::time_point deadline_after(double timeout_s) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
 }
 
 }  // namespace
@@ -106,7 +83,7 @@ GinNetwork::GinNetwork(NetworkId const& id, int rank, int num_ranks, size_t rdma
   // peer that failed before it (and will never call) cannot hold this rank inside NCCL.
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
-  Clock::time_point const deadline = deadline_after(timeout_s);
+  HostClock::time_point const deadline = deadline_after(timeout_s);
   try {
     ncclResult_t const result = ncclCommInitRankConfig(&s.comm, num_ranks, unique_id, rank, &config);
     if (s.comm == nullptr)
@@ -141,7 +118,7 @@ void GinNetwork::close(double timeout_s) {
   if (s.closed || s.aborted || s.comm == nullptr) return;
   try {
     if (s.session) s.session->close();  // collective: window, device communicator (deadline: the session's)
-    Clock::time_point const deadline = deadline_after(timeout_s > 0 ? timeout_s : 60.0);
+    HostClock::time_point const deadline = deadline_after(timeout_s > 0 ? timeout_s : 60.0);
     wait_settled(s.comm, ncclCommFinalize(s.comm), "ncclCommFinalize", deadline, ErrorCode::kSystem);
   } catch (...) {
     abort();

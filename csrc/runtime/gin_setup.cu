@@ -10,7 +10,6 @@
 
 #include <cuda_runtime.h>
 
-#include <chrono>
 #include <climits>
 #include <string>
 
@@ -38,39 +37,21 @@ char const* gin_type_name(int type) {
   throw RuntimeError(code, "GIN transport: " + message);
 }
 
-using Clock = std::chrono::steady_clock;
-
-// When a collective call must have settled by; Clock::time_point::max(): no limit.
-Clock::time_point deadline_after(double timeout_s) {
-  if (!(timeout_s > 0)) return Clock::time_point::max();
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
-}
-
-// A non-blocking communicator (the cuda runtime's own, gin_network.cu) answers ncclInProgress
-// first; the call's real outcome is then the communicator's async error once it settles. Past
-// `deadline` the call is reported as ncclInProgress still (the caller names it and aborts the communicator).
-ncclResult_t settle(ncclComm_t comm, ncclResult_t result, Clock::time_point deadline = Clock::time_point::max()) {
-  while (result == ncclInProgress) {
-    if (ncclResult_t const query = ncclCommGetAsyncError(comm, &result); query != ncclSuccess) return query;
-    if (result == ncclInProgress && Clock::now() >= deadline) return ncclInProgress;
-  }
-  return result;
+// When a collective call must have settled by; HostClock::time_point::max(): no limit (timeout_s <= 0).
+HostClock::time_point settle_deadline(double timeout_s) {
+  return timeout_s > 0 ? deadline_after(timeout_s) : HostClock::time_point::max();
 }
 
 // Throws for a failed NCCL call: the call, NCCL's words for it, and what to do; kTimeout when it
 // did not settle by `deadline` (a peer that never made the matching call).
 void check_nccl(ncclComm_t comm, ncclResult_t result, char const* call, std::string const& advice,
-                Clock::time_point deadline = Clock::time_point::max()) {
-  result = settle(comm, result, deadline);
+                HostClock::time_point deadline = HostClock::time_point::max()) {
+  result = settle_nccl(comm, result, deadline);
   if (result == ncclInProgress)
     fail(ErrorCode::kTimeout, std::string(call) + " did not complete in time: some rank did not make the same "
                                                   "collective call (dead, late, or failed earlier)");
   if (result == ncclSuccess) return;
-  std::string message = std::string(call) + " failed with " + ncclGetErrorString(result) + " (ncclResult_t " +
-                        std::to_string(int(result)) + ")";
-  char const* last = ncclGetLastError(comm);
-  if (last != nullptr && last[0] != '\0') message += ": " + std::string(last);
-  fail(ErrorCode::kSystem, message + "; " + advice);
+  fail(ErrorCode::kSystem, nccl_problem(comm, call, result) + "; " + advice);
 }
 
 void check_cuda(cudaError_t error, char const* call) {
@@ -137,6 +118,25 @@ void check_backends(ncclDevComm const& dev_comm, int num_signals) {
 
 }  // namespace
 
+ncclResult_t settle_nccl(ncclComm_t comm, ncclResult_t result, HostClock::time_point deadline) {
+  poll_until(
+      [&] {
+        if (result != ncclInProgress) return true;
+        if (ncclResult_t const query = ncclCommGetAsyncError(comm, &result); query != ncclSuccess) result = query;
+        return result != ncclInProgress;
+      },
+      deadline);
+  return result;
+}
+
+std::string nccl_problem(ncclComm_t comm, char const* call, ncclResult_t result) {
+  std::string message = std::string(call) + " failed with " + ncclGetErrorString(result) + " (ncclResult_t " +
+                        std::to_string(int(result)) + ")";
+  char const* last = ncclGetLastError(comm);
+  if (last != nullptr && last[0] != '\0') message += ": " + std::string(last);
+  return message;
+}
+
 struct GinSession::State {
   ncclComm_t comm = nullptr;
   double timeout_s = 0;                      // per collective call (0: no limit)
@@ -158,10 +158,10 @@ struct GinSession::State {
     };
     if (device_dev_comm != nullptr) note(cudaFree(device_dev_comm) != cudaSuccess, "cudaFree");
     if (has_dev_comm)
-      note(settle(comm, ncclDevCommDestroy(comm, &dev_comm), deadline_after(timeout_s)) != ncclSuccess,
+      note(settle_nccl(comm, ncclDevCommDestroy(comm, &dev_comm), settle_deadline(timeout_s)) != ncclSuccess,
            "ncclDevCommDestroy");
     if (window != nullptr)
-      note(settle(comm, ncclCommWindowDeregister(comm, window), deadline_after(timeout_s)) != ncclSuccess,
+      note(settle_nccl(comm, ncclCommWindowDeregister(comm, window), settle_deadline(timeout_s)) != ncclSuccess,
            "ncclCommWindowDeregister");
     if (buffer != nullptr) note(ncclMemFree(buffer) != ncclSuccess, "ncclMemFree");
     device_dev_comm = nullptr, has_dev_comm = false, window = nullptr, buffer = nullptr;
@@ -190,14 +190,14 @@ GinSession::GinSession(ncclComm_t comm, size_t buffer_bytes, int num_signals, do
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   check_nccl(comm, ncclCommWindowRegister(comm, s.buffer, s.buffer_bytes, &s.window, NCCL_WIN_COLL_SYMMETRIC),
              "ncclCommWindowRegister", "every rank must register the same size at the same point",
-             deadline_after(timeout_s));
+             settle_deadline(timeout_s));
 
   ncclDevCommRequirements_t const reqs = requirements(num_signals);
   check_nccl(comm, ncclDevCommCreate(comm, &reqs, &s.dev_comm), "ncclDevCommCreate",
              "GIN could not be set up for " + std::to_string(num_signals) +
                  " signals, 1 context, every rank connected (NCCL_DEBUG=INFO says why; NCCL_GIN_TYPE=2 "
                  "selects the proxy backend); or " + kOtherTransports,
-             deadline_after(timeout_s));
+             settle_deadline(timeout_s));
   s.has_dev_comm = true;
   check_backends(s.dev_comm, num_signals);
 

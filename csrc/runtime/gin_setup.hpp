@@ -26,12 +26,22 @@
 
 #include <cstddef>
 #include <memory>
+#include <string>
+
+#include "device_runtime.hpp"
 
 namespace epcomm::transport {
 struct GinTransport;
 }
 
 namespace epcomm::runtime {
+
+// A non-blocking communicator answers ncclInProgress first; the call's real outcome is then the
+// communicator's async error once it settles. Polls for it (poll_until) and returns it; past `deadline`
+// returns ncclInProgress still (the caller names the call and aborts the communicator).
+ncclResult_t settle_nccl(ncclComm_t comm, ncclResult_t result, HostClock::time_point deadline = HostClock::time_point::max());
+// "<call> failed with <NCCL's words> (ncclResult_t N): <NCCL's last error>".
+std::string nccl_problem(ncclComm_t comm, char const* call, ncclResult_t result);
 
 class GinSession {
  public:

@@ -83,7 +83,7 @@ class PendingLaunch final : public PendingKernel {
         rank_(call.runtime.rank()),
         limit_s_(Target::host_deadline_s(call.timeout_s)),
         timeout_s_(call.timeout_s),
-        deadline_(Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit_s_))),
+        deadline_(deadline_after(limit_s_)),
         slot_(std::move(slot)),
         marker_(std::move(marker)),
         host_gave_up_(std::move(host_gave_up)) {}
@@ -106,13 +106,13 @@ class PendingLaunch final : public PendingKernel {
                            "peer, its stream blocked by other work, or a hung GPU); the host stopped waiting. Treat this "
                            "process's device context as unusable and restart the process");
   }
-  Clock::time_point deadline() const override { return deadline_; }
+  HostClock::time_point deadline() const override { return deadline_; }
 
  private:
   char const* name_;
   int rank_;
   double limit_s_, timeout_s_;
-  Clock::time_point deadline_;
+  HostClock::time_point deadline_;
   std::unique_ptr<typename Target::Slot> slot_;
   std::unique_ptr<Event> marker_;
   HostGaveUp host_gave_up_;
@@ -139,7 +139,6 @@ void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typ
   }
   LaunchOutcome const outcome = Target::launch_only(args, call);
   if (!outcome.problem.empty()) {  // nothing runs (cpu: the grid broke a SIMT rule or its watchdog fired)
-    if (outcome.grid_may_still_run) slot->abandon();
     // a capturing call's slot is the runtime's captured one, which may hold a replay's error: not this launch's
     finish(Args::kName, call.runtime.rank(), outcome, call.capturing ? kernels::ErrorSlot{} : slot->read());
   }

@@ -192,9 +192,11 @@ class SimLowLatency:
             num_topk=num_topk, use_fp8=call.use_fp8, round_scale=call.round_scale, use_ue8m0=call.use_ue8m0,
             slot_of=slot_of.data_ptr(), byte_counters=_ptr(counters)), op)
         sent = self._mark_sent()
-        if counters is not None:
-            self._record(op, counters, call.topk_idx // layout.num_local_experts, layout.payload_bytes(call.use_fp8)
-                         if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
+        if self._counts_bytes(counters):
+            dest_rank = call.topk_idx // layout.num_local_experts
+            rows = torch.bincount(dest_rank[dest_rank >= 0], minlength=self.topo.world_size)
+            self._record_rows(op, counters, rows, layout.payload_bytes(call.use_fp8)
+                              if not call.use_ue8m0 else layout.hidden + 4 * (layout.hidden // 512))
         out = self._outputs[call.slot].get(
             (layout, call.use_fp8, call.use_ue8m0),
             lambda: dispatch_outputs(layout, call.use_fp8, call.use_ue8m0, self.backend.device, scales_ue8m0_only=True))
@@ -223,11 +225,9 @@ class SimLowLatency:
             slot=call.slot, x=call.x.data_ptr(), layout_range=call.layout_range.data_ptr(),
             byte_counters=_ptr(counters)), op)
         sent = self._mark_sent()
-        if not is_host_sync_free() and counters is not None:
+        if self._counts_bytes(counters):
             rows_back = (call.layout_range & 0xFFFFFFFF).sum(0)  # [R]: rows going back to each source
             self._record_rows(op, counters, rows_back, 2 * layout.hidden)
-        else:
-            self._record_rows(op, counters, None, 2 * layout.hidden)
         num_tokens, num_topk = call.topk_idx.shape
 
         def receive() -> None:
@@ -240,24 +240,18 @@ class SimLowLatency:
         return receive
 
     # ------------------------------------------------------------------ bytes
-    def _record(self, op: str, counters: torch.Tensor | None, dest_rank: torch.Tensor, payload: int) -> None:
-        rows = None
-        if not is_host_sync_free() and counters is not None:
-            valid = dest_rank >= 0
-            rows = torch.bincount(dest_rank[valid], minlength=self.topo.world_size)
-        self._record_rows(op, counters, rows, payload)
+    @staticmethod
+    def _counts_bytes(counters: torch.Tensor | None) -> bool:
+        """Whether this call's bytes go into buffer.traffic: with the transport's counters, and outside
+        host-sync-free calls (counting reads the routing and the counters on the host)."""
+        return counters is not None and not is_host_sync_free()
 
-    def _record_rows(self, op: str, counters: torch.Tensor | None, rows_to_peer: torch.Tensor | None,
-                     payload: int) -> None:
-        """What the transport counted per link class; rows and their payload from the routing (eager calls),
-        the rest (message headers, count messages) as metadata. Not recorded in host-sync-free calls, nor
-        without counters (cuda: they would be device memory read on the host)."""
-        if is_host_sync_free() or counters is None:
-            return
+    def _record_rows(self, op: str, counters: torch.Tensor, rows_to_peer: torch.Tensor, payload: int) -> None:
+        """What the transport counted per link class; rows and their payload from the routing, the rest
+        (message headers, count messages) as metadata. Only where :meth:`_counts_bytes`."""
         per_link = {link: 0 for link in _LINKS}
-        if rows_to_peer is not None:
-            for peer, n in enumerate(rows_to_peer.tolist()):
-                per_link[self.topo.link_to(peer)] += n
+        for peer, n in enumerate(rows_to_peer.tolist()):
+            per_link[self.topo.link_to(peer)] += n
         for link, counted in zip(_LINKS, counters.tolist()):
             rows = per_link[link]
             if counted or rows:
