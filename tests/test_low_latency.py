@@ -746,3 +746,21 @@ def cuda_decode_step_in_a_graph(rank, world, case: LLCase):
                     reason="needs 4 GPUs and EPCOMM_TEST_BACKENDS=cuda (make gpu-check runs it)")
 def test_cuda_decode_step_captured_in_a_graph_replays_exactly(pools):
     assert all(pools(4).run(cuda_decode_step_in_a_graph, LLCase(4, 4)))
+
+
+def growth_after_capture(rank, world, case: LLCase):
+    buf = _buffer(case, "sim")
+    x, topk, _ = case.inputs(rank)
+    buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    # what a cuda LL call marks while its stream captures a CUDA graph (cuda_low_latency.py)
+    buf._impl._captured_on = buf._impl._device_runtime
+    with pytest.raises(epcomm.EpcommError, match=f"on rank {rank}: this call needs larger buffers, but CUDA graphs "
+                                                 "captured low-latency kernels on the current ones"):
+        buf.clean_low_latency_buffer(4 * case.num_max, case.hidden, case.num_experts)
+    return True
+
+
+def test_buffers_captured_kernels_use_are_never_replaced(pools):
+    """A Buffer whose runtime a CUDA graph captured kernels on refuses to grow (a replay would use freed
+    buffers), on every rank, before anything collective."""
+    assert all(pools(4).run(growth_after_capture, LLCase(4, 2)))
