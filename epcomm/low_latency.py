@@ -135,8 +135,13 @@ class LowLatencyLayout:
         return _align(_HEADER_BYTES + self.payload_bytes(False), 16)
 
     @property
+    def num_signals(self) -> int:
+        """Transport signals of the layout: dispatch ``[2][E_loc][R]``, combine ``[2][E]``, abort."""
+        return 4 * self.num_experts + 1
+
+    @property
     def signals_bytes(self) -> int:
-        return 8 * (4 * self.num_experts + 1)
+        return 8 * self.num_signals
 
     @property
     def generations_bytes(self) -> int:
@@ -269,6 +274,7 @@ class LowLatencyState:
     dispatches: int = 0  # LL dispatches since construction
     needs_clean: bool = False  # a normal-mode call ran since the last clean (DeepEP's rule)
     cleans: int = 0  # clean_low_latency_buffer calls
+    normal_calls: int = 0  # normal-mode calls (each ends the LL calls before it: their hooks are refused)
     pending: dict[int, str] = field(default_factory=dict)  # dispatch seq -> what it waits for ("hook")
 
     def slot_owner_ok(self, seq: int) -> bool:
@@ -443,8 +449,12 @@ class LowLatencyOps:
         self._engine_or_raise()
 
     def note_normal_call(self) -> None:
-        """A normal-mode call ran: LL calls need a clean first (they share the buffer, as in DeepEP)."""
+        """A normal-mode call ran: LL calls need a clean first (they share the buffer, as in DeepEP), and the
+        hooks not yet called are refused (the re-layout settled their signals and zeroed the region they would
+        read; ``SimLowLatency.settle_signals``)."""
         self.state.needs_clean = True
+        self.state.normal_calls += 1
+        self.state.pending.clear()
 
     # -- dispatch
     def dispatch(self, x, topk_idx, num_max, num_experts, recv_stats, wait_stats, use_fp8, round_scale,
@@ -490,12 +500,16 @@ class LowLatencyOps:
         ``pending_key`` until then. Refused once dispatch ``seq + 2`` reused the slot its data lands in."""
         state = self.state
         state.pending[pending_key] = op
-        done = False
+        done, normal_calls = False, state.normal_calls
 
         def hook() -> None:
             nonlocal done
             if done:
                 return
+            if state.normal_calls != normal_calls:
+                raise RuntimeError(f"epcomm {op}: the hook of {what} came after a normal-mode call, which ends the LL "
+                                   "calls before it (their buffers are laid out anew); call hooks before normal-mode "
+                                   "calls")
             if not state.slot_owner_ok(seq):
                 state.pending.pop(pending_key, None)
                 raise RuntimeError(f"epcomm {op}: the hook of {what} came after dispatch #{seq + 2} reused its "

@@ -703,6 +703,80 @@ def test_reset_signals_kernel_waits_for_due_adds_then_zeroes(pools):
     pool.close()  # the group is failed by design after the timeout
 
 
+def _spy_on_signals(runtime, ext, events: list) -> None:
+    """Record, in order, the LL reset kernels ``runtime`` runs (with their wait_for_due) and its zeroings."""
+    run, zero = runtime.run, runtime.zero
+
+    def spy_run(spec, params, **kwargs):
+        if isinstance(params, ext.LowLatencyResetSignalsParams):
+            events.append(("reset", params.wait_for_due))
+        return run(spec, params, **kwargs)
+
+    def spy_zero(num_bytes):
+        events.append(("zero", num_bytes))
+        return zero(num_bytes)
+
+    runtime.run, runtime.zero = spy_run, spy_zero
+
+
+def leave_low_latency_mode(rank, world, case: LLCase, overclaim: bool):
+    """Leaving LL mode settles this rank's LL signals before anything zeroes or frees the region: the reset
+    kernel waits for the adds the generation words say are owed (those of a dispatch whose hook never ran
+    included) and zeroes the signals (what GIN needs: its signals survive a zeroed window). With a generation
+    claiming a call no peer made, the normal call times out naming that kernel instead of zeroing early."""
+    buf = epcomm.Buffer(None, 0, 0, True, backend="sim", num_nvl_ranks=case.nvl, timeout_s=3.0 if overclaim else 30.0)
+    x, topk, weights = case.inputs(rank)
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    want, _, _ = buf.low_latency_combine(recv_x, topk, weights, handle)
+    *_, hook = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False, return_recv_hook=True)
+    impl, events = buf._impl, []
+    runtime, engine = impl._device_runtime, impl.low_latency()
+    _spy_on_signals(runtime, impl._ext, events)
+    if overclaim:
+        where = impl._ext.low_latency_layout(engine._spec(engine.layout), world, 1)
+        runtime.peer_view(rank, torch.int64, where["dispatch_generation"], 1).add_(1)
+    layout = buf.get_dispatch_layout(topk, case.num_experts)
+    try:
+        recv = buf.dispatch(x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                            is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=topk,
+                            topk_weights=weights)
+    except epcomm.EpcommTimeoutError as err:
+        assert overclaim and "low_latency_reset_signals" in str(err), str(err)
+        assert events == [("reset", True)], events  # nothing zeroed after the failed wait
+        return "timed out"
+    assert not overclaim, "an unreachable due count passed"
+    # the settle (wait for owed adds, zero the signals) before the re-layout's zeroing, once
+    assert events[:2] == [("reset", True), ("zero", runtime.num_nvl_bytes)], events
+    assert ("reset", True) not in events[2:], events
+    buf.combine(recv[0], recv[4])
+    with pytest.raises(RuntimeError, match="came after a normal-mode call"):
+        hook()  # its receive would read a zeroed region
+    del events[:]
+    buf.clean_low_latency_buffer(case.num_max, case.hidden, case.num_experts)
+    # settled when normal mode began: a clean only zeroes the layout's signals, then the region
+    assert events == [("reset", False), ("zero", engine.layout.rdma_bytes)], events
+    recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
+    got, _, _ = buf.low_latency_combine(recv_x, topk, weights, handle)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"rank {rank}: LL after normal mode differs"
+    # growth retires the runtime: settled first (no LL add may land in freed buffers), nothing zeroed there
+    del events[:]
+    buf.clean_low_latency_buffer(4 * case.num_max, case.hidden, case.num_experts)
+    assert impl._device_runtime is not runtime and events == [("reset", True)], events
+    return "ok"
+
+
+@pytest.mark.parametrize("topology", ["1x4", "2x2"])
+def test_leaving_low_latency_mode_settles_owed_signals_first(pools, topology):
+    world, nvl = TOPOLOGIES[topology]
+    assert pools(world).run(leave_low_latency_mode, LLCase(world, nvl), False) == ["ok"] * world
+
+
+def test_leaving_low_latency_mode_waits_for_what_the_generations_claim(pools):
+    pool = pools(4)
+    assert pool.run(leave_low_latency_mode, LLCase(4, 2), True) == ["timed out"] * 4
+    pool.close()  # the group is failed by design after the timeout
+
+
 # ----------------------------------------------------------------------------- the cuda backend (GPUs only)
 
 def cuda_decode_step_in_a_graph(rank, world, case: LLCase):
@@ -746,6 +820,60 @@ def cuda_decode_step_in_a_graph(rank, world, case: LLCase):
                     reason="needs 4 GPUs and EPCOMM_TEST_BACKENDS=cuda (make gpu-check runs it)")
 def test_cuda_decode_step_captured_in_a_graph_replays_exactly(pools):
     assert all(pools(4).run(cuda_decode_step_in_a_graph, LLCase(4, 4)))
+
+
+class _SessionSizes:
+    """What the cuda backend reads of a runtime to decide whether it holds a layout (no GPU needed)."""
+
+    def __init__(self, nvl: int, rdma: int, signals: int) -> None:
+        self.num_nvl_bytes, self.network_rdma_bytes, self.network_signals = nvl, rdma, signals
+
+
+def test_cuda_gin_session_holds_both_modes_in_disjoint_signal_ranges():
+    """Across nodes the cuda backend sizes one GIN session for normal and LL mode: the window holds the LL
+    region (at its start) and the internode RDMA workspace, the signals are the internode kernels' plus the
+    LL layout's 4E + 1 (the LL range at the top never overlaps the internode range at the bottom), sizes never
+    shrink, and a layout the session cannot hold gets a new one. Plain Python over the kernels' own counts."""
+    from epcomm._ext import load_extension
+    from epcomm.backends._kernel_paths import InternodePath
+    from epcomm.backends.cuda_backend import CudaDispatchBackend
+    from epcomm.backends.cuda_low_latency import CudaLowLatency
+    from epcomm.topology import Topology
+
+    topo = Topology(world_size=16, rank=3, num_nvl_ranks=8)
+    backend = CudaDispatchBackend.__new__(CudaDispatchBackend)  # its sizing state only: no GPU here
+    backend.topo, backend._ext = topo, load_extension("cpu")
+    backend.path = InternodePath(backend._ext, topo, 4)
+    backend.explicit_bytes, backend._sizing_spec, backend._network_floor = (0, 0), None, (0, 0, 0)
+    backend._low_latency_sizing = None
+    engine = CudaLowLatency(backend)
+    assert engine.over_network
+    normal_spec = backend._normal_spec()
+    normal_signals = int(backend._ext.transport_signals(normal_spec))
+    nvl, rdma, signals = backend._network_sizes()
+    assert signals == normal_signals and rdma == backend.path.region_bytes(normal_spec)[1]
+    layout = LowLatencyLayout(128, 7168, 16, 256)
+    assert layout.num_signals == 4 * 256 + 1
+    assert not engine._holds(_SessionSizes(nvl, rdma, signals), layout)  # a normal-mode session: LL needs a new one
+    backend._low_latency_sizing = layout  # what the engine's first LL call (or clean) does before allocating
+    sizes = backend._network_sizes()
+    assert sizes[1] == max(layout.rdma_bytes, rdma) and sizes[2] == normal_signals + layout.num_signals
+    session = _SessionSizes(*sizes)
+    assert engine._holds(session, layout) and backend._holds(session, normal_spec)
+    short = _SessionSizes(sizes[0], sizes[1], sizes[2] - 1)  # one signal short: the ranges would overlap
+    assert not engine._holds(short, layout) and not backend._holds(short, normal_spec)
+    assert not engine._holds(_SessionSizes(sizes[0], layout.rdma_bytes - 1, sizes[2]), layout)
+    # a larger LL layout outgrows the session; a smaller one afterwards does not shrink the next
+    bigger = LowLatencyLayout(256, 7168, 16, 512)
+    assert not engine._holds(session, bigger)
+    backend._low_latency_sizing = bigger
+    grown = backend._network_sizes()
+    assert grown[2] == normal_signals + bigger.num_signals and grown[1] >= bigger.rdma_bytes
+    backend._low_latency_sizing = layout
+    assert backend._network_sizes() == grown
+    # explicit sizes across nodes: the LL region must fit num_rdma_bytes (the window), not the NVL bytes
+    backend.explicit_bytes = (1 << 20, layout.rdma_bytes)
+    assert engine._explicit_capacity() == layout.rdma_bytes
 
 
 def growth_after_capture(rank, world, case: LLCase):

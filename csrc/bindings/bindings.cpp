@@ -238,6 +238,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
                                return 0;
                              })
+      .def_property_readonly("network_local_ptr",
+                             [](PyRuntime& self) -> uintptr_t {
+#if defined(EPCOMM_WITH_CUDA_RUNTIME)
+                               if (GinNetwork* network = self.get().network())
+                                 return reinterpret_cast<uintptr_t>(network->local_buffer());
+#endif
+                               return 0;
+                             },
+                             "This rank's RDMA window (device memory; 0 without a network).")
       .def("zero_network",
            [](PyRuntime& self, std::optional<uintptr_t> stream) { self.get().zero_network(self.stream_for(stream)); },
            py::arg("stream") = py::none(),

@@ -34,6 +34,7 @@ import torch
 from .._comm import GroupComm
 from .._streams import CommStreamScope, tensors_in
 from ..errors import EpcommError
+from ..low_latency import LowLatencyLayout
 from ..topology import Topology
 from ._kernel_paths import rdma_offset
 from .base import BackendOptions
@@ -148,14 +149,23 @@ class CudaRuntime(SimRuntime):
     def local_view(self, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
         """A CUDA tensor over ``count`` elements of this rank's data region from byte ``offset`` (no copy; it does
         not own the memory: invalid once the runtime closes), through ``__cuda_array_interface__``."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = count * itemsize
-        if offset < 0 or count < 0 or offset + nbytes > self.num_nvl_bytes:
-            raise ValueError(f"[{offset}, {offset + nbytes}) is outside the {self.num_nvl_bytes}-byte data region")
-        if nbytes == 0:
-            return torch.empty(0, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
-        raw = torch.as_tensor(_DeviceBytes(self.local_pointer + offset, nbytes), device="cuda")
-        return raw.view(dtype)
+        return _device_view(self.local_pointer, self.num_nvl_bytes, "data region", dtype, offset, count)
+
+    def window_view(self, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+        """As :meth:`local_view`, over this rank's RDMA window (across nodes: where the LL region lives)."""
+        return _device_view(int(self.runtime.network_local_ptr), self.network_rdma_bytes, "RDMA window", dtype,
+                            offset, count)
+
+
+def _device_view(base: int, capacity: int, what: str, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+    """``count`` elements of ``dtype`` at byte ``offset`` of the ``capacity`` device bytes at ``base``, as a CUDA
+    tensor that does not own them."""
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    if offset < 0 or count < 0 or offset + nbytes > capacity:
+        raise ValueError(f"[{offset}, {offset + nbytes}) is outside the {capacity}-byte {what}")
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+    return torch.as_tensor(_DeviceBytes(base + offset, nbytes), device="cuda").view(dtype)
 
 
 class _DeviceBytes:
@@ -204,8 +214,8 @@ class CudaDispatchBackend(SimDispatchBackend):
         if self._device_runtime is not None:
             self._device_runtime.report_enqueued(wait, op)
 
-    def low_latency(self) -> CudaLowLatency:
-        """The LL engine (``cuda_low_latency.py``); one node only so far (raises NotImplementedError saying so)."""
+    def _new_low_latency(self) -> CudaLowLatency:
+        """The LL engine (``cuda_low_latency.py``)."""
         return CudaLowLatency(self)
 
     @classmethod
@@ -220,19 +230,35 @@ class CudaDispatchBackend(SimDispatchBackend):
         self._comm_stream = torch.cuda.Stream(self.device)
         self._sizing_spec = None  # the spec the next runtime is sized for (None: the Buffer's explicit sizes)
         self._network_floor = (0, 0, 0)  # (NVL bytes, RDMA bytes, signals) of the last runtime: never shrink
+        # across nodes, the LL layout every later session must hold too (its region in the window, its signals
+        # above the internode kernels'); set by CudaLowLatency at its first LL call or clean
+        self._low_latency_sizing: LowLatencyLayout | None = None
         super().__init__(comm, topo, options)
 
     # ------------------------------------------------------------ sizing across nodes
+    def _normal_spec(self):
+        """The normal-mode spec a session is sized for: the one being set up (the default layout before any)."""
+        return self._sizing_spec or self.path.spec(self.path.kernel_config(None), 0, 4, 2, 4)
+
+    def signals_needed(self, spec=None, low_latency: LowLatencyLayout | None = None) -> int:
+        """GIN signals a session needs: the internode kernels' (of ``spec``, default :meth:`_normal_spec`) at
+        ``[0, n)`` and, once LL mode is used, the LL layout's ``4E + 1`` (default the one sized for) at the
+        session's top (``csrc/runtime/gin_low_latency_entries.cu``): the two ranges never overlap."""
+        low_latency = low_latency or self._low_latency_sizing
+        return (int(self._ext.transport_signals(spec or self._normal_spec()))
+                + (low_latency.num_signals if low_latency is not None else 0))
+
     def _network_sizes(self) -> tuple[int, int, int]:
         """(IPC data bytes, RDMA window bytes, signals) for a new runtime across nodes: the most of the spec
-        being set up (the default layout before any), the Buffer's explicit sizes and the last runtime's."""
-        spec = self._sizing_spec or self.path.spec(self.path.kernel_config(None), 0, 4, 2, 4)
-        spec_nvl, spec_rdma = self.path.region_bytes(spec)
+        being set up (the default layout before any) with the LL layout (its region at the window's start),
+        the Buffer's explicit sizes and the last runtime's."""
+        spec_nvl, spec_rdma = self.path.region_bytes(self._normal_spec())
+        low_latency_rdma = self._low_latency_sizing.rdma_bytes if self._low_latency_sizing is not None else 0
         explicit_nvl, explicit_rdma = self.explicit_bytes
         floor_nvl, floor_rdma, floor_signals = self._network_floor
         sizes = (max(rdma_offset(spec_nvl), rdma_offset(explicit_nvl), floor_nvl),
-                 max(spec_rdma, explicit_rdma, floor_rdma, 1),
-                 max(int(self._ext.transport_signals(spec)), floor_signals))
+                 max(spec_rdma, low_latency_rdma, explicit_rdma, floor_rdma, 1),
+                 max(self.signals_needed(), floor_signals))
         self._network_floor = sizes
         return sizes
 
@@ -250,13 +276,12 @@ class CudaDispatchBackend(SimDispatchBackend):
             return super()._holds(runtime, spec)
         nvl, rdma = self.path.region_bytes(spec)
         return (rdma_offset(nvl) <= runtime.num_nvl_bytes and rdma <= runtime.network_rdma_bytes
-                and int(self._ext.transport_signals(spec)) <= runtime.network_signals)
+                and self.signals_needed(spec) <= runtime.network_signals)
 
     def _ensure(self, spec, op: str) -> SimRuntime:
         self._sizing_spec = spec
         runtime = self._device_runtime
-        if (runtime is not None and self.topo.num_nodes > 1
-                and int(self._ext.transport_signals(spec)) > runtime.network_signals):
+        if runtime is not None and self.topo.num_nodes > 1 and self.signals_needed(spec) > runtime.network_signals:
             # A GIN session's signal count is fixed: a layout that needs more gets a new session, as a larger
             # buffer gets new buffers (even with explicit sizes, which say nothing about signals). Its window
             # starts zeroed and its signals at 0 (assumed of ncclDevCommCreate), so no reset is needed.

@@ -19,11 +19,20 @@ The same kernels, launch sequence and Python paths, with what a GPU changes:
   next call, as for normal mode. The first LL call (or ``clean_low_latency_buffer``) lays out the region and
   waits on the host: make it before capturing, as with DeepEP.
 * One node: peer memory over CUDA IPC (ShmTransport on the runtime's peer table; the LL region in each rank's
-  IPC buffer, as on ``sim``); ``allow_nvlink_for_low_latency_mode`` is moot there. Across nodes the kernels
-  go through NCCL GIN (``csrc/runtime/gin_low_latency_entries.cu``), but this engine does not size a GIN
-  session for them yet, so it refuses groups that span nodes. (When it does: the generation words live in
-  the GIN window, which a normal-mode re-layout zeroes while GIN's signals survive in the session, so
-  leaving LL mode must first run the reset kernel with ``wait_for_due=True``.)
+  IPC buffer, as on ``sim``); ``allow_nvlink_for_low_latency_mode`` is moot there.
+* Across nodes: every peer, this node's included, through NCCL GIN (``csrc/runtime/gin_low_latency_entries.cu``;
+  ``allow_nvlink_for_low_latency_mode`` has no effect). The LL region sits at the start of the runtime's RDMA
+  window (the zero-copy combine buffer is a view of it), which the internode kernels' RDMA workspace shares
+  (hence DeepEP's "clean before LL"); its ``4E + 1`` signals are the session's top ones, above the internode
+  kernels' (``CudaDispatchBackend.signals_needed``). The session is sized for both modes: the LL layout of the
+  first LL call (or clean) with the normal-mode layout set up so far (the default one before any); a layout
+  that outgrows the window or the signals gets a new runtime, collectively, unless graphs captured LL kernels
+  on this one (refused, as on one node). GIN's signals live in the session, where zeroing the window does not
+  reach, so every re-layout that leaves LL mode, and growth, first waits for the adds still owed to this
+  rank's LL signals and zeroes them (``SimLowLatency.settle_signals``, the reset kernel with
+  ``wait_for_due``): the next layout, LL or normal, starts from zero with no add in flight. The same settle
+  runs on ``sim`` and on one node, where it is tested. ``num_qps_per_rank`` is not used (GIN has its own
+  queues per context).
 
 Compiled for sm_90/sm_100; never run on a GPU (none lent to development).
 """
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from ..low_latency import LowLatencyLayout
 from .sim_low_latency import SimLowLatency
 
 __all__ = ["CudaLowLatency"]
@@ -41,12 +51,34 @@ class CudaLowLatency(SimLowLatency):
     """The LL engine of the cuda backend (see the module docs)."""
 
     def __init__(self, backend) -> None:
-        if backend.topo.num_nodes > 1:
-            raise NotImplementedError(
-                "the 'cuda' backend's low-latency mode runs on one node so far (peer memory over CUDA IPC); across "
-                "nodes its LL kernels over NCCL GIN are built but no GIN session is sized for them yet: use "
-                "Buffer(backend='torch') on NCCL across nodes")
         super().__init__(backend)
+        self.over_network = backend.topo.num_nodes > 1  # the LL region in the GIN window, not the IPC buffer
+
+    # ------------------------------------------------------------------ the region across nodes
+    def _explicit_capacity(self) -> int:
+        return self.backend.explicit_bytes[1] if self.over_network else super()._explicit_capacity()
+
+    def _holds(self, runtime, layout: LowLatencyLayout) -> bool:
+        if not self.over_network:
+            return super()._holds(runtime, layout)
+        return (layout.rdma_bytes <= runtime.network_rdma_bytes
+                and self.backend.signals_needed(low_latency=layout) <= runtime.network_signals)
+
+    def _region_view(self, runtime, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+        if not self.over_network:
+            return super()._region_view(runtime, dtype, offset, count)
+        return runtime.window_view(dtype, offset, count)
+
+    def _clean_bytes(self, layout: LowLatencyLayout) -> int:
+        # across nodes the region is in the window, which every re-layout zeroes whole (CudaRuntime.zero)
+        return 0 if self.over_network else super()._clean_bytes(layout)
+
+    def _allocate(self, layout: LowLatencyLayout, op: str) -> None:
+        if self.over_network:  # a new session must hold this layout too (CudaDispatchBackend._network_sizes)
+            self.backend._low_latency_sizing = layout
+        super()._allocate(layout, op)
+
+    # ------------------------------------------------------------------ streams
 
     def _stream(self) -> int:
         return torch.cuda.current_stream().cuda_stream

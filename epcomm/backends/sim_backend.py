@@ -371,6 +371,7 @@ class SimDispatchBackend(DispatchBackend):
         self.explicit_bytes = (num_nvl_bytes, num_rdma_bytes if topo.num_nodes > 1 else 0)
         self._device_runtime: SimRuntime | None = None
         self._captured_on: SimRuntime | None = None  # the runtime CUDA graphs captured kernels on (cuda LL)
+        self._low_latency = None  # the LL engine, from the first LL call
         self._epoch = 0
         self._last_spec = None
         self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
@@ -383,12 +384,21 @@ class SimDispatchBackend(DispatchBackend):
             self._device_runtime = self._new_runtime(self._total_bytes(self.explicit_bytes))
 
     def low_latency(self):
-        """The LL kernels' engine (``sim_low_latency.SimLowLatency``), created at the first LL call."""
+        """The LL kernels' engine (:meth:`_new_low_latency`), created at the first LL call, kept after."""
+        if self._low_latency is None:
+            self._low_latency = self._new_low_latency()
+        return self._low_latency
+
+    def _new_low_latency(self):
         from .sim_low_latency import SimLowLatency
 
-        if getattr(self, "_low_latency", None) is None:
-            self._low_latency = SimLowLatency(self)
-        return self._low_latency
+        return SimLowLatency(self)
+
+    def _settle_low_latency(self, runtime: SimRuntime, op: str) -> None:
+        """Before the LL region may be zeroed or freed: the adds still owed to this rank's LL signals have
+        landed and the signals are 0 (``SimLowLatency.settle_signals``; a no-op without LL calls)."""
+        if self._low_latency is not None:
+            self._low_latency.settle_signals(runtime, op)
 
     @classmethod
     def algorithms(cls, topo: Topology) -> dict[str, str]:
@@ -525,14 +535,18 @@ class SimDispatchBackend(DispatchBackend):
                               "still use; size the Buffer for every call up front (num_nvl_bytes / num_rdma_bytes, "
                               "Buffer.get_low_latency_rdma_size_hint) before capturing")
         runtime.report_enqueued(wait=True, op=op)
+        self._settle_low_latency(runtime, op)  # no LL add may still be on its way into the freed buffers
         runtime.close(collective=True, op=op)
         self._device_runtime = None
 
     def _relayout(self, op: str, num_bytes: int, reset_signals: Callable[[], None] | None = None) -> None:
         """Every rank leaves the current layout, zeroes its first ``num_bytes`` and counts epochs from 0
         again; all meet once more before anyone signals a peer. Collective. ``reset_signals`` (LL mode's
-        clean) runs once every rank has left, before the zeroing (it waits for adds still due to signals the
-        zeroing may wipe on shm, or not reach at all on GIN, then zeroes them).
+        clean) runs once every rank has left, before the zeroing.
+
+        Leaving LL mode (the last layout was LL's) first settles the LL signals (:meth:`_settle_low_latency`):
+        the adds still owed to them have landed, so the zeroing races no late add (shm), and they are 0 (GIN
+        keeps them in its session, where zeroing the window does not reach).
 
         Across nodes, leaving a normal-mode layout is a notify in it that also zeroes this rank's
         transport signals once the adds still due to them have landed (a transport may keep signals
@@ -543,6 +557,7 @@ class SimDispatchBackend(DispatchBackend):
             self._run(runtime, self._last_spec, self.path.notify_params(self._next_epoch(), reset_signals=True), op)
         else:
             runtime.barrier(op=op)
+            self._settle_low_latency(runtime, op)
         if reset_signals is not None:
             reset_signals()
         runtime.zero(num_bytes)

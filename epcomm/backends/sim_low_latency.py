@@ -49,17 +49,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class SimLowLatency:
     """The LL engine of the sim backend (see the module docs)."""
 
-    # Whether the LL signals keep their values through normal-mode calls. Not on the shm transport: they
-    # sit in the region, which a normal-mode layout overwrites (and a re-layout zeroes). A transport that
-    # keeps them elsewhere (GIN: in the session) would say True.
-    signals_survive_normal_mode = False
-
     def __init__(self, backend) -> None:
         self.backend = backend
         self.ext = backend._ext
         self.topo = backend.topo
         self.layout: LowLatencyLayout | None = None
-        self._signals = None  # (runtime, layout) whose LL signals the counts above describe
+        self._signals = None  # (runtime, layout) whose LL signals may still be owed adds (None: settled)
         self._outputs = [SlotTensors(), SlotTensors()]
 
     # ------------------------------------------------------------------ checks (before the agreement)
@@ -75,7 +70,7 @@ class SimLowLatency:
         if self.layout is not None and layout != self.layout:
             raise Invalid(f"the {self.backend.name} backend's LL region is laid out for {_shape(self.layout)}; this "
                           f"call has {_shape(layout)}: call clean_low_latency_buffer with the new shape first")
-        given = self.backend._total_bytes(self.backend.explicit_bytes)
+        given = self._explicit_capacity()
         if any(self.backend.explicit_bytes) and layout.rdma_bytes > given:
             raise Invalid(f"the {self.backend.name} backend's LL region needs {layout.rdma_bytes} bytes for "
                           f"{_shape(layout)} but the Buffer holds {given}: pass num_rdma_bytes="
@@ -98,6 +93,18 @@ class SimLowLatency:
                                        num_local_experts=layout.num_local_experts, region_offset=0,
                                        num_nvl_ranks=self.topo.num_nvl_ranks)
 
+    def _explicit_capacity(self) -> int:
+        """Bytes the Buffer's explicit sizes give the LL region: the whole data region here."""
+        return self.backend._total_bytes(self.backend.explicit_bytes)
+
+    def _holds(self, runtime, layout: LowLatencyLayout) -> bool:
+        """Whether ``runtime`` has room for ``layout``'s region (else a new runtime is made)."""
+        return runtime.num_nvl_bytes >= layout.rdma_bytes
+
+    def _region_view(self, runtime, dtype: torch.dtype, offset: int, count: int) -> torch.Tensor:
+        """``count`` elements of this rank's LL region from byte ``offset`` (no copy)."""
+        return runtime.local_view(dtype, offset, count)
+
     def _runtime(self, layout: LowLatencyLayout, op: str):
         """The device runtime holding ``layout``'s region (allocated at the first LL call). Collective."""
         backend = self.backend
@@ -111,32 +118,41 @@ class SimLowLatency:
         backend = self.backend
         need = layout.rdma_bytes
         runtime = backend._device_runtime
-        if runtime is None or runtime.num_nvl_bytes < need:
+        if runtime is None or not self._holds(runtime, layout):
             if runtime is not None:
                 backend._retire_runtime(op)
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
             backend._epoch = 0
         else:  # reuse: the signals must start from zero on every rank before anyone signals a peer
-            backend._relayout(op, need, lambda: self._reset_signals(runtime, layout, op))
+            backend._relayout(op, self._clean_bytes(layout), lambda: self._zero_signals(runtime, layout, op))
         self._signals = None
         self.layout = layout
 
-    def _reset_signals(self, runtime, layout: LowLatencyLayout, op: str) -> None:
-        """Zero this rank's LL transport signals through the transport (reset_signal), between the
-        re-layout's two meetings: every rank has finished its LL calls before, and nobody signals again before
-        the meeting after. The kernel first waits for the adds still due from the calls counted since the last
-        clean, in the layout they were made in (when those signals are still intact here); otherwise it zeroes
-        ``layout``'s signals without waiting. On ShmTransport the signals sit in the zeroed region (zeroed
-        again); on GIN they live in the session, where zeroing the window does not reach."""
+    def _clean_bytes(self, layout: LowLatencyLayout) -> int:
+        """Bytes of the data region a clean zeroes: the LL region (signals and generations included)."""
+        return layout.rdma_bytes
+
+    def settle_signals(self, runtime, op: str) -> None:
+        """Leave LL mode on ``runtime``: wait for the adds still owed to this rank's LL signals, then zero them.
+
+        Called by every re-layout and by growth, once every rank has made its last LL call (the caller is a
+        collective normal-mode call or clean), before anything zeroes the region. What is owed is what the
+        region's generation words count since the last clean (``wait_for_due``: a send whose receive never
+        ran still owes its adds; on GIN they may land late). After it no add is in flight towards this rank
+        and its LL signals are 0: zeroing the region cannot race a late add (shm), and the signals GIN keeps
+        in its session, where zeroing the window does not reach, start the next LL layout at 0 too. A no-op
+        when nothing is owed here (no LL call since the last settle, or on another runtime)."""
         last_runtime, last_layout = self._signals or (None, None)
-        intact = last_runtime is runtime and last_layout is not None and (
-            self.signals_survive_normal_mode or self.backend._last_spec is _NOT_NORMAL_MODE)
-        if intact:
+        self._signals = None
+        if last_runtime is runtime and last_layout is not None:
             runtime.run(self._spec(last_layout), self._reset_params(wait_for_due=True), op=op,
                         timeout_s=self.backend.timeout_s)
-        if not intact or last_layout != layout:
-            runtime.run(self._spec(layout), self._reset_params(wait_for_due=False), op=op,
-                        timeout_s=self.backend.timeout_s)
+
+    def _zero_signals(self, runtime, layout: LowLatencyLayout, op: str) -> None:
+        """A clean's reset, after :meth:`settle_signals` (the re-layout's): zero ``layout``'s signals without
+        waiting (on shm they are in the zeroed region anyway; on GIN its range may differ from the last
+        layout's)."""
+        runtime.run(self._spec(layout), self._reset_params(wait_for_due=False), op=op, timeout_s=self.backend.timeout_s)
 
     def _reset_params(self, wait_for_due: bool):
         """The reset kernel's: wait for the adds the region's generation words say are due (the region is
@@ -152,7 +168,7 @@ class SimLowLatency:
         runtime = self._runtime(layout, "get_next_low_latency_combine_buffer")
         where = self.ext.low_latency_layout(self._spec(layout), self.topo.world_size, slot)
         count = layout.num_local_experts * layout.recv_rows * layout.hidden
-        view = runtime.local_view(torch.bfloat16, where["combine_send_buffer"], count)
+        view = self._region_view(runtime, torch.bfloat16, where["combine_send_buffer"], count)
         return view.view(layout.num_local_experts, layout.recv_rows, layout.hidden)
 
     # ------------------------------------------------------------------ kernels
