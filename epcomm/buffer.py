@@ -169,7 +169,8 @@ class Buffer:
         self._comm = GroupComm(self.group, self.topology, timeout_s, self.traffic)
         options = BackendOptions(num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, algorithm=algorithm,
                                  max_nodes_per_token=max_nodes_per_token, timeout_s=timeout_s,
-                                 combine_node_partials=combine_node_partials)
+                                 combine_node_partials=combine_node_partials,
+                                 low_latency_mode=bool(low_latency_mode))
         impl_class = backend_class(self.backend)
         impl_class.check_options(self.topology, options)  # the same verdict on every rank (same arguments)
         agree_available(self._comm, self.backend)  # every rank raises, or none

@@ -508,8 +508,8 @@ class LowLatencyOps:
                 return
             if state.normal_calls != normal_calls:
                 raise RuntimeError(f"epcomm {op}: the hook of {what} came after a normal-mode call, which ends the LL "
-                                   "calls before it (their buffers are laid out anew); call hooks before normal-mode "
-                                   "calls")
+                                   "calls before it (the kernel backends re-lay the shared buffer); call hooks before "
+                                   "normal-mode calls")
             if not state.slot_owner_ok(seq):
                 state.pending.pop(pending_key, None)
                 raise RuntimeError(f"epcomm {op}: the hook of {what} came after dispatch #{seq + 2} reused its "
@@ -560,6 +560,9 @@ class LowLatencyOps:
             raise Invalid(f"handle must be the LowLatencyHandle low_latency_dispatch returned, got {describe(handle)}")
         if not self.state.slot_owner_ok(handle.__dict__["seq"]):
             check_handle(handle, self._buffer.id, self.state)  # raises the stale-handle message
+        if self.state.needs_clean or handle.__dict__["cleans"] != self.state.cleans:
+            raise Invalid("handle's buffer was reused by a normal-mode call or a clean since its dispatch; dispatch "
+                          "again (after clean_low_latency_buffer) for a new combine buffer")
         info = handle.__dict__
         return self._engine_or_raise().combine_buffer(info["slot"], info["layout"])
 

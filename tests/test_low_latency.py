@@ -704,8 +704,9 @@ def test_reset_signals_kernel_waits_for_due_adds_then_zeroes(pools):
 
 
 def _spy_on_signals(runtime, ext, events: list) -> None:
-    """Record, in order, the LL reset kernels ``runtime`` runs (with their wait_for_due) and its zeroings."""
-    run, zero = runtime.run, runtime.zero
+    """Record, in order, the LL reset kernels ``runtime`` runs (with their wait_for_due), its zeroings and its
+    host waits for enqueued kernels."""
+    run, zero, report_enqueued = runtime.run, runtime.zero, runtime.report_enqueued
 
     def spy_run(spec, params, **kwargs):
         if isinstance(params, ext.LowLatencyResetSignalsParams):
@@ -716,7 +717,11 @@ def _spy_on_signals(runtime, ext, events: list) -> None:
         events.append(("zero", num_bytes))
         return zero(num_bytes)
 
-    runtime.run, runtime.zero = spy_run, spy_zero
+    def spy_report_enqueued(wait, op=None):
+        events.append(("wait for enqueued", wait))
+        return report_enqueued(wait, op)
+
+    runtime.run, runtime.zero, runtime.report_enqueued = spy_run, spy_zero, spy_report_enqueued
 
 
 def leave_low_latency_mode(rank, world, case: LLCase, overclaim: bool):
@@ -742,26 +747,30 @@ def leave_low_latency_mode(rank, world, case: LLCase, overclaim: bool):
                             topk_weights=weights)
     except epcomm.EpcommTimeoutError as err:
         assert overclaim and "low_latency_reset_signals" in str(err), str(err)
-        assert events == [("reset", True)], events  # nothing zeroed after the failed wait
+        assert events == [("wait for enqueued", True), ("reset", True)], events  # nothing zeroed after it
         return "timed out"
     assert not overclaim, "an unreachable due count passed"
-    # the settle (wait for owed adds, zero the signals) before the re-layout's zeroing, once
-    assert events[:2] == [("reset", True), ("zero", runtime.num_nvl_bytes)], events
-    assert ("reset", True) not in events[2:], events
+    # the settle (this rank's LL kernels waited for, then the owed adds; the signals zeroed) before the
+    # re-layout's zeroing, once
+    assert events[:3] == [("wait for enqueued", True), ("reset", True), ("zero", runtime.num_nvl_bytes)], events
+    assert ("reset", True) not in events[3:], events
+    with pytest.raises(epcomm.EpcommInputError, match="reused by a normal-mode call"):
+        buf.get_next_low_latency_combine_buffer(handle)  # a view of a region normal mode now uses
     buf.combine(recv[0], recv[4])
     with pytest.raises(RuntimeError, match="came after a normal-mode call"):
         hook()  # its receive would read a zeroed region
     del events[:]
     buf.clean_low_latency_buffer(case.num_max, case.hidden, case.num_experts)
     # settled when normal mode began: a clean only zeroes the layout's signals, then the region
-    assert events == [("reset", False), ("zero", engine.layout.rdma_bytes)], events
+    assert [e for e in events if e[0] != "wait for enqueued"] == [("reset", False), ("zero", engine.layout.rdma_bytes)]
     recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
     got, _, _ = buf.low_latency_combine(recv_x, topk, weights, handle)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"rank {rank}: LL after normal mode differs"
     # growth retires the runtime: settled first (no LL add may land in freed buffers), nothing zeroed there
     del events[:]
     buf.clean_low_latency_buffer(4 * case.num_max, case.hidden, case.num_experts)
-    assert impl._device_runtime is not runtime and events == [("reset", True)], events
+    assert impl._device_runtime is not runtime and ("reset", True) in events, events
+    assert ("zero", runtime.num_nvl_bytes) not in events, events
     return "ok"
 
 
@@ -882,8 +891,9 @@ def growth_after_capture(rank, world, case: LLCase):
     buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
     # what a cuda LL call marks while its stream captures a CUDA graph (cuda_low_latency.py)
     buf._impl._captured_on = buf._impl._device_runtime
-    with pytest.raises(epcomm.EpcommError, match=f"on rank {rank}: this call needs larger buffers, but CUDA graphs "
-                                                 "captured low-latency kernels on the current ones"):
+    with pytest.raises(epcomm.EpcommError, match=fr"on rank {rank}: this call needs larger buffers \(or, across "
+                                                 r"nodes on cuda, more GIN signals\), but CUDA graphs captured "
+                                                 "low-latency kernels on the current ones"):
         buf.clean_low_latency_buffer(4 * case.num_max, case.hidden, case.num_experts)
     return True
 

@@ -8,8 +8,9 @@
 //           warp 0's lane p waits for the rows of NVL ring (c, p); warp 1 waits for free network
 //           slots; every thread reduces, per token and element, P = 0; P += float(row_p) for the
 //           peers p holding the token, ascending; the partial row, rounded to node_partial_kind (the
-//           rows' dtype, or fp32), and the fp32 weights are staged and put into network ring
-//           (c, this node) of rank (m, this local rank) with tail += 1.
+//           rows' dtype, or fp32), and the fp32 weights are staged; the batch is put into network ring
+//           (c, this node) of rank (m, this local rank) at once (two puts when it wraps the ring), tail
+//           += its rows.
 //   3c + 2  network receiver (whole block): for the channel's tokens in batches, warp 0's lane n
 //           waits for the partials of network ring (c, n) of every node n the token reached; every
 //           thread reduces acc = 0; acc += float(P_n) for n ascending; out = dtype(acc).
@@ -111,7 +112,10 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
       // cross the network in). Weights travel when
       // num_topk > 0 (the same on every rank); this rank's own topk_weights may be null when it
       // received no rows, while its peers' rows still carry theirs.
-      auto const staged = [&](int i) { return local + rdma.combine_staging_slot(channel, dst_node, ring.sent + i); };
+      size_t const stride = rdma.combine_stride(element_bytes(args.node_partial_kind));
+      auto const staged = [&](int i) {
+        return local + rdma.combine_staging_slot(channel, dst_node, ring.sent + i, stride);
+      };
       reduce_batch_in_order(
           ring_rows, num_batch_tokens, num_nvl_ranks, args.hidden,
           [&](int p, int row, int j) { return load_element(nvl.slot(own_nvl, channel, p, row), j, args.element_kind); },
@@ -124,10 +128,12 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
 
       // Put the partials (warp 1); free the NVL rows (warp 0)
       if (warp == 1) {
-        for (int i = 0; i < num_batch_tokens; ++i)
-          transport.put_signal(WarpCoop{lane}, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i),
-                               rdma.combine_staging_slot(channel, dst_node, ring.sent + i), rdma.combine_put_bytes(element_bytes(args.node_partial_kind)),
-                               rdma.combine_tail_signal(channel, comm.node()), 1);
+        for (int i = 0, rows = 0; i < num_batch_tokens; i += rows) {
+          rows = min_int(num_batch_tokens - i, ring.rows_to_wrap(ring.sent + i));
+          put_ring_run(transport, lane, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i, stride),
+                       rdma.combine_staging_slot(channel, dst_node, ring.sent + i, stride), rows, stride, stride,
+                       rdma.combine_tail_signal(channel, comm.node()));
+        }
       }
       if (is_ring_lane && needed > consumed) {
         ptx::st_release_sys_global(nvl.ring_head(own_nvl, channel, ring_peer), int32_t(needed));
@@ -185,8 +191,9 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
     if (failed != 0) return;
 
     // Reduce: nodes ascending, fp32 from +0.0, then one rounding to the rows' dtype
+    size_t const stride = rdma.combine_stride(element_bytes(args.node_partial_kind));  // the forwarders'
     auto const partial = [&](int n, int row) {
-      return local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row));
+      return local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row), stride);
     };
     reduce_batch_in_order(
         ring_rows, num_batch_tokens, num_nodes, args.hidden,

@@ -2,7 +2,9 @@
 // internode_dispatch: two hops. Channel c is three blocks of 32 x internode_block_warps threads:
 //   3c      network senders: warp n sends the channel's tokens that node n needs, in token order,
 //           into network ring (c, this node) of rank (n, this local rank) -- the forwarder --
-//           through the transport (put_signal: staged slot -> ring slot, tail signal +1).
+//           through the transport: rows are staged one by one and put a chunk at a time (put_signal:
+//           staged run -> ring slots, tail signal += its rows; a run ends at rdma_chunk_tokens rows, at
+//           the ring's end, before waiting for free slots, and after the last token).
 //           Own node included (a put to self). Free slots: the head signal the coordinator returns.
 //   3c + 1  forwarders: warp p < L reads the network rings (c, m) for source nodes m = 0, 1, ... in
 //           order and copies every row peer p needs into p's NVL ring (c, this local rank)
@@ -93,6 +95,18 @@ EPCOMM_DEVICE void network_sender(InternodeDispatchArgs<Transport> const& args, 
   int const tail_signal = rdma.dispatch_tail_signal(channel, comm.node());
   NetworkRingSender<Transport> ring(transport, rdma, rdma.dispatch_head_signal(channel, node),
                                     comm.config.rdma_ring_tokens);
+  int const row_bytes = args.hidden_bytes + args.scale_bytes;
+  size_t const stride = rdma.dispatch_stride(row_bytes), put_bytes = rdma.dispatch_put_bytes(row_bytes);
+  // Rows that pack exactly (stride == put bytes) travel in runs of up to a chunk; others one per put
+  int const max_run = stride == put_bytes ? comm.config.rdma_chunk_tokens : 1;
+  uint64_t run_first = ring.sent;  // rows [run_first, ring.sent) are staged, not yet put
+  auto const put_run = [&] {
+    if (ring.sent == run_first) return;
+    put_ring_run(transport, lane, forwarder, rdma.dispatch_ring_slot(channel, comm.node(), run_first, stride),
+                 rdma.dispatch_staging_slot(channel, node, run_first, stride), int(ring.sent - run_first), stride,
+                 put_bytes, tail_signal);
+    run_first = ring.sent;
+  };
 
   TokenRange const range = channel_token_range(args.num_tokens, comm.config.nvl.num_channels, channel);
   for (int token = range.begin; token < range.end; ++token) {
@@ -103,18 +117,20 @@ EPCOMM_DEVICE void network_sender(InternodeDispatchArgs<Transport> const& args, 
         lane < comm.num_nvl_ranks && args.is_token_in_rank[int64_t(token) * comm.num_ranks + node * comm.num_nvl_ranks + lane];
     uint32_t const peer_mask = ptx::ballot_sync(kFullWarpMask, needed);
     if (peer_mask == 0) continue;
-    // A free slot (waiting, when there is none, for a chunk of them)
+    // A free slot (waiting, when there is none, for a chunk of them; the staged rows go first, as the
+    // forwarder frees slots only for rows it has received)
+    if (!ring.has_room(1)) put_run();
     if (!ring.reserve(internode_wait_context(comm, KernelId::kInternodeDispatch, Role::kNetworkSender, channel, forwarder),
                       transport, 1, comm.config.rdma_chunk_tokens, lane))
       return;
-    // Stage the record and row, then put them into the forwarder's ring with tail += 1
-    size_t const staging = rdma.dispatch_staging_slot(channel, node, ring.sent);
-    network_stage_row(args, local + staging, token, peer_mask, lane);
-    ptx::syncwarp();
-    transport.put_signal(WarpCoop{lane}, forwarder, rdma.dispatch_ring_slot(channel, comm.node(), ring.sent), staging,
-                         rdma.dispatch_put_bytes(args.hidden_bytes + args.scale_bytes), tail_signal, 1);
+    // Stage the record and row; the run goes out when it is a chunk or reaches the ring's end
+    network_stage_row(args, local + rdma.dispatch_staging_slot(channel, node, ring.sent, stride), token, peer_mask,
+                      lane);
     ring.advance(1);
+    int const staged = int(ring.sent - run_first);
+    if (staged == max_run || staged == ring.rows_to_wrap(run_first)) put_run();
   }
+  put_run();
   transport.flush(WarpCoop{lane});
   ring.save(lane);  // the next kernel continues this ring's row count from here
 }
@@ -154,6 +170,7 @@ EPCOMM_DEVICE void forwarder(InternodeDispatchArgs<Transport> const& args, int c
   ring.planted_relaxed_tail = true;
 #endif
   int32_t* const progress = rdma.forwarder_progress(local, channel, peer);
+  size_t const stride = rdma.dispatch_stride(args.hidden_bytes + args.scale_bytes);  // the senders'
   int passed = 0;  // network rows of this channel passed, m-major
 
   for (int src_node = 0; src_node < comm.num_nodes(); ++src_node) {
@@ -172,7 +189,7 @@ EPCOMM_DEVICE void forwarder(InternodeDispatchArgs<Transport> const& args, int c
         return;
       int const end = min_int(int(tail - base), rows.num_rows);
       for (; received < end; ++received) {
-        char* slot = local + rdma.dispatch_ring_slot(channel, src_node, base + received);
+        char* slot = local + rdma.dispatch_ring_slot(channel, src_node, base + received, stride);
         uint32_t const mask = *RdmaWorkspace::record_peer_mask(slot);
         if (peer == 0 && lane == 0 && args.forward_peer_masks != nullptr)
           args.forward_peer_masks[rows.first_row + received] = mask;

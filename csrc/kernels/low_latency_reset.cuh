@@ -24,7 +24,8 @@ EPCOMM_DEVICE uint64_t ll_signal_due(LowLatencyResetSignalsArgs<Transport> const
 }
 
 // One thread per signal (strided): wait for its due adds (giving up at once when the abort signal is set,
-// reporting a timeout past timeout_cycles and then leaving the signal as it is), then zero it.
+// reporting a timeout past timeout_cycles and then leaving the signal as it is), then zero it (the abort
+// signal only without wait_for_due).
 template <class Transport>
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kLowLatencyThreads, 1)
     low_latency_reset_signals_kernel(LowLatencyResetSignalsArgs<Transport> args) {
@@ -40,7 +41,10 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kLowLatencyThreads, 1)
       report_failure(context, ErrorCode::kTimeout, int64_t(due), int64_t(observed));
       timed_out = true;
     }
-    if (!timed_out) comm.transport.reset_signal(signal);
+    // Waiting, the abort signal stays set: a thread still spinning must see it (it polls it only now and then);
+    // the clean's pass without the wait clears it
+    bool const keeps_abort = args.wait_for_due && signal >= 4 * comm.layout.num_experts();
+    if (!timed_out && !keeps_abort) comm.transport.reset_signal(signal);
   }
 }
 

@@ -5,11 +5,12 @@
 //
 //   NetworkRingSender ring(transport, rdma, head_signal, ring_tokens);   // continues the saved count
 //   if (!ring.reserve(context, transport, rows, wait_rows, lane)) return;  // credits for `rows` more
-//   ... stage rows ring.sent + i, transport.put_signal(...) each with the ring's tail signal += 1 ...
+//   ... stage rows ring.sent + i; put_ring_run(...) for each run of them that does not wrap
+//       (ring.rows_to_wrap), with the ring's tail signal += the run's rows ...
 //   ring.advance(rows);
 //   ring.save(lane);                                                      // for the next kernel
 //
-// Used by internode_dispatch (network senders: one row at a time, credits a chunk at a time) and
+// Used by internode_dispatch (network senders: rows staged one at a time, put a chunk at a time) and
 // internode_combine (forwarders: a batch of partials at a time).
 
 #include <cstdint>
@@ -49,12 +50,30 @@ struct NetworkRingSender {
     return true;
   }
 
+  // Whether rows [sent, sent + rows) have slots without waiting.
+  EPCOMM_DEVICE bool has_room(int rows) const { return sent + uint64_t(rows) <= slot_limit; }
+
   EPCOMM_DEVICE void advance(int rows) { sent += uint64_t(rows); }
+
+  // Rows from `row` to the ring's last slot: consecutive rows are contiguous up to there.
+  EPCOMM_DEVICE int rows_to_wrap(uint64_t row) const { return ring_tokens - int(row % uint64_t(ring_tokens)); }
 
   // Lane 0 stores the count for the next kernel on this ring.
   EPCOMM_DEVICE void save(int lane) const {
     if (lane == 0) *saved = sent;
   }
 };
+
+// Warp-collective: one put for `rows` consecutive ring rows that do not wrap, staged from byte `staging` of this
+// rank's buffer, landing from byte `ring` of `peer`'s, `stride` bytes apart, the last one `row_bytes` long (so
+// rows travel without the padding after the last; runs of more than one row need row_bytes == stride); then the
+// peer's `tail_signal` += rows. Orders the lanes' staging writes before the put.
+template <class Transport>
+EPCOMM_DEVICE void put_ring_run(Transport const& transport, int lane, int peer, size_t ring, size_t staging, int rows,
+                                size_t stride, size_t row_bytes, int tail_signal) {
+  ptx::syncwarp();
+  transport.put_signal(WarpCoop{lane}, peer, ring, staging, size_t(rows - 1) * stride + row_bytes, tail_signal,
+                       uint64_t(rows));
+}
 
 }  // namespace epcomm::kernels

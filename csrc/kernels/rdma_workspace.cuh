@@ -27,6 +27,10 @@
 //
 // Ring signals only grow (no one resets them): a ring's row i of all time sits in
 // slot i % T; a kernel starts from signal_bases and stores the new totals at its end.
+// Within a ring, slots are packed at the call's stride (dispatch_stride, combine_stride: what one row puts,
+// rounded up only as far as the slot's fields need), not at the largest slot the region is sized for, so a
+// run of consecutive rows that does not wrap is one contiguous range of bytes: one put and one signal add for
+// the run (a chunk), and the bytes on the wire are exactly the rows' (no padding crosses the network).
 //
 // Count message (source s -> destination d), int32, padded to 16 bytes:
 //   [4]  the call header (call_check.cuh; a notify without counts puts only these 16 bytes)
@@ -34,10 +38,11 @@
 //   [C]  tokens of s's channel c that go to node(d) (used when d is s's forwarder there)
 //   [num_local_experts]  tokens of s that chose each of d's experts
 // Dispatch slot: [src_idx int32][peer_mask uint32][topk_idx int64 x K][topk_weights f32 x K][row bytes]
-//   (record_bytes + row bytes are put; the stride is padded to 16).
+//   (record_bytes + row bytes are put; the stride is that rounded up to 8, for the int64 ids, so rows
+//   whose bytes are a multiple of 8 pack exactly and travel in runs; others travel one per put).
 // Combine slot: [topk_weights f32 x K][pad to 16][partial x hidden], the partial in the call's
-//   node_partial_kind (the rows' dtype or fp32: slots have room for fp32); the put stops after the
-//   partial, so bf16 partials cross the network in half the bytes (the stride is padded to 16).
+//   node_partial_kind (the rows' dtype or fp32: the region has room for fp32); the put and the stride
+//   stop after the partial, so bf16 partials cross the network in half the bytes.
 
 #include <cstddef>
 #include <cstdint>
@@ -178,23 +183,30 @@ struct RdmaWorkspace {
     return reinterpret_cast<int32_t*>(local_buffer + forwarder_progress_offset) + size_t(channel) * num_nvl_ranks + peer;
   }
 
-  // Ring slots: `row` counts rows of the ring over all time.
-  EPCOMM_HOST_DEVICE size_t dispatch_staging_slot(int channel, int node, uint64_t row) const {
-    return dispatch_staging_offset + ring_slot_index(channel, node, row) * dispatch_slot_bytes;
+  // Ring slots: `row` counts rows of the ring over all time; `stride` is the call's (dispatch_stride,
+  // combine_stride), the same on both ends of a ring.
+  EPCOMM_HOST_DEVICE size_t dispatch_staging_slot(int channel, int node, uint64_t row, size_t stride) const {
+    return dispatch_staging_offset + ring_start(channel, node) * dispatch_slot_bytes + ring_position(row) * stride;
   }
-  EPCOMM_HOST_DEVICE size_t dispatch_ring_slot(int channel, int node, uint64_t row) const {
-    return dispatch_rings_offset + ring_slot_index(channel, node, row) * dispatch_slot_bytes;
+  EPCOMM_HOST_DEVICE size_t dispatch_ring_slot(int channel, int node, uint64_t row, size_t stride) const {
+    return dispatch_rings_offset + ring_start(channel, node) * dispatch_slot_bytes + ring_position(row) * stride;
   }
-  EPCOMM_HOST_DEVICE size_t combine_staging_slot(int channel, int node, uint64_t row) const {
-    return combine_staging_offset + ring_slot_index(channel, node, row) * combine_slot_bytes;
+  EPCOMM_HOST_DEVICE size_t combine_staging_slot(int channel, int node, uint64_t row, size_t stride) const {
+    return combine_staging_offset + ring_start(channel, node) * combine_slot_bytes + ring_position(row) * stride;
   }
-  EPCOMM_HOST_DEVICE size_t combine_ring_slot(int channel, int node, uint64_t row) const {
-    return combine_rings_offset + ring_slot_index(channel, node, row) * combine_slot_bytes;
+  EPCOMM_HOST_DEVICE size_t combine_ring_slot(int channel, int node, uint64_t row, size_t stride) const {
+    return combine_rings_offset + ring_start(channel, node) * combine_slot_bytes + ring_position(row) * stride;
   }
-  // Bytes of a dispatch slot that travel (record + the row actually used).
+  // Bytes of a dispatch slot that travel (record + the row actually used), and the call's stride (<= the
+  // slot bytes the region is sized for, as row_bytes <= max_row_bytes).
   EPCOMM_HOST_DEVICE size_t dispatch_put_bytes(int row_bytes) const { return record_bytes + size_t(row_bytes); }
+  EPCOMM_HOST_DEVICE size_t dispatch_stride(int row_bytes) const { return align_up(dispatch_put_bytes(row_bytes), 8); }
   EPCOMM_HOST_DEVICE size_t combine_put_bytes(int partial_element_bytes) const {
     return combine_partial_offset() + size_t(partial_element_bytes) * size_t(hidden);
+  }
+  // A multiple of 4 (rows are 4-byte words), which is all the weights and partials need.
+  EPCOMM_HOST_DEVICE size_t combine_stride(int partial_element_bytes) const {
+    return combine_put_bytes(partial_element_bytes);
   }
 
   // Fields of a dispatch slot.
@@ -214,9 +226,11 @@ struct RdmaWorkspace {
   EPCOMM_HOST_DEVICE int ring_signal(int kind, int channel, int node) const {
     return num_ranks + (kind * num_channels + channel) * num_nodes + node;
   }
-  EPCOMM_HOST_DEVICE size_t ring_slot_index(int channel, int node, uint64_t row) const {
-    return (size_t(channel) * num_nodes + node) * ring_tokens + size_t(row % uint64_t(ring_tokens));
+  // The first slot of ring (channel, node) in slots of the region's size, and row `row`'s place in its ring.
+  EPCOMM_HOST_DEVICE size_t ring_start(int channel, int node) const {
+    return (size_t(channel) * num_nodes + node) * ring_tokens;
   }
+  EPCOMM_HOST_DEVICE size_t ring_position(uint64_t row) const { return size_t(row % uint64_t(ring_tokens)); }
 };
 
 }  // namespace epcomm::kernels

@@ -96,8 +96,8 @@ class InProcessRanks {
   std::vector<std::unique_ptr<AlignedBuffer>> buffers_;
 };
 
-// The byte counters ShmTransport fills (transport/shm_transport.cuh): [rank][link class], the bytes each
-// rank put, so that a test can prove what crossed which link.
+// The counters ShmTransport fills (transport/shm_transport.cuh): [rank][link class], the bytes each rank
+// put (or, as its put counters, the puts it made), so that a test can prove what crossed which link.
 class LinkByteCounters {
  public:
   explicit LinkByteCounters(int num_ranks) : bytes_(size_t(num_ranks) * transport::kNumLinkClasses, 0) {}

@@ -115,13 +115,16 @@ struct Cluster : test::InProcessRanks {
   kernels::RdmaWorkspace rdma_workspace;
   std::vector<std::vector<void*>> node_nvl_buffers;  // [node][local rank]
   std::vector<char*> rdma_buffers;                   // [rank]
-  test::LinkByteCounters link_bytes;
+  test::LinkByteCounters link_bytes, link_puts;
   int64_t epoch = 0;
+  // Rows of all time of each network ring, as its sender counts them: dispatch [source rank][channel][node],
+  // combine [forwarding rank][channel][node] (where a round's puts start in the ring)
+  std::vector<uint64_t> dispatch_ring_rows, combine_ring_rows;
 
   size_t nvl_bytes = 0, rdma_bytes = 0;  // allocated per rank
 
   Cluster(Shape const& s, std::optional<uint64_t> seed)
-      : InProcessRanks("internode", s.num_ranks(), seed), link_bytes(s.num_ranks()) {
+      : InProcessRanks("internode", s.num_ranks(), seed), link_bytes(s.num_ranks()), link_puts(s.num_ranks()) {
     lay_out(s);
     nvl_bytes = nvl_workspace.required_bytes();
     rdma_bytes = rdma_workspace.required_bytes();
@@ -145,6 +148,9 @@ struct Cluster : test::InProcessRanks {
                                            dispatch_row,  s.hidden,        s.max_nodes_per_token};
     if (char const* problem = kernels::validate_rdma_shape(rdma_shape, config)) throw test::CheckFailure(problem);
     rdma_workspace = kernels::RdmaWorkspace(rdma_shape, config);
+    // the ring counts restart with the signal bases (zeroed with the buffers)
+    dispatch_ring_rows.assign(size_t(s.num_ranks()) * s.num_channels * s.num_nodes, 0);
+    combine_ring_rows = dispatch_ring_rows;
   }
 
   kernels::ShmInternodeComm comm(int rank) {
@@ -155,7 +161,7 @@ struct Cluster : test::InProcessRanks {
     c.rdma_workspace = rdma_workspace;
     c.nvl_peer_buffers = node_nvl_buffers[rank / shape.num_nvl_ranks].data();
     c.transport = ShmTransport{rank, shape.num_ranks(), shape.num_nvl_ranks, rdma_buffers.data(),
-                               rdma_workspace.signals_offset, link_bytes.of_rank(rank)};
+                               rdma_workspace.signals_offset, link_bytes.of_rank(rank), link_puts.of_rank(rank)};
     return c;
   }
 };
@@ -180,8 +186,64 @@ Traffic expected_traffic(Shape const& shape, std::vector<RankTokens> const& data
   return traffic;
 }
 
+// Puts of `rows` consecutive rows from row `first` (of all time) of a ring of `ring_tokens` slots: runs of at
+// most `max_run` rows that never wrap, what a sender makes when it never has to wait for free slots.
+uint64_t ring_runs(uint64_t first, uint64_t rows, uint64_t max_run, uint64_t ring_tokens) {
+  uint64_t runs = 0;
+  while (rows > 0) {
+    uint64_t const take = std::min({rows, max_run, ring_tokens - first % ring_tokens});
+    ++runs;
+    first += take;
+    rows -= take;
+  }
+  return runs;
+}
+
+// The network puts of one dispatch (network senders: chunks) and one combine (forwarders: batches) from the
+// routing, advancing the cluster's ring counts. `exact` is false when some dispatch ring gets more rows than it
+// has slots: its sender then also puts what it staged before each wait, which timing decides, so only
+// [lowest, rows] is known.
+struct ExpectedPuts {
+  uint64_t dispatch = 0, dispatch_rows = 0, combine = 0;
+  bool exact = true;
+};
+
+template <class Cluster>
+ExpectedPuts expected_network_puts(Cluster& cluster, std::vector<RankTokens> const& data, int row_bytes) {
+  Shape const& shape = cluster.shape;
+  int const L = shape.num_nvl_ranks, NN = shape.num_nodes, C = shape.num_channels;
+  uint64_t const T = uint64_t(shape.rdma_ring_tokens);
+  kernels::RdmaWorkspace const& rdma = cluster.rdma_workspace;
+  bool const packed = rdma.dispatch_stride(row_bytes) == rdma.dispatch_put_bytes(row_bytes);
+  uint64_t const max_run = packed ? uint64_t(shape.rdma_chunk_tokens) : 1;
+  uint64_t const batch = uint64_t(kernels::internode_forwarder_batch_tokens(cluster.config));
+  ExpectedPuts puts;
+  for (int s = 0; s < shape.num_ranks(); ++s)
+    for (int c = 0; c < C; ++c)
+      for (int n = 0; n < NN; ++n) {
+        uint64_t rows = 0;  // s's tokens of channel c for node n: the dispatch ring (c, node(s)) of (n, local(s))
+        for (int t = 0; t < data[s].num_tokens; ++t)
+          rows += channel_of(data[s].num_tokens, C, t) == c && token_goes_to_node(shape, data[s], t, n);
+        uint64_t& dispatch_base = cluster.dispatch_ring_rows[(size_t(s) * C + c) * NN + n];
+        // combine: forwarder (n, local(s)) sends the same rows back, batch by batch, into s's ring (c, n)
+        int const forwarder = n * L + s % L;
+        uint64_t& combine_base = cluster.combine_ring_rows[(size_t(forwarder) * C + c) * NN + s / L];
+        if (n != s / L) {
+          puts.dispatch += ring_runs(dispatch_base, rows, max_run, T);
+          puts.dispatch_rows += rows;
+          puts.exact = puts.exact && rows <= T;
+          for (uint64_t i = 0; i < rows; i += batch) puts.combine += ring_runs(combine_base + i, std::min(batch, rows - i), batch, T);
+        }
+        dispatch_base += rows;
+        combine_base += rows;
+      }
+  return puts;
+}
+
 struct RoundResult {
   uint64_t dispatch_network_bytes = 0, dispatch_network_payload = 0, combine_network_bytes = 0;
+  uint64_t dispatch_network_puts = 0, dispatch_network_rows = 0, combine_network_puts = 0;
+  bool puts_exact = false;
 };
 
 RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
@@ -194,6 +256,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   std::vector<RankOutputs> out(R);
   for (int r = 0; r < R; ++r) test::run_layout(shape.dispatch_shape(), R, data[r], out[r]);
   cluster.link_bytes.take_per_link_class();
+  cluster.link_puts.take_per_link_class();
 
   // notify: counts, barrier, prefix matrices
   ++cluster.epoch;
@@ -212,6 +275,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   {
     std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     CHECK_EQ(bytes[int(LinkClass::kNetwork)], uint64_t(R) * (R - L) * cluster.rdma_workspace.count_message_bytes());
+    CHECK_EQ(cluster.link_puts.take_per_link_class()[int(LinkClass::kNetwork)], uint64_t(R) * (R - L));
   }
   std::vector<ExpectedReceive> expected;
   for (int r = 0; r < R; ++r) {
@@ -257,8 +321,19 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   });
   for (int r = 0; r < R; ++r) test::check_received_rows(out[r], expected[r], r);
   Traffic const traffic = expected_traffic(shape, data);
+  ExpectedPuts const puts = expected_network_puts(cluster, data, hb + sb);
   RoundResult result;
   {
+    // Network messages: a put per run of rows (a chunk), not per row
+    uint64_t const made = cluster.link_puts.take_per_link_class()[int(LinkClass::kNetwork)];
+    result.dispatch_network_puts = made;
+    result.dispatch_network_rows = puts.dispatch_rows;
+    result.puts_exact = puts.exact;
+    if (puts.exact) {
+      CHECK_EQ(made, puts.dispatch);
+    } else {
+      CHECK(made >= puts.dispatch && made <= puts.dispatch_rows);
+    }
     std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     uint64_t const record = cluster.rdma_workspace.record_bytes;
     result.dispatch_network_bytes = bytes[int(LinkClass::kNetwork)];
@@ -280,6 +355,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
     kernels::add_internode_notify(launch, args);
   });
   cluster.link_bytes.take_per_link_class();
+  cluster.link_puts.take_per_link_class();
   cluster.run_on_every_rank("internode_combine", [&](simt::ConcurrentLaunch& launch, int r) {
     RankOutputs& o = out[r];
     kernels::InternodeCombineArgs<ShmTransport> args;
@@ -295,6 +371,8 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   {
     std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     result.combine_network_bytes = bytes[int(LinkClass::kNetwork)];
+    result.combine_network_puts = cluster.link_puts.take_per_link_class()[int(LinkClass::kNetwork)];
+    CHECK_EQ(result.combine_network_puts, puts.combine);  // one per batch, two when it wraps the ring
     CHECK_EQ(result.combine_network_bytes,
              traffic.network_pairs * cluster.rdma_workspace.combine_put_bytes(shape.fp32_node_partials ? 4 : 2));
   }
@@ -356,6 +434,21 @@ EPCOMM_TEST(internode_4x2) {
 EPCOMM_TEST(internode_2x4) {
   run_shape({2, 4, 2, 4, 1, 4, 2, token_counts(8, kTokens, 5), 128, false, 4, 2, 2, 1, 31});
   if (!test::kSanitized) run_shape({2, 4, 1, 5, 2, 3, 3, token_counts(8, kTokens, 6), 128, true, 5, 2, 1, 1, 32});
+}
+
+// Rings longer than a round's rows: every network sender puts its rows in chunks of rdma_chunk_tokens that
+// never wrap (exactly as many puts as ring_runs says, far fewer than rows), the combine forwarders a batch at
+// a time; the second round starts mid-ring, so some runs end at the ring's end. Bytes stay the rows' exactly
+// (run_round checks them).
+EPCOMM_TEST(internode_network_puts_are_chunks) {
+  Shape shape{4, 2, 2, 4, 1, 64, 8, token_counts(8, 40, 11), 128, false, 4, 2, 2, 1, 47};
+  Cluster cluster(shape, std::nullopt);
+  for (uint64_t round = 1; round <= 2; ++round) {
+    RoundResult const result = run_round(cluster, 100 + round);
+    CHECK(result.puts_exact);
+    CHECK(result.dispatch_network_rows > 0 && 3 * result.dispatch_network_puts < result.dispatch_network_rows);
+    CHECK(result.combine_network_puts < result.dispatch_network_rows);
+  }
 }
 
 // One node through the internode path: every "network" put is a put to self.
@@ -652,7 +745,17 @@ EPCOMM_TEST(internode_workspace_and_validation) {
   CHECK_EQ(ws.combine_put_bytes(2), size_t(4 * 8 + 2 * 7168));
   size_t const ring_slots = size_t(4) * 32 * 16;
   CHECK_EQ(ws.required_bytes(), kernels::align_up(ws.combine_rings_offset + ring_slots * ws.combine_slot_bytes, 128));
-  CHECK_EQ(ws.dispatch_ring_slot(3, 31, 16 + 15), ws.dispatch_rings_offset + ((3 * 32 + 31) * 16 + 15) * ws.dispatch_slot_bytes);
+  // Rows pack at the call's stride inside a ring sized for the largest slot: bf16 rows without scales need no
+  // padding; a row of 4 (mod 8) bytes is padded to 8 for the int64 ids (and then travels alone)
+  size_t const stride = ws.dispatch_stride(7168);
+  CHECK_EQ(stride, ws.dispatch_put_bytes(7168));
+  CHECK_EQ(ws.dispatch_stride(7172), ws.dispatch_put_bytes(7172) + 4);
+  CHECK_EQ(ws.dispatch_ring_slot(3, 31, 16 + 15, stride),
+           ws.dispatch_rings_offset + (3 * 32 + 31) * 16 * ws.dispatch_slot_bytes + 15 * stride);
+  CHECK_EQ(ws.dispatch_ring_slot(3, 31, 2 * 16 + 15, stride), ws.dispatch_ring_slot(3, 31, 15, stride));  // wraps
+  size_t const largest = ws.dispatch_stride(7168 + 224), ring_begin = ws.dispatch_ring_slot(3, 31, 0, largest);
+  CHECK(ws.dispatch_ring_slot(3, 31, 15, largest) + largest <= ring_begin + 16 * ws.dispatch_slot_bytes);  // fits
+  CHECK_EQ(ws.combine_stride(2), ws.combine_put_bytes(2));
   // Limits name the value and the rule
   CHECK(kernels::validate_rdma_shape({33, 8, 1, 8, 64, 32, 4}, config) != nullptr);
   CHECK(kernels::validate_rdma_shape({4, 8, 1, 8, 64, 32, 5}, config) != nullptr);  // max_nodes > num_nodes

@@ -15,7 +15,8 @@
 //
 // Byte counting: when `counters` is set (uint64 [kNumLinkClasses], this rank's),
 // lane 0 adds every put's byte count to counters[link class] with a relaxed
-// atomic add. Signals carry no counted bytes.
+// atomic add; when `put_counters` is set, it adds 1 per put (what a network pays
+// per message, besides bytes). Signals carry no counted bytes.
 //
 // Requirements: offsets and byte counts are multiples of 4; signal < num_signals.
 
@@ -33,6 +34,7 @@ struct ShmTransport {
   char* const* buffers_ = nullptr;  // [num_ranks] RDMA buffer base of every rank, valid in this process
   size_t signals_offset_ = 0;       // where the uint64 signals start in every buffer
   uint64_t* counters_ = nullptr;    // [kNumLinkClasses] bytes put by this rank, or null
+  uint64_t* put_counters_ = nullptr;  // [kNumLinkClasses] puts made by this rank, or null
 
   EPCOMM_DEVICE int rank() const { return rank_; }
   EPCOMM_DEVICE int num_ranks() const { return num_ranks_; }
@@ -69,9 +71,11 @@ struct ShmTransport {
     return reinterpret_cast<uint64_t*>(buffers_[peer] + signals_offset_) + signal;
   }
   EPCOMM_DEVICE void count_bytes(int lane, int peer, size_t bytes) const {
-    if (counters_ == nullptr || lane != 0) return;
+    if (lane != 0) return;
     int const link = int(link_class(rank_, peer, num_nvl_ranks_));
-    atomicAdd(reinterpret_cast<unsigned long long*>(counters_ + link), static_cast<unsigned long long>(bytes));
+    if (counters_ != nullptr)
+      atomicAdd(reinterpret_cast<unsigned long long*>(counters_ + link), static_cast<unsigned long long>(bytes));
+    if (put_counters_ != nullptr) atomicAdd(reinterpret_cast<unsigned long long*>(put_counters_ + link), 1ull);
   }
 };
 

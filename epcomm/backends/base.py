@@ -39,6 +39,7 @@ class BackendOptions:
     # two-hop combine: a node's partial sum crosses the network in the rows' dtype ("rows_dtype",
     # DeepEP's bytes) or in float32 ("float32", one rounding); see Buffer
     combine_node_partials: str = "rows_dtype"
+    low_latency_mode: bool = False  # Buffer(low_latency_mode=True): LL calls may come
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,12 @@ class CudaDispatchBackend(SimDispatchBackend):
         return (int(self._ext.transport_signals(spec or self._normal_spec()))
                 + (low_latency.num_signals if low_latency is not None else 0))
 
+    def _sized_at_construction(self, options: BackendOptions) -> bool:
+        """Across nodes with ``low_latency_mode``, not even with explicit sizes: the GIN session's signals depend
+        on the LL layout (``4E + 1``), unknown until the first LL call or clean, and a session made now would
+        have to be replaced then (a second communicator and window)."""
+        return not (self.topo.num_nodes > 1 and options.low_latency_mode)
+
     def _network_sizes(self) -> tuple[int, int, int]:
         """(IPC data bytes, RDMA window bytes, signals) for a new runtime across nodes: the most of the spec
         being set up (the default layout before any) with the LL layout (its region at the window's start),

@@ -74,9 +74,16 @@ class CudaLowLatency(SimLowLatency):
         return 0 if self.over_network else super()._clean_bytes(layout)
 
     def _allocate(self, layout: LowLatencyLayout, op: str) -> None:
-        if self.over_network:  # a new session must hold this layout too (CudaDispatchBackend._network_sizes)
-            self.backend._low_latency_sizing = layout
-        super()._allocate(layout, op)
+        if not self.over_network:
+            return super()._allocate(layout, op)
+        # a new session must hold this layout too (CudaDispatchBackend._network_sizes); kept only once it does
+        backend, before = self.backend, self.backend._low_latency_sizing
+        backend._low_latency_sizing = layout
+        try:
+            super()._allocate(layout, op)
+        except BaseException:
+            backend._low_latency_sizing = before
+            raise
 
     # ------------------------------------------------------------------ streams
 

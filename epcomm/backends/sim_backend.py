@@ -375,13 +375,17 @@ class SimDispatchBackend(DispatchBackend):
         self._epoch = 0
         self._last_spec = None
         self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
-        if num_nvl_bytes > 0 or num_rdma_bytes > 0:
+        if (num_nvl_bytes > 0 or num_rdma_bytes > 0) and self._sized_at_construction(options):
             # (num_nvl_bytes=0 with num_rdma_bytes: DeepEP's low-latency-only buffer; normal calls on it are refused
             # before anything moves, naming num_nvl_bytes)
             if topo.num_nodes > 1 and num_rdma_bytes <= 0:
                 raise ValueError(f"the {self.name} backend across nodes needs num_rdma_bytes with num_nvl_bytes "
                                  f"(got {num_nvl_bytes} and {num_rdma_bytes}), or neither (sized automatically)")
             self._device_runtime = self._new_runtime(self._total_bytes(self.explicit_bytes))
+
+    def _sized_at_construction(self, options: BackendOptions) -> bool:
+        """Whether explicit sizes make the buffers at construction (else at the first call, as without them)."""
+        return True
 
     def low_latency(self):
         """The LL kernels' engine (:meth:`_new_low_latency`), created at the first LL call, kept after."""
@@ -530,10 +534,11 @@ class SimDispatchBackend(DispatchBackend):
         on it may be replayed (their kernels point at its buffers)."""
         runtime = self._device_runtime
         if runtime is self._captured_on:
-            raise EpcommError(f"epcomm {self.name} {op} on rank {self.topo.rank}: this call needs larger buffers, but "
-                              "CUDA graphs captured low-latency kernels on the current ones, which a replay would "
-                              "still use; size the Buffer for every call up front (num_nvl_bytes / num_rdma_bytes, "
-                              "Buffer.get_low_latency_rdma_size_hint) before capturing")
+            raise EpcommError(f"epcomm {self.name} {op} on rank {self.topo.rank}: this call needs larger buffers (or, "
+                              "across nodes on cuda, more GIN signals), but CUDA graphs captured low-latency kernels "
+                              "on the current ones, which a replay would still use; size the Buffer for every call up "
+                              "front (num_nvl_bytes / num_rdma_bytes, Buffer.get_low_latency_rdma_size_hint) and make "
+                              "one call of each kind (normal-mode configs, LL shapes) before capturing")
         runtime.report_enqueued(wait=True, op=op)
         self._settle_low_latency(runtime, op)  # no LL add may still be on its way into the freed buffers
         runtime.close(collective=True, op=op)

@@ -145,6 +145,9 @@ class SimLowLatency:
         last_runtime, last_layout = self._signals or (None, None)
         self._signals = None
         if last_runtime is runtime and last_layout is not None:
+            # this rank's LL kernels may run on any stream (cuda: the one current at each call), so the kernel
+            # below, on the runtime's, is ordered after them by waiting for them here (it also raises their errors)
+            runtime.report_enqueued(wait=True, op=op)
             runtime.run(self._spec(last_layout), self._reset_params(wait_for_due=True), op=op,
                         timeout_s=self.backend.timeout_s)
 
@@ -165,7 +168,11 @@ class SimLowLatency:
         self.backend._last_spec = _NOT_NORMAL_MODE
 
     def combine_buffer(self, slot: int, layout: LowLatencyLayout) -> torch.Tensor:
-        runtime = self._runtime(layout, "get_next_low_latency_combine_buffer")
+        """A view of the region an LL dispatch of ``layout`` laid out (the caller checked that no normal-mode
+        call or clean came since): local, so it neither lays out nor marks anything."""
+        runtime = self.backend._device_runtime
+        if layout != self.layout or runtime is None:
+            raise Invalid(f"no LL region laid out for {_shape(layout)}: dispatch first")
         where = self.ext.low_latency_layout(self._spec(layout), self.topo.world_size, slot)
         count = layout.num_local_experts * layout.recv_rows * layout.hidden
         view = self._region_view(runtime, torch.bfloat16, where["combine_send_buffer"], count)
