@@ -714,7 +714,8 @@ class Buffer:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
                              shape=(rows, None), device=x.device)
                 tensors["topk_weights"] = topk_weights[: handle.num_recv_tokens]
-            self._impl.check_combine(tensors, handle.plan, config=config)
+            self._impl.check_combine(tensors, handle.plan, config=config,
+                                     node_partial_dtype=self._node_partial_dtype(x.dtype))
         except Exception as err:
             problem = problem_text(err)
         seq = handle.layout_seq if isinstance(handle, DispatchHandle) else -1
@@ -723,7 +724,7 @@ class Buffer:
                          **_config_signature(config), async_finish=int(bool(async_finish)))
         self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x))
         self._low_latency.note_normal_call()
-        node_partial_dtype = x.dtype if self.combine_node_partials == "rows_dtype" else torch.float32
+        node_partial_dtype = self._node_partial_dtype(x.dtype)
 
         def data_phase():
             sums = self._impl.combine(tensors, handle.plan, config=config, node_partial_dtype=node_partial_dtype)
@@ -861,6 +862,10 @@ class Buffer:
                                                  config if isinstance(config, Config) else None)):
             return
         agree(self._comm, op, problem, signature, None, device)
+
+    def _node_partial_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        """What the two-hop combine's node partials cross the network in (``combine_node_partials``)."""
+        return x_dtype if self.combine_node_partials == "rows_dtype" else torch.float32
 
     def _common_signature(self) -> dict[str, int]:
         return dict(num_nvl_ranks=self.topology.num_nvl_ranks, max_nodes_per_token=self.max_nodes_per_token,

@@ -137,6 +137,28 @@ def misaligned_on_one_rank(rank, world, backend, op):
     return None, None
 
 
+def odd_partials(rank, world):
+    """fp32 rows of hidden 7 (28 bytes) cross NVLink fine, but with a bias and bf16 expert outputs the two-hop
+    combine's node partials would be bf16: 14 bytes, not whole 4-byte words (the network slots are packed at
+    the partial's bytes)."""
+    buf = _buffer("sim")
+    inp = make_input(CASE, rank)
+    x = torch.randn(inp.x.size(0), 7)  # fp32
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, **_layout_args(buf, inp, CASE.num_experts))
+    bias = torch.zeros(inp.x.size(0), 7, dtype=torch.bfloat16)
+    try:
+        buf.combine(recv_x.bfloat16(), handle, bias=bias)
+    except epcomm.EpcommInputError as err:
+        return sorted(err.problems), str(err)
+    return None, None
+
+
+def test_two_hop_partials_must_be_whole_words(pools):
+    for rank, (ranks, message) in enumerate(pools(4).run(odd_partials)):
+        assert ranks == [0, 1, 2, 3], f"rank {rank}: {message}"
+        assert "torch.bfloat16 partials of hidden=7 are 14 bytes" in message, message
+
+
 @pytest.mark.parametrize("backend", ["sim", "sim:1x4"])
 @pytest.mark.parametrize("op", ["dispatch", "combine"])
 def test_misaligned_input_is_refused_on_every_rank(pools, backend, op):

@@ -112,9 +112,10 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
       // cross the network in). Weights travel when
       // num_topk > 0 (the same on every rank); this rank's own topk_weights may be null when it
       // received no rows, while its peers' rows still carry theirs.
-      size_t const stride = rdma.combine_stride(element_bytes(args.node_partial_kind));
+      // recomputed from parameters at each use rather than held (the block is at its register cap)
+      auto const stride = [&] { return rdma.combine_stride(element_bytes(args.node_partial_kind)); };
       auto const staged = [&](int i) {
-        return local + rdma.combine_staging_slot(channel, dst_node, ring.sent + i, stride);
+        return local + rdma.combine_staging_slot(channel, dst_node, ring.sent + i, stride());
       };
       reduce_batch_in_order(
           ring_rows, num_batch_tokens, num_nvl_ranks, args.hidden,
@@ -128,10 +129,10 @@ EPCOMM_DEVICE void combine_forwarder(InternodeCombineArgs<Transport> const& args
 
       // Put the partials (warp 1); free the NVL rows (warp 0)
       if (warp == 1) {
-        for (int i = 0, rows = 0; i < num_batch_tokens; i += rows) {
-          rows = min_int(num_batch_tokens - i, ring.rows_to_wrap(ring.sent + i));
-          put_ring_run(transport, lane, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i, stride),
-                       rdma.combine_staging_slot(channel, dst_node, ring.sent + i, stride), rows, stride, stride,
+        for (int i = 0, run = 0; i < num_batch_tokens; i += run) {
+          run = min_int(num_batch_tokens - i, ring.rows_to_wrap(ring.sent + i));
+          put_ring_run(transport, lane, dst, rdma.combine_ring_slot(channel, comm.node(), ring.sent + i, stride()),
+                       rdma.combine_staging_slot(channel, dst_node, ring.sent + i, stride()), run, stride(), stride(),
                        rdma.combine_tail_signal(channel, comm.node()));
         }
       }
@@ -191,9 +192,9 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
     if (failed != 0) return;
 
     // Reduce: nodes ascending, fp32 from +0.0, then one rounding to the rows' dtype
-    size_t const stride = rdma.combine_stride(element_bytes(args.node_partial_kind));  // the forwarders'
-    auto const partial = [&](int n, int row) {
-      return local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row), stride);
+    auto const partial = [&](int n, int row) {  // at the forwarders' stride (recomputed: the register cap)
+      return local + rdma.combine_ring_slot(channel, n, ring_base[n] + uint64_t(row),
+                                            rdma.combine_stride(element_bytes(args.node_partial_kind)));
     };
     reduce_batch_in_order(
         ring_rows, num_batch_tokens, num_nodes, args.hidden,

@@ -132,6 +132,11 @@ char const* validate(InternodeCombineArgs<Transport> const& args) {
   int const row_bytes = args.hidden * element_bytes(args.element_kind);
   if (row_bytes % 4 != 0)
     return invalid("internode_combine: rows of %d bytes are not whole 4-byte words (use an even hidden)", row_bytes);
+  // network slots are packed at the partial's bytes (rdma_workspace.cuh): 4-byte words keep the weights aligned
+  int const partial_bytes = args.hidden * element_bytes(args.node_partial_kind);
+  if (partial_bytes % 4 != 0)
+    return invalid("internode_combine: node partials of %d bytes are not whole 4-byte words (use an even hidden)",
+                   partial_bytes);
   if (size_t(row_bytes) > args.comm.nvl_workspace.row_bytes)
     return invalid("internode_combine: rows of %d bytes exceed the nvl_workspace's row bytes (%zu)", row_bytes,
                    args.comm.nvl_workspace.row_bytes);

@@ -31,6 +31,10 @@
 // rounded up only as far as the slot's fields need), not at the largest slot the region is sized for, so a
 // run of consecutive rows that does not wrap is one contiguous range of bytes: one put and one signal add for
 // the run (a chunk), and the bytes on the wire are exactly the rows' (no padding crosses the network).
+// The stride may change from one call to the next (row bytes, partial dtype), so row r + T of a later call
+// need not land on row r's bytes: what keeps a new row from overwriting an unread old one is the barrier (a
+// notify) before every data kernel, after which every ring is drained, not the credits alone. A staging slot
+// is rewritten once its row's credit came back: a put whose signal add the peer observed has left its source.
 //
 // Count message (source s -> destination d), int32, padded to 16 bytes:
 //   [4]  the call header (call_check.cuh; a notify without counts puts only these 16 bytes)
@@ -204,7 +208,8 @@ struct RdmaWorkspace {
   EPCOMM_HOST_DEVICE size_t combine_put_bytes(int partial_element_bytes) const {
     return combine_partial_offset() + size_t(partial_element_bytes) * size_t(hidden);
   }
-  // A multiple of 4 (rows are 4-byte words), which is all the weights and partials need.
+  // A multiple of 4 (internode_combine's validation requires 4-byte partials), which is all the weights and
+  // partials need.
   EPCOMM_HOST_DEVICE size_t combine_stride(int partial_element_bytes) const {
     return combine_put_bytes(partial_element_bytes);
   }

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "cuda_target.hpp"
 #include "device_runtime.hpp"
@@ -102,6 +104,60 @@ class CudaEvent final : public Event {
 
  private:
   cudaEvent_t event_ = nullptr;
+};
+
+// Timing-free events lent as markers (DeviceRuntime::create_marker) and taken back when the marker dies, so an
+// enqueued kernel costs no cudaEventCreate/Destroy (driver calls) once the pool holds as many as are ever
+// pending at once. Shared by the pool's markers, which may outlive the runtime's own members (the pending
+// list is the base class's). Re-recording a taken-back event is legal even if its last record never finished
+// (a given-up kernel): a record overwrites the event's state.
+class MarkerPool final {
+ public:
+  ~MarkerPool() {
+    for (cudaEvent_t event : free_) cudaEventDestroy(event);
+  }
+  cudaEvent_t take() {
+    {
+      std::lock_guard<std::mutex> const lock(mutex_);
+      if (!free_.empty()) {
+        cudaEvent_t const event = free_.back();
+        free_.pop_back();
+        return event;
+      }
+    }
+    cudaEvent_t event = nullptr;
+    check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    return event;
+  }
+  void give_back(cudaEvent_t event) noexcept {
+    std::lock_guard<std::mutex> const lock(mutex_);
+    free_.push_back(event);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<cudaEvent_t> free_;
+};
+
+class PooledMarker final : public Event {
+ public:
+  explicit PooledMarker(std::shared_ptr<MarkerPool> pool) : pool_(std::move(pool)), event_(pool_->take()) {}
+  ~PooledMarker() override { pool_->give_back(event_); }
+  void record(Stream& stream) override { check_cuda(cudaEventRecord(event_, native_stream(stream)), "cudaEventRecord"); }
+  void synchronize() override { check_cuda(cudaEventSynchronize(event_), "cudaEventSynchronize"); }
+  bool query() override {
+    cudaError_t const error = cudaEventQuery(event_);
+    if (error == cudaErrorNotReady) return false;
+    check_cuda(error, "cudaEventQuery");
+    return true;
+  }
+  double elapsed_ms_since(Event const&) const override {
+    throw RuntimeError(ErrorCode::kInvalidArgument, "elapsed_ms_since: a marker event has no timing");
+  }
+
+ private:
+  std::shared_ptr<MarkerPool> pool_;
+  cudaEvent_t event_;
 };
 
 class CudaRuntime final : public DeviceRuntime {
@@ -312,6 +368,7 @@ class CudaRuntime final : public DeviceRuntime {
     return std::make_unique<BorrowedCudaStream>(static_cast<cudaStream_t>(native));
   }
   std::unique_ptr<Event> create_event() override { return std::make_unique<CudaEvent>(); }
+  std::unique_ptr<Event> create_marker() override { return std::make_unique<PooledMarker>(markers_); }
   double clock_ticks_per_second() const override { return ticks_per_second_; }
 
   bool stream_is_capturing(Stream& stream) const override {
@@ -393,6 +450,7 @@ class CudaRuntime final : public DeviceRuntime {
   void* device_data_table_ = nullptr;
   void* device_flag_table_ = nullptr;
   ErrorSlotPool::Mapped captured_slot_;         // what kernels captured in a CUDA graph write (allocate)
+  std::shared_ptr<MarkerPool> markers_ = std::make_shared<MarkerPool>();  // enqueued kernels' markers
   PeerBarrierStatus* status_ = nullptr;         // host view (mapped, pinned)
   PeerBarrierStatus* device_status_ = nullptr;  // device view
 };

@@ -240,6 +240,9 @@ class DeviceRuntime {
   // runs at once on the calling thread), `native` ignored.
   virtual std::unique_ptr<Stream> borrow_stream(void* native) = 0;
   virtual std::unique_ptr<Event> create_event() = 0;
+  // An event only to record, query and synchronize (no timing: elapsed_ms_since may throw), as the marker after
+  // an enqueued kernel; an implementation may reuse its events (cuda: a pool, no driver call per kernel).
+  virtual std::unique_ptr<Event> create_marker() { return create_event(); }
   Stream& default_stream() { return *default_stream_; }
 
   // clock64() ticks per second inside kernels (cpu: 1e9, the SIMT clock is in ns; cuda: SM clock).

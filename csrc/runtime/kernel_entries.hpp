@@ -145,7 +145,7 @@ void launch_kernel(KernelCall const& call, Args const& args, std::unique_ptr<typ
   if (call.capturing) return;  // captured into a graph: its slot is the runtime's (report_captured reads it)
   std::unique_ptr<Event> marker;
   try {
-    marker = call.runtime.create_event();
+    marker = call.runtime.create_marker();
     marker->record(call.stream);
   } catch (...) {  // the grid runs and may write the slot: never hand it to another call
     slot->abandon();

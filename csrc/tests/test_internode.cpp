@@ -187,11 +187,14 @@ Traffic expected_traffic(Shape const& shape, std::vector<RankTokens> const& data
 }
 
 // Puts of `rows` consecutive rows from row `first` (of all time) of a ring of `ring_tokens` slots: runs of at
-// most `max_run` rows that never wrap, what a sender makes when it never has to wait for free slots.
-uint64_t ring_runs(uint64_t first, uint64_t rows, uint64_t max_run, uint64_t ring_tokens) {
+// most `max_run` rows that never wrap, what a sender makes when it never has to wait for free slots. Adds the
+// runs the ring's end cut short to `*cut_at_end`.
+uint64_t ring_runs(uint64_t first, uint64_t rows, uint64_t max_run, uint64_t ring_tokens, uint64_t* cut_at_end) {
   uint64_t runs = 0;
   while (rows > 0) {
-    uint64_t const take = std::min({rows, max_run, ring_tokens - first % ring_tokens});
+    uint64_t const to_end = ring_tokens - first % ring_tokens;
+    uint64_t const take = std::min({rows, max_run, to_end});
+    *cut_at_end += take == to_end && take < std::min(rows, max_run);
     ++runs;
     first += take;
     rows -= take;
@@ -205,6 +208,7 @@ uint64_t ring_runs(uint64_t first, uint64_t rows, uint64_t max_run, uint64_t rin
 // [lowest, rows] is known.
 struct ExpectedPuts {
   uint64_t dispatch = 0, dispatch_rows = 0, combine = 0;
+  uint64_t dispatch_cut_at_end = 0, combine_cut_at_end = 0;  // runs the ring's end cut short
   bool exact = true;
 };
 
@@ -229,10 +233,11 @@ ExpectedPuts expected_network_puts(Cluster& cluster, std::vector<RankTokens> con
         int const forwarder = n * L + s % L;
         uint64_t& combine_base = cluster.combine_ring_rows[(size_t(forwarder) * C + c) * NN + s / L];
         if (n != s / L) {
-          puts.dispatch += ring_runs(dispatch_base, rows, max_run, T);
+          puts.dispatch += ring_runs(dispatch_base, rows, max_run, T, &puts.dispatch_cut_at_end);
           puts.dispatch_rows += rows;
           puts.exact = puts.exact && rows <= T;
-          for (uint64_t i = 0; i < rows; i += batch) puts.combine += ring_runs(combine_base + i, std::min(batch, rows - i), batch, T);
+          for (uint64_t i = 0; i < rows; i += batch)
+            puts.combine += ring_runs(combine_base + i, std::min(batch, rows - i), batch, T, &puts.combine_cut_at_end);
         }
         dispatch_base += rows;
         combine_base += rows;
@@ -242,7 +247,7 @@ ExpectedPuts expected_network_puts(Cluster& cluster, std::vector<RankTokens> con
 
 struct RoundResult {
   uint64_t dispatch_network_bytes = 0, dispatch_network_payload = 0, combine_network_bytes = 0;
-  uint64_t dispatch_network_puts = 0, dispatch_network_rows = 0, combine_network_puts = 0;
+  uint64_t dispatch_network_puts = 0, dispatch_network_rows = 0, combine_network_puts = 0, dispatch_cut_at_end = 0;
   bool puts_exact = false;
 };
 
@@ -275,7 +280,8 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   {
     std::vector<uint64_t> bytes = cluster.link_bytes.take_per_link_class();
     CHECK_EQ(bytes[int(LinkClass::kNetwork)], uint64_t(R) * (R - L) * cluster.rdma_workspace.count_message_bytes());
-    CHECK_EQ(cluster.link_puts.take_per_link_class()[int(LinkClass::kNetwork)], uint64_t(R) * (R - L));
+    uint64_t const count_puts = cluster.link_puts.take_per_link_class()[int(LinkClass::kNetwork)];
+    CHECK_EQ(count_puts, uint64_t(R) * (R - L));
   }
   std::vector<ExpectedReceive> expected;
   for (int r = 0; r < R; ++r) {
@@ -329,6 +335,7 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
     result.dispatch_network_puts = made;
     result.dispatch_network_rows = puts.dispatch_rows;
     result.puts_exact = puts.exact;
+    result.dispatch_cut_at_end = puts.dispatch_cut_at_end;
     if (puts.exact) {
       CHECK_EQ(made, puts.dispatch);
     } else {
@@ -436,19 +443,22 @@ EPCOMM_TEST(internode_2x4) {
   if (!test::kSanitized) run_shape({2, 4, 1, 5, 2, 3, 3, token_counts(8, kTokens, 6), 128, true, 5, 2, 1, 1, 32});
 }
 
-// Rings longer than a round's rows: every network sender puts its rows in chunks of rdma_chunk_tokens that
-// never wrap (exactly as many puts as ring_runs says, far fewer than rows), the combine forwarders a batch at
-// a time; the second round starts mid-ring, so some runs end at the ring's end. Bytes stay the rows' exactly
-// (run_round checks them).
+// Rings at least as long as a round's rows: every network sender puts its rows in chunks of rdma_chunk_tokens
+// that never wrap (exactly as many puts as ring_runs says, far fewer than rows), the combine forwarders a batch
+// at a time; the second round starts mid-ring, so some runs end at the ring's end (a ring of 24 slots, up to 20
+// rows per ring and round). Bytes stay the rows' exactly (run_round checks them).
 EPCOMM_TEST(internode_network_puts_are_chunks) {
-  Shape shape{4, 2, 2, 4, 1, 64, 8, token_counts(8, 40, 11), 128, false, 4, 2, 2, 1, 47};
+  Shape shape{4, 2, 2, 4, 1, 24, 8, token_counts(8, 40, 11), 128, false, 4, 2, 2, 1, 47};
   Cluster cluster(shape, std::nullopt);
+  uint64_t cut_at_end = 0;
   for (uint64_t round = 1; round <= 2; ++round) {
     RoundResult const result = run_round(cluster, 100 + round);
+    cut_at_end += result.dispatch_cut_at_end;
     CHECK(result.puts_exact);
     CHECK(result.dispatch_network_rows > 0 && 3 * result.dispatch_network_puts < result.dispatch_network_rows);
     CHECK(result.combine_network_puts < result.dispatch_network_rows);
   }
+  CHECK(cut_at_end > 0);  // the wrap rule was exercised, and counted exactly
 }
 
 // One node through the internode path: every "network" put is a put to self.

@@ -43,7 +43,8 @@
 //
 // Counting: implementations that can (the CPU one) count the bytes of every put
 // by link class (network: peer on another node; nvlink: same node, other rank;
-// self), so tests can prove what crossed the network.
+// self), and the puts themselves, so tests can prove what crossed the network and
+// in how many messages.
 
 #include <concepts>
 #include <cstddef>

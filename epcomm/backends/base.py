@@ -155,8 +155,10 @@ class DispatchBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
-        """As :meth:`check_dispatch`, for combine."""
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None,
+                      node_partial_dtype: torch.dtype | None = None) -> None:
+        """As :meth:`check_dispatch`, for combine; ``node_partial_dtype``: what the two-hop path's node partials
+        would cross the network in (None: the rows' dtype)."""
 
     def agree_in_barrier(self, call: CallCheck) -> bool:
         """Agree on ``call`` inside the backend's own barrier (the kernel backends' notify), before the

@@ -488,12 +488,18 @@ class SimDispatchBackend(DispatchBackend):
                               f"config {config} the {self.path.prefix} kernels cannot run: {problem}")
         return spec
 
-    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None) -> None:
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: Config | None = None,
+                      node_partial_dtype: torch.dtype | None = None) -> None:
         self._check_device(tensors)
         x = tensors["x"]
         if x.size(1) * x.element_size() % 4:
             raise Invalid(f"the {self.name} backend moves rows in 4-byte words: combine's x rows are "
                           f"{x.size(1) * x.element_size()} bytes (hidden={x.size(1)}, {x.dtype}); use an even hidden size")
+        partial = self.path.node_partial_dtype(x, node_partial_dtype) if isinstance(self.path, InternodePath) else None
+        if partial is not None and x.size(1) * partial.itemsize % 4:
+            raise Invalid(f"the {self.name} backend's two-hop combine sends node partials in 4-byte words: {partial} "
+                          f"partials of hidden={x.size(1)} are {x.size(1) * partial.itemsize} bytes; use an even hidden "
+                          "size (or Buffer(combine_node_partials='float32'))")
         weights = tensors.get("topk_weights")
         if isinstance(plan, SimPlan):
             base = self._along(plan, config, "combine")

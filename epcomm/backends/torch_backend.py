@@ -200,7 +200,8 @@ class TorchBackend(DispatchBackend):
                        config: object = None, num_experts: int = 0) -> None:
         """Backend-specific input limits (raise ``Invalid``); the torch backend takes anything Buffer accepts."""
 
-    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: object = None) -> None:
+    def check_combine(self, tensors: dict[str, torch.Tensor], plan: object, config: object = None,
+                      node_partial_dtype: torch.dtype | None = None) -> None:
         """Backend-specific input limits of combine (raise ``Invalid``); none here."""
 
     # ----------------------------------------------------------------- dispatch
