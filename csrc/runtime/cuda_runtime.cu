@@ -82,10 +82,9 @@ class BorrowedCudaStream final : public Stream {
 
 cudaStream_t native_stream(Stream& stream) { return static_cast<cudaStream_t>(stream.native()); }
 
-class CudaEvent final : public Event {
+// What every cuda Event does with its cudaEvent_t; the subclasses own it differently.
+class CudaEventBase : public Event {
  public:
-  CudaEvent() { check_cuda(cudaEventCreate(&event_), "cudaEventCreate"); }
-  ~CudaEvent() override { cudaEventDestroy(event_); }
   void record(Stream& stream) override { check_cuda(cudaEventRecord(event_, native_stream(stream)), "cudaEventRecord"); }
   void synchronize() override { check_cuda(cudaEventSynchronize(event_), "cudaEventSynchronize"); }
   bool query() override {
@@ -94,6 +93,15 @@ class CudaEvent final : public Event {
     check_cuda(error, "cudaEventQuery");
     return true;
   }
+
+ protected:
+  cudaEvent_t event_ = nullptr;
+};
+
+class CudaEvent final : public CudaEventBase {
+ public:
+  CudaEvent() { check_cuda(cudaEventCreate(&event_), "cudaEventCreate"); }
+  ~CudaEvent() override { cudaEventDestroy(event_); }
   double elapsed_ms_since(Event const& start) const override {
     auto const* other = dynamic_cast<CudaEvent const*>(&start);
     if (other == nullptr) throw RuntimeError(ErrorCode::kInvalidArgument, "elapsed_ms_since: start is not a cuda event");
@@ -101,9 +109,6 @@ class CudaEvent final : public Event {
     check_cuda(cudaEventElapsedTime(&ms, other->event_, event_), "cudaEventElapsedTime");
     return ms;
   }
-
- private:
-  cudaEvent_t event_ = nullptr;
 };
 
 // Timing-free events lent as markers (DeviceRuntime::create_marker) and taken back when the marker dies, so an
@@ -139,25 +144,16 @@ class MarkerPool final {
   std::vector<cudaEvent_t> free_;
 };
 
-class PooledMarker final : public Event {
+class PooledMarker final : public CudaEventBase {
  public:
-  explicit PooledMarker(std::shared_ptr<MarkerPool> pool) : pool_(std::move(pool)), event_(pool_->take()) {}
+  explicit PooledMarker(std::shared_ptr<MarkerPool> pool) : pool_(std::move(pool)) { event_ = pool_->take(); }
   ~PooledMarker() override { pool_->give_back(event_); }
-  void record(Stream& stream) override { check_cuda(cudaEventRecord(event_, native_stream(stream)), "cudaEventRecord"); }
-  void synchronize() override { check_cuda(cudaEventSynchronize(event_), "cudaEventSynchronize"); }
-  bool query() override {
-    cudaError_t const error = cudaEventQuery(event_);
-    if (error == cudaErrorNotReady) return false;
-    check_cuda(error, "cudaEventQuery");
-    return true;
-  }
   double elapsed_ms_since(Event const&) const override {
     throw RuntimeError(ErrorCode::kInvalidArgument, "elapsed_ms_since: a marker event has no timing");
   }
 
  private:
   std::shared_ptr<MarkerPool> pool_;
-  cudaEvent_t event_;
 };
 
 class CudaRuntime final : public DeviceRuntime {
