@@ -147,6 +147,36 @@ def test_sim_counts_the_rows_and_bytes_its_kernels_move(pools):
     assert sum(s.traffic["dispatch"]["nvlink"]["rows"] for s in sim if "dispatch" in s.traffic) > 0
 
 
+def traffic_both_ways(rank, world, case: Case) -> tuple[dict, dict]:
+    """One checked round on a sim Buffer whose two-hop traffic the transport counts, and one whose traffic comes
+    from the routing the host knows (what the cuda backend records, as GIN counts no bytes)."""
+    from cases import check_round
+
+    reports = []
+    for from_routing in (False, True):
+        buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, algorithm="two_hop",
+                            max_nodes_per_token=case.max_nodes, combine_node_partials=case.node_partials)
+        buf._impl.traffic_from_routing = from_routing
+        reports.append(check_round(buf, case, rank, world)[1])
+    return tuple(reports)
+
+
+@pytest.mark.parametrize("nodes,nvl,kind,partials", [(2, 2, "bf16", "rows_dtype"), (4, 2, "fp8", "float32")])
+def test_two_hop_traffic_from_routing_equals_the_transport_counts(pools, nodes, nvl, kind, partials):
+    """buffer.traffic on cuda: the network hop (dispatch rows with their records, combine node partials with
+    their weights) and the NVLink forwarding hop computed on the host from the routing equal, per op, link class,
+    rows and bytes, what sim's transport counted and its forward masks say."""
+    world = nodes * nvl
+    tokens = tuple([13, 0, 21, 8, 17, 5, 9, 30][:world])
+    case = Case(num_nodes=nodes, nvl=nvl, tokens=tokens, kind=kind, max_nodes=min(nodes, 4), node_partials=partials,
+                seed=53)
+    reports = pools(world).run(traffic_both_ways, case)
+    for rank, (counted, from_routing) in enumerate(reports):
+        assert counted == from_routing, (rank, counted, from_routing)
+    rows = lambda op, link: sum(r[0].get(op, {}).get(link, {}).get("rows", 0) for r in reports)  # noqa: E731
+    assert rows("dispatch", "network") > 0 and rows("combine", "network") > 0 and rows("dispatch", "nvlink") > 0
+
+
 def buffer_at_hint(rank, world, slack):
     """A bf16 dispatch + combine of hidden 256, top-4, in a buffer of exactly the hint (+ slack) bytes."""
     from epcomm.backends.sim_backend import SIM_DEFAULT_CONFIG

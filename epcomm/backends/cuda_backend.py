@@ -190,6 +190,7 @@ class CudaDispatchBackend(SimDispatchBackend):
 
     name = "cuda"
     runtime_class = CudaRuntime
+    traffic_from_routing = True  # GIN counts no bytes: buffer.traffic's two-hop bytes come from the routing
 
     def stream_scope(self, device: torch.device, async_finish: bool, op: str) -> CommStreamScope:
         """The data phase on this Buffer's communication stream (``epcomm/_streams.py``); the event's

@@ -316,7 +316,7 @@ class SimPlan:
     """Routing of one kernel-backend dispatch (kept in the handle)."""
 
     def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor, notify_outputs: NotifyOutputs,
-                 spec, recv_counts: list[int]) -> None:
+                 spec, recv_counts: list[int], forward_counts: list[int] | None = None) -> None:
         self.num_tokens = num_tokens
         self.num_recv = num_recv
         self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous
@@ -329,13 +329,28 @@ class SimPlan:
         # combine); at least one element, as the kernels take a non-null pointer even when nothing is forwarded
         self.num_forwarded = 0
         self.forward_peer_masks: torch.Tensor | None = None
-        if self.forward_channel_prefix is not None:
-            self.num_forwarded = int(self.forward_channel_prefix[-1, -1])
-            self.forward_peer_masks = torch.zeros(max(self.num_forwarded, 1), dtype=torch.int32,
-                                                  device=is_token_in_rank.device)
         self.spec = spec  # the workspace spec of the dispatch (calls along this handle cover it)
-        self.send_counts = is_token_in_rank.sum(0).tolist()  # rows to each rank
         self.recv_counts = recv_counts  # rows from each rank
+        # Two-hop routing the host knows (buffer.traffic where the transport counts nothing): this rank's tokens
+        # to each node (network rows of dispatch), rows it forwarded from each source node (network partials of
+        # combine), and rows it forwards to each rank of its node (NVLink hop of dispatch). One host read.
+        self.forward_counts = forward_counts
+        self.node_send_counts: list[int] | None = None
+        self.forwarded_per_node: list[int] | None = None
+        sent = is_token_in_rank.sum(0)
+        if self.forward_channel_prefix is None:
+            self.send_counts = sent.tolist()  # rows to each rank
+            return
+        prefix = self.forward_channel_prefix
+        num_nodes, num_ranks = prefix.size(0), is_token_in_rank.size(1)
+        to_node = is_token_in_rank.view(num_tokens, num_nodes, num_ranks // num_nodes).any(2).sum(0)
+        counts = torch.cat([sent, to_node, (prefix[:, -1] - prefix[:, 0]).to(sent.dtype)]).tolist()
+        self.send_counts = counts[:num_ranks]
+        self.node_send_counts = counts[num_ranks : num_ranks + num_nodes]
+        self.forwarded_per_node = counts[num_ranks + num_nodes :]
+        self.num_forwarded = sum(self.forwarded_per_node)
+        self.forward_peer_masks = torch.zeros(max(self.num_forwarded, 1), dtype=torch.int32,
+                                              device=is_token_in_rank.device)
 
 
 class SimDispatchBackend(DispatchBackend):
@@ -696,7 +711,12 @@ class SimDispatchBackend(DispatchBackend):
         if num_recv != expected:
             raise EpcommError(f"epcomm {self.name} dispatch on rank {me}: notify counted {num_recv} rows to receive, "
                               f"the agreed counts say {expected}")
-        plan = SimPlan(num_tokens, num_recv, in_rank, outputs, spec, counts[:, me].tolist())
+        topo = self.topo
+        # rows this rank forwards to each rank of its node: those of its rail's sources (any node) bound there
+        forward_counts = (counts[list(topo.rail_ranks(topo.local_rank)), topo.rank_of(topo.node, 0):
+                                 topo.rank_of(topo.node, 0) + topo.num_nvl_ranks].sum(0).tolist()
+                          if isinstance(self.path, InternodePath) else None)
+        plan = SimPlan(num_tokens, num_recv, in_rank, outputs, spec, counts[:, me].tolist(), forward_counts)
         num_experts = call.placement.num_experts if call.placement is not None else 0
         return self._dispatch_rows(runtime, tensors, plan, num_topk, num_experts, op="dispatch"), plan
 
@@ -727,10 +747,17 @@ class SimDispatchBackend(DispatchBackend):
         recv.pop("src_idx")
         return {name: t for name, t in recv.items() if t is not None}
 
+    # Where the transport counts no bytes (GIN), the two-hop traffic comes from the routing the host knows
+    # (SimPlan); the sim backend's transport counts, and a test checks that both agree.
+    traffic_from_routing = False
+
     def _record_two_hop_dispatch(self, op: str, runtime: SimRuntime, plan: SimPlan, counters: torch.Tensor,
                                  row_bytes_: int, spec) -> None:
         """The network hop as the transport counted it; the NVLink hop from the rows this rank forwarded (the
-        dispatch kernel's masks: only where the host has waited for it, as reading them would wait)."""
+        dispatch kernel's masks: only where the host has waited for it, as reading them would wait). Or
+        both from the routing (:attr:`traffic_from_routing`)."""
+        if self.traffic_from_routing:
+            return self._record_two_hop_dispatch_from_routing(op, plan, row_bytes_, self.path.put_metadata(spec)[0])
         self._record_puts(op, counters, row_bytes_, self.path.put_metadata(spec)[0])
         if not runtime.host_waits_for_enqueued:
             return
@@ -742,6 +769,18 @@ class SimDispatchBackend(DispatchBackend):
             self.comm.traffic.record(op, LinkClass.SELF, to_self, to_self * row_bytes_, 0)
         if to_peers:
             self.comm.traffic.record(op, LinkClass.NVLINK, to_peers, to_peers * row_bytes_, 0)
+
+    def _record_two_hop_dispatch_from_routing(self, op: str, plan: SimPlan, row_bytes_: int, record_bytes: int) -> None:
+        """Network hop: each token once per node it reaches (this node's: a put to self), with its record; NVLink
+        hop: each forwarded row once per rank of this node that needs it (this rank's: a local copy)."""
+        topo, record = self.topo, self.comm.traffic.record
+        for node, rows in enumerate(plan.node_send_counts):
+            if rows:
+                record(op, LinkClass.SELF if node == topo.node else LinkClass.NETWORK, rows, rows * row_bytes_,
+                       rows * record_bytes)
+        for local, rows in enumerate(plan.forward_counts):
+            if rows:
+                record(op, LinkClass.SELF if local == topo.local_rank else LinkClass.NVLINK, rows, rows * row_bytes_, 0)
 
     def dispatch_cached(self, tensors, plan: SimPlan, config: Config | None = None):
         """Dispatch along an earlier dispatch's routing (a barrier, then the dispatch kernel)."""
@@ -789,7 +828,13 @@ class SimDispatchBackend(DispatchBackend):
                 self.comm.traffic.record("combine", topo.link_to(forwarder), rows, rows * row, rows * 4 * num_topk)
         # a put is the fp32 weights [the dispatch's num_topk] padded to 16 bytes, then the partial [hidden]
         partial_bytes = x.size(1) * self.path.node_partial_dtype(x, node_partial_dtype).itemsize
-        self._record_puts("combine", counters, partial_bytes, self.path.put_metadata(plan.spec)[1])
+        weights_bytes = self.path.put_metadata(plan.spec)[1]
+        if not self.traffic_from_routing:
+            return self._record_puts("combine", counters, partial_bytes, weights_bytes)
+        for node, rows in enumerate(plan.forwarded_per_node):  # one partial per token forwarded from that node
+            if rows:
+                self.comm.traffic.record("combine", LinkClass.SELF if node == topo.node else LinkClass.NETWORK, rows,
+                                         rows * partial_bytes, rows * weights_bytes)
 
     def _record_puts(self, op: str, counters: torch.Tensor, payload_bytes: int, meta_bytes: int) -> None:
         """The transport's byte counters (self, nvlink, network) as rows of ``payload + meta`` bytes each."""
