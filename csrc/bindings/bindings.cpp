@@ -18,6 +18,7 @@
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <unordered_map>
 
 #include "../runtime/device_runtime.hpp"
@@ -144,17 +145,20 @@ void bind_run(py::class_<PyRuntime>& runtime) {
 // plain stores, then a flag published with a release store; the receiver acquire-polls the flag
 // and checks the payload. Returns the number of payload mismatches (0 on a correct memory model).
 // `send_area` is in the peer's buffer, `recv_area` in ours; both are [flag u64 | payload 8 x u64].
+// `timeout_s` bounds each round (not the whole run), and a long wait yields the CPU now and then: on a loaded
+// machine with fewer cores than spinning processes, a round may need the peer to be scheduled first.
 int64_t shm_handshake(uintptr_t send_area, uintptr_t recv_area, int64_t rounds, bool initiator, double timeout_s) {
   auto* send = reinterpret_cast<uint64_t*>(send_area);
   auto* recv = reinterpret_cast<uint64_t*>(recv_area);
-  auto const deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   int64_t mismatches = 0;
   auto send_message = [&](uint64_t round) {
     for (int i = 0; i < 8; ++i) send[1 + i] = round * 1000003u + uint64_t(i) * 7919u + (initiator ? 1u : 2u);
     std::atomic_ref<uint64_t>(send[0]).store(round, std::memory_order_release);
   };
   auto receive_message = [&](uint64_t round) {
-    while (std::atomic_ref<uint64_t>(recv[0]).load(std::memory_order_acquire) < round) {
+    auto const deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    for (uint64_t spins = 1; std::atomic_ref<uint64_t>(recv[0]).load(std::memory_order_acquire) < round; ++spins) {
+      if (spins % 1024 == 0) std::this_thread::yield();
       if (std::chrono::steady_clock::now() > deadline)
         throw RuntimeError(ErrorCode::kTimeout, "shm_handshake: the peer did not answer round " + std::to_string(round));
     }

@@ -10,19 +10,21 @@
 // no static-initialization order decides which entry wins.
 
 #include "../kernels/low_latency.hpp"
+#include "../transport/shm_transport.cuh"
 #include "device_runtime.hpp"
+
+// The LL kernels by their Args template, one list for the registration and both definitions of the GIN half:
+// X(Args) for each.
+#define EPCOMM_FOR_EACH_LOW_LATENCY_KERNEL(X)                                                                   \
+  X(LowLatencyDispatchSendArgs) X(LowLatencyDispatchRecvArgs) X(LowLatencyCombineSendArgs)                      \
+  X(LowLatencyCombineRecvArgs) X(LowLatencyResetSignalsArgs)
 
 namespace epcomm::runtime::entries {
 
+// The GIN half of kernel Args (Params are the same struct for every transport: named here through
+// ShmTransport, as GinTransport needs NCCL's headers). Explicitly instantiated for every LL kernel.
+template <template <class> class Args>
 void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyDispatchSendParams const& params);
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyDispatchRecvParams const& params);
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyCombineSendParams const& params);
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyCombineRecvParams const& params);
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyResetSignalsParams const& params);
+                              typename Args<transport::ShmTransport>::Params const& params);
 
 }  // namespace epcomm::runtime::entries

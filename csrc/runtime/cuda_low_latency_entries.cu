@@ -41,18 +41,16 @@ void register_low_latency_entry() {
   using Params = typename Args<transport::ShmTransport>::Params;
   register_kernel<Params>(CudaTarget::kKind, [](KernelCall const& call, kernels::LowLatencySpec const& spec,
                                                 Params const& params) {
-    if (call.runtime.network() != nullptr) return entries::run_low_latency_over_gin(call, spec, params);
+    if (call.runtime.network() != nullptr) return entries::run_low_latency_over_gin<Args>(call, spec, params);
     entries::run_low_latency<CudaTarget, Args<transport::ShmTransport>, transport::ShmTransport>(call, spec, params);
   });
 }
 
 struct RegisterLowLatency {
   RegisterLowLatency() {
-    register_low_latency_entry<kernels::LowLatencyDispatchSendArgs>();
-    register_low_latency_entry<kernels::LowLatencyDispatchRecvArgs>();
-    register_low_latency_entry<kernels::LowLatencyCombineSendArgs>();
-    register_low_latency_entry<kernels::LowLatencyCombineRecvArgs>();
-    register_low_latency_entry<kernels::LowLatencyResetSignalsArgs>();
+#define EPCOMM_REGISTER(Args) register_low_latency_entry<kernels::Args>();
+    EPCOMM_FOR_EACH_LOW_LATENCY_KERNEL(EPCOMM_REGISTER)
+#undef EPCOMM_REGISTER
   }
 } const register_low_latency;
 

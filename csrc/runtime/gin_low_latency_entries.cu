@@ -54,30 +54,16 @@ struct LowLatencyTransportBinding<transport::GinTransport> : GinBinding {
 namespace epcomm::runtime::entries {
 
 // The GIN half of the cuda runtime's LL entries (cuda_low_latency_entries.cu registers them and picks).
+template <template <class> class Args>
 void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyDispatchSendParams const& params) {
-  run_low_latency<CudaTarget, kernels::LowLatencyDispatchSendArgs<transport::GinTransport>, transport::GinTransport>(
-      call, spec, params);
+                              typename Args<transport::ShmTransport>::Params const& params) {
+  run_low_latency<CudaTarget, Args<transport::GinTransport>, transport::GinTransport>(call, spec, params);
 }
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyDispatchRecvParams const& params) {
-  run_low_latency<CudaTarget, kernels::LowLatencyDispatchRecvArgs<transport::GinTransport>, transport::GinTransport>(
-      call, spec, params);
-}
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyCombineSendParams const& params) {
-  run_low_latency<CudaTarget, kernels::LowLatencyCombineSendArgs<transport::GinTransport>, transport::GinTransport>(
-      call, spec, params);
-}
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyCombineRecvParams const& params) {
-  run_low_latency<CudaTarget, kernels::LowLatencyCombineRecvArgs<transport::GinTransport>, transport::GinTransport>(
-      call, spec, params);
-}
-void run_low_latency_over_gin(KernelCall const& call, kernels::LowLatencySpec const& spec,
-                              kernels::LowLatencyResetSignalsParams const& params) {
-  run_low_latency<CudaTarget, kernels::LowLatencyResetSignalsArgs<transport::GinTransport>, transport::GinTransport>(
-      call, spec, params);
-}
+
+#define EPCOMM_INSTANTIATE(Args)                                                                          \
+  template void run_low_latency_over_gin<kernels::Args>(KernelCall const&, kernels::LowLatencySpec const&, \
+                                                        kernels::Args<transport::ShmTransport>::Params const&);
+EPCOMM_FOR_EACH_LOW_LATENCY_KERNEL(EPCOMM_INSTANTIATE)
+#undef EPCOMM_INSTANTIATE
 
 }  // namespace epcomm::runtime::entries

@@ -39,21 +39,17 @@ namespace entries {
 
 // Across nodes the LL kernels go through GIN (cuda_low_latency.hpp); a runtime of this build never has a
 // network (open_network throws first), so these are never reached but say why if they were.
-void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyDispatchSendParams const&) {
+template <template <class> class Args>
+void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&,
+                              typename Args<transport::ShmTransport>::Params const&) {
   no_gin();
 }
-void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyDispatchRecvParams const&) {
-  no_gin();
-}
-void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyCombineSendParams const&) {
-  no_gin();
-}
-void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyCombineRecvParams const&) {
-  no_gin();
-}
-void run_low_latency_over_gin(KernelCall const&, kernels::LowLatencySpec const&, kernels::LowLatencyResetSignalsParams const&) {
-  no_gin();
-}
+
+#define EPCOMM_INSTANTIATE(Args)                                                                          \
+  template void run_low_latency_over_gin<kernels::Args>(KernelCall const&, kernels::LowLatencySpec const&, \
+                                                        kernels::Args<transport::ShmTransport>::Params const&);
+EPCOMM_FOR_EACH_LOW_LATENCY_KERNEL(EPCOMM_INSTANTIATE)
+#undef EPCOMM_INSTANTIATE
 
 }  // namespace entries
 
