@@ -33,6 +33,8 @@ struct Scale {
   // Internode over ShmTransport (device peer pointers standing in for the network): 2 nodes x 4
   int internode_nodes = 2, internode_nvl_ranks = 4, internode_tokens = 1024;
   kernels::InternodeConfig internode_config{{10, 6, 128}, 16, 128};  // NVL side; network chunk, network ring
+  // Low-latency kernels over ShmTransport on device memory: R fake ranks, DeepEP's decode shape
+  int ll_ranks = 8, ll_max_tokens = 128;
 };
 
 Scale gpu_scale();
@@ -55,5 +57,6 @@ std::vector<Check> intranode_checks(Scale const& scale);       // checks_intrano
 std::vector<Check> missing_rank_checks(Scale const& scale);    // checks_missing_rank.cpp
 std::vector<Check> long_kernel_checks(Scale const& scale);     // checks_long_kernel.cpp
 std::vector<Check> internode_checks(Scale const& scale);       // checks_internode.cpp
+std::vector<Check> low_latency_checks(Scale const& scale);     // checks_low_latency.cpp
 
 }  // namespace epcomm::gpu_check

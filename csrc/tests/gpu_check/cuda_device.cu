@@ -16,6 +16,7 @@
 #include "../../kernels/co_residency.hpp"
 #include "../../kernels/internode_validate.hpp"
 #include "../../kernels/intranode_validate.hpp"
+#include "../../kernels/low_latency_validate.hpp"
 #include "device.hpp"
 
 namespace epcomm::gpu_check {
@@ -147,6 +148,19 @@ class CudaDevice final : public Device {
     kernels::CoResidency refused;
     if (valid(rank, args))
       note(rank, args, kernels::cuda_launch_internode_combine(args, stream(rank), &refused), &refused);
+  }
+  // LL grids wait on peers' signals only, never on each other's blocks: no co-residency to refuse
+  void launch(int rank, kernels::LowLatencyDispatchSendArgs<Shm> const& args) override {
+    if (valid(rank, args)) note(rank, args, kernels::cuda_launch_low_latency_dispatch_send(args, stream(rank)), nullptr);
+  }
+  void launch(int rank, kernels::LowLatencyDispatchRecvArgs<Shm> const& args) override {
+    if (valid(rank, args)) note(rank, args, kernels::cuda_launch_low_latency_dispatch_recv(args, stream(rank)), nullptr);
+  }
+  void launch(int rank, kernels::LowLatencyCombineSendArgs<Shm> const& args) override {
+    if (valid(rank, args)) note(rank, args, kernels::cuda_launch_low_latency_combine_send(args, stream(rank)), nullptr);
+  }
+  void launch(int rank, kernels::LowLatencyCombineRecvArgs<Shm> const& args) override {
+    if (valid(rank, args)) note(rank, args, kernels::cuda_launch_low_latency_combine_recv(args, stream(rank)), nullptr);
   }
 
   // Polls every stream of the step (never a device-wide synchronize: the long kernel may be running).

@@ -18,6 +18,7 @@
 
 #include "../../kernels/internode.hpp"
 #include "../../kernels/intranode.hpp"
+#include "../../kernels/low_latency.hpp"
 #include "../../runtime/device_runtime.hpp"
 #include "../../transport/shm_transport.cuh"
 
@@ -66,6 +67,10 @@ class Device {
   virtual void launch(int rank, kernels::InternodeNotifyArgs<Shm> const& args) = 0;
   virtual void launch(int rank, kernels::InternodeDispatchArgs<Shm> const& args) = 0;
   virtual void launch(int rank, kernels::InternodeCombineArgs<Shm> const& args) = 0;
+  virtual void launch(int rank, kernels::LowLatencyDispatchSendArgs<Shm> const& args) = 0;
+  virtual void launch(int rank, kernels::LowLatencyDispatchRecvArgs<Shm> const& args) = 0;
+  virtual void launch(int rank, kernels::LowLatencyCombineSendArgs<Shm> const& args) = 0;
+  virtual void launch(int rank, kernels::LowLatencyCombineRecvArgs<Shm> const& args) = 0;
   virtual StepOutcome finish_step() = 0;
 
   // Blocks of a family's dispatch and combine kernels (the smaller count) that fit on one SM at

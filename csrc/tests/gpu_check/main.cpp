@@ -38,6 +38,8 @@ Scale dry_run_scale() {
   scale.stall_tokens = 32;
   scale.internode_tokens = 40;
   scale.internode_config = {{2, 2, 6}, 2, 4};
+  scale.ll_ranks = 4;
+  scale.ll_max_tokens = 12;
   return scale;
 }
 
@@ -47,7 +49,7 @@ constexpr int kExitFailed = 1, kExitHarnessError = 2, kExitNoGpu = 3;
 
 std::vector<Check> all_checks(Scale const& scale) {
   std::vector<Check> checks;
-  for (auto family : {intranode_checks, missing_rank_checks, long_kernel_checks, internode_checks})
+  for (auto family : {intranode_checks, missing_rank_checks, long_kernel_checks, internode_checks, low_latency_checks})
     for (Check& check : family(scale)) checks.push_back(std::move(check));
   return checks;
 }

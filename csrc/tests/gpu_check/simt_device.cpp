@@ -80,6 +80,18 @@ class SimtDevice final : public Device {
   void launch(int rank, kernels::InternodeCombineArgs<Shm> const& args) override {
     add(rank, kernels::add_internode_combine, args);
   }
+  void launch(int rank, kernels::LowLatencyDispatchSendArgs<Shm> const& args) override {
+    add(rank, kernels::add_low_latency_dispatch_send, args);
+  }
+  void launch(int rank, kernels::LowLatencyDispatchRecvArgs<Shm> const& args) override {
+    add(rank, kernels::add_low_latency_dispatch_recv, args);
+  }
+  void launch(int rank, kernels::LowLatencyCombineSendArgs<Shm> const& args) override {
+    add(rank, kernels::add_low_latency_combine_send, args);
+  }
+  void launch(int rank, kernels::LowLatencyCombineRecvArgs<Shm> const& args) override {
+    add(rank, kernels::add_low_latency_combine_recv, args);
+  }
 
   StepOutcome finish_step() override {
     StepOutcome outcome;
