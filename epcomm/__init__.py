@@ -14,6 +14,7 @@ from .buffer import Buffer, FP8Tensor
 from .config import Config
 from .errors import (
     EpcommBackendUnavailable,
+    EpcommCallRejected,
     EpcommError,
     EpcommInputError,
     EpcommPeerError,
@@ -37,6 +38,7 @@ __all__ = [
     "EpcommTimeoutError",
     "EpcommPeerError",
     "EpcommBackendUnavailable",
+    "EpcommCallRejected",
     "ExpertPlacement",
     "LinkClass",
     "LinkTraffic",

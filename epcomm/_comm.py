@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ._progress import ProgressBoard, agree_board_id
-from .errors import EpcommPeerError, EpcommTimeoutError
+from .errors import EpcommCallRejected, EpcommPeerError, EpcommTimeoutError
 from .topology import Topology
 from ._wire import RowFormat
 from .traffic import TrafficStats
@@ -85,6 +85,8 @@ class GroupComm:
             self.board.enter(op, stage)
         try:
             works = start()
+        except EpcommCallRejected:
+            raise  # every rank's kernel moved nothing: no peer failed, the group stays usable
         except RuntimeError as err:
             raise self._failure(op, stage, err, posted=post) from err
         works = [w for w in (works if isinstance(works, list) else [works]) if w is not None]

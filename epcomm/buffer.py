@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Union
 
 import torch
@@ -22,13 +23,13 @@ from ._agree import ALGORITHM_NAMES, NODE_PARTIAL_NAMES, OPERATION_NAMES
 from .backends import agree_available, backend_class, resolve_backend
 from .backends.base import BackendOptions, CallCheck, DispatchCall, ExpertCounts
 from .config import Config
-from .errors import EpcommError, EpcommInputError
+from .errors import EpcommCallRejected, EpcommError, EpcommInputError
 from ._async import AsyncRunner, copy_into, private_group
 from ._streams import tensors_in
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle
 from .layout import DispatchLayout, compute_layout, token_node_mask
-from .low_latency import LowLatencyHandle, LowLatencyLayout, LowLatencyOps
+from .low_latency import LowLatencyHandle, LowLatencyLayout, LowLatencyOps, is_host_sync_free
 from .placement import ExpertPlacement, check_num_experts
 from .topology import Topology
 from .traffic import TrafficStats
@@ -645,7 +646,8 @@ class Buffer:
         self._low_latency.note_normal_call()
 
         def data_phase():
-            recv = self._impl.dispatch_cached(tensors, handle.plan, config=config)
+            with self._rejected_as_input(op):
+                recv = self._impl.dispatch_cached(tensors, handle.plan, config=config)
             return self._unpack_x(recv, x_kind, handle.num_worst_tokens)
 
         if self._runs_async(async_finish):
@@ -727,7 +729,8 @@ class Buffer:
         node_partial_dtype = self._node_partial_dtype(x.dtype)
 
         def data_phase():
-            sums = self._impl.combine(tensors, handle.plan, config=config, node_partial_dtype=node_partial_dtype)
+            with self._rejected_as_input(op):
+                sums = self._impl.combine(tensors, handle.plan, config=config, node_partial_dtype=node_partial_dtype)
             if biases:
                 total = sums["x"].float()
                 for b in biases:
@@ -858,10 +861,32 @@ class Buffer:
         host agreement runs when they cannot or when any rank differs, and raises the named error."""
         plan = handle.plan if isinstance(handle, DispatchHandle) else None
         refused = problem is not None or plan is None or tensors is None
-        if self._impl.agree_in_barrier(CallCheck(op, signature_digest(signature), refused, tensors or {}, plan,
-                                                 config if isinstance(config, Config) else None)):
+        call = CallCheck(op, signature_digest(signature), refused, tensors or {}, plan,
+                         config if isinstance(config, Config) else None)
+        if is_host_sync_free() and self._impl.judges_on_device:
+            # No host wait at all: the verdict gates the data kernel on the device (a rank that refuses raises
+            # here; its peers' kernels move nothing and raise EpcommInputError naming it, see _rejected_as_input)
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise EpcommInputError(op, {self.rank: "normal-mode calls cannot be captured in a CUDA graph (their "
+                                                       "barriers count epochs on the host); capture low-latency "
+                                                       "calls"}, self.group_size)
+            why = self._impl.agree_on_device(call)  # a refusing rank too: its notify tells its peers' kernels
+            if why is not None:
+                raise EpcommInputError(op, {self.rank: problem or why}, self.group_size)
+            return
+        if self._impl.agree_in_barrier(call):
             return
         agree(self._comm, op, problem, signature, None, device)
+
+    @contextlib.contextmanager
+    def _rejected_as_input(self, op: str) -> Iterator[None]:
+        """A data kernel whose device call check said no (host_sync_free) raises EpcommInputError naming the
+        rank that differed: nothing moved on any rank, and the Buffer stays usable."""
+        try:
+            yield
+        except EpcommCallRejected as err:
+            raise EpcommInputError(op, {err.rank: f"{err.reason}; seen by rank {self.rank}'s kernel on the device, "
+                                                  "which moved nothing (host_sync_free)"}, self.group_size) from err
 
     def _node_partial_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
         """What the two-hop combine's node partials cross the network in (``combine_node_partials``)."""

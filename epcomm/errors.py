@@ -7,7 +7,10 @@ the problem, so that no rank is left waiting for a peer that gave up.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
+    "EpcommCallRejected",
     "EpcommError",
     "EpcommInputError",
     "EpcommTimeoutError",
@@ -48,3 +51,32 @@ class EpcommPeerError(EpcommError):
 
 class EpcommBackendUnavailable(EpcommError):
     """The requested backend cannot run on this machine (say, no GPU for ``"cuda"``)."""
+
+
+class EpcommCallRejected(EpcommError):
+    """A call made without a host wait (``epcomm.low_latency.host_sync_free``) that the ranks did not all make
+    alike: its data kernel saw the call check's "no" on the device and moved nothing, on every rank.
+
+    Raised by the kernel's report (the message is the runtime's: ``... call_rejected: rank=R role=call_gate
+    channel=-1 peer=P expected=0 observed=F``); :attr:`rank` is ``P``, the first rank whose call differed, and
+    :attr:`reason` says how (``F``: its call-check flags, +256 when its call itself differs, -1 none this
+    epoch). The buffers stay usable; the call's outputs were never written.
+    """
+
+    _REPORT = re.compile(r"call_rejected: .*peer=(-?\d+) expected=-?\d+ observed=(-?\d+)")
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        found = self._REPORT.search(message)
+        self.rank = int(found.group(1)) if found else -1
+        flags = int(found.group(2)) if found else -1
+        if flags < 0:
+            self.reason = "made no call check at this point (another operation, or none)"
+        elif flags & 1:  # (a refusing rank's digest differs too: its signature lacks what it refused)
+            self.reason = "refused its inputs (its own error names the problem)"
+        elif flags & 2:
+            self.reason = "needed other buffers than the current layout"
+        elif flags & 256:
+            self.reason = "made another call (operation, handle, shapes, dtypes or config differ)"
+        else:
+            self.reason = f"differed (call-check flags {flags})"

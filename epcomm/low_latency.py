@@ -67,7 +67,11 @@ _host_sync_free: contextvars.ContextVar[bool] = contextvars.ContextVar("epcomm_l
 @contextlib.contextmanager
 def host_sync_free() -> Iterator[None]:
     """LL calls inside this block run as under CUDA graph capture: no host read of a tensor value and
-    no agreement collective (only host-side checks of shapes, dtypes and flags, raised locally)."""
+    no agreement collective (only host-side checks of shapes, dtypes and flags, raised locally).
+
+    Cached dispatch and combine on the kernel backends wait for nothing on the host either: their call
+    check is judged on the device, where it gates the data kernel (``Buffer._agree_along_handle``); a
+    rank whose call differs makes every rank raise, its peers when their kernel's report is read."""
     token = _host_sync_free.set(True)
     try:
         yield

@@ -327,7 +327,8 @@ def test_runtime_rejects_misuse():
         num_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=1 << 20))
     barrier = dict(epoch=1, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None, num_tokens=0,
                    expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
-                   num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None)
+                   num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None,
+                   call_mismatch=None)
     with pytest.raises(TypeError, match="NotifyParams needs every field by name; missing: epoch"):
         ext.NotifyParams(**{k: v for k, v in barrier.items() if k != "epoch"})
     with pytest.raises(TypeError, match="NotifyParams has no field 'epcoh'"):
@@ -396,7 +397,8 @@ def _notify_barrier(ext, world, epoch):
         num_ranks=world, num_local_experts=0, num_topk=8, max_row_bytes=64))
     params = ext.NotifyParams(epoch=epoch, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None,
                               num_tokens=0, expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
-                              num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None)
+                              num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None,
+                   call_mismatch=None)
     return spec, params
 
 

@@ -327,3 +327,62 @@ def test_rdma_size_hint_is_exact(pools):
         assert message is not None and f"raise num_rdma_bytes to at least {rdma}" in message, message
     for message in [m for _, _, m in pools(4).run(buffers_at_hints, -1, 0)]:
         assert message is not None and f"raise num_nvl_bytes to at least {nvl}" in message, message
+
+
+def cached_calls_without_host_wait(rank, world, case: Case, mutation: str):
+    """Cached dispatch and combine under host_sync_free: the call check's notify and the data kernel are only
+    enqueued (no runtime call waits on the host) and give what the host-agreed calls give; with one rank's
+    call different, every rank raises EpcommInputError naming it (its data kernel moved nothing:
+    test_intranode.cpp, intranode_rejected_call_moves_nothing) and the Buffer works as before afterwards."""
+    from epcomm.low_latency import host_sync_free
+
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
+    inp = make_input(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank,
+                                                   num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                                                   num_tokens_per_expert=per_expert, topk_idx=inp.topk_idx,
+                                                   topk_weights=inp.topk_weights)
+    want_cached = buf.dispatch(inp.x, handle=handle)[0]
+    want_combined = buf.combine(recv_x, handle, topk_weights=recv_w)[0]
+    runtime = buf._impl._device_runtime
+
+    def no_host_wait(*args, **kwargs):
+        raise AssertionError("a kernel the host waits for ran under host_sync_free")
+
+    runtime.run = no_host_wait
+    with host_sync_free():
+        got_cached = buf.dispatch(inp.x, handle=handle)[0]
+        got_combined = buf.combine(recv_x, handle, topk_weights=recv_w)[0]
+    del runtime.run
+    assert torch.equal(got_cached.view(torch.int16), want_cached.view(torch.int16))
+    assert torch.equal(got_combined.view(torch.int16), want_combined.view(torch.int16))
+    bad = 1
+    x = recv_x
+    if rank == bad:
+        x = recv_x.half() if mutation == "another call" else recv_x[:-1]
+    try:
+        with host_sync_free():
+            buf.combine(x, handle, topk_weights=recv_w)
+        outcome = None
+    except epcomm.EpcommInputError as err:
+        outcome = (sorted(err.problems), str(err))
+    again = buf.combine(recv_x, handle, topk_weights=recv_w)[0]  # outside host_sync_free, as usual
+    assert torch.equal(again.view(torch.int16), want_combined.view(torch.int16))
+    return outcome
+
+
+@pytest.mark.parametrize("nodes,nvl", [(1, 4), (2, 2)])
+@pytest.mark.parametrize("mutation", ["refused", "another call"])
+def test_cached_calls_judged_on_the_device(pools, nodes, nvl, mutation):
+    case = Case(num_nodes=nodes, nvl=nvl, tokens=(9, 14, 6, 11), kind="bf16", max_nodes=2, seed=71)
+    for rank, outcome in enumerate(pools(4).run(cached_calls_without_host_wait, case, mutation)):
+        assert outcome is not None, f"rank {rank}: the different call passed"
+        ranks, message = outcome
+        if mutation == "refused":
+            # rank 1 knows its problem; the others' kernels saw its refusal on the device and moved nothing
+            assert ranks == [1], message
+            assert ("x must have shape" in message) if rank == 1 else ("refused its inputs" in message), message
+        else:
+            # every rank's kernel saw another call: rank 1's peers name it, rank 1 names the first that differed
+            assert ranks == [0 if rank == 1 else 1] and "made another call" in message, message

@@ -20,6 +20,9 @@ enum class ErrorCode : int32_t {
   kBadRouting = 3,   // a token needs more nodes than the buffers were sized for (expected = limit, observed = nodes)
   kBadInput = 4,     // low-latency: an expert id out of range or repeated in a row (expected = num_experts,
                      // observed = the id), or a layout_range slice out of bounds (expected = bound, observed = end)
+  kCallRejected = 5,  // a data kernel's call check (call_check.cuh) said not every rank runs this call: nothing
+                      // moved (peer = the first rank whose call header differed, expected = 0, observed = its
+                      // flags + 256 when its call differs, or -1). Raises no abort: every rank stops alike.
 };
 
 enum class KernelId : int32_t {
@@ -60,6 +63,7 @@ enum class Role : int32_t {
   kLlReducer = 17,         // combine receive: waits for the rows of every expert of its token
   kSignalReset = 18,       // internode re-layout: waits for the adds still due to one of its signals (channel and
                            // peer of a ring signal; peer = source of a barrier signal)
+  kCallGate = 19,          // a data kernel's first check: the verdict of the notify's call check (kCallRejected)
 };
 
 inline constexpr int32_t kErrorSlotClaimed = -1;  // `code` while the first failing thread fills the slot
@@ -83,6 +87,7 @@ inline char const* error_code_name(int32_t code) {
     case ErrorCode::kPeerAborted: return "peer_aborted";
     case ErrorCode::kBadRouting: return "bad_routing";
     case ErrorCode::kBadInput: return "bad_input";
+    case ErrorCode::kCallRejected: return "call_rejected";
   }
   return "unknown";
 }
@@ -126,6 +131,7 @@ inline char const* role_name(int32_t role) {
     case Role::kLlCombineSender: return "ll_combine_sender";
     case Role::kLlReducer: return "ll_reducer";
     case Role::kSignalReset: return "signal_reset";
+    case Role::kCallGate: return "call_gate";
   }
   return "unknown";
 }
@@ -172,7 +178,7 @@ EPCOMM_DEVICE void report_failure(WaitContext const& context, ErrorCode code, in
     slot->observed = observed;
     ptx::st_release_sys_global(&slot->code, int32_t(code));
   }
-  if (code != ErrorCode::kPeerAborted) {
+  if (code != ErrorCode::kPeerAborted && code != ErrorCode::kCallRejected) {
     for (int r = 0; r < context.num_ranks; ++r) ptx::st_release_sys_global(abort_flag(context, r), int32_t(1));
   }
 }

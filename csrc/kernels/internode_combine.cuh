@@ -229,6 +229,9 @@ EPCOMM_DEVICE void combine_network_receiver(InternodeCombineArgs<Transport> cons
 template <class Transport>
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * max_block_warps<Transport>(), 1)
     internode_combine_kernel(InternodeCombineArgs<Transport> args) {
+  // the notify before it rejected this call (call_check.cuh): nothing moves on any rank
+  if (call_rejected(args.call_verdict))
+    return report_call_rejected(internode_wait_context(args.comm, KernelId::kInternodeCombine, Role::kCallGate, -1, -1), args.call_verdict);
   int const channel = int(blockIdx.x) / kInternodeBlocksPerChannel;
   int const role_block = int(blockIdx.x) % kInternodeBlocksPerChannel;
   if (role_block == 0) {

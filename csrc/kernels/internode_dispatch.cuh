@@ -316,6 +316,9 @@ EPCOMM_DEVICE void nvl_receiver(InternodeDispatchArgs<Transport> const& args, in
 template <class Transport>
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * max_block_warps<Transport>(), 1)
     internode_dispatch_kernel(InternodeDispatchArgs<Transport> args) {
+  // the notify before it rejected this call (call_check.cuh): nothing moves on any rank
+  if (call_rejected(args.call_verdict))
+    return report_call_rejected(internode_wait_context(args.comm, KernelId::kInternodeDispatch, Role::kCallGate, -1, -1), args.call_verdict);
   int const channel = int(blockIdx.x) / kInternodeBlocksPerChannel;
   int const role_block = int(blockIdx.x) % kInternodeBlocksPerChannel;
   int const warp = int(threadIdx.x) / 32;

@@ -241,9 +241,9 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) i
   internode_send_messages(args, parity);
   if (internode_barrier(args)) {
     if (args.call_flags != kNoCallCheck && threadIdx.x == 0)
-      *args.call_agreed = all_call_headers_agree(comm.num_ranks, args.call_digest, args.epoch, [&](int src) {
-        return internode_received_call_header(comm, parity, src);
-      });
+      judge_call(comm.num_ranks, args.call_digest, args.epoch,
+                 [&](int src) { return internode_received_call_header(comm, parity, src); }, args.call_agreed,
+                 args.call_mismatch);
     if (args.exchange_counts) internode_build_prefixes(args, parity);
     if (args.reset_signals) internode_reset_own_signals(args);
   }

@@ -81,7 +81,8 @@ struct IntranodeSpec {
   F(int32_t*, num_recv_tokens_per_expert, nullptr, "[L] out, each rounded up to expert_alignment (with num_tokens_per_expert)") \
   F(int64_t, call_digest, 0, "with call_flags >= 0: the hash of the call every rank should be running (call_check.cuh)") \
   F(int, call_flags, -1, "-1: no call check; else this rank's kCallRefused | kCallNeedsLayout bits")                 \
-  F(int32_t*, call_agreed, nullptr, "[1] out with call_flags >= 0: 1 when every rank runs this call and accepts it")
+  F(int32_t*, call_agreed, nullptr, "[1] out with call_flags >= 0: 1 when every rank runs this call and accepts it") \
+  F(int32_t*, call_mismatch, nullptr, "[2] out or null: the first rank whose header differed and its flags (call_check.cuh)")
 struct NotifyParams {
   using Spec = IntranodeSpec;
   static constexpr char const* kName = "intranode_notify";
@@ -109,7 +110,8 @@ struct NotifyArgs : WithComm<CommArgs>, NotifyParams {
   F(void*, recv_x_scales, nullptr, "[M, scale_bytes] out")                                                       \
   F(int64_t*, recv_topk_idx, nullptr, "[M, K] out or null: local expert ids, -1 for experts of other ranks")    \
   F(float*, recv_topk_weights, nullptr, "[M, K] out or null: 0 where recv_topk_idx is -1")                      \
-  F(int32_t*, recv_src_idx, nullptr, "[M] out: token index on the source rank")
+  F(int32_t*, recv_src_idx, nullptr, "[M] out: token index on the source rank")                                \
+  F(int32_t const*, call_verdict, nullptr, "[3] or null: a notify's call_agreed + call_mismatch; not 1: do nothing")
 struct IntranodeDispatchParams {
   using Spec = IntranodeSpec;
   static constexpr char const* kName = "intranode_dispatch";
@@ -132,7 +134,8 @@ struct IntranodeDispatchArgs : WithComm<CommArgs>, IntranodeDispatchParams {
   F(bool const*, is_token_in_rank, nullptr, "[N, R] of the dispatch")                                            \
   F(int32_t const*, recv_channel_prefix_matrix, nullptr, "[R, C + 1] of the dispatch")                          \
   F(void*, combined_x, nullptr, "[N, hidden] of element_kind, out")                                              \
-  F(float*, combined_topk_weights, nullptr, "[N, K] out, or null: no weights")
+  F(float*, combined_topk_weights, nullptr, "[N, K] out, or null: no weights")                                   \
+  F(int32_t const*, call_verdict, nullptr, "[3] or null: a notify's call_agreed + call_mismatch; not 1: do nothing")
 struct IntranodeCombineParams {
   using Spec = IntranodeSpec;
   static constexpr char const* kName = "intranode_combine";

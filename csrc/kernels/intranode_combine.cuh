@@ -136,6 +136,9 @@ EPCOMM_DEVICE void combine_receiver(IntranodeCombineArgs const& args, int channe
 }
 
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxNvlRanks, 1) intranode_combine_kernel(IntranodeCombineArgs args) {
+  // the notify before it rejected this call (call_check.cuh): nothing moves on any rank
+  if (call_rejected(args.call_verdict))
+    return report_call_rejected(comm_wait_context(args.comm, KernelId::kCombine, Role::kCallGate, -1, -1), args.call_verdict);
   int const channel = int(blockIdx.x) / 2;
   if (blockIdx.x % 2 == 0) {
     int const peer = int(threadIdx.x) / 32;

@@ -110,6 +110,9 @@ EPCOMM_DEVICE void dispatch_receiver(IntranodeDispatchArgs const& args, int chan
 }
 
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxNvlRanks, 1) intranode_dispatch_kernel(IntranodeDispatchArgs args) {
+  // the notify before it rejected this call (call_check.cuh): nothing moves on any rank
+  if (call_rejected(args.call_verdict))
+    return report_call_rejected(comm_wait_context(args.comm, KernelId::kDispatch, Role::kCallGate, -1, -1), args.call_verdict);
   int const channel = int(blockIdx.x) / 2;
   int const peer = int(threadIdx.x) / 32;
   if (peer >= args.comm.num_ranks) return;

@@ -53,8 +53,9 @@ EPCOMM_DEVICE void notify_judge_call(NotifyArgs const& args, int parity) {
   CommArgs const& comm = args.comm;
   void* const own_buffer = comm.peer_buffers[comm.rank];
   if (threadIdx.x == 0)
-    *args.call_agreed = all_call_headers_agree(comm.num_ranks, args.call_digest, args.epoch,
-                                               [&](int src) { return comm.workspace.call_header(own_buffer, parity, src); });
+    judge_call(comm.num_ranks, args.call_digest, args.epoch,
+               [&](int src) { return comm.workspace.call_header(own_buffer, parity, src); }, args.call_agreed,
+               args.call_mismatch);
 }
 
 // Returns false (in every thread) when a peer never arrived.

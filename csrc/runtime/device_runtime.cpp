@@ -18,6 +18,7 @@ char const* error_code_name(ErrorCode code) {
     case ErrorCode::kSystem: return "system error";
     case ErrorCode::kTimeout: return "timeout";
     case ErrorCode::kKernelFailed: return "kernel failed";
+    case ErrorCode::kCallRejected: return "call rejected";
   }
   return "unknown";
 }

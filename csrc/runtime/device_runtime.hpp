@@ -57,6 +57,8 @@ enum class ErrorCode {
   kSystem,           // an OS or CUDA call failed
   kTimeout,          // a peer did not arrive in time (barrier, kernel timeout, SIMT watchdog)
   kKernelFailed,     // a kernel trapped, raised, or broke a SIMT rule
+  kCallRejected,     // a data kernel's call check (kernels/call_check.cuh) said not every rank runs this call:
+                     // nothing moved, the buffers stay usable (no peer failed)
 };
 
 char const* error_code_name(ErrorCode code);

@@ -64,8 +64,9 @@ inline void finish(char const* name, int rank, LaunchOutcome const& outcome, ker
   if (slot.code != 0) {
     char text[256];
     kernels::describe_error(slot, text, sizeof(text));
-    ErrorCode const code =
-        slot.code == int32_t(kernels::ErrorCode::kTimeout) ? ErrorCode::kTimeout : ErrorCode::kKernelFailed;
+    ErrorCode const code = slot.code == int32_t(kernels::ErrorCode::kTimeout)         ? ErrorCode::kTimeout
+                           : slot.code == int32_t(kernels::ErrorCode::kCallRejected) ? ErrorCode::kCallRejected
+                                                                                      : ErrorCode::kKernelFailed;
     throw RuntimeError(code, where + text);
   }
   if (!outcome.problem.empty()) throw RuntimeError(outcome.code, where + outcome.problem);

@@ -261,6 +261,57 @@ EPCOMM_TEST(intranode_call_check) {
   }
 }
 
+// A dispatch gated by a call check that rank 2 refused (call_check.cuh): every rank's grid returns at once and
+// reports call_rejected naming rank 2 and its flags, no abort flag goes up, nothing is written, and the next
+// round on the same buffers runs as usual.
+EPCOMM_TEST(intranode_rejected_call_moves_nothing) {
+  Shape shape{4, 2, 4, 2, token_counts(4, 16, 9), 64, false, 4, 2, 1, 1, 91};
+  int const R = shape.num_ranks, C = shape.num_channels;
+  Cluster cluster(shape, std::nullopt);
+  run_round(cluster, 3);
+  std::vector<RankTokens> data = make_inputs(shape, 4);
+  std::vector<test::NormalRankBuffers> out(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r) run_layout_and_check_counts(shape, data[r], out[r]);
+  ++cluster.epoch;
+  cluster.run_on_every_rank("notify", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::NotifyArgs args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    test::set_notify_counts(args, out[r], data[r], R, C, shape.num_local_experts, shape.expert_alignment, 4);
+    kernels::add_notify(launch, args);
+  });
+  std::vector<std::array<int32_t, 3>> verdicts(static_cast<size_t>(R), {-1, -1, -1});
+  ++cluster.epoch;
+  cluster.run_on_every_rank("notify_call_check", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::NotifyArgs args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    args.call_digest = 77;
+    args.call_flags = r == 2 ? kernels::kCallRefused : 0;
+    args.call_agreed = &verdicts[size_t(r)][0];
+    args.call_mismatch = &verdicts[size_t(r)][1];
+    kernels::add_notify(launch, args);
+  });
+  for (int r = 0; r < R; ++r) CHECK((verdicts[size_t(r)] == std::array<int32_t, 3>{0, 2, kernels::kCallRefused}));
+  simt::ConcurrentLaunch launch(cluster.options("dispatch_rejected"));
+  for (int r = 0; r < R; ++r) {
+    kernels::IntranodeDispatchArgs args;
+    args.comm = cluster.comm(r);
+    test::set_dispatch_rows(args, out[size_t(r)], data[size_t(r)], shape.dispatch_shape(), R * shape.num_local_experts);
+    args.call_verdict = verdicts[size_t(r)].data();
+    kernels::add_intranode_dispatch(launch, args);
+  }
+  CHECK(launch.try_run().ok());
+  for (int r = 0; r < R; ++r) {
+    CHECK_CONTAINS(error_text(cluster.errors[size_t(r)]), "intranode_dispatch call_rejected: rank=" + std::to_string(r) +
+                                                               " role=call_gate channel=-1 peer=2 expected=0 observed=1");
+    CHECK(std::all_of(out[size_t(r)].recv_x.begin(), out[size_t(r)].recv_x.end(), [](uint8_t b) { return b == 0xee; }));
+    CHECK_EQ(*cluster.workspace.abort_flag(cluster.peer_buffers[size_t(r)]), 0);
+    cluster.errors[size_t(r)] = kernels::ErrorSlot{};
+  }
+  run_round(cluster, 5);
+}
+
 // A rank that never launches: its peers' waits time out and name it.
 EPCOMM_TEST(intranode_timeout_names_the_missing_peer) {
   Shape shape{2, 1, 4, 2, {8, 8}, 64, false, 2, 2, 1, 1, 77};

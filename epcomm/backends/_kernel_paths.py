@@ -82,36 +82,41 @@ CALL_REFUSED, CALL_NEEDS_LAYOUT = 1, 2  # call_flags bits (kCallRefused, kCallNe
 
 def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, outputs: NotifyOutputs | None,
                    call: tuple[int, int, torch.Tensor] | None, experts: ExpertCounts | None) -> dict:
-    """The notify fields both paths share; ``in_rank=None``: no counts; ``call``: (digest, flags, agreed [1]
-    int32); ``experts`` (with ``outputs.expert_counts``): per-expert counts too."""
+    """The notify fields both paths share; ``in_rank=None``: no counts; ``call``: (digest, flags, agreed int32
+    [1], or [3]: the verdict, then the first rank that differed and its flags, for a data kernel's gate);
+    ``experts`` (with ``outputs.expert_counts``): per-expert counts too."""
     digest, flags, agreed = call if call is not None else (0, NO_CALL_CHECK, None)
+    mismatch = agreed.data_ptr() + 4 if agreed is not None and agreed.numel() >= 3 else None
     rank_prefix, channel_prefix, _, expert_counts = outputs if outputs is not None else (None,) * 4
     sent, alignment = (experts.sent, experts.alignment) if experts is not None and expert_counts is not None else (None, 1)
     return dict(epoch=epoch, exchange_counts=in_rank is not None, is_token_in_rank=_data_ptr(in_rank),
                 num_tokens_per_expert=_data_ptr(sent), num_tokens=num_tokens, expert_alignment=alignment,
                 recv_rank_prefix=_data_ptr(rank_prefix), recv_channel_prefix_matrix=_data_ptr(channel_prefix),
                 num_recv_tokens_per_expert=_data_ptr(expert_counts) if sent is not None else None,
-                call_digest=digest, call_flags=flags, call_agreed=_data_ptr(agreed))
+                call_digest=digest, call_flags=flags, call_agreed=_data_ptr(agreed), call_mismatch=mismatch)
 
 
-def _dispatch_fields(plan, t: dict, recv: dict) -> dict:
-    """The dispatch fields both paths share, from the dispatch's inputs ``t`` and outputs ``recv``."""
+def _dispatch_fields(plan, t: dict, recv: dict, verdict: torch.Tensor | None = None) -> dict:
+    """The dispatch fields both paths share, from the dispatch's inputs ``t`` and outputs ``recv``; ``verdict``:
+    the gate (a notify's call check, [3] int32) or None."""
     return dict(x=_data_ptr(t["x"]), hidden_bytes=t["hidden_bytes"], x_scales=_data_ptr(t["scales"]),
                 scale_bytes=t["scale_bytes"], topk_idx=_data_ptr(t["topk_idx"]),
                 topk_weights=_data_ptr(t["topk_weights"]), num_topk=t["num_topk"], num_experts=t["num_experts"],
                 num_tokens=plan.num_tokens, is_token_in_rank=_data_ptr(plan.is_token_in_rank),
                 recv_channel_prefix_matrix=_data_ptr(plan.recv_channel_prefix), recv_x=_data_ptr(recv["x"]),
                 recv_x_scales=_data_ptr(recv["scales"]), recv_topk_idx=_data_ptr(recv["topk_idx"]),
-                recv_topk_weights=_data_ptr(recv["topk_weights"]), recv_src_idx=_data_ptr(recv["src_idx"]))
+                recv_topk_weights=_data_ptr(recv["topk_weights"]), recv_src_idx=_data_ptr(recv["src_idx"]),
+                call_verdict=_data_ptr(verdict))
 
 
-def _combine_fields(plan, x: torch.Tensor, weights, num_topk: int, combined, combined_w) -> dict:
-    """The combine fields both paths share."""
+def _combine_fields(plan, x: torch.Tensor, weights, num_topk: int, combined, combined_w,
+                    verdict: torch.Tensor | None = None) -> dict:
+    """The combine fields both paths share (``verdict``: as :func:`_dispatch_fields`)."""
     return dict(x=_data_ptr(x), element_kind=ELEMENT_KINDS[x.dtype], topk_weights=_data_ptr(weights),
                 hidden=x.size(1), num_topk=num_topk, num_tokens=plan.num_tokens,
                 is_token_in_rank=_data_ptr(plan.is_token_in_rank),
                 recv_channel_prefix_matrix=_data_ptr(plan.recv_channel_prefix), combined_x=_data_ptr(combined),
-                combined_topk_weights=_data_ptr(combined_w))
+                combined_topk_weights=_data_ptr(combined_w), call_verdict=_data_ptr(verdict))
 
 
 class _KernelPath:
@@ -188,12 +193,14 @@ class _KernelPath:
             raise ValueError(f"the {self.prefix} kernels have no transport signals to reset")
         return getattr(self.ext, self.notify_type)(**fields, **self._extra_notify(forward_prefix, reset_signals))
 
-    def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict):
-        return getattr(self.ext, self.dispatch_type)(**_dispatch_fields(plan, t, recv), **self._extra(plan, counters))
+    def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict,
+                        verdict: torch.Tensor | None = None):
+        return getattr(self.ext, self.dispatch_type)(**_dispatch_fields(plan, t, recv, verdict),
+                                                     **self._extra(plan, counters))
 
     def combine_params(self, plan, counters: torch.Tensor | None, x, weights, num_topk: int, combined, combined_w,
-                       node_partial_dtype: torch.dtype | None = None):
-        fields = _combine_fields(plan, x, weights, num_topk, combined, combined_w)
+                       node_partial_dtype: torch.dtype | None = None, verdict: torch.Tensor | None = None):
+        fields = _combine_fields(plan, x, weights, num_topk, combined, combined_w, verdict)
         return getattr(self.ext, self.combine_type)(**fields, **self._extra(plan, counters),
                                                     **self._extra_combine(x, node_partial_dtype))
 

@@ -175,6 +175,16 @@ class DispatchBackend(abc.ABC):
         """
         return False
 
+    # Whether :meth:`agree_on_device` exists (the kernel backends).
+    judges_on_device = False
+
+    def agree_on_device(self, call: CallCheck) -> str | None:
+        """Under ``host_sync_free``, a call along a handle without any host wait: the backend issues the call
+        check and its verdict gates the call's data kernel on the device. Returns None when this rank runs the
+        call, else why it cannot (its peers then learn it from their kernels: ``EpcommCallRejected``).
+        Only where :attr:`judges_on_device`."""
+        raise NotImplementedError(f"the {self.name!r} backend agrees on the host")
+
     def agreed_expert_counts(self) -> list[int] | None:
         """Rows this rank receives per local expert (rounded up to ``experts.alignment``) in the dispatch
         whose :meth:`agree_in_barrier` just said "yes", when its barrier summed every rank's

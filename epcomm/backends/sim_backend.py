@@ -390,6 +390,7 @@ class SimDispatchBackend(DispatchBackend):
         self._epoch = 0
         self._last_spec = None
         self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
+        self._verdict: tuple | None = None  # (op, [3] int32 on the device) of agree_on_device, for the data kernel
         if (num_nvl_bytes > 0 or num_rdma_bytes > 0) and self._sized_at_construction(options):
             # (num_nvl_bytes=0 with num_rdma_bytes: DeepEP's low-latency-only buffer; normal calls on it are refused
             # before anything moves, naming num_nvl_bytes)
@@ -637,6 +638,43 @@ class SimDispatchBackend(DispatchBackend):
         self._agreed = (call.op, in_rank, outputs)
         return True
 
+    judges_on_device = True
+
+    def agree_on_device(self, call: CallCheck) -> str | None:
+        """See :meth:`DispatchBackend.agree_on_device`: the call check's notify is only enqueued; its verdict
+        (``[3]`` int32 on the device: agreed, the first rank that differed, its flags) is the data kernel's
+        ``call_verdict`` (kernels/call_check.cuh), which on "no" moves nothing on any rank and reports
+        EpcommCallRejected. A call that needs another layout is refused here (a re-layout waits on the host);
+        before any normal-mode layout (the same state on every rank) every rank refuses without communicating."""
+        self._verdict = None
+        runtime, layout = self._device_runtime, self._last_spec
+        if runtime is None or not hasattr(layout, "workspace"):
+            return ("no normal-mode buffer layout yet (first call, or LL calls since): make a call of this shape "
+                    "outside host_sync_free first")
+        flags, why = (CALL_REFUSED, "its inputs were refused") if call.refused else (0, None)
+        if not call.refused:
+            try:
+                spec = self._call_spec(call.op, call.tensors, call.plan, call.config)
+                if spec != layout or not self._holds(runtime, spec):
+                    flags, why = CALL_NEEDS_LAYOUT, ("this call needs another buffer layout than the current one, "
+                                                     "and a re-layout waits on the host: make it once outside "
+                                                     "host_sync_free first")
+            except Exception as err:  # noqa: BLE001 - said to the caller as this rank's problem
+                flags, why = CALL_NEEDS_LAYOUT, str(err)
+        verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
+        self._kernel_reads(verdict)
+        runtime.enqueue(layout, self.path.notify_params(self._next_epoch(), call=(call.digest, flags, verdict)),
+                        op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
+        if flags:
+            return why
+        self._verdict = (call.op, verdict)
+        return None
+
+    def _take_verdict(self, op: str) -> torch.Tensor | None:
+        """The device verdict :meth:`agree_on_device` left for ``op``'s data kernel, or None."""
+        verdict, self._verdict = self._verdict, None
+        return verdict[1] if verdict is not None and verdict[0] == op else None
+
     def agreed_expert_counts(self) -> list[int] | None:
         """See :meth:`DispatchBackend.agreed_expert_counts`: from the call check's notify."""
         if self._agreed is None or self._agreed[0] != "dispatch" or self._agreed[2].expert_counts is None:
@@ -721,7 +759,7 @@ class SimDispatchBackend(DispatchBackend):
         return self._dispatch_rows(runtime, tensors, plan, num_topk, num_experts, op="dispatch"), plan
 
     def _dispatch_rows(self, runtime: SimRuntime, tensors, plan: SimPlan, num_topk: int, num_experts: int = 0, *,
-                       spec=None, op: str) -> dict[str, torch.Tensor]:
+                       spec=None, op: str, verdict: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         spec = spec or plan.spec
         contiguous = lambda name: tensors[name].contiguous() if name in tensors else None  # noqa: E731
         x, scales = contiguous("x"), contiguous("scales")
@@ -737,7 +775,8 @@ class SimDispatchBackend(DispatchBackend):
                     topk_weights=new(m, num_topk, dtype=torch.float32) if inputs["topk_weights"] is not None else None,
                     src_idx=new(m, dtype=torch.int32))
         counters = self._counters()
-        self._enqueue(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv), op, plan, inputs, recv)
+        self._enqueue(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv, verdict), op, plan, inputs,
+                      recv)
         if counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
@@ -788,8 +827,10 @@ class SimDispatchBackend(DispatchBackend):
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
         spec = self._call_spec(op, rows, plan, config)
         runtime = self._ensure(spec, op)
-        self._barrier_unless_agreed(runtime, spec, op)
-        return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op)
+        verdict = self._take_verdict(op)  # agree_on_device's notify ran: its verdict gates the kernel
+        if verdict is None:
+            self._barrier_unless_agreed(runtime, spec, op)
+        return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op, verdict=verdict)
 
     def combine(self, tensors, plan: SimPlan, config: Config | None = None,
                 node_partial_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -800,13 +841,15 @@ class SimDispatchBackend(DispatchBackend):
         num_topk = weights.size(1) if weights is not None else 0
         spec = self._call_spec("combine", {"x": x}, plan, config)
         runtime = self._ensure(spec, "combine")
-        self._barrier_unless_agreed(runtime, spec, "combine")
+        verdict = self._take_verdict("combine")  # agree_on_device's notify ran: its verdict gates the kernel
+        if verdict is None:
+            self._barrier_unless_agreed(runtime, spec, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
         counters = self._counters()
         self._enqueue(runtime, spec, self.path.combine_params(plan, counters, x, weights, num_topk, combined, combined_w,
-                                                              node_partial_dtype), "combine", plan,
+                                                              node_partial_dtype, verdict), "combine", plan,
                       x, weights, combined, combined_w)
         row = x.size(1) * x.element_size()
         if counters is None:
