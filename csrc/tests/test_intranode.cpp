@@ -127,6 +127,23 @@ std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& fl
   return agreed;
 }
 
+// Every rank's layout of `data`, then a notify with its counts (barrier, prefix matrices; they carry a call
+// check too, of digest `digest`) into `out`.
+void notify_counts(Cluster& cluster, std::vector<RankTokens> const& data, std::vector<test::NormalRankBuffers>& out,
+                   int64_t digest) {
+  Shape const& shape = cluster.shape;
+  for (int r = 0; r < shape.num_ranks; ++r) run_layout_and_check_counts(shape, data[r], out[r]);
+  ++cluster.epoch;
+  cluster.run_on_every_rank("notify", [&](simt::ConcurrentLaunch& launch, int r) {
+    kernels::NotifyArgs args;
+    args.comm = cluster.comm(r);
+    args.epoch = cluster.epoch;
+    test::set_notify_counts(args, out[r], data[r], shape.num_ranks, shape.num_channels, shape.num_local_experts,
+                            shape.expert_alignment, digest);
+    kernels::add_notify(launch, args);
+  });
+}
+
 // One dispatch + combine round on `cluster`, checked against the reference.
 void run_round(Cluster& cluster, uint64_t data_seed) {
   Shape const& shape = cluster.shape;
@@ -134,19 +151,7 @@ void run_round(Cluster& cluster, uint64_t data_seed) {
   int const num_experts = R * shape.num_local_experts;
   std::vector<RankTokens> data = make_inputs(shape, data_seed);
   std::vector<test::NormalRankBuffers> out(R);
-  for (int r = 0; r < R; ++r) run_layout_and_check_counts(shape, data[r], out[r]);
-
-  // notify: counts, barrier, prefix matrices
-  ++cluster.epoch;
-  cluster.run_on_every_rank("notify", [&](simt::ConcurrentLaunch& launch, int r) {
-    kernels::NotifyArgs args;
-    args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
-    // the counts carry a call check too
-    test::set_notify_counts(args, out[r], data[r], R, C, shape.num_local_experts, shape.expert_alignment,
-                            int64_t(data_seed));
-    kernels::add_notify(launch, args);
-  });
+  notify_counts(cluster, data, out, int64_t(data_seed));
   for (int r = 0; r < R; ++r) CHECK_EQ(out[r].call_agreed, 1);
   std::vector<ExpectedReceive> expected;
   for (int r = 0; r < R; ++r) {
@@ -266,20 +271,12 @@ EPCOMM_TEST(intranode_call_check) {
 // round on the same buffers runs as usual.
 EPCOMM_TEST(intranode_rejected_call_moves_nothing) {
   Shape shape{4, 2, 4, 2, token_counts(4, 16, 9), 64, false, 4, 2, 1, 1, 91};
-  int const R = shape.num_ranks, C = shape.num_channels;
+  int const R = shape.num_ranks;
   Cluster cluster(shape, std::nullopt);
   run_round(cluster, 3);
   std::vector<RankTokens> data = make_inputs(shape, 4);
   std::vector<test::NormalRankBuffers> out(static_cast<size_t>(R));
-  for (int r = 0; r < R; ++r) run_layout_and_check_counts(shape, data[r], out[r]);
-  ++cluster.epoch;
-  cluster.run_on_every_rank("notify", [&](simt::ConcurrentLaunch& launch, int r) {
-    kernels::NotifyArgs args;
-    args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
-    test::set_notify_counts(args, out[r], data[r], R, C, shape.num_local_experts, shape.expert_alignment, 4);
-    kernels::add_notify(launch, args);
-  });
+  notify_counts(cluster, data, out, 4);
   std::vector<std::array<int32_t, 3>> verdicts(static_cast<size_t>(R), {-1, -1, -1});
   ++cluster.epoch;
   cluster.run_on_every_rank("notify_call_check", [&](simt::ConcurrentLaunch& launch, int r) {
