@@ -34,6 +34,7 @@ class GroupComm:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.traffic = traffic
         self.broken: str | None = None  # set after a failed collective: the group is unusable
+        self.expects_rejection = False  # inside a data phase whose device call check may say no (Buffer)
         board_id = agree_board_id(self._max_over_ranks)
         self.board = ProgressBoard(group, topo.rank, topo.world_size, board_id)
 
@@ -86,7 +87,12 @@ class GroupComm:
         try:
             works = start()
         except EpcommCallRejected:
-            raise  # every rank's kernel moved nothing: no peer failed, the group stays usable
+            # Every rank's kernel moved nothing. Inside its own call (expects_rejection: every rank raises
+            # there) the group stays usable; surfacing later (kernel errors read at a later call, cuda), the
+            # ranks are no longer in step: this Buffer is done on every rank (the refusing rank marked itself)
+            if not self.expects_rejection:
+                self.broken = f"{op}/{stage}: the ranks' calls diverged under host_sync_free"
+            raise
         except RuntimeError as err:
             raise self._failure(op, stage, err, posted=post) from err
         works = [w for w in (works if isinstance(works, list) else [works]) if w is not None]

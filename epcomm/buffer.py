@@ -642,7 +642,8 @@ class Buffer:
         hidden = tensors["x"].size(1) if tensors is not None else -1
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind, **self._common_signature(),
                          **_config_signature(config), async_finish=int(bool(async_finish)))
-        self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x))
+        self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x),
+                                 on_device=not self._runs_async(async_finish))
         self._low_latency.note_normal_call()
 
         def data_phase():
@@ -724,7 +725,8 @@ class Buffer:
         signature = dict(operation=_OPERATIONS[op], handle=seq, hidden=hidden, x_kind=x_kind,
                          has_topk_weights=int(topk_weights is not None), **self._common_signature(),
                          **_config_signature(config), async_finish=int(bool(async_finish)))
-        self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x))
+        self._agree_along_handle(op, problem, signature, tensors, handle, config, device_of(x),
+                                 on_device=not self._runs_async(async_finish))
         self._low_latency.note_normal_call()
         node_partial_dtype = self._node_partial_dtype(x.dtype)
 
@@ -855,7 +857,7 @@ class Buffer:
     # --------------------------------------------------------------- helpers
     def _agree_along_handle(self, op: str, problem: str | None, signature: dict[str, int],
                             tensors: dict[str, torch.Tensor] | None, handle: object, config: object,
-                            device: torch.device) -> None:
+                            device: torch.device, on_device: bool = True) -> None:
         """The agreement of a call along a handle (cached dispatch, combine): its sizes are known, so
         the kernel backends agree inside the barrier the call needs anyway (no host collective); the
         host agreement runs when they cannot or when any rank differs, and raises the named error."""
@@ -863,7 +865,9 @@ class Buffer:
         refused = problem is not None or plan is None or tensors is None
         call = CallCheck(op, signature_digest(signature), refused, tensors or {}, plan,
                          config if isinstance(config, Config) else None)
-        if is_host_sync_free() and self._impl.judges_on_device:
+        # (not for a data phase on the CPU worker: its errors surface at a later drain, when the ranks may
+        # already be in different calls; nor for its collective set-up on first use)
+        if is_host_sync_free() and self._impl.judges_on_device and on_device:
             # No host wait at all: the verdict gates the data kernel on the device (a rank that refuses raises
             # here; its peers' kernels move nothing and raise EpcommInputError naming it, see _rejected_as_input)
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -881,12 +885,18 @@ class Buffer:
     @contextlib.contextmanager
     def _rejected_as_input(self, op: str) -> Iterator[None]:
         """A data kernel whose device call check said no (host_sync_free) raises EpcommInputError naming the
-        rank that differed: nothing moved on any rank, and the Buffer stays usable."""
+        rank that differed: nothing moved on any rank, and the Buffer stays usable. Only where the rejection
+        surfaces inside its own call on every rank (sim: grids end at launch); where kernel errors are read
+        later (cuda), it surfaces at a later call, when the ranks are no longer in step, and breaks the
+        Buffer on every rank instead (GroupComm.start, SimDispatchBackend.agree_on_device)."""
+        self._comm.expects_rejection = True
         try:
             yield
         except EpcommCallRejected as err:
             raise EpcommInputError(op, {err.rank: f"{err.reason}; seen by rank {self.rank}'s kernel on the device, "
                                                   "which moved nothing (host_sync_free)"}, self.group_size) from err
+        finally:
+            self._comm.expects_rejection = False
 
     def _node_partial_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
         """What the two-hop combine's node partials cross the network in (``combine_node_partials``)."""

@@ -80,3 +80,4 @@ class EpcommCallRejected(EpcommError):
             self.reason = "made another call (operation, handle, shapes, dtypes or config differ)"
         else:
             self.reason = f"differed (call-check flags {flags})"
+        self.args = (f"{message}\n  rank {self.rank} {self.reason}; nothing moved on any rank",)

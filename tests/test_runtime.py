@@ -398,7 +398,7 @@ def _notify_barrier(ext, world, epoch):
     params = ext.NotifyParams(epoch=epoch, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None,
                               num_tokens=0, expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
                               num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None,
-                   call_mismatch=None)
+                              call_mismatch=None)
     return spec, params
 
 

@@ -386,3 +386,73 @@ def test_cached_calls_judged_on_the_device(pools, nodes, nvl, mutation):
         else:
             # every rank's kernel saw another call: rank 1's peers name it, rank 1 names the first that differed
             assert ranks == [0 if rank == 1 else 1] and "made another call" in message, message
+
+
+def rejection_read_later(rank, world, case: Case):
+    """Where kernel errors are read at a later call (cuda; here sim told to read them so), a cached call that
+    one rank refuses under host_sync_free: that rank raises its problem at once; its peers' calls return (their
+    gated kernels moved nothing) and their next call raises EpcommCallRejected naming it; from then on every
+    rank's calls fail at once ("failed earlier") instead of pairing calls out of step. Nobody waits."""
+    from epcomm.low_latency import host_sync_free
+
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
+    inp = make_input(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                              topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
+    buf.combine(recv_x, handle)
+    buf._impl._device_runtime.host_waits_for_enqueued = False  # as on cuda
+    seen = []
+    with host_sync_free():
+        try:
+            buf.combine(recv_x[:-1] if rank == 1 else recv_x, handle)
+            seen.append("returned")
+        except epcomm.EpcommInputError as err:
+            seen.append(f"input error: {sorted(err.problems)}")
+    for _ in range(2):
+        try:
+            buf.combine(recv_x, handle)
+            seen.append("returned")
+        except epcomm.EpcommCallRejected as err:
+            seen.append(f"rejected: rank {err.rank} {err.reason}")
+        except epcomm.EpcommPeerError as err:
+            seen.append("failed earlier" if "failed earlier" in str(err) else str(err))
+    return seen
+
+
+def test_a_rejection_read_later_breaks_the_buffer_on_every_rank(pools):
+    case = Case(num_nodes=1, nvl=4, tokens=(9, 14, 6, 11), kind="bf16", seed=73)
+    for rank, seen in enumerate(pools(4).run(rejection_read_later, case)):
+        if rank == 1:
+            assert seen == ["input error: [1]", "failed earlier", "failed earlier"], seen
+        else:
+            assert seen == ["returned", "rejected: rank 1 refused its inputs (its own error names the problem)",
+                            "failed earlier"], (rank, seen)
+
+
+def async_refusal_under_host_sync_free(rank, world, case: Case):
+    """async_finish on CPU tensors runs the data phase on a worker thread, whose errors surface at a later
+    drain: there the host agreement decides even under host_sync_free, so every rank raises at once."""
+    from epcomm.low_latency import host_sync_free
+
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
+    inp = make_input(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                              topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
+    with host_sync_free():
+        try:
+            buf.combine(recv_x[:-1] if rank == 1 else recv_x, handle, async_finish=True)
+            return None
+        except epcomm.EpcommInputError as err:
+            problems = sorted(err.problems)
+    _, _, event = buf.combine(recv_x, handle, async_finish=True)
+    event.current_stream_wait()
+    return problems
+
+
+def test_async_calls_under_host_sync_free_agree_on_the_host(pools):
+    case = Case(num_nodes=1, nvl=4, tokens=(9, 14, 6, 11), kind="bf16", seed=79)
+    assert pools(4).run(async_refusal_under_host_sync_free, case) == [[1]] * 4

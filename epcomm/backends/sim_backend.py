@@ -613,7 +613,7 @@ class SimDispatchBackend(DispatchBackend):
         (kernels/call_check.cuh), in the current layout; a dispatch's also exchanges its counts (kept for
         :meth:`dispatch`). Before any normal-mode layout exists (first call, after an LL call: the same
         state on every rank) it returns False without communicating."""
-        self._agreed = None
+        self._agreed, self._verdict = None, None
         runtime, layout = self._device_runtime, self._last_spec
         if runtime is None or layout is None or not hasattr(layout, "workspace"):  # none yet, or LL mode's
             return False
@@ -666,6 +666,10 @@ class SimDispatchBackend(DispatchBackend):
         runtime.enqueue(layout, self.path.notify_params(self._next_epoch(), call=(call.digest, flags, verdict)),
                         op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
         if flags:
+            if not runtime.host_waits_for_enqueued:
+                # its peers learn it from their kernels' reports at a later call (cuda), when the ranks are no
+                # longer in step: this Buffer is done on every rank (they mark themselves, GroupComm.start)
+                self.comm.broken = f"{call.op}: this rank's call differed from its peers' under host_sync_free"
             return why
         self._verdict = (call.op, verdict)
         return None
