@@ -329,13 +329,9 @@ def test_rdma_size_hint_is_exact(pools):
         assert message is not None and f"raise num_nvl_bytes to at least {nvl}" in message, message
 
 
-def cached_calls_without_host_wait(rank, world, case: Case, mutation: str):
-    """Cached dispatch and combine under host_sync_free: the call check's notify and the data kernel are only
-    enqueued (no runtime call waits on the host) and give what the host-agreed calls give; with one rank's
-    call different, every rank raises EpcommInputError naming it (its data kernel moved nothing:
-    test_intranode.cpp, intranode_rejected_call_moves_nothing) and the Buffer works as before afterwards."""
-    from epcomm.low_latency import host_sync_free
-
+def _dispatched(rank: int, case: Case):
+    """A sim Buffer of ``case`` after one dispatch of this rank's input: (buffer, recv_x, recv_topk_weights,
+    handle)."""
     buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
     inp = make_input(case, rank)
     per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
@@ -343,7 +339,19 @@ def cached_calls_without_host_wait(rank, world, case: Case, mutation: str):
                                                    num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
                                                    num_tokens_per_expert=per_expert, topk_idx=inp.topk_idx,
                                                    topk_weights=inp.topk_weights)
-    want_cached = buf.dispatch(inp.x, handle=handle)[0]
+    return buf, recv_x, recv_w, handle
+
+
+def cached_calls_without_host_wait(rank, world, case: Case, mutation: str):
+    """Cached dispatch and combine under host_sync_free: the call check's notify and the data kernel are only
+    enqueued (no runtime call waits on the host) and give what the host-agreed calls give; with one rank's
+    call different, every rank raises EpcommInputError naming it (its data kernel moved nothing:
+    test_intranode.cpp, intranode_rejected_call_moves_nothing) and the Buffer works as before afterwards."""
+    from epcomm.low_latency import host_sync_free
+
+    buf, recv_x, recv_w, handle = _dispatched(rank, case)
+    x_in = make_input(case, rank).x
+    want_cached = buf.dispatch(x_in, handle=handle)[0]
     want_combined = buf.combine(recv_x, handle, topk_weights=recv_w)[0]
     runtime = buf._impl._device_runtime
 
@@ -352,7 +360,7 @@ def cached_calls_without_host_wait(rank, world, case: Case, mutation: str):
 
     runtime.run = no_host_wait
     with host_sync_free():
-        got_cached = buf.dispatch(inp.x, handle=handle)[0]
+        got_cached = buf.dispatch(x_in, handle=handle)[0]
         got_combined = buf.combine(recv_x, handle, topk_weights=recv_w)[0]
     del runtime.run
     assert torch.equal(got_cached.view(torch.int16), want_cached.view(torch.int16))
@@ -395,12 +403,7 @@ def rejection_read_later(rank, world, case: Case):
     rank's calls fail at once ("failed earlier") instead of pairing calls out of step. Nobody waits."""
     from epcomm.low_latency import host_sync_free
 
-    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
-    inp = make_input(case, rank)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
-    recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
-                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                              topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
+    buf, recv_x, _, handle = _dispatched(rank, case)
     buf.combine(recv_x, handle)
     buf._impl._device_runtime.host_waits_for_enqueued = False  # as on cuda
     seen = []
@@ -436,12 +439,7 @@ def async_refusal_under_host_sync_free(rank, world, case: Case):
     drain: there the host agreement decides even under host_sync_free, so every rank raises at once."""
     from epcomm.low_latency import host_sync_free
 
-    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
-    inp = make_input(case, rank)
-    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
-    recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
-                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                                              topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
+    buf, recv_x, _, handle = _dispatched(rank, case)
     with host_sync_free():
         try:
             buf.combine(recv_x[:-1] if rank == 1 else recv_x, handle, async_finish=True)

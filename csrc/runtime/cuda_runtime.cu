@@ -17,7 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
+#include <optional>
 #include <vector>
 
 #include "cuda_target.hpp"
@@ -119,29 +119,18 @@ class CudaEvent final : public CudaEventBase {
 class MarkerPool final {
  public:
   ~MarkerPool() {
-    for (cudaEvent_t event : free_) cudaEventDestroy(event);
+    for (cudaEvent_t event : free_.take_all()) cudaEventDestroy(event);
   }
   cudaEvent_t take() {
-    {
-      std::lock_guard<std::mutex> const lock(mutex_);
-      if (!free_.empty()) {
-        cudaEvent_t const event = free_.back();
-        free_.pop_back();
-        return event;
-      }
-    }
+    if (std::optional<cudaEvent_t> const event = free_.take()) return *event;
     cudaEvent_t event = nullptr;
     check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     return event;
   }
-  void give_back(cudaEvent_t event) noexcept {
-    std::lock_guard<std::mutex> const lock(mutex_);
-    free_.push_back(event);
-  }
+  void give_back(cudaEvent_t event) noexcept { free_.give_back(event); }
 
  private:
-  std::mutex mutex_;
-  std::vector<cudaEvent_t> free_;
+  FreeList<cudaEvent_t> free_;
 };
 
 class PooledMarker final : public CudaEventBase {

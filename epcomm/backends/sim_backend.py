@@ -617,16 +617,8 @@ class SimDispatchBackend(DispatchBackend):
         runtime, layout = self._device_runtime, self._last_spec
         if runtime is None or layout is None or not hasattr(layout, "workspace"):  # none yet, or LL mode's
             return False
-        flags, in_rank = CALL_REFUSED if call.refused else 0, None
-        if not call.refused:
-            try:
-                spec = self._call_spec(call.op, call.tensors, call.plan, call.config, call.num_topk, call.experts)
-                if spec != layout or not self._holds(runtime, spec):
-                    flags |= CALL_NEEDS_LAYOUT
-                elif call.op == "dispatch":
-                    in_rank = call.is_token_in_rank.contiguous()
-            except Exception:  # noqa: BLE001 - the host agreement and the call itself will say what is wrong
-                flags |= CALL_NEEDS_LAYOUT
+        flags, _ = self._call_flags(call, runtime, layout)
+        in_rank = call.is_token_in_rank.contiguous() if flags == 0 and call.op == "dispatch" else None
         agreed = torch.zeros(1, dtype=torch.int32, device=self.device)
         outputs = (self._notify_outputs(layout) if in_rank is not None else None)
         num_tokens = in_rank.size(0) if in_rank is not None else 0
@@ -637,6 +629,17 @@ class SimDispatchBackend(DispatchBackend):
             return False
         self._agreed = (call.op, in_rank, outputs)
         return True
+
+    def _call_flags(self, call: CallCheck, runtime: SimRuntime, layout) -> tuple[int, str | None]:
+        """This rank's call-check flags for ``call`` in the current ``layout`` (0: it accepts the call and the
+        call fits the buffers as laid out), with the error that made the call's spec fail, if one did."""
+        if call.refused:
+            return CALL_REFUSED, None
+        try:
+            spec = self._call_spec(call.op, call.tensors, call.plan, call.config, call.num_topk, call.experts)
+        except Exception as err:  # noqa: BLE001 - said as this rank's problem (the host agreement names it too)
+            return CALL_NEEDS_LAYOUT, str(err)
+        return (CALL_NEEDS_LAYOUT if spec != layout or not self._holds(runtime, spec) else 0), None
 
     judges_on_device = True
 
@@ -651,16 +654,12 @@ class SimDispatchBackend(DispatchBackend):
         if runtime is None or not hasattr(layout, "workspace"):
             return ("no normal-mode buffer layout yet (first call, or LL calls since): make a call of this shape "
                     "outside host_sync_free first")
-        flags, why = (CALL_REFUSED, "its inputs were refused") if call.refused else (0, None)
-        if not call.refused:
-            try:
-                spec = self._call_spec(call.op, call.tensors, call.plan, call.config)
-                if spec != layout or not self._holds(runtime, spec):
-                    flags, why = CALL_NEEDS_LAYOUT, ("this call needs another buffer layout than the current one, "
-                                                     "and a re-layout waits on the host: make it once outside "
-                                                     "host_sync_free first")
-            except Exception as err:  # noqa: BLE001 - said to the caller as this rank's problem
-                flags, why = CALL_NEEDS_LAYOUT, str(err)
+        flags, why = self._call_flags(call, runtime, layout)
+        if flags == CALL_REFUSED:
+            why = "its inputs were refused"
+        elif flags and why is None:
+            why = ("this call needs another buffer layout than the current one, and a re-layout waits on the host: "
+                   "make it once outside host_sync_free first")
         verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
         self._kernel_reads(verdict)
         runtime.enqueue(layout, self.path.notify_params(self._next_epoch(), call=(call.digest, flags, verdict)),
@@ -674,10 +673,14 @@ class SimDispatchBackend(DispatchBackend):
         self._verdict = (call.op, verdict)
         return None
 
-    def _take_verdict(self, op: str) -> torch.Tensor | None:
-        """The device verdict :meth:`agree_on_device` left for ``op``'s data kernel, or None."""
+    def _verdict_or_barrier(self, runtime: SimRuntime, spec, op: str) -> torch.Tensor | None:
+        """Before ``op``'s data kernel: the device verdict :meth:`agree_on_device` left for it (its notify ran;
+        the verdict gates the kernel), or else the barrier (:meth:`_barrier_unless_agreed`) and None."""
         verdict, self._verdict = self._verdict, None
-        return verdict[1] if verdict is not None and verdict[0] == op else None
+        if verdict is not None and verdict[0] == op:
+            return verdict[1]
+        self._barrier_unless_agreed(runtime, spec, op)
+        return None
 
     def agreed_expert_counts(self) -> list[int] | None:
         """See :meth:`DispatchBackend.agreed_expert_counts`: from the call check's notify."""
@@ -817,10 +820,7 @@ class SimDispatchBackend(DispatchBackend):
         """Network hop: each token once per node it reaches (this node's: a put to self), with its record; NVLink
         hop: each forwarded row once per rank of this node that needs it (this rank's: a local copy)."""
         topo, record = self.topo, self.comm.traffic.record
-        for node, rows in enumerate(plan.node_send_counts):
-            if rows:
-                record(op, LinkClass.SELF if node == topo.node else LinkClass.NETWORK, rows, rows * row_bytes_,
-                       rows * record_bytes)
+        self._record_rows_per_node(op, plan.node_send_counts, row_bytes_, record_bytes)
         for local, rows in enumerate(plan.forward_counts):
             if rows:
                 record(op, LinkClass.SELF if local == topo.local_rank else LinkClass.NVLINK, rows, rows * row_bytes_, 0)
@@ -831,9 +831,7 @@ class SimDispatchBackend(DispatchBackend):
         rows = {k: v for k, v in tensors.items() if k in ("x", "scales")}
         spec = self._call_spec(op, rows, plan, config)
         runtime = self._ensure(spec, op)
-        verdict = self._take_verdict(op)  # agree_on_device's notify ran: its verdict gates the kernel
-        if verdict is None:
-            self._barrier_unless_agreed(runtime, spec, op)
+        verdict = self._verdict_or_barrier(runtime, spec, op)
         return self._dispatch_rows(runtime, rows, plan, 0, spec=spec, op=op, verdict=verdict)
 
     def combine(self, tensors, plan: SimPlan, config: Config | None = None,
@@ -845,9 +843,7 @@ class SimDispatchBackend(DispatchBackend):
         num_topk = weights.size(1) if weights is not None else 0
         spec = self._call_spec("combine", {"x": x}, plan, config)
         runtime = self._ensure(spec, "combine")
-        verdict = self._take_verdict("combine")  # agree_on_device's notify ran: its verdict gates the kernel
-        if verdict is None:
-            self._barrier_unless_agreed(runtime, spec, "combine")
+        verdict = self._verdict_or_barrier(runtime, spec, "combine")
         combined = torch.empty(plan.num_tokens, x.size(1), dtype=x.dtype, device=self.device)
         combined_w = (torch.empty(plan.num_tokens, num_topk, dtype=torch.float32, device=self.device)
                       if weights is not None else None)
@@ -878,10 +874,15 @@ class SimDispatchBackend(DispatchBackend):
         weights_bytes = self.path.put_metadata(plan.spec)[1]
         if not self.traffic_from_routing:
             return self._record_puts("combine", counters, partial_bytes, weights_bytes)
-        for node, rows in enumerate(plan.forwarded_per_node):  # one partial per token forwarded from that node
+        # one partial per token forwarded from each node
+        self._record_rows_per_node("combine", plan.forwarded_per_node, partial_bytes, weights_bytes)
+
+    def _record_rows_per_node(self, op: str, rows_per_node: list[int], payload_bytes: int, meta_bytes: int) -> None:
+        """Network puts of ``rows_per_node[n]`` rows to (or from) node ``n``: this node's are puts to self."""
+        for node, rows in enumerate(rows_per_node):
             if rows:
-                self.comm.traffic.record("combine", LinkClass.SELF if node == topo.node else LinkClass.NETWORK, rows,
-                                         rows * partial_bytes, rows * weights_bytes)
+                link = LinkClass.SELF if node == self.topo.node else LinkClass.NETWORK
+                self.comm.traffic.record(op, link, rows, rows * payload_bytes, rows * meta_bytes)
 
     def _record_puts(self, op: str, counters: torch.Tensor, payload_bytes: int, meta_bytes: int) -> None:
         """The transport's byte counters (self, nvlink, network) as rows of ``payload + meta`` bytes each."""
