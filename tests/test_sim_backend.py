@@ -329,10 +329,11 @@ def test_rdma_size_hint_is_exact(pools):
         assert message is not None and f"raise num_nvl_bytes to at least {nvl}" in message, message
 
 
-def _dispatched(rank: int, case: Case):
+def _dispatched(rank: int, case: Case, low_latency_mode: bool = False):
     """A sim Buffer of ``case`` after one dispatch of this rank's input: (buffer, recv_x, recv_topk_weights,
     handle)."""
-    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes)
+    buf = epcomm.Buffer(None, backend="sim", num_nvl_ranks=case.nvl, max_nodes_per_token=case.max_nodes,
+                        low_latency_mode=low_latency_mode)
     inp = make_input(case, rank)
     per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
     recv_x, _, recv_w, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank,
@@ -454,3 +455,36 @@ def async_refusal_under_host_sync_free(rank, world, case: Case):
 def test_async_calls_under_host_sync_free_agree_on_the_host(pools):
     case = Case(num_nodes=1, nvl=4, tokens=(9, 14, 6, 11), kind="bf16", seed=79)
     assert pools(4).run(async_refusal_under_host_sync_free, case) == [[1]] * 4
+
+
+def refusals_under_host_sync_free(rank, world, case: Case):
+    """What host_sync_free refuses on every rank alike, before anything is enqueued or from the same notify:
+    a call that needs another buffer layout (a re-layout waits on the host), and a call when the buffers are
+    laid out for LL mode. The same calls outside the block then run."""
+    from epcomm.low_latency import host_sync_free
+
+    buf, recv_x, _, handle = _dispatched(rank, case, low_latency_mode=True)
+    seen = []
+    for call in (lambda: buf.combine(recv_x.float(), handle),  # fp32 rows: larger slots than the layout's
+                 lambda: buf.combine(recv_x, handle)):
+        try:
+            with host_sync_free():
+                call()
+            seen.append("ran")
+        except epcomm.EpcommInputError as err:
+            said = next((p for p in ("another buffer layout", "no normal-mode buffer layout") if p in str(err)), str(err))
+            seen.append((sorted(err.problems), said))
+        if len(seen) == 1:  # then an LL call lays the buffers out for LL mode
+            buf.combine(recv_x.float(), handle)
+            x = make_input(case, rank).x
+            buf.clean_low_latency_buffer(16, x.size(1), world * 2)
+            buf.low_latency_dispatch(x, torch.tensor([[0, 1]]).expand(x.size(0), 2).contiguous(), 16, world * 2,
+                                     use_fp8=False)
+    buf.combine(recv_x, handle)
+    return seen
+
+
+def test_host_sync_free_refuses_what_needs_a_host_wait(pools):
+    case = Case(num_nodes=1, nvl=4, tokens=(9, 14, 6, 11), kind="bf16", seed=83)
+    for rank, seen in enumerate(pools(4).run(refusals_under_host_sync_free, case)):
+        assert seen == [([rank], "another buffer layout"), ([rank], "no normal-mode buffer layout")], (rank, seen)
