@@ -37,7 +37,8 @@ bench: $(STAMP)
 
 ## gpu-check: the first run on a GPU (README, "First run on a GPU"): the kernels on R fake ranks of one GPU
 ## against host references, then, with 2+ GPUs, the multi-process suite on backend="cuda". Not part of CI.
-## Exit 0 pass, 1 a check failed, 2 could not build or run, 3 no GPU or no nvcc (one line says so).
+## The script exits 0 pass, 1 a check failed, 2 could not build or run, 3 no GPU or no nvcc (one line says so);
+## make reports that code in its "Error N" line and itself exits 2: run the script for the code itself.
 gpu-check:
 	@csrc/tests/gpu_check/run_gpu_check.sh
 

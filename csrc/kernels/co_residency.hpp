@@ -12,17 +12,12 @@
 // time; then the check passes, the grid runs partly resident, and the kernels' own timeout (ErrorSlot,
 // kTimeout) is what fires. Leave them room with Config(num_sms=...).
 //
-// Host code for nvcc-compiled files only (it includes cuda_runtime.h).
-
-#include <cuda_runtime.h>
+// The rule and the message are plain C++ (tested on the CPU, csrc/tests/test_co_residency.cpp); the
+// query of the device is co_residency_check.hpp (nvcc-compiled host code).
 
 #include <string>
 
 namespace epcomm::kernels {
-
-// CUDA's own code for "a grid too large to be resident at once" (cooperative launches). A <<<>>>
-// launch never returns it, so here it means only: the launcher refused the grid, see CoResidency.
-inline constexpr int kCoResidencyRefused = int(cudaErrorCooperativeLaunchTooLarge);
 
 // One channel kernel's grid (num_channels x blocks_per_channel blocks) against the current device.
 struct CoResidency {
@@ -33,25 +28,11 @@ struct CoResidency {
 
   int blocks() const { return num_channels * blocks_per_channel; }
   int sms_needed() const { return blocks_per_sm > 0 ? (blocks() + blocks_per_sm - 1) / blocks_per_sm : -1; }
-};
-
-// cudaSuccess when `grid` fits the current device at once; kCoResidencyRefused (and *refused = grid, when
-// given) when it does not; else the failing query's cudaError_t. The kernels take no dynamic shared memory.
-template <class Kernel>
-int check_co_residency(Kernel kernel, CoResidency grid, CoResidency* refused) {
-  int device = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&grid.device_sms, cudaDevAttrMultiProcessorCount, device);
-  if (error != cudaSuccess) return int(error);
   // A block per SM fits whatever the kernel's resources (one that cannot hold even one block fails its
-  // launch with its own error): the usual case costs no occupancy query.
-  if (grid.blocks() <= grid.device_sms) return int(cudaSuccess);
-  error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&grid.blocks_per_sm, kernel, grid.threads_per_block, 0);
-  if (error != cudaSuccess) return int(error);
-  if (grid.blocks() <= grid.blocks_per_sm * grid.device_sms) return int(cudaSuccess);
-  if (refused != nullptr) *refused = grid;
-  return kCoResidencyRefused;
-}
+  // launch with its own error), so blocks_per_sm is needed only beyond that.
+  bool fits_without_occupancy() const { return blocks() <= device_sms; }
+  bool fits_at_once() const { return fits_without_occupancy() || blocks() <= blocks_per_sm * device_sms; }
+};
 
 // The message for a refused grid: what it needs, what the device holds, and the Config that fits.
 inline std::string describe_co_residency(CoResidency const& grid) {

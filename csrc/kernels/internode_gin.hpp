@@ -5,7 +5,7 @@
 // check that their 3 x C blocks fit the device at once (co_residency.hpp; kCoResidencyRefused and
 // *refused filled when they do not). Needs GinTransport's definition only where Args are built.
 
-#include "co_residency.hpp"
+#include "co_residency_check.hpp"
 #include "internode.hpp"
 
 namespace epcomm::transport {

@@ -2,7 +2,7 @@
 // memory): the only place they are launched with <<<>>>. The CPU twins are in
 // internode_launch_simt.cpp. A GIN transport instantiates the same templates.
 #include "../common/compat.cuh"
-#include "co_residency.hpp"
+#include "co_residency_check.hpp"
 #include "internode.hpp"
 #include "internode_combine.cuh"
 #include "internode_dispatch.cuh"

@@ -6,7 +6,7 @@
 
 #include "../transport/gin_transport.cuh"  // first: it configures NCCL's device headers
 
-#include "co_residency.hpp"
+#include "co_residency_check.hpp"
 #include "internode.hpp"
 #include "internode_combine.cuh"
 #include "internode_dispatch.cuh"

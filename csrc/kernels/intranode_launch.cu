@@ -1,7 +1,7 @@
 // CUDA-target launchers of the intranode kernels: the only place they are
 // launched with <<<>>>. The CPU twins are in intranode_launch_simt.cpp.
 #include "../common/compat.cuh"
-#include "co_residency.hpp"
+#include "co_residency_check.hpp"
 #include "intranode.hpp"
 #include "intranode_combine.cuh"
 #include "intranode_dispatch.cuh"

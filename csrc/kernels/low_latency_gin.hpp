@@ -4,7 +4,7 @@
 // lookup through CudaTarget). Each enqueues on `stream` and returns a cudaError_t (cudaErrorInvalidValue
 // for arguments validate refuses). Needs GinTransport's definition only where Args are built.
 
-#include "co_residency.hpp"
+#include "co_residency_check.hpp"
 #include "low_latency.hpp"
 
 namespace epcomm::transport {

@@ -119,18 +119,17 @@ class CudaEvent final : public CudaEventBase {
 class MarkerPool final {
  public:
   ~MarkerPool() {
-    for (cudaEvent_t event : free_.take_all()) cudaEventDestroy(event);
+    for (cudaEvent_t event : pool_.take_all()) cudaEventDestroy(event);
   }
-  cudaEvent_t take() {
-    if (std::optional<cudaEvent_t> const event = free_.take()) return *event;
+  cudaEvent_t take() { return pool_.take(); }
+  void give_back(cudaEvent_t event) noexcept { pool_.give_back(event); }
+
+ private:
+  ReusePool<cudaEvent_t> pool_{[] {
     cudaEvent_t event = nullptr;
     check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     return event;
-  }
-  void give_back(cudaEvent_t event) noexcept { free_.give_back(event); }
-
- private:
-  FreeList<cudaEvent_t> free_;
+  }};
 };
 
 class PooledMarker final : public CudaEventBase {

@@ -19,10 +19,11 @@
 #include <utility>
 #include <vector>
 
-#include "../kernels/co_residency.hpp"
+#include "../kernels/co_residency_check.hpp"
 #include "../kernels/intranode.hpp"
 #include "device_runtime.hpp"
 #include "kernel_entries.hpp"
+#include "reuse_pool.hpp"
 
 namespace epcomm::kernels {
 
@@ -58,58 +59,29 @@ inline std::string cuda_problem(char const* what, cudaError_t error) {
 // an event after it passed), so the pool holds as many slots as calls ever ran or were pending at once. They are never freed: a few
 // hundred bytes of pinned memory per concurrent call, released with the process (freeing them from
 // a static destructor would race the CUDA runtime's own teardown).
-// Items given back for reuse, any thread: take() returns one given back earlier, or nothing (the caller
-// makes a new one). The pools of the cuda runtime keep their driver-allocated objects in one.
-template <class T>
-class FreeList {
- public:
-  std::optional<T> take() {
-    std::lock_guard<std::mutex> const lock(mutex_);
-    if (items_.empty()) return std::nullopt;
-    T const item = items_.back();
-    items_.pop_back();
-    return item;
-  }
-  void give_back(T item) noexcept {
-    std::lock_guard<std::mutex> const lock(mutex_);
-    items_.push_back(item);
-  }
-  // Every item still here (a pool's teardown).
-  std::vector<T> take_all() {
-    std::lock_guard<std::mutex> const lock(mutex_);
-    return std::exchange(items_, {});
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<T> items_;
+struct MappedErrorSlot {
+  kernels::ErrorSlot* host = nullptr;
+  kernels::ErrorSlot* device = nullptr;
 };
 
 class ErrorSlotPool {
  public:
-  struct Mapped {
-    kernels::ErrorSlot* host = nullptr;
-    kernels::ErrorSlot* device = nullptr;
-  };
+  using Mapped = MappedErrorSlot;
 
-  static ErrorSlotPool& instance() {
-    static ErrorSlotPool* const pool = new ErrorSlotPool;  // never destroyed (see above)
+  static ReusePool<Mapped>& instance() {
+    static ReusePool<Mapped>* const pool = new ReusePool<Mapped>(allocate);  // never destroyed (see above)
     return *pool;
   }
 
-  Mapped take() {
-    if (std::optional<Mapped> const slot = free_.take()) return *slot;
-    Mapped slot;  // the first call (or more calls at once than ever before): one allocation
+ private:
+  // The first call (or more calls at once than ever before): one allocation.
+  static Mapped allocate() {
+    Mapped slot;
     cudaError_t error = cudaHostAlloc(reinterpret_cast<void**>(&slot.host), sizeof(kernels::ErrorSlot), cudaHostAllocMapped);
     if (error == cudaSuccess) error = cudaHostGetDevicePointer(reinterpret_cast<void**>(&slot.device), slot.host, 0);
     if (error != cudaSuccess) throw RuntimeError(ErrorCode::kSystem, cuda_problem("cudaHostAlloc(ErrorSlot)", error));
     return slot;
   }
-
-  void give_back(Mapped slot) { free_.give_back(slot); }
-
- private:
-  FreeList<Mapped> free_;
 };
 
 struct CudaTarget {

@@ -13,7 +13,7 @@
 
 #include "../../common/compat.cuh"
 #include "../../common/ptx.cuh"
-#include "../../kernels/co_residency.hpp"
+#include "../../kernels/co_residency_check.hpp"
 #include "../../kernels/internode_validate.hpp"
 #include "../../kernels/intranode_validate.hpp"
 #include "../../kernels/low_latency_validate.hpp"
