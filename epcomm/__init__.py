@@ -7,7 +7,7 @@ tuples, cached mode via handles) and ``combine``.
 
 import torch
 
-from . import eplb, fp8, routing
+from . import eplb, fp8, graphs, routing
 from . import moe, ops  # differentiable custom ops ("epcomm::*") and MoE layer helpers
 from . import utils  # deep_ep.utils: EventOverlap, EventHandle
 from .buffer import Buffer, FP8Tensor
@@ -46,6 +46,7 @@ __all__ = [
     "TrafficStats",
     "eplb",
     "fp8",
+    "graphs",
     "moe",
     "ops",
     "routing",

@@ -27,6 +27,7 @@ from .errors import EpcommCallRejected, EpcommError, EpcommInputError
 from ._async import AsyncRunner, copy_into, private_group
 from ._streams import tensors_in
 from .event import EventHandle, EventOverlap
+from .graphs import is_capturing
 from .handle import DispatchHandle
 from .layout import DispatchLayout, compute_layout, token_node_mask
 from .low_latency import LowLatencyHandle, LowLatencyLayout, LowLatencyOps, is_host_sync_free
@@ -41,6 +42,12 @@ FP8Tensor = tuple[torch.Tensor, torch.Tensor]
 XTensor = Union[torch.Tensor, FP8Tensor]
 
 _OPERATIONS = {name: code for code, name in OPERATION_NAMES.items()}  # the call signature's codes
+# Why a normal-mode call cannot be captured in a graph, by whether the backend judges calls on the device.
+_NOT_CAPTURABLE = {
+    False: "this backend's normal-mode calls agree on the host (a collective), which a graph cannot capture: "
+           "capture low-latency calls, or cached dispatch and combine on a kernel backend (sim, cuda)",
+    True: "async_finish on CPU tensors runs the call on a worker thread, which a graph does not capture",
+}
 _ALGORITHMS = {name: code for code, name in ALGORITHM_NAMES.items()}
 _NODE_PARTIALS = {name: code for code, name in NODE_PARTIAL_NAMES.items()}
 _buffer_ids = itertools.count(1)
@@ -449,6 +456,11 @@ class Buffer:
         """
         self._check_alive("dispatch")
         self._wait(previous_event)
+        if handle is None and is_capturing():
+            raise EpcommInputError("dispatch", {self.rank: "a dispatch without handle reads its receive counts on "
+                                                           "the host, which a graph cannot capture: capture cached "
+                                                           "dispatches (handle=...) or low-latency calls"},
+                                   self.group_size)
         if handle is not None:
             return self._cached_dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config,
                                          async_finish)
@@ -867,13 +879,13 @@ class Buffer:
                          config if isinstance(config, Config) else None)
         # (not for a data phase on the CPU worker: its errors surface at a later drain, when the ranks may
         # already be in different calls; nor for its collective set-up on first use)
-        if is_host_sync_free() and self._impl.judges_on_device and on_device:
+        device_verdict = self._impl.judges_on_device and on_device
+        if is_capturing() and not device_verdict:
+            raise EpcommInputError(op, {self.rank: _NOT_CAPTURABLE[self._impl.judges_on_device]}, self.group_size)
+        if is_host_sync_free() and device_verdict:
             # No host wait at all: the verdict gates the data kernel on the device (a rank that refuses raises
-            # here; its peers' kernels move nothing and raise EpcommInputError naming it, see _rejected_as_input)
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise EpcommInputError(op, {self.rank: "normal-mode calls cannot be captured in a CUDA graph (their "
-                                                       "barriers count epochs on the host); capture low-latency "
-                                                       "calls"}, self.group_size)
+            # here; its peers' kernels move nothing and raise EpcommInputError naming it, see _rejected_as_input).
+            # So a graph can capture the call: the notify's epoch is counted on the device too (kernels/epoch.cuh)
             why = self._impl.agree_on_device(call)  # a refusing rank too: its notify tells its peers' kernels
             if why is not None:
                 raise EpcommInputError(op, {self.rank: problem or why}, self.group_size)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._validate import Invalid, check_tensor, describe, device_of, problem_text
+from .graphs import is_capturing
 
 __all__ = [
     "LowLatencyLayout",
@@ -81,10 +82,8 @@ def host_sync_free() -> Iterator[None]:
 
 def is_host_sync_free() -> bool:
     """Whether LL calls must not read tensors on the host now (inside :func:`host_sync_free`, or while
-    the current CUDA stream is capturing a graph)."""
-    if _host_sync_free.get():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    a graph captures: the current CUDA stream, or a :class:`~epcomm.graphs.SimGraph`)."""
+    return _host_sync_free.get() or is_capturing()
 
 
 @dataclass(frozen=True)

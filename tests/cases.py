@@ -84,7 +84,7 @@ class RankReport:
     traffic: dict = field(default_factory=dict)
     digest: list = field(default_factory=list)
     backend: str = ""  # the implementation that ran (Buffer._impl.name)
-    kernel_epochs: int = 0  # sim: notify calls made (0 for torch)
+    kernel_epochs: int = 0  # sim: notifies counted on the device in the current layout (0 for torch)
 
 
 def backends_for(num_nodes: int) -> list[str]:
@@ -113,7 +113,7 @@ def check_case(rank: int, world: int, case: Case, algorithm: str, rounds: int = 
     for _ in range(rounds):
         digest, report.traffic = check_round(buf, case, rank, world)
         report.digest.append(digest)
-    report.kernel_epochs = getattr(buf._impl, "_epoch", 0)
+    report.kernel_epochs = buf._impl.notify_epoch() if backend == "sim" else 0  # a host read of the buffer
     return report
 
 

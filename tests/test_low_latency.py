@@ -16,6 +16,7 @@ import torch
 import epcomm
 import epcomm._ext
 from backend_selection import selected_backends
+from epcomm.graphs import SimGraph, sim_graph
 from epcomm.low_latency import LowLatencyLayout, host_sync_free
 
 BACKENDS = ["torch", "sim"]
@@ -889,11 +890,11 @@ def growth_after_capture(rank, world, case: LLCase):
     buf = _buffer(case, "sim")
     x, topk, _ = case.inputs(rank)
     buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
-    # what a cuda LL call marks while its stream captures a CUDA graph (cuda_low_latency.py)
-    buf._impl._captured_on = buf._impl._device_runtime
+    with sim_graph(SimGraph()):  # its kernels point at the current buffers (as a CUDA graph's would)
+        buf.low_latency_dispatch(x, topk, case.num_max, case.num_experts, use_fp8=False)
     with pytest.raises(epcomm.EpcommError, match=fr"on rank {rank}: this call needs larger buffers \(or, across "
-                                                 r"nodes on cuda, more GIN signals\), but CUDA graphs captured "
-                                                 "low-latency kernels on the current ones"):
+                                                 r"nodes on cuda, more GIN signals\), but a graph captured "
+                                                 "kernels on the current ones"):
         buf.clean_low_latency_buffer(4 * case.num_max, case.hidden, case.num_experts)
     return True
 

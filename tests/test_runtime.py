@@ -325,14 +325,14 @@ def test_runtime_rejects_misuse():
     config = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=6, nvl_ring_tokens=32)
     spec = ext.IntranodeSpec(config=config, workspace=ext.NvlWorkspaceShape(
         num_ranks=1, num_local_experts=0, num_topk=8, max_row_bytes=1 << 20))
-    barrier = dict(epoch=1, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None, num_tokens=0,
+    barrier = dict(exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None, num_tokens=0,
                    expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
                    num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None,
                    call_mismatch=None)
-    with pytest.raises(TypeError, match="NotifyParams needs every field by name; missing: epoch"):
-        ext.NotifyParams(**{k: v for k, v in barrier.items() if k != "epoch"})
-    with pytest.raises(TypeError, match="NotifyParams has no field 'epcoh'"):
-        ext.NotifyParams(**barrier, epcoh=1)
+    with pytest.raises(TypeError, match="NotifyParams needs every field by name; missing: num_tokens"):
+        ext.NotifyParams(**{k: v for k, v in barrier.items() if k != "num_tokens"})
+    with pytest.raises(TypeError, match="NotifyParams has no field 'epoch'"):  # counted on the device (epoch.cuh)
+        ext.NotifyParams(**barrier, epoch=1)
     with pytest.raises(TypeError):  # a spec of the other path: no kernel takes this pair
         runtime.run(spec, ext.InternodeNotifyParams(**barrier, forward_channel_prefix_matrix=None, reset_signals=False), 1.0)
     with pytest.raises(ValueError, match="epcomm intranode_notify: the kernels need a .*-byte NVL buffer, "
@@ -390,12 +390,13 @@ def test_collective_teardown_closes_peers_before_freeing(pools):
 
 
 # ---------------------------------------------------------------- enqueue-only kernels
-def _notify_barrier(ext, world, epoch):
-    """A notify that only meets the peers (no counts): the smallest kernel that waits on every rank."""
+def _notify_barrier(ext, world):
+    """A notify that only meets the peers (no counts): the smallest kernel that waits on every rank (each run
+    one epoch further, counted on the device)."""
     config = ext.KernelConfig(num_channels=2, nvl_chunk_send_tokens=6, nvl_ring_tokens=32)
     spec = ext.IntranodeSpec(config=config, workspace=ext.NvlWorkspaceShape(
         num_ranks=world, num_local_experts=0, num_topk=8, max_row_bytes=64))
-    params = ext.NotifyParams(epoch=epoch, exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None,
+    params = ext.NotifyParams(exchange_counts=False, is_token_in_rank=None, num_tokens_per_expert=None,
                               num_tokens=0, expert_alignment=1, recv_rank_prefix=None, recv_channel_prefix_matrix=None,
                               num_recv_tokens_per_expert=None, call_digest=0, call_flags=-1, call_agreed=None,
                               call_mismatch=None)
@@ -409,7 +410,7 @@ def enqueue_with_one_absent(rank, world, absent):
         if rank == absent:
             return None
         runtime, ext = sim.runtime, sim._ext
-        spec, params = _notify_barrier(ext, world, epoch=1)
+        spec, params = _notify_barrier(ext, world)
         runtime.run(spec, params, 0.5, 0, True)  # issued; its timeout is in its error slot, not raised here
         pending_after_launch = runtime.num_pending
         try:
@@ -435,8 +436,8 @@ def enqueue_and_wait(rank, world, rounds):
     try:
         sim.barrier()
         runtime, ext = sim.runtime, sim._ext
-        for epoch in range(1, rounds + 1):
-            spec, params = _notify_barrier(ext, world, epoch)
+        spec, params = _notify_barrier(ext, world)
+        for _ in range(rounds):
             runtime.run(spec, params, 10.0, 0, True)
         pending = runtime.num_pending
         runtime.check_pending(True)

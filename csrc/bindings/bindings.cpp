@@ -305,6 +305,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(NVL region bytes, RDMA region bytes = 0) each rank's buffer needs for the intranode kernels.");
   m.def("workspace_bytes", py::overload_cast<kernels::InternodeSpec const&>(&entries::workspace_bytes), py::arg("spec"),
         "(NVL region bytes, RDMA region bytes) each rank's buffer needs for the internode kernels.");
+  m.def(
+      "epoch_counter_offset",
+      [](kernels::IntranodeSpec const& spec) { return entries::nvl_workspace(spec).epoch_counter_offset; },
+      py::arg("spec"), "Byte offset in each rank's buffer of its notifies' epoch counter (kernels/epoch.cuh).");
+  m.def(
+      "epoch_counter_offset",
+      [](kernels::InternodeSpec const& spec) { return entries::nvl_workspace(spec).epoch_counter_offset; },
+      py::arg("spec"), "Byte offset in each rank's buffer of its notifies' epoch counter (kernels/epoch.cuh).");
   m.def("internode_put_metadata",
         [](kernels::InternodeSpec const& spec) {
           kernels::RdmaWorkspace const rdma(spec.workspace, spec.config);

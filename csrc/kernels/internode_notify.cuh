@@ -10,7 +10,8 @@
 //        d on another node:  the count message (rdma_workspace.cuh: header, then counts) staged,
 //                            then put through the transport with barrier signal +1; only its
 //                            16-byte header without counts; a bare signal +1 with neither
-//   3. barrier: on the node, release-store `epoch` into every local peer's NVL barrier signal;
+//   3. barrier: on the node, release-store this notify's epoch (epoch.cuh: counted on the device)
+//      into every local peer's NVL barrier signal;
 //      across nodes, step 2's signal added 1 to barrier[rank] of every remote rank. Then wait for
 //      every source: NVL signal >= epoch (same node), transport barrier signal >= epoch (other nodes)
 //   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix,
@@ -23,6 +24,7 @@
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
 #include "call_check.cuh"
+#include "epoch.cuh"
 #include "internode_common.cuh"
 #include "prefix.cuh"
 
@@ -57,14 +59,15 @@ EPCOMM_DEVICE void internode_fill_count_message(InternodeNotifyArgs<Transport> c
 
 // Step 2 (and, for remote ranks, the network half of step 3's signal: exactly +1 per notify).
 template <class Transport>
-EPCOMM_DEVICE void internode_send_messages(InternodeNotifyArgs<Transport> const& args, int parity) {
+EPCOMM_DEVICE void internode_send_messages(InternodeNotifyArgs<Transport> const& args, int64_t epoch) {
   InternodeComm<Transport> const& comm = args.comm;
   RdmaWorkspace const& rdma = comm.rdma_workspace;
   NvlWorkspace const& nvl = comm.nvl_workspace;
   int const lane = int(ptx::get_lane_id()), warp = int(threadIdx.x) / 32, num_warps = int(blockDim.x) / 32;
   int const num_channels = comm.config.nvl.num_channels;
   bool const check_call = args.call_flags != kNoCallCheck;
-  CallHeader const header = make_call_header(args.call_digest, args.call_flags, args.epoch);
+  CallHeader const header = make_call_header(args.call_digest, args.call_flags, epoch);
+  int const parity = epoch_parity(epoch);
   char* const local = comm.transport.local_buffer();
   for (int dst = warp; dst < comm.num_ranks; dst += num_warps) {
     if (dst / comm.num_nvl_ranks == comm.node()) {
@@ -103,7 +106,7 @@ EPCOMM_DEVICE void internode_send_messages(InternodeNotifyArgs<Transport> const&
 
 // Step 3. Returns false (in every thread) when a rank never arrived.
 template <class Transport>
-EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args) {
+EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args, int64_t epoch) {
   __shared__ int failed;
   InternodeComm<Transport> const& comm = args.comm;
   if (threadIdx.x == 0) failed = 0;
@@ -111,7 +114,7 @@ EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args)
   __syncthreads();
   int const local = comm.local_rank();
   for (int peer = int(threadIdx.x); peer < comm.num_nvl_ranks; peer += int(blockDim.x))
-    ptx::st_release_sys_global(comm.nvl_workspace.barrier_signal(comm.nvl_peer_buffers[peer], local), args.epoch);
+    ptx::st_release_sys_global(comm.nvl_workspace.barrier_signal(comm.nvl_peer_buffers[peer], local), epoch);
   // Wait for every source
   for (int src = int(threadIdx.x); src < comm.num_ranks; src += int(blockDim.x)) {
     WaitContext const context =
@@ -119,10 +122,10 @@ EPCOMM_DEVICE bool internode_barrier(InternodeNotifyArgs<Transport> const& args)
     bool ok;
     if (src / comm.num_nvl_ranks == comm.node()) {
       int64_t const* signal = comm.nvl_workspace.barrier_signal(comm.nvl_peer_buffers[local], src % comm.num_nvl_ranks);
-      ok = wait_at_least(context, args.epoch, [&] { return ptx::ld_acquire_sys_global(signal); }, nullptr);
+      ok = wait_at_least(context, epoch, [&] { return ptx::ld_acquire_sys_global(signal); }, nullptr);
     } else {
       int const signal = comm.rdma_workspace.barrier_signal(src);
-      ok = wait_at_least(context, args.epoch, [&] { return int64_t(comm.transport.read_signal(signal)); }, nullptr);
+      ok = wait_at_least(context, epoch, [&] { return int64_t(comm.transport.read_signal(signal)); }, nullptr);
     }
     if (!ok) atomicOr(&failed, 1);
   }
@@ -197,7 +200,7 @@ EPCOMM_DEVICE void internode_build_prefixes(InternodeNotifyArgs<Transport> const
 // sources meet in NVL memory: 0), a ring signal its base (the rows of all time the kernels counted),
 // the abort signal 0 (a raised one was reported by the watcher; it is cleared with the rest).
 template <class Transport>
-EPCOMM_DEVICE void internode_reset_own_signals(InternodeNotifyArgs<Transport> const& args) {
+EPCOMM_DEVICE void internode_reset_own_signals(InternodeNotifyArgs<Transport> const& args, int64_t epoch) {
   InternodeComm<Transport> const& comm = args.comm;
   RdmaWorkspace const& rdma = comm.rdma_workspace;
   char* const local = comm.transport.local_buffer();
@@ -210,7 +213,7 @@ EPCOMM_DEVICE void internode_reset_own_signals(InternodeNotifyArgs<Transport> co
     int const peer = barrier ? signal : channel < 0 ? -1 : (ring % num_nodes) * comm.num_nvl_ranks + comm.local_rank();
     uint64_t expected = 0;
     if (barrier)
-      expected = signal / comm.num_nvl_ranks == comm.node() ? 0 : uint64_t(args.epoch);
+      expected = signal / comm.num_nvl_ranks == comm.node() ? 0 : uint64_t(epoch);
     else if (signal != rdma.abort_signal())
       expected = *rdma.signal_base(local, signal);
     WaitContext const context =
@@ -231,21 +234,22 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(kInternodeNotifyThreads, 1) i
     if (threadIdx.x < 32) return internode_abort_watcher(comm);
     return internode_warp_finished(comm);
   }
-  int const parity = int(args.epoch & 1);
   void* const own_nvl = comm.nvl_peer_buffers[comm.local_rank()];
+  int64_t const epoch = advance_epoch(comm.nvl_workspace.epoch_counter(own_nvl));
+  int const parity = epoch_parity(epoch);
   // Reset this rank's NVL ring counters
   for (int i = int(threadIdx.x); i < comm.nvl_workspace.num_ring_counters(); i += int(blockDim.x)) {
     comm.nvl_workspace.ring_head(own_nvl, 0, 0)[i] = 0;
     comm.nvl_workspace.ring_tail(own_nvl, 0, 0)[i] = 0;
   }
-  internode_send_messages(args, parity);
-  if (internode_barrier(args)) {
+  internode_send_messages(args, epoch);
+  if (internode_barrier(args, epoch)) {
     if (args.call_flags != kNoCallCheck && threadIdx.x == 0)
-      judge_call(comm.num_ranks, args.call_digest, args.epoch,
+      judge_call(comm.num_ranks, args.call_digest, epoch,
                  [&](int src) { return internode_received_call_header(comm, parity, src); }, args.call_agreed,
                  args.call_mismatch);
     if (args.exchange_counts) internode_build_prefixes(args, parity);
-    if (args.reset_signals) internode_reset_own_signals(args);
+    if (args.reset_signals) internode_reset_own_signals(args, epoch);
   }
   internode_warp_finished(comm);
 }

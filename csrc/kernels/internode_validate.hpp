@@ -67,7 +67,6 @@ template <class Transport>
 char const* validate(InternodeNotifyArgs<Transport> const& args) {
   using detail::invalid;
   if (char const* problem = validate(args.comm)) return problem;
-  if (args.epoch < 1) return invalid("internode_notify: epoch=%lld must be >= 1 and grow by one per call", (long long)args.epoch);
   if (char const* problem = validate_call_check(args)) return problem;
   if (!args.exchange_counts) return nullptr;
   if (args.num_tokens < 0) return invalid("internode_notify: num_tokens=%d must be >= 0", args.num_tokens);

@@ -63,14 +63,14 @@ struct IntranodeSpec {
   bool operator==(IntranodeSpec const&) const = default;
 };
 
-// notify: a barrier over peer memory (every rank's signal counter reaches
-// `epoch`), which also resets this rank's ring counters. With exchange_counts
-// it also sends this rank's per-(peer, channel) and per-expert counts and builds
-// the prefix matrices that place every received row. With a call check it also
-// tells every rank whether all ranks run the same call (call_check.cuh).
+// notify: a barrier over peer memory (every rank's signal counter reaches the
+// epoch, which each rank counts on the device: epoch.cuh), which also resets
+// this rank's ring counters. With exchange_counts it also sends this rank's
+// per-(peer, channel) and per-expert counts and builds the prefix matrices that
+// place every received row. With a call check it also tells every rank whether
+// all ranks run the same call (call_check.cuh).
 // Both paths share these fields.
 #define EPCOMM_NOTIFY_FIELDS(F)                                                                                      \
-  F(int64_t, epoch, 0, "1, 2, 3, ...: one more per notify on this buffer, the same on every rank")                \
   F(bool, exchange_counts, false, "false: a barrier only (the fields below are unused)")                           \
   F(bool const*, is_token_in_rank, nullptr, "[N, R] in")                                                           \
   F(int32_t const*, num_tokens_per_expert, nullptr, "[E] in, or null: no per-expert counts")                       \

@@ -32,7 +32,6 @@ inline char const* validate(CommArgs const& comm) {
 
 inline char const* validate(NotifyArgs const& args) {
   if (char const* problem = validate(args.comm)) return problem;
-  if (args.epoch < 1) return "notify: epoch must be >= 1 and grow by one per call";
   if (char const* problem = validate_call_check(args)) return problem;
   if (!args.exchange_counts) return nullptr;
   if (args.num_tokens < 0) return "notify: num_tokens must be >= 0";

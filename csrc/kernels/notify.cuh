@@ -4,8 +4,8 @@
 //      the previous kernel towards us, and none starts the next one before step 3)
 //   2. (exchange_counts) write this rank's per-(peer, channel) token counts and
 //      per-expert counts into each peer's buffer
-//   3. barrier: publish `epoch` in every peer's barrier_signal[rank] (release),
-//      wait for barrier_signal[s] >= epoch for every source s (acquire)
+//   3. barrier: publish this notify's epoch (epoch.cuh: counted on the device) in every peer's
+//      barrier_signal[rank] (release), wait for barrier_signal[s] >= epoch for every source s (acquire)
 //   4. (exchange_counts) build recv_rank_prefix, recv_channel_prefix_matrix and
 //      num_recv_tokens_per_expert from the counts the peers wrote.
 // With a call check (call_flags >= 0), step 2 also writes this rank's call header into every
@@ -15,6 +15,7 @@
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
 #include "call_check.cuh"
+#include "epoch.cuh"
 #include "intranode.hpp"
 #include "prefix.cuh"
 
@@ -42,24 +43,26 @@ EPCOMM_DEVICE void notify_send_counts(NotifyArgs const& args, int parity) {
 }
 
 // This rank's call header, into slot [parity][rank] of every peer (self included).
-EPCOMM_DEVICE void notify_send_call_header(NotifyArgs const& args, int parity) {
+EPCOMM_DEVICE void notify_send_call_header(NotifyArgs const& args, int64_t epoch) {
   CommArgs const& comm = args.comm;
-  CallHeader const header = make_call_header(args.call_digest, args.call_flags, args.epoch);
+  int const parity = epoch_parity(epoch);
+  CallHeader const header = make_call_header(args.call_digest, args.call_flags, epoch);
   for (int dst = int(threadIdx.x); dst < comm.num_ranks; dst += int(blockDim.x))
     *comm.workspace.call_header(comm.peer_buffers[dst], parity, comm.rank) = header;
 }
 
-EPCOMM_DEVICE void notify_judge_call(NotifyArgs const& args, int parity) {
+EPCOMM_DEVICE void notify_judge_call(NotifyArgs const& args, int64_t epoch) {
   CommArgs const& comm = args.comm;
   void* const own_buffer = comm.peer_buffers[comm.rank];
+  int const parity = epoch_parity(epoch);
   if (threadIdx.x == 0)
-    judge_call(comm.num_ranks, args.call_digest, args.epoch,
+    judge_call(comm.num_ranks, args.call_digest, epoch,
                [&](int src) { return comm.workspace.call_header(own_buffer, parity, src); }, args.call_agreed,
                args.call_mismatch);
 }
 
 // Returns false (in every thread) when a peer never arrived.
-EPCOMM_DEVICE bool notify_barrier(NotifyArgs const& args) {
+EPCOMM_DEVICE bool notify_barrier(NotifyArgs const& args, int64_t epoch) {
   __shared__ int failed;
   CommArgs const& comm = args.comm;
   if (threadIdx.x == 0) failed = 0;
@@ -67,12 +70,12 @@ EPCOMM_DEVICE bool notify_barrier(NotifyArgs const& args) {
   __syncthreads();
   int const peer = int(threadIdx.x);
   if (peer < comm.num_ranks) {
-    ptx::st_release_sys_global(comm.workspace.barrier_signal(comm.peer_buffers[peer], comm.rank), args.epoch);
+    ptx::st_release_sys_global(comm.workspace.barrier_signal(comm.peer_buffers[peer], comm.rank), epoch);
     // Wait for the peer's signal to this rank
     WaitContext const context{comm.error, comm.peer_buffers, comm.workspace.abort_flag_offset, comm.num_ranks,
                               comm.rank, KernelId::kNotify, Role::kNotifyBarrier, -1, peer, comm.timeout_cycles};
     int64_t const* signal = comm.workspace.barrier_signal(comm.peer_buffers[comm.rank], peer);
-    if (!wait_at_least(context, args.epoch, [&] { return ptx::ld_acquire_sys_global(signal); }, nullptr))
+    if (!wait_at_least(context, epoch, [&] { return ptx::ld_acquire_sys_global(signal); }, nullptr))
       atomicOr(&failed, 1);
   }
   __syncthreads();
@@ -95,18 +98,19 @@ EPCOMM_DEVICE void notify_build_prefixes(NotifyArgs const& args, int parity) {
 
 EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS(kNotifyThreads) notify_kernel(NotifyArgs args) {
   CommArgs const& comm = args.comm;
-  int const parity = int(args.epoch & 1);
   void* const own_buffer = comm.peer_buffers[comm.rank];
+  int64_t const epoch = advance_epoch(comm.workspace.epoch_counter(own_buffer));
+  int const parity = epoch_parity(epoch);
   // Reset this rank's ring counters
   for (int i = int(threadIdx.x); i < comm.workspace.num_ring_counters(); i += int(blockDim.x)) {
     comm.workspace.ring_head(own_buffer, 0, 0)[i] = 0;
     comm.workspace.ring_tail(own_buffer, 0, 0)[i] = 0;
   }
   bool const check_call = args.call_flags != kNoCallCheck;
-  if (check_call) notify_send_call_header(args, parity);
+  if (check_call) notify_send_call_header(args, epoch);
   if (args.exchange_counts) notify_send_counts(args, parity);
-  if (!notify_barrier(args)) return;
-  if (check_call) notify_judge_call(args, parity);
+  if (!notify_barrier(args, epoch)) return;
+  if (check_call) notify_judge_call(args, epoch);
   if (args.exchange_counts) notify_build_prefixes(args, parity);
 }
 

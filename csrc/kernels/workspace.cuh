@@ -6,6 +6,7 @@
 //   region             type / shape                             written by        read by
 //   abort_flag         int32                                    any failing rank  this rank's spin-waits
 //   barrier_signal     int64 [num_ranks (source)]               source (epoch)    this rank (notify)
+//   epoch_counter      int64                                    this rank (notify: epoch.cuh)
 //   channel_counts     int32 [2 (epoch parity)][num_ranks (source)][num_channels]
 //                                                               source (notify)   this rank (notify)
 //   expert_counts      int32 [2][num_ranks (source)][num_local_experts]
@@ -46,7 +47,7 @@ struct NvlWorkspace {
   int num_ranks = 0, num_channels = 0, num_local_experts = 0, num_topk = 0, ring_tokens = 0;
   size_t row_bytes = 0;  // row region of a slot (max_row_bytes padded to 8)
   size_t slot_bytes = 0;
-  size_t abort_flag_offset = 0, barrier_signal_offset = 0, channel_counts_offset = 0, expert_counts_offset = 0,
+  size_t abort_flag_offset = 0, barrier_signal_offset = 0, epoch_counter_offset = 0, channel_counts_offset = 0, expert_counts_offset = 0,
          call_headers_offset = 0, ring_head_offset = 0, ring_tail_offset = 0, ring_slots_offset = 0, total_bytes = 0;
 
   NvlWorkspace() = default;
@@ -67,6 +68,7 @@ struct NvlWorkspace {
     size_t const num_rings = size_t(num_channels) * size_t(num_ranks);
     abort_flag_offset = region(sizeof(int32_t));
     barrier_signal_offset = region(sizeof(int64_t) * size_t(num_ranks));
+    epoch_counter_offset = region(sizeof(int64_t));
     channel_counts_offset = region(sizeof(int32_t) * 2 * size_t(num_ranks) * size_t(num_channels));
     expert_counts_offset = region(sizeof(int32_t) * 2 * size_t(num_ranks) * size_t(num_local_experts));
     call_headers_offset = region(sizeof(CallHeader) * 2 * size_t(num_ranks));
@@ -86,6 +88,7 @@ struct NvlWorkspace {
   EPCOMM_HOST_DEVICE int64_t* barrier_signal(void* base, int source) const {
     return at<int64_t>(base, barrier_signal_offset) + source;
   }
+  EPCOMM_HOST_DEVICE int64_t* epoch_counter(void* base) const { return at<int64_t>(base, epoch_counter_offset); }
   EPCOMM_HOST_DEVICE int32_t* channel_counts(void* base, int parity, int source) const {
     return at<int32_t>(base, channel_counts_offset) + (size_t(parity) * num_ranks + source) * num_channels;
   }

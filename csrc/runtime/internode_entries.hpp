@@ -57,12 +57,16 @@ inline std::string spec_problem(kernels::InternodeSpec const& spec) {
   return problem != nullptr ? problem : "";
 }
 
+// Where `spec`'s NVL regions lie in each rank's buffer (the NVL region starts it).
+inline kernels::NvlWorkspace nvl_workspace(kernels::InternodeSpec const& spec) {
+  return kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl);
+}
+
 // Bytes per rank a call of `spec` needs: (NVL region, RDMA region). Refuses a spec the kernels cannot take.
 inline std::pair<size_t, size_t> workspace_bytes(kernels::InternodeSpec const& spec) {
   if (std::string const problem = spec_problem(spec); !problem.empty())
     throw RuntimeError(ErrorCode::kInvalidArgument, "internode kernels: " + problem);
-  return {kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl).required_bytes(),
-          kernels::RdmaWorkspace(spec.workspace, spec.config).required_bytes()};
+  return {nvl_workspace(spec).required_bytes(), kernels::RdmaWorkspace(spec.workspace, spec.config).required_bytes()};
 }
 
 template <class Transport>
@@ -81,7 +85,7 @@ kernels::InternodeComm<Transport> internode_comm(KernelCall const& call, kernels
   comm.num_ranks = runtime.num_ranks();
   comm.num_nvl_ranks = shape.num_nvl_ranks;
   comm.config = spec.config;
-  comm.nvl_workspace = kernels::NvlWorkspace(kernels::internode_nvl_shape(spec), spec.config.nvl);
+  comm.nvl_workspace = nvl_workspace(spec);
   comm.rdma_workspace = kernels::RdmaWorkspace(shape, spec.config);
   size_t const nvl_bytes = comm.nvl_workspace.required_bytes(), rdma_bytes = comm.rdma_workspace.required_bytes();
   size_t const rdma_capacity = TransportBinding<Transport>::rdma_capacity(call, spec);

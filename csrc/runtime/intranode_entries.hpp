@@ -21,11 +21,16 @@ inline std::string spec_problem(kernels::IntranodeSpec const& spec) {
   return problem != nullptr ? problem : "";
 }
 
+// Where `spec`'s regions lie in each rank's NVL buffer.
+inline kernels::NvlWorkspace nvl_workspace(kernels::IntranodeSpec const& spec) {
+  return kernels::NvlWorkspace(spec.workspace, spec.config);
+}
+
 // Bytes per rank a call of `spec` needs: (NVL region, RDMA region = 0). Refuses a spec the kernels cannot take.
 inline std::pair<size_t, size_t> workspace_bytes(kernels::IntranodeSpec const& spec) {
   if (std::string const problem = spec_problem(spec); !problem.empty())
     throw RuntimeError(ErrorCode::kInvalidArgument, "intranode kernels: " + problem);
-  return {kernels::NvlWorkspace(spec.workspace, spec.config).required_bytes(), 0};
+  return {nvl_workspace(spec).required_bytes(), 0};
 }
 
 inline kernels::CommArgs intranode_comm(KernelCall const& call, kernels::IntranodeSpec const& spec,
@@ -39,7 +44,7 @@ inline kernels::CommArgs intranode_comm(KernelCall const& call, kernels::Intrano
   comm.rank = runtime.rank();
   comm.num_ranks = runtime.num_ranks();
   comm.config = spec.config;
-  comm.workspace = kernels::NvlWorkspace(spec.workspace, spec.config);
+  comm.workspace = nvl_workspace(spec);
   if (comm.workspace.required_bytes() > runtime.num_bytes())
     throw invalid_argument(name, "the kernels need a " + std::to_string(comm.workspace.required_bytes()) +
                                      "-byte NVL buffer, this one has " + std::to_string(runtime.num_bytes()) + " bytes");

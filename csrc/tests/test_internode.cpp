@@ -116,7 +116,6 @@ struct Cluster : test::InProcessRanks {
   std::vector<std::vector<void*>> node_nvl_buffers;  // [node][local rank]
   std::vector<char*> rdma_buffers;                   // [rank]
   test::LinkByteCounters link_bytes, link_puts;
-  int64_t epoch = 0;
   // Rows of all time of each network ring, as its sender counts them: dispatch [source rank][channel][node],
   // combine [forwarding rank][channel][node] (where a round's puts start in the ring)
   std::vector<uint64_t> dispatch_ring_rows, combine_ring_rows;
@@ -264,11 +263,9 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   cluster.link_puts.take_per_link_class();
 
   // notify: counts, barrier, prefix matrices
-  ++cluster.epoch;
   cluster.run_on_every_rank("internode_notify", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::InternodeNotifyArgs<ShmTransport> args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     // the count messages carry a call check too
     test::set_notify_counts(args, out[r], data[r], R, C, shape.num_local_experts, alignment, int64_t(data_seed));
     out[r].forward_prefix.assign(size_t(NN) * (C + 1), -1);
@@ -354,11 +351,9 @@ RoundResult run_round(Cluster& cluster, uint64_t data_seed) {
   test::make_expert_outputs(out, shape.hidden, data_seed * 7919 + 1);
 
   // barrier (resets the NVL rings), then combine
-  ++cluster.epoch;
   cluster.run_on_every_rank("internode_barrier", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::InternodeNotifyArgs<ShmTransport> args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     kernels::add_internode_notify(launch, args);
   });
   cluster.link_bytes.take_per_link_class();
@@ -510,14 +505,12 @@ EPCOMM_TEST(internode_fuzzed_schedules) {
 // that sends one, nothing for a bare signal.
 std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& flags, std::vector<int64_t> const& digests) {
   int const R = cluster.shape.num_ranks(), L = cluster.shape.num_nvl_ranks;
-  ++cluster.epoch;
   cluster.link_bytes.take_per_link_class();
   std::vector<int32_t> agreed(size_t(R), -1);
   uint64_t expected_bytes = 0;
   cluster.run_on_every_rank("internode_notify_call_check", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::InternodeNotifyArgs<ShmTransport> args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     args.call_digest = digests[size_t(r)];
     args.call_flags = flags[size_t(r)];
     bool const checks = args.call_flags != kernels::kNoCallCheck;
@@ -546,14 +539,13 @@ EPCOMM_TEST(internode_call_check) {
 // survive the zeroing of the buffers: with `reset`, a notify in the current layout zeroes every rank's
 // signals once the adds due to them have landed (reset_signals); then every buffer is zeroed except the
 // signal table, which sits at the start of the RDMA buffer in every layout (as GIN keeps its own), the
-// buffers are laid out for `next` (no larger than they are) and epochs restart at 0.
+// buffers are laid out for `next` (no larger than they are) and epochs restart at 0 (their counters
+// were zeroed with the NVL buffers).
 void relayout(Cluster& cluster, Shape const& next, bool reset) {
   if (reset) {
-    ++cluster.epoch;
     cluster.run_on_every_rank("internode_notify_reset_signals", [&](simt::ConcurrentLaunch& launch, int r) {
       kernels::InternodeNotifyArgs<ShmTransport> args;
       args.comm = cluster.comm(r);
-      args.epoch = cluster.epoch;
       args.reset_signals = true;
       kernels::add_internode_notify(launch, args);
     });
@@ -566,7 +558,6 @@ void relayout(Cluster& cluster, Shape const& next, bool reset) {
   CHECK(cluster.nvl_workspace.required_bytes() <= cluster.nvl_bytes);
   CHECK(cluster.rdma_workspace.required_bytes() <= cluster.rdma_bytes);
   CHECK_EQ(cluster.rdma_workspace.signals_offset, size_t(0));
-  cluster.epoch = 0;
 }
 
 uint64_t const* signal_table(Cluster const& cluster, int rank) {
@@ -605,7 +596,6 @@ EPCOMM_TEST(internode_relayout_without_reset_passes_a_barrier_alone) {
     relayout(cluster, narrow, reset);
     kernels::InternodeNotifyArgs<ShmTransport> args;
     args.comm = cluster.comm(0);
-    args.epoch = 1;
     if (reset) {
       CHECK_CONTAINS(cluster.run_alone_until_timeout("internode_notify_after_reset", args, kernels::add_internode_notify),
                      "role=internode_notify_barrier channel=-1 peer=1 expected=1 observed=0");
@@ -618,13 +608,33 @@ EPCOMM_TEST(internode_relayout_without_reset_passes_a_barrier_alone) {
   }
 }
 
+// A CUDA graph replays a notify with the arguments it was captured with; across nodes the barrier is
+// transport signals counted of all time, so each replay must wait for one more (the epoch counted on
+// the device, epoch.cuh). Three replays on both ranks (one per node), then rank 0 alone: it waits for
+// rank 1's fourth add and times out naming it.
+EPCOMM_TEST(internode_notify_replayed_with_its_arguments_is_a_new_barrier_each_time) {
+  Shape shape{2, 1, 1, 4, 2, 4, 2, {4, 4}, 128, false, 2, 2, 1, 1, 78};
+  Cluster cluster(shape, std::nullopt);
+  std::vector<kernels::InternodeNotifyArgs<ShmTransport>> captured(2);
+  for (int r = 0; r < 2; ++r) captured[size_t(r)].comm = cluster.comm(r);
+  for (int64_t replay = 1; replay <= 3; ++replay) {
+    cluster.run_on_every_rank("internode_notify_replay", [&](simt::ConcurrentLaunch& launch, int r) {
+      kernels::add_internode_notify(launch, captured[size_t(r)]);
+    });
+    for (int r = 0; r < 2; ++r)
+      CHECK_EQ(*cluster.nvl_workspace.epoch_counter(cluster.node_nvl_buffers[size_t(r)][0]), replay);
+  }
+  CHECK_CONTAINS(
+      cluster.run_alone_until_timeout("internode_notify_replay_missing_rank", captured[0], kernels::add_internode_notify),
+      "role=internode_notify_barrier channel=-1 peer=1 expected=4 observed=3");
+}
+
 // A rank that never launches: a rank of another node waits for it and names it.
 EPCOMM_TEST(internode_timeout_names_the_missing_peer) {
   Shape shape{2, 1, 1, 4, 2, 4, 2, {4, 4}, 128, false, 2, 2, 1, 1, 77};
   Cluster cluster(shape, std::nullopt);
   kernels::InternodeNotifyArgs<ShmTransport> args;
   args.comm = cluster.comm(0);
-  args.epoch = 1;
   CHECK_CONTAINS(cluster.run_alone_until_timeout("internode_notify_missing_rank", args, kernels::add_internode_notify),
                  "internode_notify timeout: rank=0 role=internode_notify_barrier channel=-1 peer=1 expected=1 observed=0");
   CHECK_EQ(*cluster.nvl_workspace.abort_flag(cluster.node_nvl_buffers[0][0]), 1);
@@ -644,11 +654,9 @@ EPCOMM_TEST(internode_abort_reaches_other_nodes) {
   std::vector<std::vector<int32_t>> rank_prefix(2, std::vector<int32_t>(3)), prefix(2, std::vector<int32_t>(2 * 2)),
       forward(2, std::vector<int32_t>(2 * 2));
   long long const timeout = 20'000'000'000LL;  // 20 s: the test fails on time if the alarm does not travel
-  ++cluster.epoch;
   cluster.run_on_every_rank("internode_notify_abort", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::InternodeNotifyArgs<ShmTransport> args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     args.exchange_counts = true;
     args.is_token_in_rank = reinterpret_cast<bool const*>(in_rank[r].data());
     args.num_tokens = r == 0 ? 3 : 0;

@@ -77,7 +77,6 @@ struct Cluster : test::InProcessRanks {
   kernels::KernelConfig config;
   kernels::NvlWorkspace workspace;
   std::vector<void*> peer_buffers;
-  int64_t epoch = 0;
 
   Cluster(Shape const& s, std::optional<uint64_t> seed) : InProcessRanks("intranode", s.num_ranks, seed), shape(s) {
     config = {s.num_channels, s.chunk_tokens, s.ring_tokens};
@@ -113,12 +112,10 @@ void run_layout_and_check_counts(Shape const& shape, RankTokens const& d, test::
 
 // One notify per rank with the given call-check fields; each rank's call_agreed (-1: not written).
 std::vector<int32_t> run_call_check(Cluster& cluster, std::vector<int> const& flags, std::vector<int64_t> const& digests) {
-  ++cluster.epoch;
   std::vector<int32_t> agreed(size_t(cluster.shape.num_ranks), -1);
   cluster.run_on_every_rank("notify_call_check", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     args.call_digest = digests[size_t(r)];
     args.call_flags = flags[size_t(r)];
     args.call_agreed = args.call_flags == kernels::kNoCallCheck ? nullptr : &agreed[size_t(r)];
@@ -133,11 +130,9 @@ void notify_counts(Cluster& cluster, std::vector<RankTokens> const& data, std::v
                    int64_t digest) {
   Shape const& shape = cluster.shape;
   for (int r = 0; r < shape.num_ranks; ++r) run_layout_and_check_counts(shape, data[r], out[r]);
-  ++cluster.epoch;
   cluster.run_on_every_rank("notify", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     test::set_notify_counts(args, out[r], data[r], shape.num_ranks, shape.num_channels, shape.num_local_experts,
                             shape.expert_alignment, digest);
     kernels::add_notify(launch, args);
@@ -180,11 +175,9 @@ void run_round(Cluster& cluster, uint64_t data_seed) {
   test::make_expert_outputs(out, shape.hidden, data_seed * 7919 + 1);
 
   // barrier (resets the rings), then combine
-  ++cluster.epoch;
   cluster.run_on_every_rank("combine_barrier", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     kernels::add_notify(launch, args);
   });
   cluster.run_on_every_rank("combine", [&](simt::ConcurrentLaunch& launch, int r) {
@@ -278,11 +271,9 @@ EPCOMM_TEST(intranode_rejected_call_moves_nothing) {
   std::vector<test::NormalRankBuffers> out(static_cast<size_t>(R));
   notify_counts(cluster, data, out, 4);
   std::vector<std::array<int32_t, 3>> verdicts(static_cast<size_t>(R), {-1, -1, -1});
-  ++cluster.epoch;
   cluster.run_on_every_rank("notify_call_check", [&](simt::ConcurrentLaunch& launch, int r) {
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = cluster.epoch;
     args.call_digest = 77;
     args.call_flags = r == 2 ? kernels::kCallRefused : 0;
     args.call_agreed = &verdicts[size_t(r)][0];
@@ -316,10 +307,38 @@ EPCOMM_TEST(intranode_timeout_names_the_missing_peer) {
   std::vector<RankTokens> data = make_inputs(shape, 5);
   kernels::NotifyArgs args;
   args.comm = cluster.comm(0);
-  args.epoch = 1;
   CHECK_CONTAINS(cluster.run_alone_until_timeout("notify_missing_rank", args, kernels::add_notify),
                  "notify timeout: rank=0 role=notify_barrier channel=-1 peer=1 expected=1 observed=0");
   CHECK_EQ(*cluster.workspace.abort_flag(cluster.peer_buffers[1]), 1);  // the alarm reached the peer
+}
+
+// A CUDA graph replays a notify with the arguments it was captured with: the epoch is counted on the
+// device, so each replay is a new barrier (and call check) rather than one that stale signals pass.
+// The same arguments run on every rank three times, then on rank 0 alone: that one waits for its
+// peer's fourth signal and times out naming it.
+EPCOMM_TEST(intranode_notify_replayed_with_its_arguments_is_a_new_barrier_each_time) {
+  Shape shape{2, 1, 4, 2, {8, 8}, 64, false, 2, 2, 1, 1, 79};
+  Cluster cluster(shape, std::nullopt);
+  std::vector<int32_t> agreed(2, -1);
+  std::vector<kernels::NotifyArgs> captured(2);
+  for (int r = 0; r < 2; ++r) {
+    captured[size_t(r)].comm = cluster.comm(r);
+    captured[size_t(r)].call_digest = 0x7e91a1;
+    captured[size_t(r)].call_flags = 0;
+    captured[size_t(r)].call_agreed = &agreed[size_t(r)];
+  }
+  for (int64_t replay = 1; replay <= 3; ++replay) {
+    agreed.assign(2, -1);
+    cluster.run_on_every_rank("notify_replay", [&](simt::ConcurrentLaunch& launch, int r) {
+      kernels::add_notify(launch, captured[size_t(r)]);
+    });
+    for (int r = 0; r < 2; ++r) {
+      CHECK_EQ(agreed[size_t(r)], 1);
+      CHECK_EQ(*cluster.workspace.epoch_counter(cluster.peer_buffers[size_t(r)]), replay);
+    }
+  }
+  CHECK_CONTAINS(cluster.run_alone_until_timeout("notify_replay_missing_rank", captured[0], kernels::add_notify),
+                 "notify timeout: rank=0 role=notify_barrier channel=-1 peer=1 expected=4 observed=3");
 }
 
 EPCOMM_TEST(intranode_workspace_and_validation) {
@@ -329,7 +348,8 @@ EPCOMM_TEST(intranode_workspace_and_validation) {
   CHECK(kernels::validate_config(config, 33) != nullptr);
   kernels::NvlWorkspace ws({8, 4, 8, 7168 * 2}, config);
   // regions are disjoint, in order and aligned
-  CHECK(ws.abort_flag_offset < ws.barrier_signal_offset && ws.barrier_signal_offset < ws.channel_counts_offset &&
+  CHECK(ws.abort_flag_offset < ws.barrier_signal_offset && ws.barrier_signal_offset < ws.epoch_counter_offset &&
+        ws.epoch_counter_offset < ws.channel_counts_offset &&
         ws.channel_counts_offset < ws.expert_counts_offset && ws.expert_counts_offset < ws.call_headers_offset &&
         ws.call_headers_offset < ws.ring_head_offset &&
         ws.ring_head_offset < ws.ring_tail_offset && ws.ring_tail_offset < ws.ring_slots_offset);
@@ -343,7 +363,6 @@ EPCOMM_TEST(intranode_workspace_and_validation) {
   CHECK(std::string(kernels::validate(args)).find("peer_buffers") != std::string::npos);
   // a call check needs its output and known flags
   kernels::NotifyArgs notify;
-  notify.epoch = 1;
   notify.call_flags = kernels::kNoCallCheck;
   CHECK(kernels::validate_call_check(notify) == nullptr);
   notify.call_flags = 0;

@@ -80,7 +80,7 @@ NO_CALL_CHECK = -1  # call_flags of a notify without a call check (kernels/call_
 CALL_REFUSED, CALL_NEEDS_LAYOUT = 1, 2  # call_flags bits (kCallRefused, kCallNeedsLayout)
 
 
-def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, outputs: NotifyOutputs | None,
+def _notify_fields(in_rank: torch.Tensor | None, num_tokens: int, outputs: NotifyOutputs | None,
                    call: tuple[int, int, torch.Tensor] | None, experts: ExpertCounts | None) -> dict:
     """The notify fields both paths share; ``in_rank=None``: no counts; ``call``: (digest, flags, agreed int32
     [1], or [3]: the verdict, then the first rank that differed and its flags, for a data kernel's gate);
@@ -89,7 +89,7 @@ def _notify_fields(epoch: int, in_rank: torch.Tensor | None, num_tokens: int, ou
     mismatch = agreed.data_ptr() + 4 if agreed is not None and agreed.numel() >= 3 else None
     rank_prefix, channel_prefix, _, expert_counts = outputs if outputs is not None else (None,) * 4
     sent, alignment = (experts.sent, experts.alignment) if experts is not None and expert_counts is not None else (None, 1)
-    return dict(epoch=epoch, exchange_counts=in_rank is not None, is_token_in_rank=_data_ptr(in_rank),
+    return dict(exchange_counts=in_rank is not None, is_token_in_rank=_data_ptr(in_rank),
                 num_tokens_per_expert=_data_ptr(sent), num_tokens=num_tokens, expert_alignment=alignment,
                 recv_rank_prefix=_data_ptr(rank_prefix), recv_channel_prefix_matrix=_data_ptr(channel_prefix),
                 num_recv_tokens_per_expert=_data_ptr(expert_counts) if sent is not None else None,
@@ -178,7 +178,7 @@ class _KernelPath:
         """Experts per rank whose counts a notify in ``spec``'s layout exchanges (0: none)."""
         return spec.workspace.num_local_experts
 
-    def notify_params(self, epoch: int, in_rank: torch.Tensor | None = None, num_tokens: int = 0,
+    def notify_params(self, in_rank: torch.Tensor | None = None, num_tokens: int = 0,
                       outputs: NotifyOutputs | None = None, call: tuple[int, int, torch.Tensor] | None = None,
                       experts: ExpertCounts | None = None, reset_signals: bool = False):
         """A notify: with ``in_rank`` it exchanges the counts into ``outputs``, else it is a barrier; with
@@ -187,7 +187,7 @@ class _KernelPath:
         the verdict, the same on every rank, into ``agreed`` (kernels/call_check.cuh). ``reset_signals``
         (paths with :attr:`transport_signals`, at a re-layout): after its barrier it zeroes this rank's
         transport signals once the adds still due to them have landed."""
-        fields = _notify_fields(epoch, in_rank, num_tokens, outputs, call, experts)
+        fields = _notify_fields(in_rank, num_tokens, outputs, call, experts)
         forward_prefix = outputs.forward_prefix if outputs is not None else None
         if reset_signals and not self.transport_signals:
             raise ValueError(f"the {self.prefix} kernels have no transport signals to reset")

@@ -206,7 +206,8 @@ class CudaDispatchBackend(SimDispatchBackend):
     def _kernel_reads(self, *tensors: torch.Tensor | None) -> None:
         """Tensors an enqueued kernel uses (the handle's routing, inputs, outputs) are marked as used on the
         communication stream: freed by the caller (a handle dropped after combine), their memory must not go
-        to new work before the kernel ends."""
+        to new work before the kernel ends (and while a graph captures, they are kept for its replays)."""
+        super()._kernel_reads(*tensors)
         for t in tensors_in(tensors):
             if t.is_cuda:
                 t.record_stream(self._comm_stream)

@@ -93,12 +93,6 @@ class CudaLowLatency(SimLowLatency):
     def _byte_counters(self) -> None:
         return None
 
-    def _launch(self, runtime, spec, params, op: str) -> None:
-        if torch.cuda.is_current_stream_capturing():
-            # the graph's kernels point at this runtime's buffers: growth must not free them (Buffer refuses)
-            self.backend._captured_on = runtime
-        super()._launch(runtime, spec, params, op)
-
     def _mark_sent(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream())

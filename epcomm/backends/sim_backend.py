@@ -36,9 +36,11 @@ import torch.distributed as dist
 
 from .._comm import GroupComm
 from .._ext import load_extension
+from .._streams import tensors_in
 from .._validate import Invalid
 from ..config import Config
 from ..errors import EpcommBackendUnavailable, EpcommError, EpcommTimeoutError
+from ..graphs import capturing_sim_graph, is_capturing
 from ..topology import LinkClass, Topology
 from ._kernel_paths import (CALL_NEEDS_LAYOUT, CALL_REFUSED, InternodePath, IntranodePath, NotifyOutputs, rdma_offset,
                             row_bytes)
@@ -85,6 +87,7 @@ class SimRuntime:
         self._op = f"{self.backend_name} backend setup"
         self.run_token: str | None = None
         self._runtime = None
+        self.captured = False  # a graph captured kernels on these buffers (its replays would use them)
         try:
             self._set_up()
         except BaseException:
@@ -218,9 +221,17 @@ class SimRuntime:
             EpcommPeerError: a peer failed first and aborted the kernel (``op`` given).
             ValueError: no such kernel for this runtime, or bad arguments.
         """
+        self._refuse_host_wait_in_capture(type(params).KERNEL, op)
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
         stream = self.stream()
         self._wait_on_peers(type(params).KERNEL, lambda: self.runtime.run(spec, params, limit, stream), op)
+
+    def _refuse_host_wait_in_capture(self, kernel: str, op: str | None) -> None:
+        """A SimGraph capture cannot hold a kernel the host waits for (the cuda runtime refuses a capturing
+        stream itself)."""
+        if capturing_sim_graph() is not None:
+            raise EpcommError(f"epcomm {self.backend_name} {op or 'call'} on rank {self.topo.rank}: the host waits "
+                              f"for kernel {kernel}, which a graph capture cannot hold")
 
     def enqueue(self, spec, params, timeout_s: float | None = None, op: str | None = None,
                 stream: int | None = None) -> None:
@@ -235,7 +246,15 @@ class SimRuntime:
             if self.host_waits_for_enqueued:
                 runtime.check_pending(True)
 
-        self._wait_on_peers(type(params).KERNEL, issue, op)
+        kernel = type(params).KERNEL
+        self._wait_on_peers(kernel, issue, op)
+        if is_capturing():
+            self.captured = True  # growth must not free what the graph's kernels point at
+            graph = capturing_sim_graph()
+            if graph is not None:
+                if self.runtime_kind != "cpu":
+                    raise EpcommError("a SimGraph captures the CPU runtime's kernels only; on GPUs use torch.cuda.graph")
+                graph.add_kernel(lambda: self._wait_on_peers(kernel, issue, op))
 
     def report_enqueued(self, wait: bool, op: str | None = None) -> None:
         """Raise the first error of the enqueued kernels that have finished (``wait``: wait for all of
@@ -251,6 +270,7 @@ class SimRuntime:
 
     def barrier(self, timeout_s: float | None = None, op: str | None = None) -> None:
         """All ranks meet in peer memory (the peer barrier kernel); writes before it are visible after it."""
+        self._refuse_host_wait_in_capture("peer_barrier", op)
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
         stream = self.stream()
         self._wait_on_peers("peer_barrier", lambda: self.runtime.barrier(limit, stream), op)
@@ -385,10 +405,10 @@ class SimDispatchBackend(DispatchBackend):
                      else InternodePath(self._ext, topo, options.max_nodes_per_token, options.combine_node_partials))
         self.explicit_bytes = (num_nvl_bytes, num_rdma_bytes if topo.num_nodes > 1 else 0)
         self._device_runtime: SimRuntime | None = None
-        self._captured_on: SimRuntime | None = None  # the runtime CUDA graphs captured kernels on (cuda LL)
         self._low_latency = None  # the LL engine, from the first LL call
-        self._epoch = 0
         self._last_spec = None
+        self._captured_layout = None  # the normal-mode layout a graph captured kernels in (fixed from then on)
+        self._graph_uses: list[torch.Tensor] = []  # what kernels captured in CUDA graphs use (_kernel_reads)
         self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
         self._verdict: tuple | None = None  # (op, [3] int32 on the device) of agree_on_device, for the data kernel
         if (num_nvl_bytes > 0 or num_rdma_bytes > 0) and self._sized_at_construction(options):
@@ -544,7 +564,6 @@ class SimDispatchBackend(DispatchBackend):
             if self._device_runtime is not None:
                 self._retire_runtime(op)
             self._device_runtime = self._new_runtime(max(need, self._total_bytes(self.explicit_bytes)))
-            self._epoch = 0
         elif self._last_spec is not None and spec != self._last_spec:
             self._relayout(op, self._device_runtime.num_nvl_bytes)
         self._last_spec = spec
@@ -555,12 +574,12 @@ class SimDispatchBackend(DispatchBackend):
         first (not dropped), and nobody uses or maps the old buffers after. Refused while CUDA graphs captured
         on it may be replayed (their kernels point at its buffers)."""
         runtime = self._device_runtime
-        if runtime is self._captured_on:
+        if runtime.captured:
             raise EpcommError(f"epcomm {self.name} {op} on rank {self.topo.rank}: this call needs larger buffers (or, "
-                              "across nodes on cuda, more GIN signals), but CUDA graphs captured low-latency kernels "
-                              "on the current ones, which a replay would still use; size the Buffer for every call up "
-                              "front (num_nvl_bytes / num_rdma_bytes, Buffer.get_low_latency_rdma_size_hint) and make "
-                              "one call of each kind (normal-mode configs, LL shapes) before capturing")
+                              "across nodes on cuda, more GIN signals), but a graph captured kernels on the current "
+                              "ones, which a replay would still use; size the Buffer for every call up front "
+                              "(num_nvl_bytes / num_rdma_bytes, Buffer.get_low_latency_rdma_size_hint) and make one "
+                              "call of each kind (normal-mode configs, LL shapes) before capturing")
         runtime.report_enqueued(wait=True, op=op)
         self._settle_low_latency(runtime, op)  # no LL add may still be on its way into the freed buffers
         runtime.close(collective=True, op=op)
@@ -580,15 +599,19 @@ class SimDispatchBackend(DispatchBackend):
         outside the buffer, where zeroing does not reach: NCCL GIN); the meeting after is a peer-memory
         barrier, which adds to no transport signal."""
         runtime = self._device_runtime
+        if self._captured_layout is not None and runtime.captured:
+            raise EpcommError(f"epcomm {self.name} {op} on rank {self.topo.rank}: this call needs another buffer layout "
+                              "(another Config, hidden size, top-k or expert count, or low-latency mode), but a graph "
+                              "captured normal-mode kernels in the current one, which its replays assume; make one "
+                              "call of each kind before capturing, or use a second Buffer for the other calls")
         if self.path.transport_signals and hasattr(self._last_spec, "workspace"):  # not LL mode's layout
-            self._run(runtime, self._last_spec, self.path.notify_params(self._next_epoch(), reset_signals=True), op)
+            self._run(runtime, self._last_spec, self.path.notify_params(reset_signals=True), op)
         else:
             runtime.barrier(op=op)
             self._settle_low_latency(runtime, op)
         if reset_signals is not None:
             reset_signals()
-        runtime.zero(num_bytes)
-        self._epoch = 0
+        runtime.zero(num_bytes)  # the notifies' epoch counter too (kernels/epoch.cuh)
         runtime.barrier(op=op)
 
     def _holds(self, runtime: SimRuntime, spec) -> bool:
@@ -622,7 +645,7 @@ class SimDispatchBackend(DispatchBackend):
         agreed = torch.zeros(1, dtype=torch.int32, device=self.device)
         outputs = (self._notify_outputs(layout) if in_rank is not None else None)
         num_tokens = in_rank.size(0) if in_rank is not None else 0
-        params = self.path.notify_params(self._next_epoch(), in_rank, num_tokens, outputs,
+        params = self.path.notify_params(in_rank, num_tokens, outputs,
                                          call=(call.digest, flags, agreed), experts=call.experts)
         self._run(runtime, layout, params, call.op)
         if not bool(agreed.item()):
@@ -660,9 +683,15 @@ class SimDispatchBackend(DispatchBackend):
         elif flags and why is None:
             why = ("this call needs another buffer layout than the current one, and a re-layout waits on the host: "
                    "make it once outside host_sync_free first")
+        if flags and is_capturing():
+            # Nothing is captured for a refused call (no kernel, no stream forked into the capture left unjoined),
+            # and the Buffer stays usable. Peers that accepted the call captured their notify: their replays
+            # wait for this rank's and time out naming it (on a SimGraph, whose capture runs, at once).
+            return why
         verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
         self._kernel_reads(verdict)
-        runtime.enqueue(layout, self.path.notify_params(self._next_epoch(), call=(call.digest, flags, verdict)),
+        self._note_capture()
+        runtime.enqueue(layout, self.path.notify_params(call=(call.digest, flags, verdict)),
                         op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
         if flags:
             if not runtime.host_waits_for_enqueued:
@@ -707,10 +736,14 @@ class SimDispatchBackend(DispatchBackend):
         if self._take_agreed(op) is None:
             self._barrier(runtime, spec, op)
 
-    def _next_epoch(self) -> int:
-        """One more per notify on these buffers, the same on every rank."""
-        self._epoch += 1
-        return self._epoch
+    def notify_epoch(self) -> int:
+        """The notifies run on this rank's buffers in the current normal-mode layout, as the kernels count them
+        (``kernels/epoch.cuh``; 0 before any layout or in LL mode's). A host read of the buffer: CPU runtimes only."""
+        runtime, layout = self._device_runtime, self._last_spec
+        if runtime is None or not hasattr(layout, "workspace"):
+            return 0
+        offset = int(self._ext.epoch_counter_offset(layout))
+        return int(runtime.peer_view(self.topo.rank, torch.int64, offset, 1)[0])
 
     def _run(self, runtime: SimRuntime, spec, params, op: str) -> None:
         runtime.run(spec, params, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
@@ -720,15 +753,32 @@ class SimDispatchBackend(DispatchBackend):
         (:meth:`SimRuntime.enqueue`). ``plan`` and ``tensors``: what it reads and writes (:meth:`_kernel_reads`)."""
         self._kernel_reads(plan.is_token_in_rank, plan.recv_channel_prefix, plan.forward_channel_prefix,
                            plan.forward_peer_masks, *tensors)
+        self._note_capture()
         runtime.enqueue(spec, params, op=op, timeout_s=self.timeout_s * self.path.timeout_share)
 
+    def _note_capture(self) -> None:
+        """A normal-mode kernel is being issued: while a graph captures, the current layout becomes the one its
+        replays assume (:meth:`_relayout` refuses to change it)."""
+        if is_capturing():
+            self._captured_layout = self._last_spec
+
     def _kernel_reads(self, *tensors) -> None:
-        """Tensors an enqueued kernel uses; nothing to do where kernels have finished when the call returns
-        (the cuda backend marks them as used by its stream)."""
+        """Tensors an enqueued kernel uses. While a graph captures it they must outlive the call, as its replays
+        use them (the handle's routing too, which the caller may drop): a SimGraph keeps them as long as it lives,
+        this backend as long as it lives for a CUDA graph (whose pool holds only what the capture allocated).
+        Otherwise nothing to do where kernels have finished when the call returns (the cuda backend marks them
+        as used by its stream)."""
+        if not is_capturing():
+            return
+        graph = capturing_sim_graph()
+        if graph is not None:
+            graph.keep(*tensors_in(tensors))
+        else:
+            self._graph_uses.extend(tensors_in(tensors))
 
     def _barrier(self, runtime: SimRuntime, spec, op: str) -> None:
         """notify without counts: all ranks meet and reset their NVL ring counters."""
-        self._run(runtime, spec, self.path.notify_params(self._next_epoch()), op)
+        self._run(runtime, spec, self.path.notify_params(), op)
 
     def _counters(self) -> torch.Tensor | None:
         """Bytes the internode transport puts per link class (self, nvlink, network), or None (intranode)."""
@@ -748,7 +798,7 @@ class SimDispatchBackend(DispatchBackend):
         else:
             in_rank = call.is_token_in_rank.contiguous()
             outputs = self._notify_outputs(spec)
-            self._run(runtime, spec, self.path.notify_params(self._next_epoch(), in_rank, in_rank.size(0), outputs,
+            self._run(runtime, spec, self.path.notify_params(in_rank, in_rank.size(0), outputs,
                                                              experts=call.experts), "dispatch")
         num_tokens = in_rank.size(0)
         num_recv = int(outputs.rank_prefix[world])
@@ -784,7 +834,9 @@ class SimDispatchBackend(DispatchBackend):
         counters = self._counters()
         self._enqueue(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv, verdict), op, plan, inputs,
                       recv)
-        if counters is None:
+        if is_capturing():
+            pass  # a graph's calls, and their replays, are not counted (the host reads no counter then)
+        elif counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
             self.comm.record_rows_to_peers(op, plan.send_counts, hidden_bytes + scale_bytes, meta_bytes)
@@ -852,7 +904,9 @@ class SimDispatchBackend(DispatchBackend):
                                                               node_partial_dtype, verdict), "combine", plan,
                       x, weights, combined, combined_w)
         row = x.size(1) * x.element_size()
-        if counters is None:
+        if is_capturing():
+            pass  # as in dispatch: not counted
+        elif counters is None:
             self.comm.record_rows_to_peers("combine", plan.recv_counts, row, 4 * num_topk)
         else:
             self._record_two_hop_combine(plan, counters, x, num_topk, node_partial_dtype)

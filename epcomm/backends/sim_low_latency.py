@@ -122,7 +122,6 @@ class SimLowLatency:
             if runtime is not None:
                 backend._retire_runtime(op)
             backend._device_runtime = backend._new_runtime(max(need, backend._total_bytes(backend.explicit_bytes)))
-            backend._epoch = 0
         else:  # reuse: the signals must start from zero on every rank before anyone signals a peer
             backend._relayout(op, self._clean_bytes(layout), lambda: self._zero_signals(runtime, layout, op))
         self._signals = None

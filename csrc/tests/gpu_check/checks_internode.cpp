@@ -89,12 +89,10 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
   cluster.take_link_bytes();
 
   // Notify with counts
-  int64_t const epoch = cluster.next_epoch();
   run_step(device, cluster.slots(), "internode_notify", ranks, limit_s, [&](int r) {
     RankBuffers& b = buffers[size_t(r)];
     kernels::InternodeNotifyArgs<Shm> args;
     args.comm = cluster.comm(r);
-    args.epoch = epoch;
     set_notify_count_fields(args, b, N, alignment);
     args.forward_channel_prefix_matrix = b.forward_prefix.get<int32_t>();
     device.launch(r, args);
@@ -166,11 +164,9 @@ Verdict internode_round(Device& device, Scale const& scale, bool fp8) {
     b.combined_x = sentinel_filled<uint16_t>(device, size_t(N) * H, 0xeeee);
     b.combined_topk_weights = sentinel_filled<float>(device, size_t(N) * size_t(K), -7.0f);
   }
-  int64_t const barrier_epoch = cluster.next_epoch();
   run_step(device, cluster.slots(), "internode_notify (barrier)", ranks, limit_s, [&](int r) {
     kernels::InternodeNotifyArgs<Shm> args;
     args.comm = cluster.comm(r);
-    args.epoch = barrier_epoch;
     device.launch(r, args);
   });
   cluster.take_link_bytes();

@@ -74,7 +74,6 @@ class OneRankCall {
   void run(double timeout_s, bool enqueue = false) {
     int const N = problem_.num_tokens, K = problem_.num_topk;
     kernels::NotifyParams notify;
-    notify.epoch = ++epoch_;
     notify.exchange_counts = true;
     notify.is_token_in_rank = in_rank_.get<bool const>();
     notify.num_tokens_per_expert = per_expert_.get<int32_t const>();
@@ -101,7 +100,6 @@ class OneRankCall {
     runtime_->run(*stream_, spec_, dispatch, timeout_s, enqueue);
 
     kernels::NotifyParams barrier;
-    barrier.epoch = ++epoch_;
     runtime_->run(*stream_, spec_, barrier, timeout_s);
 
     kernels::IntranodeCombineParams combine;
@@ -150,7 +148,6 @@ class OneRankCall {
   ExpectedCombine want_;
   DeviceBuffer x_, topk_idx_, topk_weights_, in_rank_, per_expert_, rank_prefix_, channel_prefix_, recv_per_expert_,
       recv_x_, recv_topk_idx_, recv_topk_weights_, recv_src_idx_, expert_out_device_, combined_x_, combined_weights_;
-  int64_t epoch_ = 0;
 };
 
 std::string milliseconds(double seconds) {

@@ -71,13 +71,11 @@ Verdict missing_from_notify(Device& device, Scale const& scale) {
   std::vector<int> launched;
   for (int r = 0; r < R; ++r)
     if (r != missing) launched.push_back(r);
-  int64_t const epoch = cluster.next_epoch();
   StepOutcome const outcome = run_step(
       device, cluster.slots(), "notify without one rank", launched, host_limit_s(timeout_s),
       [&](int r) {
         kernels::NotifyArgs args;
         args.comm = cluster.comm(r);
-        args.epoch = epoch;
         device.launch(r, args);
       },
       /*expect_kernel_errors=*/true);
@@ -118,11 +116,9 @@ Verdict missing_from_dispatch(Device& device, Scale const& scale) {
     b.recv_x = DeviceBuffer(device, size_t(N) * size_t(R) * size_t(2 * hidden));  // room for every row
     b.recv_src_idx = DeviceBuffer(device, sizeof(int32_t) * size_t(N) * size_t(R));
   }
-  int64_t const epoch = cluster.next_epoch();
   run_step(device, cluster.slots(), "notify", all_ranks(R), host_limit_s(scale.kernel_timeout_s), [&](int r) {
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = epoch;
     args.exchange_counts = true;
     args.is_token_in_rank = buffers[size_t(r)].in_rank.get<bool const>();
     args.num_tokens = N;

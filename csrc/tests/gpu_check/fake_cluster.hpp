@@ -90,7 +90,6 @@ class IntranodeCluster {
   kernels::KernelConfig const& config() const { return config_; }
   ErrorSlots const& slots() const { return slots_; }
   void set_timeout(double seconds) { timeout_cycles_ = (long long)(seconds * device_.clock_ticks_per_second()); }
-  int64_t next_epoch() { return ++epoch_; }
 
   kernels::CommArgs comm(int rank) const {
     kernels::CommArgs comm;
@@ -112,7 +111,6 @@ class IntranodeCluster {
   DeviceBuffer peer_table_;  // [R] void*
   ErrorSlots slots_;
   long long timeout_cycles_;
-  int64_t epoch_ = 0;
 };
 
 // NN nodes x L fake ranks: NVL buffers (one table per node, by local rank), RDMA buffers (one table
@@ -145,7 +143,6 @@ class InternodeCluster {
   int num_ranks() const { return int(rdma_buffers_.size()); }
   kernels::RdmaWorkspace const& rdma_workspace() const { return rdma_workspace_; }
   ErrorSlots const& slots() const { return slots_; }
-  int64_t next_epoch() { return ++epoch_; }
 
   kernels::InternodeComm<Shm> comm(int rank) const {
     kernels::InternodeComm<Shm> comm;
@@ -186,7 +183,6 @@ class InternodeCluster {
   DeviceBuffer counters_;                                 // [R][kNumLinkClasses] uint64
   ErrorSlots slots_;
   long long timeout_cycles_;
-  int64_t epoch_ = 0;
 };
 
 }  // namespace epcomm::gpu_check

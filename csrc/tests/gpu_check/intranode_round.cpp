@@ -120,12 +120,10 @@ RoundTimes run_intranode_round(Device& device, Problem const& problem, kernels::
                  download<uint8_t>(device, buffers[size_t(r)].is_token_in_rank, size_t(N) * size_t(R)));
 
   // Notify: counts, barrier, prefixes, and the call check every production call starts with
-  int64_t const epoch = cluster.next_epoch();
   run_step(device, cluster.slots(), "notify", ranks, limit_s, [&](int r) {
     RankBuffers& b = buffers[size_t(r)];
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = epoch;
     set_notify_count_fields(args, b, N, kExpertAlignment);
     args.call_digest = int64_t(problem.seed);
     args.call_flags = 0;
@@ -170,11 +168,9 @@ RoundTimes run_intranode_round(Device& device, Problem const& problem, kernels::
   }
 
   // Barrier (resets the rings), then combine
-  int64_t const barrier_epoch = cluster.next_epoch();
   run_step(device, cluster.slots(), "notify (barrier)", ranks, limit_s, [&](int r) {
     kernels::NotifyArgs args;
     args.comm = cluster.comm(r);
-    args.epoch = barrier_epoch;
     device.launch(r, args);
   });
   times.combine_s = run_step(device, cluster.slots(), "intranode_combine", ranks, limit_s, [&](int r) {
