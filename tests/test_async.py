@@ -162,3 +162,53 @@ def disagreeing_async(rank: int, world: int) -> str:
 def test_async_finish_must_agree_across_ranks(pools):
     for rank, message in enumerate(pools(4).run(disagreeing_async)):
         assert "async_finish" in message and "rank 3" in message, f"rank {rank}: {message}"
+
+
+class _LateWriter:
+    """An event whose producer writes ``value`` into ``target`` 0.3 s after it is made, then completes: what a
+    producer stream's kernel does before the event a caller passes as ``previous_event``."""
+
+    def __init__(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        self._done = threading.Event()
+
+        def produce() -> None:
+            self._done.wait(0.3)
+            target.copy_(value)
+            self._done.set()
+
+        self._thread = threading.Thread(target=produce, daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def query(self) -> bool:
+        return not self._thread.is_alive()
+
+
+def previous_event_orders_the_inputs(rank: int, world: int, backend: str) -> bool:
+    """A call made with ``previous_event`` reads its inputs only after that event: the rows a late producer
+    writes before completing it are the ones that travel (cached dispatch, then combine)."""
+    case = Case(num_nodes=1, nvl=world, tokens=(7, 12, 0, 9), kind="bf16", seed=41)
+    buf = epcomm.Buffer(None, backend=backend, num_nvl_ranks=world)
+    inp = make_input(case, rank)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    recv_x, _, w, _, handle, _ = buf.dispatch(inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                                              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                              topk_idx=inp.topk_idx, topk_weights=inp.topk_weights)
+    new_x = inp.x * 3 + 1
+    want = buf.dispatch(new_x, handle=handle)[0]
+    x = torch.zeros_like(inp.x)
+    late = epcomm.EventOverlap(epcomm.EventHandle(_LateWriter(x, new_x)))
+    got = buf.dispatch(x, handle=handle, previous_event=late)[0]
+    rows = expert_output(recv_x, rank)
+    want_combined = buf.combine(rows, handle, topk_weights=w)[0]
+    y = torch.zeros_like(rows)
+    late = epcomm.EventOverlap(epcomm.EventHandle(_LateWriter(y, rows)))
+    got_combined = buf.combine(y, handle, topk_weights=w, previous_event=late)[0]
+    return same_bits(got, want) and same_bits(got_combined, want_combined)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sim"])
+def test_previous_event_orders_the_inputs(pools, backend):
+    assert all(pools(4).run(previous_event_orders_the_inputs, backend))

@@ -16,6 +16,7 @@ that a dispatch's workspace also holds its combine (no re-layout in between, whe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
 
@@ -163,12 +164,16 @@ class _KernelPath:
         nvl, rdma = self.ext.workspace_bytes(spec)
         return int(nvl), int(rdma)
 
-    def notify_outputs(self, num_channels: int, device, num_local_experts: int = 0) -> NotifyOutputs:
-        """Zeroed outputs of a notify with counts (``num_local_experts`` > 0: per-expert counts too)."""
+    def notify_outputs(self, num_channels: int, device, num_local_experts: int = 0,
+                       host_zeros: Callable[[int], torch.Tensor] | None = None) -> NotifyOutputs:
+        """Zeroed outputs of a notify with counts (``num_local_experts`` > 0: per-expert counts too). Those only
+        the host reads (the rank prefix, the per-expert counts) come from ``host_zeros(n)`` when given (int32
+        ``[n]`` the kernel can write and the host read without a copy: cuda's pinned memory)."""
         world = self.topo.world_size
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.int32, device=device)  # noqa: E731
-        return NotifyOutputs(zeros(world + 1), zeros(world, num_channels + 1), self._forward_prefix(num_channels, device),
-                             zeros(num_local_experts) if num_local_experts else None)
+        host = host_zeros or zeros
+        return NotifyOutputs(host(world + 1), zeros(world, num_channels + 1), self._forward_prefix(num_channels, device),
+                             host(num_local_experts) if num_local_experts else None)
 
     def _forward_prefix(self, num_channels: int, device) -> torch.Tensor | None:
         return None

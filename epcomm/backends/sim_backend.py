@@ -642,7 +642,7 @@ class SimDispatchBackend(DispatchBackend):
             return False
         flags, _ = self._call_flags(call, runtime, layout)
         in_rank = call.is_token_in_rank.contiguous() if flags == 0 and call.op == "dispatch" else None
-        agreed = torch.zeros(1, dtype=torch.int32, device=self.device)
+        agreed = self._host_readable_zeros(1)
         outputs = (self._notify_outputs(layout) if in_rank is not None else None)
         num_tokens = in_rank.size(0) if in_rank is not None else 0
         params = self.path.notify_params(in_rank, num_tokens, outputs,
@@ -723,7 +723,13 @@ class SimDispatchBackend(DispatchBackend):
 
     def _notify_outputs(self, spec) -> NotifyOutputs:
         """Zeroed outputs of a notify with counts in ``spec``'s layout (per-expert counts when it has room)."""
-        return self.path.notify_outputs(self.path.num_channels(spec), self.device, self.path.num_local_experts(spec))
+        return self.path.notify_outputs(self.path.num_channels(spec), self.device, self.path.num_local_experts(spec),
+                                        self._host_readable_zeros)
+
+    def _host_readable_zeros(self, n: int) -> torch.Tensor:
+        """int32 ``[n]`` zeros a kernel writes and the host reads once the kernel is waited for (here: memory both
+        see; the cuda backend's are pinned host memory, read without a device-to-host copy)."""
+        return torch.zeros(n, dtype=torch.int32, device=self.device)
 
     def _take_agreed(self, op: str) -> tuple | None:
         """(is_token_in_rank, notify outputs) when :meth:`agree_in_barrier` just said "yes" for ``op``:
