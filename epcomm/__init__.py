@@ -18,6 +18,7 @@ from .errors import (
     EpcommError,
     EpcommInputError,
     EpcommPeerError,
+    EpcommRecvOverflow,
     EpcommTimeoutError,
 )
 from .event import EventHandle, EventOverlap
@@ -39,6 +40,7 @@ __all__ = [
     "EpcommPeerError",
     "EpcommBackendUnavailable",
     "EpcommCallRejected",
+    "EpcommRecvOverflow",
     "ExpertPlacement",
     "LinkClass",
     "LinkTraffic",

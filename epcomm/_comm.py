@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ._progress import ProgressBoard, agree_board_id
-from .errors import EpcommCallRejected, EpcommPeerError, EpcommTimeoutError
+from .errors import EpcommCallRejected, EpcommPeerError, EpcommRecvOverflow, EpcommTimeoutError
 from .topology import Topology
 from ._wire import RowFormat
 from .traffic import TrafficStats
@@ -86,6 +86,8 @@ class GroupComm:
             self.board.enter(op, stage)
         try:
             works = start()
+        except EpcommRecvOverflow:
+            raise  # this rank's outputs are short; every rank's call completed: no peer failed, the group goes on
         except EpcommCallRejected:
             # Every rank's kernel moved nothing. Inside its own call (expects_rejection: every rank raises
             # there) the group stays usable; surfacing later (kernel errors read at a later call, cuda), the

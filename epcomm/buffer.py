@@ -385,13 +385,18 @@ class Buffer:
             ``is_token_in_rank`` ``[num_tokens, world_size]`` torch.bool;
             the completion event.
         Raises:
-            EpcommInputError: on this rank only (this call is local) if the inputs are invalid.
+            EpcommInputError: on this rank only (this call is local) if the inputs are invalid (the expert ids'
+                range is not checked under host_sync_free or a graph capture, as that reads them on the host:
+                out-of-range ids then count nowhere).
+
+        No host synchronization: it can be captured in a CUDA graph.
         """
         self._wait(previous_event)
         try:
             check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2)
             self._check_num_experts(num_experts)
-            check_topk_idx(topk_idx, num_experts)
+            if not is_host_sync_free():
+                check_topk_idx(topk_idx, num_experts)
         except Invalid as err:
             raise EpcommInputError("get_dispatch_layout", {self.rank: str(err)}, self.group_size) from None
         layout = compute_layout(topk_idx, num_experts, self.topology)
@@ -434,7 +439,10 @@ class Buffer:
             num_worst_tokens: ``0``, or the row count to pad the outputs to (the same on every rank,
                 at least the rows any rank receives): padded rows are zero, with ``recv_topk_idx``
                 ``-1``, and the per-expert list is empty, as DeepEP's. Cached dispatches along the
-                handle are padded alike and combine takes the padded rows.
+                handle are padded alike and combine takes the padded rows. Under
+                ``epcomm.low_latency.host_sync_free()`` or a graph capture (kernel backends, one node)
+                the dispatch is counted on the device, with no host read or wait: a rank receiving
+                more rows raises :class:`~epcomm.EpcommRecvOverflow` (README "Graph capture").
             config: kernel tuning (:class:`Config`), the same on every rank; validated, unused by the
                 torch backend; the kernel backends default to their own (see ``README``: Backends).
         Returns:
@@ -456,10 +464,15 @@ class Buffer:
         """
         self._check_alive("dispatch")
         self._wait(previous_event)
+        if handle is None and is_host_sync_free() and isinstance(num_worst_tokens, int) and num_worst_tokens > 0:
+            return self._dispatch_counted_on_device(
+                x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                topk_weights, expert_alignment, num_worst_tokens, config, async_finish)
         if handle is None and is_capturing():
             raise EpcommInputError("dispatch", {self.rank: "a dispatch without handle reads its receive counts on "
-                                                           "the host, which a graph cannot capture: capture cached "
-                                                           "dispatches (handle=...) or low-latency calls"},
+                                                           "the host, which a graph cannot capture: pass "
+                                                           "num_worst_tokens (one node, kernel backends), or capture "
+                                                           "cached dispatches (handle=...) or low-latency calls"},
                                    self.group_size)
         if handle is not None:
             return self._cached_dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, topk_idx, config,
@@ -565,10 +578,71 @@ class Buffer:
 
     internode_dispatch = dispatch  # DeepEP's public name for the multi-node path; dispatch picks the path itself
 
+    def _dispatch_counted_on_device(
+        self, x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+        topk_weights, expert_alignment, num_worst_tokens, config, async_finish,
+    ):
+        """A dispatch with ``num_worst_tokens`` under host_sync_free or a graph capture (the kernel backends, one
+        node, as DeepEP's): the host reads no tensor value and waits for nothing. One notify, only enqueued,
+        exchanges the counts and judges the call on the device; the dispatch kernel, gated by that verdict,
+        places the rows into outputs of ``num_worst_tokens`` rows prefilled as padding and checks there that
+        they fit (a rank receiving more raises ``recv_overflow``, rows past the outputs dropped). The per-expert
+        list is empty, as DeepEP's in this mode, and ``buffer.traffic`` does not count the call."""
+        op = "dispatch"
+        if not self._impl.judges_on_device or self.num_nodes > 1 or self._runs_async(async_finish):
+            why = ("async_finish on CPU tensors runs the call on a worker thread" if self._impl.judges_on_device
+                   and self.num_nodes == 1 else
+                   "a dispatch counted on the device (num_worst_tokens under host_sync_free or a graph capture) runs "
+                   "on the kernel backends (sim, cuda) on one node, as DeepEP's")
+            raise EpcommInputError(op, {self.rank: why}, self.group_size)
+        problem, prepared = None, None
+        try:
+            prepared = self._prepare_dispatch(
+                x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                topk_weights, expert_alignment, num_worst_tokens, config, read_values=False)
+        except Exception as err:  # said to the peers by this rank's notify (refused), and raised below
+            problem = problem_text(err)
+        signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config),
+                         num_worst_tokens=num_worst_tokens, async_finish=int(bool(async_finish)))
+        if prepared is not None:
+            signature.update(prepared["signature"])
+        call = CallCheck(op, signature_digest(signature), refused=prepared is None,
+                         tensors=prepared["tensors"] if prepared else {},
+                         config=config if isinstance(config, Config) else None,
+                         is_token_in_rank=prepared["is_token_in_rank"] if prepared else None,
+                         num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0,
+                         experts=prepared["experts"] if prepared else None)
+        placement = prepared["placement"] if prepared else None
+        num_experts = placement.num_experts if placement is not None else 0
+        scope = self._impl.stream_scope(device_of(x), async_finish, op)
+        with scope, self._rejected_as_input(op):
+            recv, plan, why = self._impl.dispatch_on_device(call, num_worst_tokens, num_experts)
+        if why is not None:
+            scope.finish([], [])  # (joins the communication stream back, a capture included)
+            raise EpcommInputError(op, {self.rank: problem or why}, self.group_size)
+        self._low_latency.note_normal_call()
+        self._layout_seq += 1
+        recv_x = self._unpack_x(recv, prepared["x_kind"])  # already num_worst_tokens rows
+        recv_topk_idx, recv_topk_weights = recv.get("topk_idx"), recv.get("topk_weights")  # local ids (the kernel's)
+        new_handle = DispatchHandle(
+            is_token_in_rank=prepared["is_token_in_rank"], num_recv_tokens_per_rank=None,
+            num_tokens=prepared["num_tokens"], num_recv_tokens=num_worst_tokens, hidden=prepared["hidden"],
+            layout_seq=self._layout_seq, buffer_id=self._id, plan=plan,
+            num_nvl_ranks=self.topology.num_nvl_ranks,
+            num_channels=(config.num_channels if isinstance(config, Config) else Buffer.num_sms // 2),
+            num_worst_tokens=num_worst_tokens, buffer_key=self._key)
+        event = scope.finish(tensors_in(prepared["tensors"], prepared["is_token_in_rank"]),
+                             tensors_in(recv_x, recv_topk_idx, recv_topk_weights))
+        return recv_x, recv_topk_idx, recv_topk_weights, [], new_handle, event
+
     def _prepare_dispatch(
         self, x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
         num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+        read_values: bool = True,
     ) -> dict:
+        """The checks and tensors of a dispatch without handle. ``read_values=False`` (a dispatch counted on the
+        device): only shapes, dtypes and flags are checked, no tensor value is read on the host (expert ids in
+        range, layout tensors that match topk_idx: the caller's to keep), and no counts are gathered."""
         topo = self.topology
         _check_config(config)
         if not isinstance(expert_alignment, int) or expert_alignment < 1:
@@ -601,26 +675,29 @@ class Buffer:
             self._check_num_experts(num_experts)
             placement = ExpertPlacement.uniform(num_experts, self.group_size)
             check_tensor("topk_idx", topk_idx, dtypes=(torch.int64,), ndim=2, shape=(num_tokens, None), device=device)
-            check_topk_idx(topk_idx, num_experts)
+            if read_values:
+                check_topk_idx(topk_idx, num_experts)
             num_topk = topk_idx.size(1)
             tensors["topk_idx"] = topk_idx
             if topk_weights is not None:
                 check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), ndim=2,
                              shape=(num_tokens, num_topk), device=device)
                 tensors["topk_weights"] = topk_weights
-            expected = compute_layout(topk_idx, num_experts, topo)
+            expected = compute_layout(topk_idx, num_experts, topo) if read_values else None
         elif topk_weights is not None:
             raise Invalid("topk_weights was given without topk_idx")
         elif num_tokens_per_expert is not None:
             check_tensor("num_tokens_per_expert", num_tokens_per_expert, dtypes=(torch.int32,), ndim=1, device=device)
             num_experts = num_tokens_per_expert.numel()
             self._check_num_experts(num_experts)
-        _check_layout_consistent(expected, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                                 num_tokens_per_expert, topo)
-        self._check_node_cap(is_token_in_rank)
-        node_counts = torch.zeros(topo.world_size, dtype=torch.int64)
-        node_counts[: topo.num_nodes] = token_node_mask(is_token_in_rank, topo).sum(0).cpu()
-        counts = torch.cat([num_tokens_per_rank.to(torch.int64).cpu(), node_counts])
+        counts = None
+        if read_values:
+            _check_layout_consistent(expected, is_token_in_rank, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                     num_tokens_per_expert, topo)
+            self._check_node_cap(is_token_in_rank)
+            node_counts = torch.zeros(topo.world_size, dtype=torch.int64)
+            node_counts[: topo.num_nodes] = token_node_mask(is_token_in_rank, topo).sum(0).cpu()
+            counts = torch.cat([num_tokens_per_rank.to(torch.int64).cpu(), node_counts])
         self._impl.check_dispatch(tensors, num_topk, config=config, num_experts=max(num_experts, 0))
         return {
             "tensors": tensors,

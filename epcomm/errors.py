@@ -11,6 +11,7 @@ import re
 
 __all__ = [
     "EpcommCallRejected",
+    "EpcommRecvOverflow",
     "EpcommError",
     "EpcommInputError",
     "EpcommTimeoutError",
@@ -51,6 +52,28 @@ class EpcommPeerError(EpcommError):
 
 class EpcommBackendUnavailable(EpcommError):
     """The requested backend cannot run on this machine (say, no GPU for ``"cuda"``)."""
+
+
+class EpcommRecvOverflow(EpcommError):
+    """A dispatch counted on the device (``num_worst_tokens`` under ``epcomm.low_latency.host_sync_free`` or a
+    graph capture) received more rows on this rank than ``num_worst_tokens``: its kernel consumed every row and
+    wrote the first ``num_worst_tokens``; the rest were dropped. Raised on the ranks that overflowed (no host
+    agreement exists in this mode), by the dispatch on the CPU backends, at the rank's next call on GPUs.
+    Every rank's call completed and the buffers stay usable; pass a larger ``num_worst_tokens``.
+
+    :attr:`capacity` is ``num_worst_tokens``, :attr:`received` the rows that arrived.
+    """
+
+    _REPORT = re.compile(r"recv_overflow: rank=(-?\d+) .*expected=(-?\d+) observed=(-?\d+)")
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        found = self._REPORT.search(message)
+        self.rank = int(found.group(1)) if found else -1
+        self.capacity = int(found.group(2)) if found else -1
+        self.received = int(found.group(3)) if found else -1
+        self.args = (f"{message}\n  rank {self.rank} received {self.received} rows into num_worst_tokens="
+                     f"{self.capacity}: rows past it were dropped; pass num_worst_tokens >= {self.received}",)
 
 
 class EpcommCallRejected(EpcommError):

@@ -32,9 +32,11 @@ class DispatchHandle:
 
     Attributes:
         is_token_in_rank: ``[num_tokens, world_size]`` bool, the routing of this rank's tokens.
-        num_recv_tokens_per_rank: ``[world_size]`` int64, rows this rank received from each rank.
+        num_recv_tokens_per_rank: ``[world_size]`` int64, rows this rank received from each rank;
+            ``None`` for a dispatch counted on the device (num_worst_tokens under host_sync_free or a graph
+            capture: the host never read the counts, nor are :attr:`counts` known then).
         num_tokens: tokens this rank dispatched.
-        num_recv_tokens: rows this rank received.
+        num_recv_tokens: rows this rank received (counted on the device: the padded num_worst_tokens).
         hidden: hidden size of the dispatched rows.
         layout_seq: which dispatch call of its buffer produced it (1, 2, ...).
         counts: ``[world_size, world_size]`` int64, ``counts[s, d]``: tokens rank ``s`` sent rank ``d``
@@ -49,7 +51,7 @@ class DispatchHandle:
     """
 
     is_token_in_rank: torch.Tensor
-    num_recv_tokens_per_rank: torch.Tensor
+    num_recv_tokens_per_rank: torch.Tensor | None
     num_tokens: int
     num_recv_tokens: int
     hidden: int
@@ -117,7 +119,8 @@ class DispatchHandle:
 
     def _build_tuple(self) -> list[torch.Tensor]:
         if self.counts is None:
-            raise TypeError("this DispatchHandle has no routing counts; only handles returned by Buffer.dispatch index")
+            raise TypeError("this DispatchHandle has no routing counts (only handles of dispatches whose counts the "
+                            "host read index: not one counted on the device)")
         world, nodes = self.world_size, self._num_nodes()
         nvl = world // nodes
         me = self.rank

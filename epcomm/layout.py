@@ -41,7 +41,7 @@ def rank_of_expert(topk_idx: torch.Tensor, num_experts: int, world_size: int) ->
 
 def token_rank_mask(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
     """``[N, world_size]`` bool: token ``t`` selected at least one expert of rank ``r``."""
-    ranks = rank_of_expert(topk_idx, num_experts, world_size)
+    ranks = rank_of_expert(topk_idx, num_experts, world_size).clamp_(0, world_size)  # an id >= E: nowhere
     mask = torch.zeros(topk_idx.size(0), world_size + 1, dtype=torch.bool, device=topk_idx.device)
     mask.scatter_(1, ranks, True)
     return mask[:, :world_size].contiguous()
@@ -57,12 +57,17 @@ def compute_layout(topk_idx: torch.Tensor, num_experts: int, topo: Topology) -> 
     """Count tokens per rank, node and expert, and build ``is_token_in_rank``.
 
     A token counts once per rank (and once per node) however many of its
-    experts live there; ``-1`` entries count nowhere.
+    experts live there; ``-1`` entries (and ids outside ``[0, num_experts)``) count nowhere.
+    No operation has a shape that depends on the values, so nothing waits for the device (a CUDA graph can
+    capture it): the per-expert counts are a scatter-add at ``id + 1`` into ``num_experts + 2`` slots, slot 0
+    taking the ``-1`` entries and the last the out-of-range ones.
     """
     is_token_in_rank = token_rank_mask(topk_idx, num_experts, topo.world_size)
     num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
-    valid = topk_idx[topk_idx >= 0]
-    num_tokens_per_expert = torch.bincount(valid, minlength=num_experts).to(torch.int32)
+    slots = (topk_idx.flatten() + 1).clamp(0, num_experts + 1)
+    per_slot = torch.zeros(num_experts + 2, dtype=torch.int32, device=topk_idx.device)
+    per_slot.scatter_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
+    num_tokens_per_expert = per_slot[1 : num_experts + 1]
     num_tokens_per_rdma_rank = None
     if topo.num_nodes > 1:
         num_tokens_per_rdma_rank = token_node_mask(is_token_in_rank, topo).sum(dim=0, dtype=torch.int32)

@@ -55,6 +55,7 @@ void raise_epcomm_error(RuntimeError const& error) {
   switch (error.code()) {
     case ErrorCode::kTimeout: type_name = "EpcommTimeoutError"; break;
     case ErrorCode::kCallRejected: type_name = "EpcommCallRejected"; break;
+    case ErrorCode::kRecvOverflow: type_name = "EpcommRecvOverflow"; break;
     case ErrorCode::kNoDevice: type_name = "EpcommBackendUnavailable"; break;
     case ErrorCode::kInvalidArgument: PyErr_SetString(PyExc_ValueError, error.what()); return;
     default: break;

@@ -129,8 +129,8 @@ inline void bind_kernel_types(py::module_& m) {
   EPCOMM_BIND_STRUCT(m, InternodeSpec, EPCOMM_INTERNODE_SPEC_FIELDS,
                      "What an internode kernel runs with besides its Params (kernels/internode.hpp).");
   EPCOMM_BIND_STRUCT(m, NotifyParams, EPCOMM_NOTIFY_FIELDS, "intranode_notify (kernels/intranode.hpp).");
-  EPCOMM_BIND_STRUCT(m, IntranodeDispatchParams, EPCOMM_DISPATCH_FIELDS, "intranode_dispatch (kernels/intranode.hpp).");
-  EPCOMM_BIND_STRUCT(m, IntranodeCombineParams, EPCOMM_COMBINE_FIELDS, "intranode_combine (kernels/intranode.hpp).");
+  EPCOMM_BIND_STRUCT(m, IntranodeDispatchParams, EPCOMM_INTRANODE_DISPATCH_FIELDS, "intranode_dispatch (kernels/intranode.hpp).");
+  EPCOMM_BIND_STRUCT(m, IntranodeCombineParams, EPCOMM_INTRANODE_COMBINE_FIELDS, "intranode_combine (kernels/intranode.hpp).");
   EPCOMM_BIND_STRUCT(m, InternodeNotifyParams, EPCOMM_INTERNODE_NOTIFY_FIELDS,
                      "internode_notify (kernels/internode.hpp).");
   EPCOMM_BIND_STRUCT(m, InternodeDispatchParams, EPCOMM_INTERNODE_DISPATCH_FIELDS,

@@ -23,6 +23,10 @@ enum class ErrorCode : int32_t {
   kCallRejected = 5,  // a data kernel's call check (call_check.cuh) said not every rank runs this call: nothing
                       // moved (peer = the first rank whose call header differed, expected = 0, observed = its
                       // flags + 256 when its call differs, or -1). Raises no abort: every rank stops alike.
+  kRecvOverflow = 6,  // a dispatch counted on the device received more rows than its outputs hold
+                      // (num_worst_tokens): expected = rows held, observed = rows received; every row was
+                      // consumed, none past the outputs written. Raises no abort: the call ends as usual on
+                      // every rank and the buffers stay consistent; this rank's outputs are short.
 };
 
 enum class KernelId : int32_t {
@@ -88,6 +92,7 @@ inline char const* error_code_name(int32_t code) {
     case ErrorCode::kBadRouting: return "bad_routing";
     case ErrorCode::kBadInput: return "bad_input";
     case ErrorCode::kCallRejected: return "call_rejected";
+    case ErrorCode::kRecvOverflow: return "recv_overflow";
   }
   return "unknown";
 }
@@ -178,7 +183,7 @@ EPCOMM_DEVICE void report_failure(WaitContext const& context, ErrorCode code, in
     slot->observed = observed;
     ptx::st_release_sys_global(&slot->code, int32_t(code));
   }
-  if (code != ErrorCode::kPeerAborted && code != ErrorCode::kCallRejected) {
+  if (code != ErrorCode::kPeerAborted && code != ErrorCode::kCallRejected && code != ErrorCode::kRecvOverflow) {
     for (int r = 0; r < context.num_ranks; ++r) ptx::st_release_sys_global(abort_flag(context, r), int32_t(1));
   }
 }

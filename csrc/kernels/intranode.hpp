@@ -112,10 +112,17 @@ struct NotifyArgs : WithComm<CommArgs>, NotifyParams {
   F(float*, recv_topk_weights, nullptr, "[M, K] out or null: 0 where recv_topk_idx is -1")                      \
   F(int32_t*, recv_src_idx, nullptr, "[M] out: token index on the source rank")                                \
   F(int32_t const*, call_verdict, nullptr, "[3] or null: a notify's call_agreed + call_mismatch; not 1: do nothing")
+// intranode_dispatch: the dispatch fields, plus the rows its outputs hold when the host did not read the
+// notify's count (a dispatch counted on the device: num_worst_tokens under epcomm.host_sync_free or a
+// graph capture). Rows beyond it are consumed but not written, and the kernel reports kRecvOverflow (no
+// abort: every rank's call completes, the buffers stay consistent).
+#define EPCOMM_INTRANODE_DISPATCH_FIELDS(F) \
+  EPCOMM_DISPATCH_FIELDS(F)                 \
+  F(int, recv_capacity, -1, "rows recv_x and the other outputs hold; -1: exactly the notify's count (read by the host)")
 struct IntranodeDispatchParams {
   using Spec = IntranodeSpec;
   static constexpr char const* kName = "intranode_dispatch";
-  EPCOMM_DISPATCH_FIELDS(EPCOMM_DECLARE_FIELD)
+  EPCOMM_INTRANODE_DISPATCH_FIELDS(EPCOMM_DECLARE_FIELD)
 };
 struct IntranodeDispatchArgs : WithComm<CommArgs>, IntranodeDispatchParams {
   using Params = IntranodeDispatchParams;
@@ -136,10 +143,16 @@ struct IntranodeDispatchArgs : WithComm<CommArgs>, IntranodeDispatchParams {
   F(void*, combined_x, nullptr, "[N, hidden] of element_kind, out")                                              \
   F(float*, combined_topk_weights, nullptr, "[N, K] out, or null: no weights")                                   \
   F(int32_t const*, call_verdict, nullptr, "[3] or null: a notify's call_agreed + call_mismatch; not 1: do nothing")
+// intranode_combine: the combine fields, plus x's rows along a dispatch counted on the device (its padded
+// row count): a row past them (that dispatch overflowed, and reported it) is read from the last row, so the
+// sender stays inside x.
+#define EPCOMM_INTRANODE_COMBINE_FIELDS(F) \
+  EPCOMM_COMBINE_FIELDS(F)                 \
+  F(int, x_rows, -1, "rows of x; -1: exactly the dispatch's count (read by the host)")
 struct IntranodeCombineParams {
   using Spec = IntranodeSpec;
   static constexpr char const* kName = "intranode_combine";
-  EPCOMM_COMBINE_FIELDS(EPCOMM_DECLARE_FIELD)
+  EPCOMM_INTRANODE_COMBINE_FIELDS(EPCOMM_DECLARE_FIELD)
 };
 struct IntranodeCombineArgs : WithComm<CommArgs>, IntranodeCombineParams {
   using Params = IntranodeCombineParams;

@@ -12,6 +12,8 @@
 // A batch holds at most ring - chunk + 1 tokens: the receiver never needs a row
 // the sender cannot write before the receiver frees slots (no deadlock).
 
+#include <cstdint>
+
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
 #include "channel.cuh"
@@ -34,10 +36,11 @@ EPCOMM_DEVICE void combine_sender(IntranodeCombineArgs const& args, int channel,
 
   int32_t const* prefix = args.recv_channel_prefix_matrix + int64_t(dst) * (comm.config.num_channels + 1);
   int const row_bytes = args.hidden * element_bytes(args.element_kind);
+  int64_t const last_row = args.x_rows > 0 ? int64_t(args.x_rows) - 1 : INT64_MAX;  // x_rows: see intranode.hpp
   for (int64_t row = prefix[channel]; row < prefix[channel + 1]; ++row) {
     if (!ring.reserve(context, lane)) return;
-    write_combine_slot(ws, ws.slot(dst_buffer, channel, comm.rank, ring.sent), args.x, args.topk_weights, row,
-                       row_bytes, args.num_topk, lane);
+    write_combine_slot(ws, ws.slot(dst_buffer, channel, comm.rank, ring.sent), args.x, args.topk_weights,
+                       row < last_row ? row : last_row, row_bytes, args.num_topk, lane);
     ring.commit(lane);
   }
   ring.publish(lane);

@@ -9,6 +9,8 @@
 // Planted bug (build flag) that the checks must catch:
 //   EPCOMM_PLANT_DISPATCH_SKIP_HEAD  the receiver never frees slots (the sender's timeout fires)
 
+#include <cstdint>
+
 #include "../common/compat.cuh"
 #include "../common/ptx.cuh"
 #include "channel.cuh"
@@ -90,6 +92,8 @@ EPCOMM_DEVICE void dispatch_receiver(IntranodeDispatchArgs const& args, int chan
 
   int32_t const* prefix = args.recv_channel_prefix_matrix + int64_t(src) * (comm.config.num_channels + 1);
   int const first_row = prefix[channel], num_rows = prefix[channel + 1] - prefix[channel];
+  // rows past the outputs' capacity are consumed but not written (the kernel reported kRecvOverflow)
+  int64_t const capacity = args.recv_capacity >= 0 ? int64_t(args.recv_capacity) : INT64_MAX;
   int received = 0;
   while (received < num_rows) {
     // Wait for rows
@@ -97,7 +101,8 @@ EPCOMM_DEVICE void dispatch_receiver(IntranodeDispatchArgs const& args, int chan
     if (!warp_wait_at_least(context, tail, received + 1, lane, &tail_value)) return;
     int const end = min_int(tail_value, num_rows);
     for (int row = received; row < end; ++row)
-      dispatch_read_slot(args, ws.slot(own_buffer, channel, src, row), int64_t(first_row) + row, lane);
+      if (int64_t(first_row) + row < capacity)
+        dispatch_read_slot(args, ws.slot(own_buffer, channel, src, row), int64_t(first_row) + row, lane);
     received = end;
     // Free the slots
     ptx::syncwarp();
@@ -113,6 +118,14 @@ EPCOMM_GLOBAL void EPCOMM_LAUNCH_BOUNDS_MIN_BLOCKS(32 * kMaxNvlRanks, 1) intrano
   // the notify before it rejected this call (call_check.cuh): nothing moves on any rank
   if (call_rejected(args.call_verdict))
     return report_call_rejected(comm_wait_context(args.comm, KernelId::kDispatch, Role::kCallGate, -1, -1), args.call_verdict);
+  if (args.recv_capacity >= 0 && blockIdx.x == 0 && threadIdx.x == 0) {
+    // counted on the device: the host never saw how many rows arrive, so the kernel checks they fit
+    int const num_ranks = args.comm.num_ranks, num_channels = args.comm.config.num_channels;
+    int32_t const num_recv = args.recv_channel_prefix_matrix[int64_t(num_ranks) * (num_channels + 1) - 1];
+    if (num_recv > args.recv_capacity)
+      report_failure(comm_wait_context(args.comm, KernelId::kDispatch, Role::kDispatchReceiver, -1, -1),
+                     ErrorCode::kRecvOverflow, args.recv_capacity, num_recv);
+  }
   int const channel = int(blockIdx.x) / 2;
   int const peer = int(threadIdx.x) / 32;
   if (peer >= args.comm.num_ranks) return;

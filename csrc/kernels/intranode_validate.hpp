@@ -57,6 +57,7 @@ inline char const* validate(IntranodeDispatchArgs const& args) {
   if (args.num_tokens > 0 && (args.x == nullptr || args.is_token_in_rank == nullptr))
     return "dispatch: x / is_token_in_rank is null";
   if (args.recv_channel_prefix_matrix == nullptr) return "dispatch: recv_channel_prefix_matrix is null";
+  if (args.recv_capacity < -1) return "dispatch: recv_capacity must be -1 (the host read the count) or >= 0";
   if (args.num_topk < 0 || args.num_topk > ws.num_topk) return "dispatch: num_topk must be in [0, workspace num_topk]";
   if (args.num_topk > 0) {
     if (args.num_tokens > 0 && args.topk_idx == nullptr) return "dispatch: topk_idx is null";
@@ -81,6 +82,7 @@ inline char const* validate(IntranodeCombineArgs const& args) {
   if (args.num_tokens > 0 && (args.is_token_in_rank == nullptr || args.combined_x == nullptr))
     return "combine: is_token_in_rank / combined_x is null";
   if (args.recv_channel_prefix_matrix == nullptr) return "combine: recv_channel_prefix_matrix is null";
+  if (args.x_rows == 0 || args.x_rows < -1) return "combine: x_rows must be -1 (the host read the count) or > 0";
   if (args.combined_topk_weights != nullptr && (args.num_topk < 1 || args.num_topk > ws.num_topk))
     return "combine: combined_topk_weights needs num_topk in [1, workspace num_topk]";
   if (combine_batch_tokens(args.comm.config) < 1) return "combine: nvl_ring_tokens < nvl_chunk_send_tokens";

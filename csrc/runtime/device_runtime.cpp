@@ -19,6 +19,7 @@ char const* error_code_name(ErrorCode code) {
     case ErrorCode::kTimeout: return "timeout";
     case ErrorCode::kKernelFailed: return "kernel failed";
     case ErrorCode::kCallRejected: return "call rejected";
+    case ErrorCode::kRecvOverflow: return "receive overflow";
   }
   return "unknown";
 }

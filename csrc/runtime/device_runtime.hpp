@@ -59,6 +59,8 @@ enum class ErrorCode {
   kKernelFailed,     // a kernel trapped, raised, or broke a SIMT rule
   kCallRejected,     // a data kernel's call check (kernels/call_check.cuh) said not every rank runs this call:
                      // nothing moved, the buffers stay usable (no peer failed)
+  kRecvOverflow,     // a dispatch counted on the device received more rows than its outputs hold (num_worst_tokens):
+                     // the rows past them were dropped; every rank's call completed, the buffers stay usable
 };
 
 char const* error_code_name(ErrorCode code);

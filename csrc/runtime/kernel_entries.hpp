@@ -66,6 +66,7 @@ inline void finish(char const* name, int rank, LaunchOutcome const& outcome, ker
     kernels::describe_error(slot, text, sizeof(text));
     ErrorCode const code = slot.code == int32_t(kernels::ErrorCode::kTimeout)         ? ErrorCode::kTimeout
                            : slot.code == int32_t(kernels::ErrorCode::kCallRejected) ? ErrorCode::kCallRejected
+                           : slot.code == int32_t(kernels::ErrorCode::kRecvOverflow) ? ErrorCode::kRecvOverflow
                                                                                       : ErrorCode::kKernelFailed;
     throw RuntimeError(code, where + text);
   }

@@ -300,6 +300,46 @@ EPCOMM_TEST(intranode_rejected_call_moves_nothing) {
   run_round(cluster, 5);
 }
 
+// A dispatch counted on the device (recv_capacity: num_worst_tokens, the host never read the count) into
+// outputs too small on rank 1: its kernel reports recv_overflow with the rows held and received and writes no
+// row past its outputs; every rank's call completes (no abort: every row was consumed), the others' rows are
+// right, and the next round on the same buffers runs as usual.
+EPCOMM_TEST(intranode_dispatch_past_its_capacity_writes_nothing_beyond_and_reports) {
+  Shape shape{4, 2, 4, 2, token_counts(4, 16, 9), 64, false, 4, 2, 1, 1, 93};
+  int const R = shape.num_ranks;
+  Cluster cluster(shape, std::nullopt);
+  std::vector<RankTokens> data = make_inputs(shape, 6);
+  std::vector<test::NormalRankBuffers> out(static_cast<size_t>(R));
+  notify_counts(cluster, data, out, 6);
+  int const received = out[1].num_received(), capacity = received - 3;
+  CHECK(capacity >= 1);
+  int const row_bytes = shape.dispatch_shape().hidden_bytes;
+  simt::ConcurrentLaunch launch(cluster.options("dispatch_overflow"));
+  for (int r = 0; r < R; ++r) {
+    kernels::IntranodeDispatchArgs args;
+    args.comm = cluster.comm(r);
+    test::set_dispatch_rows(args, out[size_t(r)], data[size_t(r)], shape.dispatch_shape(), R * shape.num_local_experts);
+    args.recv_capacity = r == 1 ? capacity : out[size_t(r)].num_received();
+    kernels::add_intranode_dispatch(launch, args);
+  }
+  CHECK(launch.try_run().ok());
+  CHECK_CONTAINS(error_text(cluster.errors[1]), "intranode_dispatch recv_overflow: rank=1 role=dispatch_receiver channel=-1 "
+                                                "peer=-1 expected=" + std::to_string(capacity) +
+                                                    " observed=" + std::to_string(received));
+  std::vector<uint8_t> const& rows = out[1].recv_x;
+  CHECK(std::all_of(rows.begin() + int64_t(capacity) * row_bytes, rows.end(), [](uint8_t b) { return b == 0xee; }));
+  CHECK(std::all_of(out[1].recv_src_idx.begin() + capacity, out[1].recv_src_idx.end(), [](int32_t i) { return i == -7; }));
+  for (int r = 0; r < R; ++r) {
+    CHECK_EQ(*cluster.workspace.abort_flag(cluster.peer_buffers[size_t(r)]), 0);
+    if (r != 1) {
+      CHECK_EQ(cluster.errors[size_t(r)].code, 0);
+      test::check_received_rows(out[size_t(r)], test::expected_receive(shape.dispatch_shape(), data, r, shape.expert_alignment), r);
+    }
+  }
+  cluster.errors[1] = kernels::ErrorSlot{};
+  run_round(cluster, 7);
+}
+
 // A rank that never launches: its peers' waits time out and name it.
 EPCOMM_TEST(intranode_timeout_names_the_missing_peer) {
   Shape shape{2, 1, 4, 2, {8, 8}, 64, false, 2, 2, 1, 1, 77};

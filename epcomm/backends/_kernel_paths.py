@@ -201,18 +201,21 @@ class _KernelPath:
     def dispatch_params(self, plan, counters: torch.Tensor | None, t: dict, recv: dict,
                         verdict: torch.Tensor | None = None):
         return getattr(self.ext, self.dispatch_type)(**_dispatch_fields(plan, t, recv, verdict),
-                                                     **self._extra(plan, counters))
+                                                     **self._extra(plan, counters), **self._extra_dispatch(plan))
 
     def combine_params(self, plan, counters: torch.Tensor | None, x, weights, num_topk: int, combined, combined_w,
                        node_partial_dtype: torch.dtype | None = None, verdict: torch.Tensor | None = None):
         fields = _combine_fields(plan, x, weights, num_topk, combined, combined_w, verdict)
         return getattr(self.ext, self.combine_type)(**fields, **self._extra(plan, counters),
-                                                    **self._extra_combine(x, node_partial_dtype))
+                                                    **self._extra_combine(x, node_partial_dtype, plan))
 
     def _extra_notify(self, forward_prefix, reset_signals: bool) -> dict:
         return {}
 
-    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None) -> dict:
+    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None, plan) -> dict:
+        return {}
+
+    def _extra_dispatch(self, plan) -> dict:
         return {}
 
     def _extra(self, plan, counters: torch.Tensor | None) -> dict:
@@ -264,6 +267,14 @@ class IntranodePath(_KernelPath):
         """``spec`` with another kernel config (the workspace re-laid out for it)."""
         return self.ext.IntranodeSpec(config=kernel, workspace=spec.workspace)
 
+    # A plan counted on the device (SimPlan.recv_capacity >= 0): the rows its outputs hold, which the kernels
+    # check instead of the host (csrc/kernels/intranode.hpp); -1 where the host read the count.
+    def _extra_dispatch(self, plan) -> dict:
+        return dict(recv_capacity=plan.recv_capacity)
+
+    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None, plan) -> dict:
+        return dict(x_rows=plan.recv_capacity)
+
     @staticmethod
     def num_channels(spec) -> int:
         return spec.config.num_channels
@@ -300,7 +311,7 @@ class InternodePath(_KernelPath):
             return asked
         return x.dtype if self.node_partials == "rows_dtype" else torch.float32
 
-    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None) -> dict:
+    def _extra_combine(self, x: torch.Tensor, node_partial_dtype: torch.dtype | None, plan) -> dict:
         return dict(node_partial_kind=ELEMENT_KINDS[self.node_partial_dtype(x, node_partial_dtype)])
 
     def put_metadata(self, spec) -> tuple[int, int]:

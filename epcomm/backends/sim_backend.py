@@ -336,15 +336,21 @@ class SimPlan:
     """Routing of one kernel-backend dispatch (kept in the handle)."""
 
     def __init__(self, num_tokens: int, num_recv: int, is_token_in_rank: torch.Tensor, notify_outputs: NotifyOutputs,
-                 spec, recv_counts: list[int], forward_counts: list[int] | None = None) -> None:
+                 spec, recv_counts: list[int] | None, forward_counts: list[int] | None = None,
+                 recv_capacity: int = -1) -> None:
         self.num_tokens = num_tokens
-        self.num_recv = num_recv
+        self.num_recv = num_recv  # rows of the outputs (the padded count, for a dispatch counted on the device)
+        # >= 0: a dispatch counted on the device (one node): the host never read how many rows arrive; the outputs
+        # hold this many (num_worst_tokens) and the kernels check the count against it. Nothing below is read
+        # on the host then (no per-rank or per-expert counts: no traffic record, no per-expert list).
+        self.recv_capacity = recv_capacity
+        host_counts = recv_capacity < 0
         self.is_token_in_rank = is_token_in_rank  # [N, R] bool, contiguous
         self.recv_channel_prefix = notify_outputs.channel_prefix  # [R, C + 1]
         self.forward_channel_prefix = notify_outputs.forward_prefix  # [nodes, C + 1] | None
         # rows received per local expert, rounded up to the alignment (notify summed every rank's counts)
-        self.expert_counts = (notify_outputs.expert_counts.tolist() if notify_outputs.expert_counts is not None
-                              else None)
+        self.expert_counts = (notify_outputs.expert_counts.tolist()
+                              if notify_outputs.expert_counts is not None and host_counts else None)
         # internode: which local ranks each row this rank forwarded went to (written by dispatch, read by
         # combine); at least one element, as the kernels take a non-null pointer even when nothing is forwarded
         self.num_forwarded = 0
@@ -357,10 +363,10 @@ class SimPlan:
         self.forward_counts = forward_counts
         self.node_send_counts: list[int] | None = None
         self.forwarded_per_node: list[int] | None = None
-        sent = is_token_in_rank.sum(0)
         if self.forward_channel_prefix is None:
-            self.send_counts = sent.tolist()  # rows to each rank
+            self.send_counts = is_token_in_rank.sum(0).tolist() if host_counts else None  # rows to each rank
             return
+        sent = is_token_in_rank.sum(0)
         prefix = self.forward_channel_prefix
         num_nodes, num_ranks = prefix.size(0), is_token_in_rank.size(1)
         to_node = is_token_in_rank.view(num_tokens, num_nodes, num_ranks // num_nodes).any(2).sum(0)
@@ -702,6 +708,45 @@ class SimDispatchBackend(DispatchBackend):
         self._verdict = (call.op, verdict)
         return None
 
+    def dispatch_on_device(self, call: CallCheck, capacity: int,
+                           num_experts: int) -> tuple[dict[str, torch.Tensor] | None, SimPlan | None, str | None]:
+        """A dispatch counted on the device (one node; ``capacity`` = num_worst_tokens, under host_sync_free or a
+        graph capture): one notify, only enqueued, exchanges the counts and judges the call (the verdict gates
+        the data kernel, as :meth:`agree_on_device`'s); the dispatch kernel places the rows by the notify's
+        prefixes into outputs of ``capacity`` rows prefilled as padding (x 0, top-k ids -1, weights 0) and
+        checks on the device that they fit (kRecvOverflow otherwise). The host reads no count. Returns (the
+        received rows, the plan, None), or (None, None, why this rank refuses: the call was not enqueued where
+        nothing could be, else its notify told the peers)."""
+        runtime, layout = self._device_runtime, self._last_spec
+        if runtime is None or not hasattr(layout, "workspace"):
+            return None, None, ("no normal-mode buffer layout yet (first call, or LL calls since): make a dispatch of "
+                                "this shape outside host_sync_free first")
+        flags, why = self._call_flags(call, runtime, layout)
+        if flags == CALL_REFUSED:
+            why = "its inputs were refused"
+        elif flags and why is None:
+            why = ("this dispatch needs another buffer layout than the current one, and a re-layout waits on the "
+                   "host: make it once outside host_sync_free first")
+        if flags and is_capturing():
+            return None, None, why  # nothing captured (see agree_on_device)
+        in_rank = call.is_token_in_rank.contiguous() if flags == 0 else None
+        outputs = self._notify_outputs(layout)
+        verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
+        self._kernel_reads(verdict, in_rank, tuple(outputs))
+        self._note_capture()
+        runtime.enqueue(layout, self.path.notify_params(in_rank, in_rank.size(0) if in_rank is not None else 0, outputs,
+                                                        call=(call.digest, flags, verdict),
+                                                        experts=call.experts if in_rank is not None else None),
+                        op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
+        if flags:
+            if not runtime.host_waits_for_enqueued:  # as in agree_on_device
+                self.comm.broken = f"{call.op}: this rank's call differed from its peers' under host_sync_free"
+            return None, None, why
+        plan = SimPlan(in_rank.size(0), capacity, in_rank, outputs, layout, None, recv_capacity=capacity)
+        recv = self._dispatch_rows(runtime, call.tensors, plan, call.num_topk, num_experts, spec=layout,
+                                   op=call.op, verdict=verdict)
+        return recv, plan, None
+
     def _verdict_or_barrier(self, runtime: SimRuntime, spec, op: str) -> torch.Tensor | None:
         """Before ``op``'s data kernel: the device verdict :meth:`agree_on_device` left for it (its notify ran;
         the verdict gates the kernel), or else the barrier (:meth:`_barrier_unless_agreed`) and None."""
@@ -831,17 +876,20 @@ class SimDispatchBackend(DispatchBackend):
                       topk_weights=contiguous("topk_weights") if num_topk else None, hidden_bytes=hidden_bytes,
                       scale_bytes=scale_bytes, num_topk=num_topk, num_experts=num_experts if num_topk else 0)
         m = plan.num_recv
-        new = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=self.device)  # noqa: E731
+        padded = plan.recv_capacity >= 0  # counted on the device: rows past the count keep these values
+        new = lambda *shape, dtype, pad=0: (  # noqa: E731
+            torch.full(shape, pad, dtype=dtype, device=self.device) if padded
+            else torch.empty(*shape, dtype=dtype, device=self.device))
         recv = dict(x=new(m, x.size(1), dtype=x.dtype),
                     scales=new(m, scales.size(1), dtype=scales.dtype) if scales is not None else None,
-                    topk_idx=new(m, num_topk, dtype=torch.int64) if num_topk else None,
+                    topk_idx=new(m, num_topk, dtype=torch.int64, pad=-1) if num_topk else None,
                     topk_weights=new(m, num_topk, dtype=torch.float32) if inputs["topk_weights"] is not None else None,
-                    src_idx=new(m, dtype=torch.int32))
+                    src_idx=new(m, dtype=torch.int32, pad=-1))
         counters = self._counters()
         self._enqueue(runtime, spec, self.path.dispatch_params(plan, counters, inputs, recv, verdict), op, plan, inputs,
                       recv)
-        if is_capturing():
-            pass  # a graph's calls, and their replays, are not counted (the host reads no counter then)
+        if is_capturing() or padded:
+            pass  # not counted: a graph's calls and their replays, and where the host never read the counts
         elif counters is None:
             # a slot carries the row, its source index and the top-k ids (and weights)
             meta_bytes = 4 + 8 * num_topk + (4 * num_topk if inputs["topk_weights"] is not None else 0)
@@ -910,7 +958,7 @@ class SimDispatchBackend(DispatchBackend):
                                                               node_partial_dtype, verdict), "combine", plan,
                       x, weights, combined, combined_w)
         row = x.size(1) * x.element_size()
-        if is_capturing():
+        if is_capturing() or plan.recv_capacity >= 0:
             pass  # as in dispatch: not counted
         elif counters is None:
             self.comm.record_rows_to_peers("combine", plan.recv_counts, row, 4 * num_topk)
