@@ -309,3 +309,42 @@ def test_a_dispatch_counted_on_the_device_reports_overflow_on_the_ranks_it_hits(
     assert any(rows > worst for rows, _ in results) and any(rows <= worst for rows, _ in results), results
     for rank, (rows, outcome) in enumerate(results):
         assert outcome == ((rank, worst, rows) if rows > worst else None), (rank, rows, outcome)
+
+
+def cuda_moe_step_in_a_graph(rank, world, case: Case, worst: int):
+    """The whole MoE step of moe_step_in_a_sim_graph captured with torch.cuda.graph on cuda and replayed with new
+    tokens and routing: each replay equals the eager step on sim, bit for bit."""
+    ref = _dispatched(rank, case)[0]
+    buf, inp_d, _, _, _ = _dispatched(rank, case, backend="cuda")
+    device = inp_d.x.device
+
+    def step(b, x, topk, w):
+        per_rank, per_rdma, per_expert, in_rank, _ = b.get_dispatch_layout(topk, case.num_experts)
+        recv_x, _, recv_w, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                                                     is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                                     topk_idx=topk, topk_weights=w, num_worst_tokens=worst)
+        return b.combine(expert_rows(recv_x, rank), handle, topk_weights=recv_w)[0]
+
+    static_x, static_topk, static_w = inp_d.x.clone(), inp_d.topk_idx.clone(), inp_d.topk_weights.clone()
+    step(buf, static_x, static_topk, static_w)  # eager once: the layouts exist before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step(buf, static_x, static_topk, static_w)
+    for replay in range(3):
+        new = make_input(Case(**{**case.__dict__, "seed": case.seed + 100 + replay}), rank)
+        static_x.copy_(new.x.to(device))
+        static_topk.copy_(new.topk_idx.to(device))
+        static_w.copy_(new.topk_weights.to(device))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = step(ref, new.x, new.topk_idx, new.topk_weights)
+        assert torch.equal(_bits(got.cpu()), _bits(want)), f"rank {rank}: replay {replay}"
+    step(buf, static_x, static_topk, static_w)  # reports the replays' kernel errors
+    return True
+
+
+@pytest.mark.skipif("cuda" not in selected_backends(),
+                    reason="needs 4 GPUs and EPCOMM_TEST_BACKENDS=cuda (make gpu-check runs it)")
+def test_cuda_moe_step_with_num_worst_tokens_captured_in_a_graph_replays_exactly(pools):
+    case = Case(num_nodes=1, nvl=4, tokens=(9, 14, 6, 11), kind="bf16", seed=79)
+    assert all(pools(4).run(cuda_moe_step_in_a_graph, case, 48))

@@ -676,13 +676,41 @@ class SimDispatchBackend(DispatchBackend):
         """See :meth:`DispatchBackend.agree_on_device`: the call check's notify is only enqueued; its verdict
         (``[3]`` int32 on the device: agreed, the first rank that differed, its flags) is the data kernel's
         ``call_verdict`` (kernels/call_check.cuh), which on "no" moves nothing on any rank and reports
-        EpcommCallRejected. A call that needs another layout is refused here (a re-layout waits on the host);
-        before any normal-mode layout (the same state on every rank) every rank refuses without communicating."""
+        EpcommCallRejected (:meth:`_judge_on_device`)."""
         self._verdict = None
+        why, verdict, _, _ = self._judge_on_device(call, exchange_counts=False)
+        if why is None:
+            self._verdict = (call.op, verdict)
+        return why
+
+    def dispatch_on_device(self, call: CallCheck, capacity: int,
+                           num_experts: int) -> tuple[dict[str, torch.Tensor] | None, SimPlan | None, str | None]:
+        """A dispatch counted on the device (one node; ``capacity`` = num_worst_tokens, under host_sync_free or a
+        graph capture): one notify, only enqueued, exchanges the counts and judges the call (the verdict gates
+        the data kernel, :meth:`_judge_on_device`); the dispatch kernel places the rows by the notify's
+        prefixes into outputs of ``capacity`` rows prefilled as padding (x 0, top-k ids -1, weights 0) and
+        checks on the device that they fit (kRecvOverflow otherwise). The host reads no count. Returns (the
+        received rows, the plan, None), or (None, None, why this rank refuses)."""
+        why, verdict, outputs, in_rank = self._judge_on_device(call, exchange_counts=True)
+        if why is not None:
+            return None, None, why
+        plan = SimPlan(in_rank.size(0), capacity, in_rank, outputs, self._last_spec, None, recv_capacity=capacity)
+        recv = self._dispatch_rows(self._device_runtime, call.tensors, plan, call.num_topk, num_experts,
+                                   spec=self._last_spec, op=call.op, verdict=verdict)
+        return recv, plan, None
+
+    def _judge_on_device(self, call: CallCheck, exchange_counts: bool):
+        """The call check of a call made without a host wait: its notify (with the dispatch's counts when
+        ``exchange_counts``) is only enqueued and writes the verdict the data kernel takes. Returns (why this
+        rank refuses, or None; the verdict ``[3]`` int32; the notify's outputs; is_token_in_rank).
+
+        A call that needs another layout is refused (a re-layout waits on the host); before any normal-mode
+        layout (the same state on every rank) every rank refuses without communicating. A rank that refuses
+        still enqueues its notify, which tells its peers' kernels (not while capturing: see below)."""
         runtime, layout = self._device_runtime, self._last_spec
         if runtime is None or not hasattr(layout, "workspace"):
             return ("no normal-mode buffer layout yet (first call, or LL calls since): make a call of this shape "
-                    "outside host_sync_free first")
+                    "outside host_sync_free first"), None, None, None
         flags, why = self._call_flags(call, runtime, layout)
         if flags == CALL_REFUSED:
             why = "its inputs were refused"
@@ -693,59 +721,23 @@ class SimDispatchBackend(DispatchBackend):
             # Nothing is captured for a refused call (no kernel, no stream forked into the capture left unjoined),
             # and the Buffer stays usable. Peers that accepted the call captured their notify: their replays
             # wait for this rank's and time out naming it (on a SimGraph, whose capture runs, at once).
-            return why
+            return why, None, None, None
+        in_rank = call.is_token_in_rank.contiguous() if exchange_counts and not flags else None
+        outputs = self._notify_outputs(layout) if in_rank is not None else None
         verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
-        self._kernel_reads(verdict)
-        self._note_capture()
-        runtime.enqueue(layout, self.path.notify_params(call=(call.digest, flags, verdict)),
-                        op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
-        if flags:
-            if not runtime.host_waits_for_enqueued:
-                # its peers learn it from their kernels' reports at a later call (cuda), when the ranks are no
-                # longer in step: this Buffer is done on every rank (they mark themselves, GroupComm.start)
-                self.comm.broken = f"{call.op}: this rank's call differed from its peers' under host_sync_free"
-            return why
-        self._verdict = (call.op, verdict)
-        return None
-
-    def dispatch_on_device(self, call: CallCheck, capacity: int,
-                           num_experts: int) -> tuple[dict[str, torch.Tensor] | None, SimPlan | None, str | None]:
-        """A dispatch counted on the device (one node; ``capacity`` = num_worst_tokens, under host_sync_free or a
-        graph capture): one notify, only enqueued, exchanges the counts and judges the call (the verdict gates
-        the data kernel, as :meth:`agree_on_device`'s); the dispatch kernel places the rows by the notify's
-        prefixes into outputs of ``capacity`` rows prefilled as padding (x 0, top-k ids -1, weights 0) and
-        checks on the device that they fit (kRecvOverflow otherwise). The host reads no count. Returns (the
-        received rows, the plan, None), or (None, None, why this rank refuses: the call was not enqueued where
-        nothing could be, else its notify told the peers)."""
-        runtime, layout = self._device_runtime, self._last_spec
-        if runtime is None or not hasattr(layout, "workspace"):
-            return None, None, ("no normal-mode buffer layout yet (first call, or LL calls since): make a dispatch of "
-                                "this shape outside host_sync_free first")
-        flags, why = self._call_flags(call, runtime, layout)
-        if flags == CALL_REFUSED:
-            why = "its inputs were refused"
-        elif flags and why is None:
-            why = ("this dispatch needs another buffer layout than the current one, and a re-layout waits on the "
-                   "host: make it once outside host_sync_free first")
-        if flags and is_capturing():
-            return None, None, why  # nothing captured (see agree_on_device)
-        in_rank = call.is_token_in_rank.contiguous() if flags == 0 else None
-        outputs = self._notify_outputs(layout)
-        verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
-        self._kernel_reads(verdict, in_rank, tuple(outputs))
+        self._kernel_reads(verdict, in_rank, tuple(outputs) if outputs is not None else None)
         self._note_capture()
         runtime.enqueue(layout, self.path.notify_params(in_rank, in_rank.size(0) if in_rank is not None else 0, outputs,
                                                         call=(call.digest, flags, verdict),
                                                         experts=call.experts if in_rank is not None else None),
                         op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
         if flags:
-            if not runtime.host_waits_for_enqueued:  # as in agree_on_device
+            if not runtime.host_waits_for_enqueued:
+                # its peers learn it from their kernels' reports at a later call (cuda), when the ranks are no
+                # longer in step: this Buffer is done on every rank (they mark themselves, GroupComm.start)
                 self.comm.broken = f"{call.op}: this rank's call differed from its peers' under host_sync_free"
-            return None, None, why
-        plan = SimPlan(in_rank.size(0), capacity, in_rank, outputs, layout, None, recv_capacity=capacity)
-        recv = self._dispatch_rows(runtime, call.tensors, plan, call.num_topk, num_experts, spec=layout,
-                                   op=call.op, verdict=verdict)
-        return recv, plan, None
+            return why, None, None, None
+        return None, verdict, outputs, in_rank
 
     def _verdict_or_barrier(self, runtime: SimRuntime, spec, op: str) -> torch.Tensor | None:
         """Before ``op``'s data kernel: the device verdict :meth:`agree_on_device` left for it (its notify ran;
