@@ -87,7 +87,9 @@ class GroupComm:
         try:
             works = start()
         except EpcommRecvOverflow:
-            raise  # this rank's outputs are short; every rank's call completed: no peer failed, the group goes on
+            # a failure of this rank (its kernel raised the abort flag on every rank), said as itself
+            self.broken = f"{op}/{stage}: this rank's dispatch received more rows than num_worst_tokens"
+            raise
         except EpcommCallRejected:
             # Every rank's kernel moved nothing. Inside its own call (expects_rejection: every rank raises
             # there) the group stays usable; surfacing later (kernel errors read at a later call, cuda), the

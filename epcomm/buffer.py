@@ -589,14 +589,15 @@ class Buffer:
         they fit (a rank receiving more raises ``recv_overflow``, rows past the outputs dropped). The per-expert
         list is empty, as DeepEP's in this mode, and ``buffer.traffic`` does not count the call."""
         op = "dispatch"
-        if not self._impl.judges_on_device or self.num_nodes > 1 or self._runs_async(async_finish):
-            why = ("async_finish on CPU tensors runs the call on a worker thread" if self._impl.judges_on_device
-                   and self.num_nodes == 1 else
-                   "a dispatch counted on the device (num_worst_tokens under host_sync_free or a graph capture) runs "
-                   "on the kernel backends (sim, cuda) on one node, as DeepEP's")
-            raise EpcommInputError(op, {self.rank: why}, self.group_size)
+        if not self._impl.judges_on_device or self.num_nodes > 1:  # the Buffer's, the same on every rank
+            raise EpcommInputError(op, {self.rank: "a dispatch counted on the device (num_worst_tokens under "
+                                                   "host_sync_free or a graph capture) runs on the kernel backends "
+                                                   "(sim, cuda) on one node, as DeepEP's"}, self.group_size)
         problem, prepared = None, None
         try:
+            if self._runs_async(async_finish):  # (said through the notify: a peer may differ)
+                raise Invalid("async_finish on CPU tensors runs a call on a worker thread, which a dispatch counted "
+                              "on the device does not (no host wait to hand over)")
             prepared = self._prepare_dispatch(
                 x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                 topk_weights, expert_alignment, num_worst_tokens, config, read_values=False)

@@ -56,10 +56,10 @@ class EpcommBackendUnavailable(EpcommError):
 
 class EpcommRecvOverflow(EpcommError):
     """A dispatch counted on the device (``num_worst_tokens`` under ``epcomm.low_latency.host_sync_free`` or a
-    graph capture) received more rows on this rank than ``num_worst_tokens``: its kernel consumed every row and
-    wrote the first ``num_worst_tokens``; the rest were dropped. Raised on the ranks that overflowed (no host
-    agreement exists in this mode), by the dispatch on the CPU backends, at the rank's next call on GPUs.
-    Every rank's call completed and the buffers stay usable; pass a larger ``num_worst_tokens``.
+    graph capture) received more rows on this rank than ``num_worst_tokens``: its kernel wrote none past them
+    and raised the abort flag, as no host saw the count. Raised on the ranks that overflowed (by the dispatch
+    on the CPU backends, at the rank's next call on GPUs); the other ranks' kernels stop with ``peer_aborted``.
+    A failure: the Buffer is done on every rank (create a new one); pass a larger ``num_worst_tokens``.
 
     :attr:`capacity` is ``num_worst_tokens``, :attr:`received` the rows that arrived.
     """
@@ -73,7 +73,7 @@ class EpcommRecvOverflow(EpcommError):
         self.capacity = int(found.group(2)) if found else -1
         self.received = int(found.group(3)) if found else -1
         self.args = (f"{message}\n  rank {self.rank} received {self.received} rows into num_worst_tokens="
-                     f"{self.capacity}: rows past it were dropped; pass num_worst_tokens >= {self.received}",)
+                     f"{self.capacity}: none past it written; pass num_worst_tokens >= {self.received}",)
 
 
 class EpcommCallRejected(EpcommError):

@@ -24,9 +24,9 @@ enum class ErrorCode : int32_t {
                       // moved (peer = the first rank whose call header differed, expected = 0, observed = its
                       // flags + 256 when its call differs, or -1). Raises no abort: every rank stops alike.
   kRecvOverflow = 6,  // a dispatch counted on the device received more rows than its outputs hold
-                      // (num_worst_tokens): expected = rows held, observed = rows received; every row was
-                      // consumed, none past the outputs written. Raises no abort: the call ends as usual on
-                      // every rank and the buffers stay consistent; this rank's outputs are short.
+                      // (num_worst_tokens): expected = rows held, observed = rows received; none past the
+                      // outputs were written. Raises the abort flag: no host saw the count, so the other
+                      // ranks learn it only so (their kernels stop, now or at their next wait).
 };
 
 enum class KernelId : int32_t {
@@ -183,7 +183,7 @@ EPCOMM_DEVICE void report_failure(WaitContext const& context, ErrorCode code, in
     slot->observed = observed;
     ptx::st_release_sys_global(&slot->code, int32_t(code));
   }
-  if (code != ErrorCode::kPeerAborted && code != ErrorCode::kCallRejected && code != ErrorCode::kRecvOverflow) {
+  if (code != ErrorCode::kPeerAborted && code != ErrorCode::kCallRejected) {
     for (int r = 0; r < context.num_ranks; ++r) ptx::st_release_sys_global(abort_flag(context, r), int32_t(1));
   }
 }

@@ -114,8 +114,8 @@ struct NotifyArgs : WithComm<CommArgs>, NotifyParams {
   F(int32_t const*, call_verdict, nullptr, "[3] or null: a notify's call_agreed + call_mismatch; not 1: do nothing")
 // intranode_dispatch: the dispatch fields, plus the rows its outputs hold when the host did not read the
 // notify's count (a dispatch counted on the device: num_worst_tokens under epcomm.host_sync_free or a
-// graph capture). Rows beyond it are consumed but not written, and the kernel reports kRecvOverflow (no
-// abort: every rank's call completes, the buffers stay consistent).
+// graph capture). Rows beyond it are not written, and the kernel reports kRecvOverflow (with the abort
+// flag: a failure of the call on every rank).
 #define EPCOMM_INTRANODE_DISPATCH_FIELDS(F) \
   EPCOMM_DISPATCH_FIELDS(F)                 \
   F(int, recv_capacity, -1, "rows recv_x and the other outputs hold; -1: exactly the notify's count (read by the host)")

@@ -92,7 +92,7 @@ EPCOMM_DEVICE void dispatch_receiver(IntranodeDispatchArgs const& args, int chan
 
   int32_t const* prefix = args.recv_channel_prefix_matrix + int64_t(src) * (comm.config.num_channels + 1);
   int const first_row = prefix[channel], num_rows = prefix[channel + 1] - prefix[channel];
-  // rows past the outputs' capacity are consumed but not written (the kernel reported kRecvOverflow)
+  // rows past the outputs' capacity are not written (the kernel reported kRecvOverflow)
   int64_t const capacity = args.recv_capacity >= 0 ? int64_t(args.recv_capacity) : INT64_MAX;
   int received = 0;
   while (received < num_rows) {

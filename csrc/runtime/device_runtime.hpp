@@ -60,7 +60,7 @@ enum class ErrorCode {
   kCallRejected,     // a data kernel's call check (kernels/call_check.cuh) said not every rank runs this call:
                      // nothing moved, the buffers stay usable (no peer failed)
   kRecvOverflow,     // a dispatch counted on the device received more rows than its outputs hold (num_worst_tokens):
-                     // the rows past them were dropped; every rank's call completed, the buffers stay usable
+                     // none past them written; the kernel raised the abort flag (a failure on every rank)
 };
 
 char const* error_code_name(ErrorCode code);

@@ -723,14 +723,13 @@ class SimDispatchBackend(DispatchBackend):
             # wait for this rank's and time out naming it (on a SimGraph, whose capture runs, at once).
             return why, None, None, None
         in_rank = call.is_token_in_rank.contiguous() if exchange_counts and not flags else None
-        outputs = self._notify_outputs(layout) if in_rank is not None else None
+        outputs = self._notify_outputs(layout, host_reads=False) if in_rank is not None else None
         verdict = torch.full((3,), -1, dtype=torch.int32, device=self.device)
         self._kernel_reads(verdict, in_rank, tuple(outputs) if outputs is not None else None)
         self._note_capture()
         runtime.enqueue(layout, self.path.notify_params(in_rank, in_rank.size(0) if in_rank is not None else 0, outputs,
-                                                        call=(call.digest, flags, verdict),
-                                                        experts=call.experts if in_rank is not None else None),
-                        op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)
+                                                        call=(call.digest, flags, verdict)),
+                        op=call.op, timeout_s=self.timeout_s * self.path.timeout_share)  # (no per-expert list here)
         if flags:
             if not runtime.host_waits_for_enqueued:
                 # its peers learn it from their kernels' reports at a later call (cuda), when the ranks are no
@@ -758,10 +757,13 @@ class SimDispatchBackend(DispatchBackend):
         """See :meth:`DispatchBackend.received_expert_counts`: from the dispatch's notify."""
         return plan.expert_counts if isinstance(plan, SimPlan) else None
 
-    def _notify_outputs(self, spec) -> NotifyOutputs:
-        """Zeroed outputs of a notify with counts in ``spec``'s layout (per-expert counts when it has room)."""
+    def _notify_outputs(self, spec, host_reads: bool = True) -> NotifyOutputs:
+        """Zeroed outputs of a notify with counts in ``spec``'s layout (per-expert counts when it has room);
+        ``host_reads``: the host reads the rank prefix and per-expert counts once it waited for the notify
+        (:meth:`_host_readable_zeros`), else all stay on the device (an enqueued notify nobody waits for:
+        pinned memory would go back to torch's cache before the kernel writes it)."""
         return self.path.notify_outputs(self.path.num_channels(spec), self.device, self.path.num_local_experts(spec),
-                                        self._host_readable_zeros)
+                                        self._host_readable_zeros if host_reads else None)
 
     def _host_readable_zeros(self, n: int) -> torch.Tensor:
         """int32 ``[n]`` zeros a kernel writes and the host reads once the kernel is waited for (here: memory both
