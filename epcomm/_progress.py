@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import atexit
+import datetime
 import threading
 import time
 import weakref
@@ -115,6 +116,29 @@ def _remove_keys(store: dist.Store, rank: int, failed: list[bool]) -> None:
 BUFFER_CONSTRUCTION = "Buffer construction"  # the op name of the collectives a Buffer's constructor runs
 
 
+# How long a get may wait for a key its check just saw (the store's own timeout is minutes).
+_PRESENT_KEY_WAIT = datetime.timedelta(seconds=1)
+
+
+def read_present(store: dist.Store, keys: list[str]) -> list[str | None]:
+    """Each key's value, or None where the key is absent. A peer deletes its keys when its Buffer goes, which can
+    fall between the check and the get: the get then fails after a second instead of waiting out the store's
+    timeout (a rank diagnosing a failure while its peers, done with theirs, drop their Buffers hung there for
+    minutes). Callers hold _STORE_LOCK; the store's timeout is restored after."""
+    timeout = store.timeout
+    store.set_timeout(_PRESENT_KEY_WAIT)
+    try:
+        values: list[str | None] = []
+        for key in keys:
+            try:
+                values.append(store.get(key).decode() if store.check([key]) else None)
+            except RuntimeError:  # deleted since the check (DistStoreError)
+                values.append(None)
+        return values
+    finally:
+        store.set_timeout(timeout)
+
+
 class ProgressBoard:
     """Posts this rank's progress and heartbeat; names dead and late peers after a failure."""
 
@@ -153,7 +177,7 @@ class ProgressBoard:
     def _read_all(self, kind: str) -> list[str | None]:
         keys = [f"{kind}/{r}" for r in range(self.world_size)]
         with _STORE_LOCK:
-            return [self.store.get(k).decode() if self.store.check([k]) else None for k in keys]
+            return read_present(self.store, keys)
 
     def diagnose(self, grace_s: float, posted: bool = True) -> str:
         """After a failure at the current step: which peers are dead or late, as a sentence.

@@ -140,3 +140,41 @@ def test_sim_rank_killed_before_a_kernel_is_named(pools, kernel, op, nodes):
     for rank, message in survivor_messages(pools(4), die_in_sim_kernel, kernel, nodes, timeout_s=4.0):
         assert f"epcomm {op}: stage 'kernel {kernel}' on rank {rank}" in message, message
         assert f"{kernel} " in message and ("timeout" in message or "peer_aborted" in message), message
+
+
+class _KeyGoneAfterCheck:
+    """A store whose check still sees a key its owner has just deleted (a peer dropping its Buffer between
+    a diagnosing rank's check and get)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    @property
+    def timeout(self):
+        return self.store.timeout
+
+    def set_timeout(self, timeout) -> None:
+        self.store.set_timeout(timeout)
+
+    def check(self, keys) -> bool:
+        return True
+
+    def get(self, key):
+        return self.store.get(key)
+
+
+def test_a_key_deleted_between_check_and_get_reads_as_absent(tmp_path):
+    """Diagnosing a failure reads every peer's heartbeat; a peer that drops its Buffer meanwhile deletes its key.
+    The read must say "absent" within seconds, not wait out the store's timeout (minutes), and leave that
+    timeout as it was."""
+    import datetime
+
+    from epcomm._progress import read_present
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    store.set_timeout(datetime.timedelta(seconds=20))  # (a read that waits it out fails the time bound below)
+    store.set("beat/0", "7")
+    start = time.monotonic()
+    assert read_present(_KeyGoneAfterCheck(store), ["beat/0", "beat/1"]) == ["7", None]
+    assert time.monotonic() - start < 10
+    assert store.timeout == datetime.timedelta(seconds=20)
