@@ -487,21 +487,11 @@ class Buffer:
             )
         except Exception as err:  # any failure here must reach the peers, not strand them
             problem = problem_text(err)
-        signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config),
-                         num_worst_tokens=num_worst_tokens if isinstance(num_worst_tokens, int) else -2,
-                         async_finish=int(bool(async_finish)))
-        counts = None
-        if prepared is not None:
-            signature.update(prepared["signature"])
-            counts = prepared["counts"]
+        signature, call = self._dispatch_call(prepared, config, num_worst_tokens, async_finish)
+        counts = prepared["counts"] if prepared is not None else None
         # the kernel backends' notify checks the call first (ranks calling different operations meet there);
         # the host agreement follows in any case: it carries every rank's counts
-        self._impl.agree_in_barrier(CallCheck(
-            op, signature_digest(signature), refused=prepared is None, tensors=prepared["tensors"] if prepared else {},
-            config=config if isinstance(config, Config) else None,
-            is_token_in_rank=prepared["is_token_in_rank"] if prepared else None,
-            num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0,
-            experts=prepared["experts"] if prepared else None))
+        self._impl.agree_in_barrier(call)
         gathered = agree(self._comm, op, problem, signature, counts, device_of(x))
         self._low_latency.note_normal_call()  # LL calls now need clean_low_latency_buffer first
         world, nodes = self.group_size, self.num_nodes
@@ -586,7 +576,8 @@ class Buffer:
         node, as DeepEP's): the host reads no tensor value and waits for nothing. One notify, only enqueued,
         exchanges the counts and judges the call on the device; the dispatch kernel, gated by that verdict,
         places the rows into outputs of ``num_worst_tokens`` rows prefilled as padding and checks there that
-        they fit (a rank receiving more raises ``recv_overflow``, rows past the outputs dropped). The per-expert
+        they fit (a rank receiving more writes none past them and raises EpcommRecvOverflow, a failure of the
+        call on every rank: its kernel raises the abort flag). The per-expert
         list is empty, as DeepEP's in this mode, and ``buffer.traffic`` does not count the call."""
         op = "dispatch"
         if not self._impl.judges_on_device or self.num_nodes > 1:  # the Buffer's, the same on every rank
@@ -603,16 +594,7 @@ class Buffer:
                 topk_weights, expert_alignment, num_worst_tokens, config, read_values=False)
         except Exception as err:  # said to the peers by this rank's notify (refused), and raised below
             problem = problem_text(err)
-        signature = dict(operation=_OPERATIONS[op], **self._common_signature(), **_config_signature(config),
-                         num_worst_tokens=num_worst_tokens, async_finish=int(bool(async_finish)))
-        if prepared is not None:
-            signature.update(prepared["signature"])
-        call = CallCheck(op, signature_digest(signature), refused=prepared is None,
-                         tensors=prepared["tensors"] if prepared else {},
-                         config=config if isinstance(config, Config) else None,
-                         is_token_in_rank=prepared["is_token_in_rank"] if prepared else None,
-                         num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0,
-                         experts=prepared["experts"] if prepared else None)
+        _, call = self._dispatch_call(prepared, config, num_worst_tokens, async_finish)
         placement = prepared["placement"] if prepared else None
         num_experts = placement.num_experts if placement is not None else 0
         scope = self._impl.stream_scope(device_of(x), async_finish, op)
@@ -635,6 +617,22 @@ class Buffer:
         event = scope.finish(tensors_in(prepared["tensors"], prepared["is_token_in_rank"]),
                              tensors_in(recv_x, recv_topk_idx, recv_topk_weights))
         return recv_x, recv_topk_idx, recv_topk_weights, [], new_handle, event
+
+    def _dispatch_call(self, prepared: dict | None, config, num_worst_tokens, async_finish) -> tuple[dict, CallCheck]:
+        """A dispatch's signature (what every rank must agree on) and its call check, from
+        :meth:`_prepare_dispatch`'s result (None: this rank refused its inputs)."""
+        signature = dict(operation=_OPERATIONS["dispatch"], **self._common_signature(), **_config_signature(config),
+                         num_worst_tokens=num_worst_tokens if isinstance(num_worst_tokens, int) else -2,
+                         async_finish=int(bool(async_finish)))
+        if prepared is not None:
+            signature.update(prepared["signature"])
+        call = CallCheck("dispatch", signature_digest(signature), refused=prepared is None,
+                         tensors=prepared["tensors"] if prepared else {},
+                         config=config if isinstance(config, Config) else None,
+                         is_token_in_rank=prepared["is_token_in_rank"] if prepared else None,
+                         num_topk=max(prepared["signature"]["num_topk"], 0) if prepared else 0,
+                         experts=prepared["experts"] if prepared else None)
+        return signature, call
 
     def _prepare_dispatch(
         self, x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,

@@ -1,11 +1,12 @@
 """CUDA graph capture, and :class:`SimGraph`: the same capture and replay on the CPU backends.
 
 What a captured epcomm call may do: no host read of a tensor value, no collective on the host, no
-kernel the host waits for. LL calls and, on the kernel backends, cached dispatch and combine qualify
-(their call check is judged on the device, their epochs and generations are counted there, so a
-replay with the captured arguments is a new call); a dispatch without a handle reads its counts on
-the host and is refused, as are the torch backend's normal-mode calls (their agreement is a host
-collective). Growth is refused once kernels were captured on a Buffer's buffers.
+kernel the host waits for. LL calls and, on the kernel backends, cached dispatch and combine and (one
+node) a dispatch with ``num_worst_tokens`` qualify (their call check is judged on the device, their
+epochs and generations are counted there, so a replay with the captured arguments is a new call); a
+dispatch without a handle and without ``num_worst_tokens`` reads its counts on the host and is refused,
+as are the torch backend's normal-mode calls (their agreement is a host collective). Growth, and a new
+layout after normal-mode kernels were captured, are refused (README "Graph capture").
 
 :class:`SimGraph` stands in for ``torch.cuda.CUDAGraph`` where there is no GPU, so graph-captured code
 (a decode step, a cached dispatch + combine) can be tested on the CPU with the ``sim`` backend: the

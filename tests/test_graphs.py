@@ -94,6 +94,8 @@ def what_a_graph_refuses(rank, world, case: Case):
         with pytest.raises(epcomm.EpcommInputError, match="needs another buffer layout") as err:
             buf.combine(recv_x, handle, topk_weights=recv_w, config=smaller_rings)
         problems.append(str(err.value))
+        with pytest.raises(epcomm.EpcommError, match="the host waits for kernel peer_barrier"):
+            buf._impl._device_runtime.barrier()  # (local: refused before it meets anyone)
         with pytest.raises(epcomm.EpcommInputError, match="reads its receive counts on the host") as err:
             buf.dispatch(inp.x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=inp.topk_idx)
@@ -316,6 +318,33 @@ def test_a_dispatch_counted_on_the_device_reports_overflow_on_the_ranks_it_hits(
         expected = [(rank, worst, rows)] if rows > worst else ["ok", "EpcommPeerError"]
         assert outcome in expected, (rank, rows, outcome)
     pool.close()  # the Buffers failed by design
+
+
+def device_counted_refusals(rank, world, case: Case):
+    """A dispatch counted on the device refuses async_finish on CPU tensors through its notify (every rank
+    raises, the Buffer goes on), and multi-node groups before anything is sent."""
+    from epcomm.low_latency import host_sync_free
+
+    buf, inp, _, _, _ = _dispatched(rank, case)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(inp.topk_idx, case.num_experts)
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=inp.topk_idx, topk_weights=inp.topk_weights,
+                num_worst_tokens=64)
+    with host_sync_free():
+        if case.num_nodes > 1:
+            with pytest.raises(epcomm.EpcommInputError, match="on one node, as DeepEP's"):
+                buf.dispatch(inp.x, **args)
+        else:
+            with pytest.raises(epcomm.EpcommInputError, match="async_finish on CPU tensors"):
+                buf.dispatch(inp.x, async_finish=True, **args)
+            assert buf.dispatch(inp.x, **args)[0].size(0) == 64  # the Buffer goes on
+    return True
+
+
+@pytest.mark.parametrize("nodes,nvl", TOPOLOGIES)
+def test_a_dispatch_counted_on_the_device_refuses_async_and_multi_node(pools, nodes, nvl):
+    case = Case(num_nodes=nodes, nvl=nvl, tokens=(9, 14, 6, 11), kind="bf16", max_nodes=2, seed=80)
+    assert all(pools(4).run(device_counted_refusals, case))
 
 
 def cuda_moe_step_in_a_graph(rank, world, case: Case, worst: int):

@@ -246,14 +246,13 @@ class SimRuntime:
             if self.host_waits_for_enqueued:
                 runtime.check_pending(True)
 
-        kernel = type(params).KERNEL
+        kernel, graph = type(params).KERNEL, capturing_sim_graph()
+        if graph is not None and self.runtime_kind != "cpu":
+            raise EpcommError("a SimGraph captures the CPU runtime's kernels only; on GPUs use torch.cuda.graph")
         self._wait_on_peers(kernel, issue, op)
         if is_capturing():
             self.captured = True  # growth must not free what the graph's kernels point at
-            graph = capturing_sim_graph()
             if graph is not None:
-                if self.runtime_kind != "cpu":
-                    raise EpcommError("a SimGraph captures the CPU runtime's kernels only; on GPUs use torch.cuda.graph")
                 graph.add_kernel(lambda: self._wait_on_peers(kernel, issue, op))
 
     def report_enqueued(self, wait: bool, op: str | None = None) -> None:
@@ -413,7 +412,7 @@ class SimDispatchBackend(DispatchBackend):
         self._device_runtime: SimRuntime | None = None
         self._low_latency = None  # the LL engine, from the first LL call
         self._last_spec = None
-        self._captured_layout = None  # the normal-mode layout a graph captured kernels in (fixed from then on)
+        self._captured_normal_mode = False  # a graph captured normal-mode kernels: their layout is fixed from then on
         self._graph_uses: list[torch.Tensor] = []  # what kernels captured in CUDA graphs use (_kernel_reads)
         self._agreed: tuple | None = None  # (op, is_token_in_rank, notify outputs) of agree_in_barrier's "yes"
         self._verdict: tuple | None = None  # (op, [3] int32 on the device) of agree_on_device, for the data kernel
@@ -605,7 +604,7 @@ class SimDispatchBackend(DispatchBackend):
         outside the buffer, where zeroing does not reach: NCCL GIN); the meeting after is a peer-memory
         barrier, which adds to no transport signal."""
         runtime = self._device_runtime
-        if self._captured_layout is not None and runtime.captured:
+        if self._captured_normal_mode:
             raise EpcommError(f"epcomm {self.name} {op} on rank {self.topo.rank}: this call needs another buffer layout "
                               "(another Config, hidden size, top-k or expert count, or low-latency mode), but a graph "
                               "captured normal-mode kernels in the current one, which its replays assume; make one "
@@ -805,7 +804,7 @@ class SimDispatchBackend(DispatchBackend):
         """A normal-mode kernel is being issued: while a graph captures, the current layout becomes the one its
         replays assume (:meth:`_relayout` refuses to change it)."""
         if is_capturing():
-            self._captured_layout = self._last_spec
+            self._captured_normal_mode = True
 
     def _kernel_reads(self, *tensors) -> None:
         """Tensors an enqueued kernel uses. While a graph captures it they must outlive the call, as its replays
